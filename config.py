@@ -1,0 +1,112 @@
+"""Every hyperparameter in one place, with its default and why.
+
+train.py reads a Config from the command line: each field below is a flag, `--name value` or
+`--name=value` (`python train.py --help` lists them). A preset is a named set of overrides
+applied first, so `--preset cpu --max_iters 500` means "the CPU recipe, but 500 steps".
+"""
+
+import argparse
+from dataclasses import asdict, dataclass, fields
+
+from utils import UsageError
+
+
+@dataclass
+class Config:
+    # data and files
+    data: str = "data/input.txt"       # UTF-8 text to train on (Tiny Shakespeare is fetched if missing)
+    checkpoint: str = "ckpt.pt"        # where the model is saved (atomically, at each eval and at the end)
+    # model (the brief's defaults: 10,788,929 parameters with the 65-char vocabulary)
+    n_embd: int = 384                  # width of the residual stream
+    n_layer: int = 6                   # number of Transformer blocks
+    n_head: int = 6                    # attention heads per block; must divide n_embd
+    block_size: int = 256              # context length in tokens
+    dropout: float = 0.2               # dropout probability while training (0 = off)
+    flash: bool = True                 # F.scaled_dot_product_attention instead of the written-out math
+    # optimisation
+    batch_size: int = 64               # sequences per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches summed into one optimizer step
+    learning_rate: float = 1e-3        # peak learning rate, reached after warmup
+    min_lr: float = 1e-4               # the cosine schedule decays to this
+    warmup_iters: int = 100            # linear warmup from 0 to learning_rate
+    lr_decay_iters: int = 0            # cosine decay length; 0 = max_iters
+    weight_decay: float = 0.1          # AdamW decay, on weight matrices only
+    beta1: float = 0.9                 # AdamW first-moment decay
+    beta2: float = 0.99                # AdamW second-moment decay (0.99: small batches are noisy)
+    grad_clip: float = 1.0             # clip the gradient norm to this; 0 = off
+    max_iters: int = 5000              # optimizer steps
+    # evaluation and output
+    eval_interval: int = 500           # evaluate (and save) every this many steps
+    eval_iters: int = 20               # batches for the train-loss estimate; val loss is exact
+    sample_tokens: int = 500           # characters sampled at the end of training (0 = none)
+    # system
+    device: str = "auto"               # auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu
+    dtype: str = "auto"                # auto, float32, bfloat16 or float16 (autocast; see README)
+    compile: str = "auto"              # torch.compile: auto (on for CUDA), true or false
+    seed: int = 1337                   # seeds batches, dropout and the init
+
+
+PRESETS = {
+    # A small model that trains in well under a minute on a 2-core laptop CPU.
+    "cpu": dict(n_embd=128, n_layer=4, n_head=4, block_size=64, dropout=0.0,
+                batch_size=12, max_iters=2000, eval_interval=250, lr_decay_iters=2000,
+                sample_tokens=300),
+}
+
+
+def parse_config(argv=None, prog="train.py"):
+    """Build a Config from defaults, then --preset, then the other flags given."""
+    parser = ArgumentParser(prog=prog, description="Train Mini-GPT.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="named set of overrides")
+    defaults = Config()
+    for field in fields(Config):
+        kind = parse_bool if field.type in (bool, "bool") else _TYPES[field.type]
+        # default=SUPPRESS: a flag the user did not give stays absent, so a preset is not undone.
+        parser.add_argument(f"--{field.name}", type=kind, default=argparse.SUPPRESS,
+                            metavar=field.name.upper(),
+                            help=f"(default: {getattr(defaults, field.name)})")
+    given = vars(parser.parse_args(argv))
+    preset = given.pop("preset", None)
+    overrides = {**PRESETS.get(preset, {}), **given}
+    config = Config(**{**asdict(defaults), **overrides})
+    check_config(config)
+    return config, preset
+
+
+def check_config(config):
+    if config.n_embd % config.n_head != 0:
+        raise UsageError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}); "
+                         f"pick e.g. --n_head {next_divisor(config.n_embd, config.n_head)}")
+    for name in ("n_embd", "n_layer", "n_head", "block_size", "batch_size", "max_iters",
+                 "eval_interval", "eval_iters", "gradient_accumulation_steps"):
+        if getattr(config, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(config, name)}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise UsageError(f"--dropout must be in [0, 1), got {config.dropout}")
+    if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {config.dtype!r}")
+    if config.compile not in ("auto", "true", "false"):
+        raise UsageError(f"--compile must be auto, true or false, got {config.compile!r}")
+
+
+def next_divisor(n, start):
+    return next(d for d in range(start, 0, -1) if n % d == 0)
+
+
+def parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+_TYPES = {int: int, float: float, str: str, "int": int, "float": float, "str": str}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line on stderr and exit code 2, without the usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -1,0 +1,151 @@
+"""Generate text from a trained Mini-GPT checkpoint.
+
+    python generate.py --prompt "ROMEO:" --max_new_tokens 300
+    python generate.py --temperature 0 --prompt "To be"      # greedy: always the likeliest char
+    python generate.py --num_samples 4                       # four samples in one batched pass
+    python generate.py --interactive                         # type prompts, read continuations
+
+Text is printed as it is generated. A KV cache (model.py) makes each new token cost one
+position instead of the whole context; --no_cache runs the plain re-run-everything loop.
+"""
+
+import sys
+
+import torch
+
+from config import ArgumentParser
+from model import GPTModel
+from utils import CharTokenizer, UsageError, autocast, load_checkpoint, pick_device
+
+RULE = "=" * 60
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(prog="generate.py", description="Sample text from a checkpoint.")
+    parser.add_argument("--prompt", default="", help="starting text (empty: start from a newline)")
+    parser.add_argument("--max_new_tokens", type=int, default=500, help="tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="higher = more random, lower = more predictable, 0 = greedy")
+    parser.add_argument("--top_k", type=int, default=200, help="sample only among the k likeliest")
+    parser.add_argument("--top_p", type=float, default=None,
+                        help="nucleus: sample among the likeliest tokens covering this probability")
+    parser.add_argument("--checkpoint", default="ckpt.pt", help="checkpoint saved by train.py")
+    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    parser.add_argument("--seed", type=int, default=1337, help="same seed, same text")
+    parser.add_argument("--num_samples", type=int, default=1, help="independent samples, batched")
+    parser.add_argument("--no_cache", action="store_true", help="re-run the whole context per token")
+    parser.add_argument("--interactive", action="store_true", help="prompt loop in the terminal")
+    args = parser.parse_args(argv)
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k < 1:
+        raise UsageError(f"--top_k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        raise UsageError(f"--num_samples must be at least 1, got {args.num_samples}")
+    return args
+
+
+def load_model(path, device):
+    """(model in eval mode on device, tokenizer) from a checkpoint written by train.py."""
+    checkpoint = load_checkpoint(path, device)
+    model = GPTModel(**checkpoint["model_args"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError:
+        raise UsageError(f"{path}: the weights do not match the model_args stored with them; "
+                         f"the checkpoint is damaged or from another program")
+    tokenizer = CharTokenizer.from_dict(checkpoint["tokenizer"])
+    return model.to(device).eval(), tokenizer
+
+
+def stream_text(model, tokenizer, prompt_ids, args, device):
+    """Yield the generated text piece by piece; the pieces join to the full decoded sample."""
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    new_tokens, shown = [], ""
+    with autocast(device, "bfloat16" if device.startswith("cuda") else "float32"):
+        for token in model.stream(idx, args.max_new_tokens, **sampling_options(args)):
+            new_tokens.append(token.item())
+            text = tokenizer.decode(new_tokens)
+            yield text[len(shown):]
+            shown = text
+
+
+def generate_batch(model, tokenizer, prompt_ids, args, device):
+    """num_samples continuations of the same prompt in one batched pass: a list of strings."""
+    idx = torch.tensor([prompt_ids] * args.num_samples, dtype=torch.long, device=device)
+    with autocast(device, "bfloat16" if device.startswith("cuda") else "float32"):
+        tokens = model.generate(idx, args.max_new_tokens, **sampling_options(args))
+    return [tokenizer.decode(row.tolist()) for row in tokens[:, len(prompt_ids):]]
+
+
+def sampling_options(args):
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                use_cache=not args.no_cache)
+
+
+def prompt_ids_for(prompt, tokenizer):
+    # An empty prompt starts from a newline, as a text file would (or token 0 if no newline).
+    return tokenizer.encode(prompt or ("\n" if "\n" in tokenizer.stoi else tokenizer.chars[0]))
+
+
+def print_completion(model, tokenizer, prompt, args, device):
+    prompt_ids = prompt_ids_for(prompt, tokenizer)
+    if args.num_samples == 1:
+        print(prompt, end="", flush=True)
+        for piece in stream_text(model, tokenizer, prompt_ids, args, device):
+            print(piece, end="", flush=True)
+        print()
+        return
+    for i, sample in enumerate(generate_batch(model, tokenizer, prompt_ids, args, device)):
+        print(f"--- sample {i + 1} of {args.num_samples} ---")
+        print(prompt + sample)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    model, tokenizer = load_model(args.checkpoint, device)
+    torch.manual_seed(args.seed)
+
+    if args.interactive:
+        print("Type a prompt and press Enter; an empty line or Ctrl-D quits.")
+        while True:
+            try:
+                prompt = input("> ")
+            except EOFError:
+                break
+            if not prompt:
+                break
+            try:
+                print_completion(model, tokenizer, prompt, args, device)
+            except UsageError as err:  # e.g. a character the model never saw: ask again
+                print(f"error: {err}")
+        return
+
+    tokenizer.encode(args.prompt)  # fail on unknown characters before printing anything
+    print("GENERATING TEXT")
+    print(RULE)
+    print(f"Prompt: {args.prompt}")
+    print(f"Max tokens: {args.max_new_tokens}")
+    print(f"Temperature: {args.temperature}")
+    print(f"Top-k: {args.top_k}")
+    if args.top_p is not None:
+        print(f"Top-p: {args.top_p}")
+    print(RULE)
+    print()
+    print_completion(model, tokenizer, args.prompt, args, device)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print()
+        sys.exit(130)

@@ -1,0 +1,251 @@
+"""The GPT model: a decoder-only Transformer, read top to bottom in the order data flows.
+
+    GPTModel
+    ├── Token Embedding (vocab_size → n_embd)
+    ├── Position Embedding (block_size → n_embd)
+    ├── Transformer Blocks (× n_layer)            Block
+    │   ├── LayerNorm                             .ln1
+    │   ├── Multi-Head Self-Attention             .attn  (CausalSelfAttention)
+    │   │   ├── Q, K, V Projections               .qkv
+    │   │   ├── Causal Masking (torch.tril)       .causal_mask
+    │   │   └── Output Projection                 .proj
+    │   ├── Residual Connection                   x = x + attn(ln1(x))
+    │   ├── LayerNorm                             .ln2
+    │   ├── Feed-Forward Network (n_embd → 4×n_embd → n_embd)   .ffn
+    │   └── Residual Connection                   x = x + ffn(ln2(x))
+    ├── Final LayerNorm                           .ln_f
+    └── Language Model Head (n_embd → vocab_size) .lm_head
+
+Shapes use B = batch size, T = sequence length, C = n_embd, V = vocab_size.
+Nothing here knows about files, flags or training: see train.py and generate.py.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class KVCache:
+    """Keys and values of every layer for the positions processed so far.
+
+    Why it is exact: in a causal model the key and value of position t depend only on tokens
+    0..t, so once computed they never change. Generating token t+1 therefore needs only the
+    query, key and value of the one new position; the older keys and values are read back
+    from here instead of being recomputed from the whole context.
+    """
+
+    def __init__(self, n_layer, batch_size, n_head, block_size, head_size, device, dtype):
+        shape = (n_layer, batch_size, n_head, block_size, head_size)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # how many positions are filled
+
+    def reset(self):
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which position t sees only positions 0..t."""
+
+    def __init__(self, n_embd, n_head, block_size, dropout, flash):
+        super().__init__()
+        self.n_head = n_head
+        self.flash = flash
+        self.dropout = dropout
+        # Q, K, V projections as one matmul: a (C, 3C) weight instead of three (C, C) ones.
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
+        self.proj = nn.Linear(n_embd, n_embd)
+        self.attn_dropout = nn.Dropout(dropout)
+        self.resid_dropout = nn.Dropout(dropout)
+        # causal_mask[i, j] is True where query position i may look at key position j (j <= i).
+        causal_mask = torch.tril(torch.ones(block_size, block_size, dtype=torch.bool))
+        self.register_buffer("causal_mask", causal_mask, persistent=False)
+
+    def forward(self, x, start=0, layer_cache=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_size): each head attends on its own slice of C.
+        q = q.view(B, T, self.n_head, -1).transpose(1, 2)
+        k = k.view(B, T, self.n_head, -1).transpose(1, 2)
+        v = v.view(B, T, self.n_head, -1).transpose(1, 2)
+
+        if layer_cache is not None:
+            # Store this step's keys/values at positions start..start+T-1, then attend to
+            # every filled position; the mask below hides the slots not yet filled.
+            cached_keys, cached_values = layer_cache
+            cached_keys[:, :, start:start + T] = k
+            cached_values[:, :, start:start + T] = v
+            k, v = cached_keys[:, :, :start + T], cached_values[:, :, :start + T]
+
+        # Rows are the queries' positions, columns the keys': (T, T) or, with a cache, (T, start+T).
+        mask = self.causal_mask[start:start + T, :k.size(2)]
+        dropout_p = self.dropout if self.training else 0.0
+        if self.flash:
+            # Fused kernel (FlashAttention on GPU): same math, never materialises (T, T) weights.
+            # is_causal lets it skip masked blocks; it assumes queries start at position 0.
+            if start == 0 and T == k.size(2):
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        else:
+            # Scale by 1/sqrt(head_size) so the dot products keep unit variance and the
+            # softmax does not saturate into a one-hot as head_size grows.
+            attn_weights = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, Tk)
+            attn_weights = attn_weights.masked_fill(~mask, float("-inf"))
+            attn_weights = F.softmax(attn_weights, dim=-1)
+            attn_weights = self.attn_dropout(attn_weights)
+            y = attn_weights @ v  # (B, nh, T, head_size)
+
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: n_embd -> 4*n_embd -> n_embd, applied to each token on its own."""
+
+    def __init__(self, n_embd, dropout):
+        super().__init__()
+        self.up = nn.Linear(n_embd, 4 * n_embd)
+        self.down = nn.Linear(4 * n_embd, n_embd)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.down(F.gelu(self.up(x))))
+
+
+class Block(nn.Module):
+    """One Transformer block, Pre-LN: normalise *before* each sub-layer, add its output back."""
+
+    def __init__(self, n_embd, n_head, block_size, dropout, flash):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head, block_size, dropout, flash)
+        self.ln2 = nn.LayerNorm(n_embd)
+        self.ffn = FeedForward(n_embd, dropout)
+
+    def forward(self, x, start=0, layer_cache=None):
+        # The residual stream x passes through untouched; each sub-layer only adds to it,
+        # which gives gradients a straight path from the loss to the first layer.
+        x = x + self.attn(self.ln1(x), start, layer_cache)
+        x = x + self.ffn(self.ln2(x))
+        return x
+
+
+class GPTModel(nn.Module):
+
+    def __init__(self, vocab_size, n_embd=384, n_layer=6, n_head=6, block_size=256,
+                 dropout=0.2, flash=True):
+        super().__init__()
+        if n_embd % n_head != 0:
+            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+        self.block_size = block_size
+        self.n_head = n_head
+        self.tok_emb = nn.Embedding(vocab_size, n_embd)
+        self.pos_emb = nn.Embedding(block_size, n_embd)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            [Block(n_embd, n_head, block_size, dropout, flash) for _ in range(n_layer)])
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.lm_head = nn.Linear(n_embd, vocab_size)
+        self.apply(_init_weights)
+        # GPT-2: scale the layers that write into the residual stream by 1/sqrt(2 * n_layer),
+        # so the stream's variance does not grow with depth (two such writes per block).
+        for name, param in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "ffn.down.weight")):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy if targets given.
+
+        With a cache, idx holds the tokens that follow the cached ones, and the cache grows.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.block_size}")
+        positions = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, C)
+        for layer, block in enumerate(self.blocks):
+            layer_cache = (cache.keys[layer], cache.values[layer]) if cache is not None else None
+            x = block(x, start, layer_cache)
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return logits, loss
+
+    def new_cache(self, batch_size):
+        first_param = self.lm_head.weight
+        head_size = first_param.size(1) // self.n_head
+        return KVCache(len(self.blocks), batch_size, self.n_head, self.block_size, head_size,
+                       first_param.device, first_param.dtype)
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+               use_cache=True, generator=None):
+        """Yield the next token ids, (B,), one step at a time, continuing idx (B, T).
+
+        Without a cache every step re-runs the last block_size tokens (the context is cropped to
+        the window, as in nanoGPT). With a cache the prompt is run once (prefill) and each step
+        then runs a single position. Learned position embeddings stop at block_size - 1, so when
+        the cache is full the window slides: the last block_size // 2 tokens are run again as a
+        fresh prefill and generation goes on from there. Past block_size the two paths therefore
+        see slightly different contexts (the cached one between block_size/2 and block_size
+        tokens, the cropped one always block_size); up to block_size they are identical.
+        """
+        tokens = idx
+        cache = self.new_cache(idx.size(0)) if use_cache else None
+        next_input = tokens[:, -self.block_size:]
+        for _ in range(max_new_tokens):
+            if cache is not None and cache.length + next_input.size(1) > self.block_size:
+                cache.reset()
+                next_input = tokens[:, -(self.block_size // 2):]
+            logits, _ = self(next_input, cache=cache)
+            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            next_input = next_token[:, None] if cache is not None else tokens[:, -self.block_size:]
+            yield next_token
+
+    def generate(self, idx, max_new_tokens, **sampling):
+        """Return idx (B, T) extended by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
+        new_tokens = list(self.stream(idx, max_new_tokens, **sampling))
+        if not new_tokens:
+            return idx
+        return torch.cat([idx, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+def _init_weights(module):
+    # Small normal weights (std 0.02, as GPT-2) keep the first logits near zero, so the
+    # step-0 loss is close to ln(vocab_size): every token equally likely.
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row from logits (B, V). temperature 0 means greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        # Keep the k most likely tokens; everything below the k-th logit gets probability 0.
+        kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # Nucleus: keep the smallest set of most likely tokens whose probabilities sum to top_p.
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+        cumulative = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach top_p (the first always stays).
+        drop_sorted = (cumulative - F.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)

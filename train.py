@@ -1,0 +1,264 @@
+"""Train Mini-GPT on a text file, character by character.
+
+    python train.py                      # the brief's model on data/input.txt (a GPU run)
+    python train.py --preset cpu         # a small model that trains on a laptop CPU in seconds
+    python train.py --max_iters 2000 --dropout 0.1   # any config.py field as --name value
+
+The loop: load data, build model, then repeat {sample a batch, forward, backward, step},
+evaluating and saving every eval_interval steps, and print a sample at the end.
+"""
+
+import time
+
+START_TIME = time.time()  # "elapsed" in the eval lines counts from launch, imports included
+
+import math
+import os
+import shutil
+import signal
+import sys
+from dataclasses import asdict
+
+import torch
+from tqdm import tqdm
+
+from config import parse_config
+from model import GPTModel
+from utils import (CharTokenizer, UsageError, autocast, get_batch, pick_device, pick_dtype,
+                   read_text, save_checkpoint, split_data)
+
+# Dense peak FLOP/s of known GPUs for MFU: (bf16/fp16 tensor cores, float32 via TF32).
+GPU_PEAK_FLOPS = {
+    "H100 PCIe": (756e12, 378e12), "H100": (989e12, 495e12), "H200": (989e12, 495e12),
+    "A100": (312e12, 156e12), "L4": (121e12, 60e12), "RTX 4090": (165e12, 83e12),
+    "RTX 3090": (71e12, 36e12), "V100": (125e12, 16e12), "T4": (65e12, 8e12),
+}
+
+
+def main(argv=None):
+    config, preset = parse_config(argv)
+    torch.manual_seed(config.seed)
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+
+    print("Loading data...")
+    text = read_text(config.data)
+    tokenizer = CharTokenizer.from_text(text)
+    data = torch.tensor(tokenizer.encode(text), dtype=torch.long, device=device)
+    train_data, val_data = split_data(data)
+    if len(train_data) <= config.block_size or len(val_data) < 2:
+        raise UsageError(f"{config.data} has {len(text)} characters, too few for block_size "
+                         f"{config.block_size}: need at least {math.ceil((config.block_size + 2) / 0.9)}; "
+                         f"use a longer text or a smaller --block_size")
+    print(f"Dataset length: {len(text)} characters")
+    print(f"Vocabulary size: {tokenizer.vocab_size}")
+
+    model_args = dict(vocab_size=tokenizer.vocab_size, n_embd=config.n_embd,
+                      n_layer=config.n_layer, n_head=config.n_head,
+                      block_size=config.block_size, dropout=config.dropout, flash=config.flash)
+    model = GPTModel(**model_args).to(device)
+    n_params = model.num_params()
+    print(f"Model parameters: {n_params:,}")
+    tokens_per_step = config.batch_size * config.block_size * config.gradient_accumulation_steps
+    flops_per_token = 6 * n_params + 12 * config.n_layer * config.n_embd * config.block_size
+    if device == "cpu" and flops_per_token * tokens_per_step * config.max_iters > 1e15:
+        print("Note: this is a GPU-sized run; on a CPU it will take hours. "
+              "For a model that trains on a CPU in a minute, use --preset cpu.")
+    optimizer = make_optimizer(model, config, device)
+    train_model = maybe_compile(model, config.compile, device)
+    # float16 needs loss scaling so small gradients do not underflow; bf16 has float32's range.
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == "float16"))
+    peak_flops = gpu_peak_flops(device, dtype)
+
+    stop_requested = catch_ctrl_c()
+    val_loss = float("nan")
+    print(f"\nStarting training for {config.max_iters} iterations...")
+    progress = tqdm(total=config.max_iters, unit="step", dynamic_ncols=True, file=sys.stdout)
+    interval_start, interval_steps = time.time(), 0
+    for step in range(config.max_iters + 1):
+        if step % config.eval_interval == 0 or step == config.max_iters or stop_requested():
+            train_loss, val_loss = evaluate(model, train_data, val_data, config, device, dtype)
+            progress.write(f"Step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
+                           f"({time.time() - START_TIME:.1f}s)")
+            if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+                stop_on_nan(progress, config.checkpoint)
+            if step > 0:
+                save_checkpoint(dict(model=model.state_dict(), model_args=model_args,
+                                     tokenizer=tokenizer.to_dict(), config=asdict(config),
+                                     optimizer=optimizer.state_dict(), step=step,
+                                     val_loss=val_loss), config.checkpoint)
+            interval_start, interval_steps = time.time(), 0  # keep eval time out of tok/s
+        if step == config.max_iters or stop_requested():
+            break
+
+        lr = learning_rate_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(config.gradient_accumulation_steps):
+            x, y = get_batch(train_data, config.batch_size, config.block_size)
+            with autocast(device, dtype):
+                _, loss = train_model(x, y)
+            # Gradients add up over micro-batches; dividing makes the sum their mean.
+            scaler.scale(loss / config.gradient_accumulation_steps).backward()
+        if config.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        progress.update(1)
+        interval_steps += 1
+
+        if interval_steps % 10 == 0:  # reading the loss waits for the GPU: not every step
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                stop_on_nan(progress, config.checkpoint)
+            seconds = time.time() - interval_start
+            tokens_per_sec = interval_steps * tokens_per_step / seconds
+            stats = f"loss {loss_value:.4f}, lr {lr:.2e}, {tokens_per_sec:,.0f} tok/s"
+            if peak_flops:
+                stats += f", MFU {100 * flops_per_token * tokens_per_sec / peak_flops:.1f}%"
+            progress.set_postfix_str(stats)
+    progress.close()
+
+    if stop_requested():
+        print(f"Stopped at step {step}; checkpoint saved to {config.checkpoint}")
+    else:
+        print(f"Saved checkpoint to {config.checkpoint} (val loss {val_loss:.4f})")
+    if config.sample_tokens > 0:
+        print_sample(model, tokenizer, config.sample_tokens, device)
+
+
+def evaluate(model, train_data, val_data, config, device, dtype):
+    """(train loss estimated on eval_iters random batches, exact val loss over the whole split)."""
+    model.eval()
+    with torch.no_grad(), autocast(device, dtype):
+        train_losses = [model(*get_batch(train_data, config.batch_size, config.block_size))[1]
+                        for _ in range(config.eval_iters)]
+        train_loss = torch.stack(train_losses).mean().item()
+        val_loss = exact_loss(model, val_data, config.block_size, config.batch_size)
+    model.train()
+    return train_loss, val_loss
+
+
+def exact_loss(model, data, block_size, batch_size):
+    """Mean loss over every next-token prediction in data, cut into consecutive blocks.
+
+    Each token is predicted exactly once (from the tokens before it in its block), so this is
+    the split's true loss rather than a noisy estimate from random batches.
+    """
+    n_blocks = (len(data) - 1) // block_size
+    batch_size = max(batch_size, 16384 // block_size)  # no gradients to keep: bigger batches
+    inputs = data[:n_blocks * block_size].view(n_blocks, block_size)
+    targets = data[1:n_blocks * block_size + 1].view(n_blocks, block_size)
+    pieces = [(inputs[i:i + batch_size], targets[i:i + batch_size])
+              for i in range(0, n_blocks, batch_size)]
+    rest = data[n_blocks * block_size:]
+    if len(rest) > 1:  # the last partial block
+        pieces.append((rest[None, :-1], rest[None, 1:]))
+    total_loss, n_tokens = 0.0, 0
+    for x, y in pieces:
+        _, loss = model(x, y)
+        total_loss += loss.item() * y.numel()
+        n_tokens += y.numel()
+    return total_loss / n_tokens
+
+
+def learning_rate_at(step, config):
+    """Linear warmup to learning_rate, then cosine decay to min_lr, then flat at min_lr."""
+    decay_iters = config.lr_decay_iters or config.max_iters
+    if step < config.warmup_iters:
+        return config.learning_rate * (step + 1) / config.warmup_iters
+    if step >= decay_iters:
+        return config.min_lr
+    progress = (step - config.warmup_iters) / max(1, decay_iters - config.warmup_iters)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))  # goes 1 -> 0
+    return config.min_lr + cosine * (config.learning_rate - config.min_lr)
+
+
+def make_optimizer(model, config, device):
+    """AdamW; weight decay on matrices only (biases and LayerNorm gains are not shrunk)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    betas = (config.beta1, config.beta2)
+    try:
+        # One fused kernel for the whole update instead of several per parameter.
+        return torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas, fused=True)
+    except (RuntimeError, TypeError):  # device or PyTorch version without fused AdamW
+        return torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas)
+
+
+def maybe_compile(model, setting, device):
+    wanted = setting == "true" or (setting == "auto" and device.startswith("cuda"))
+    if not wanted:
+        return model
+    problem = compile_problem(device)
+    if problem:
+        print(f"Note: running without torch.compile: {problem} (see TROUBLESHOOTING.md)")
+        return model
+    return torch.compile(model)
+
+
+def compile_problem(device):
+    """Why torch.compile cannot work here, or None."""
+    if device.startswith("cuda"):
+        from torch.utils._triton import has_triton
+        if not has_triton():
+            return "Triton is not installed or does not support this GPU"
+    elif device == "cpu" and not (shutil.which("g++") or shutil.which("clang++")):
+        return "no C++ compiler found"
+    elif device == "mps":
+        return "not supported on MPS here"
+    return None
+
+
+def gpu_peak_flops(device, dtype):
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for gpu, (half_peak, float32_peak) in GPU_PEAK_FLOPS.items():
+        if gpu in name:
+            return float32_peak if dtype == "float32" else half_peak
+    return None
+
+
+def catch_ctrl_c():
+    """First Ctrl-C: finish the current step, save, stop. A second one stops at once."""
+    requested = []
+
+    def on_sigint(signum, frame):
+        requested.append(True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nCtrl-C: stopping after this step and saving (Ctrl-C again to quit now)",
+              flush=True)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    return lambda: bool(requested)
+
+
+def stop_on_nan(progress, checkpoint_path):
+    progress.close()
+    kept = f"the last good checkpoint is {checkpoint_path}" if os.path.exists(checkpoint_path) \
+        else "no checkpoint was written"
+    raise UsageError(f"the loss became NaN or infinite; {kept}. Lower --learning_rate, keep "
+                     f"--grad_clip on, or try --dtype float32")
+
+
+def print_sample(model, tokenizer, n_tokens, device):
+    model.eval()
+    start = tokenizer.encode("\n") if "\n" in tokenizer.stoi else [0]
+    idx = torch.tensor([start], dtype=torch.long, device=device)
+    tokens = model.generate(idx, n_tokens, temperature=0.8, top_k=200)[0].tolist()
+    print("\nSample:\n" + tokenizer.decode(tokens))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
