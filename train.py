@@ -97,18 +97,10 @@ def main(argv=None):
         lr = learning_rate_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for _ in range(config.gradient_accumulation_steps):
-            x, y = get_batch(train_data, config.batch_size, config.block_size)
-            with autocast(device, dtype):
-                _, loss = train_model(x, y)
-            # Gradients add up over micro-batches; dividing makes the sum their mean.
-            scaler.scale(loss / config.gradient_accumulation_steps).backward()
-        if config.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        micro_batches = (get_batch(train_data, config.batch_size, config.block_size)
+                         for _ in range(config.gradient_accumulation_steps))
+        loss = train_step(model, train_model, optimizer, scaler, micro_batches, config, device,
+                          dtype)
         progress.update(1)
         interval_steps += 1
 
@@ -130,6 +122,25 @@ def main(argv=None):
         print(f"Saved checkpoint to {config.checkpoint} (val loss {val_loss:.4f})")
     if config.sample_tokens > 0:
         print_sample(model, tokenizer, config.sample_tokens, device)
+
+
+def train_step(model, train_model, optimizer, scaler, micro_batches, config, device, dtype):
+    """One optimizer step on the summed gradients of the micro-batches; returns the last loss.
+
+    The gradients stay in .grad until the next step (they are cleared first, not last).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    for x, y in micro_batches:
+        with autocast(device, dtype):
+            _, loss = train_model(x, y)
+        # Gradients add up over micro-batches; dividing makes the sum their mean.
+        scaler.scale(loss / config.gradient_accumulation_steps).backward()
+    if config.grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
 
 
 def evaluate(model, train_data, val_data, config, device, dtype):

@@ -1,0 +1,43 @@
+"""Shared test helpers: a tiny corpus, a tiny model config, and a way to run the scripts."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TINY_TEXT = (
+    "ROMEO:\nBut soft, what light through yonder window breaks?\n"
+    "It is the east, and Juliet is the sun.\n\n"
+    "JULIET:\nO Romeo, Romeo, wherefore art thou Romeo?\n"
+    "Deny thy father and refuse thy name.\n\n"
+) * 20
+
+# Flags for a model small enough to train for a few steps in about a second.
+TINY_FLAGS = ["--n_embd", "32", "--n_layer", "2", "--n_head", "4", "--block_size", "32",
+              "--batch_size", "8", "--eval_iters", "2", "--dropout", "0.0", "--device", "cpu",
+              "--sample_tokens", "20", "--warmup_iters", "2"]
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text(TINY_TEXT, encoding="utf-8")
+    return str(path)
+
+
+def run_script(script, *args, timeout=120):
+    """Run train.py or generate.py as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def tiny_model(**overrides):
+    from model import GPTModel
+    torch.manual_seed(0)
+    args = dict(vocab_size=20, n_embd=32, n_layer=2, n_head=4, block_size=16, dropout=0.0)
+    return GPTModel(**{**args, **overrides}).eval()
