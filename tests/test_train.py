@@ -1,0 +1,107 @@
+"""What train.py's pieces promise: the LR schedule, clipping, accumulation, exact evaluation,
+and clean fallbacks for the fast paths."""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+import train
+from config import Config
+from conftest import tiny_model
+from utils import get_batch
+
+
+def test_learning_rate_schedule_at_chosen_steps():
+    config = Config(learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, max_iters=1100)
+    assert train.learning_rate_at(0, config) == pytest.approx(1e-5)      # warmup starts near 0
+    assert train.learning_rate_at(49, config) == pytest.approx(5e-4)     # halfway up
+    assert train.learning_rate_at(100, config) == pytest.approx(1e-3)    # peak
+    assert train.learning_rate_at(600, config) == pytest.approx(5.5e-4)  # cosine midpoint
+    assert train.learning_rate_at(1100, config) == pytest.approx(1e-4)   # floor
+    assert train.learning_rate_at(5000, config) == pytest.approx(1e-4)
+    shorter = replace(config, lr_decay_iters=600)
+    assert train.learning_rate_at(350, shorter) == pytest.approx(5.5e-4)
+
+
+def make_step_parts(grad_clip=0.0, accumulation=1, seed=0):
+    torch.manual_seed(seed)
+    model = tiny_model().train()
+    config = Config(grad_clip=grad_clip, gradient_accumulation_steps=accumulation,
+                    learning_rate=1e-3)
+    optimizer = train.make_optimizer(model, config, "cpu")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return model, config, optimizer, scaler
+
+
+def grad_norm(model):
+    return torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())).item()
+
+
+def test_clipping_bounds_the_gradient_norm():
+    data = torch.randint(0, 20, (500,))
+    batch = get_batch(data, 8, 16, generator=torch.Generator().manual_seed(0))
+    model, config, optimizer, scaler = make_step_parts(grad_clip=0.0)
+    train.train_step(model, model, optimizer, scaler, [batch], config, "cpu", "float32")
+    unclipped = grad_norm(model)
+    assert unclipped > 0.05
+    model, config, optimizer, scaler = make_step_parts(grad_clip=0.05)
+    train.train_step(model, model, optimizer, scaler, [batch], config, "cpu", "float32")
+    assert grad_norm(model) == pytest.approx(0.05, rel=1e-4)
+
+
+def test_accumulating_k_micro_batches_equals_one_batch_k_times_larger():
+    data = torch.randint(0, 20, (500,))
+    x, y = get_batch(data, 12, 16, generator=torch.Generator().manual_seed(0))
+    big, config, optimizer, scaler = make_step_parts(accumulation=1)
+    train.train_step(big, big, optimizer, scaler, [(x, y)], config, "cpu", "float32")
+    small, config, optimizer, scaler = make_step_parts(accumulation=3)
+    micro = [(x[i:i + 4], y[i:i + 4]) for i in (0, 4, 8)]
+    train.train_step(small, small, optimizer, scaler, micro, config, "cpu", "float32")
+    for p_big, p_small in zip(big.parameters(), small.parameters()):
+        assert torch.allclose(p_big.grad, p_small.grad, atol=1e-6)
+        assert torch.allclose(p_big, p_small, atol=1e-6)
+
+
+def test_weight_decay_only_on_matrices():
+    model = tiny_model()
+    optimizer = train.make_optimizer(model, Config(weight_decay=0.1), "cpu")
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decayed["params"])
+    assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])
+
+
+def test_exact_loss_counts_every_prediction_once():
+    model = tiny_model()
+    data = torch.randint(0, 20, (100,))  # 6 full blocks of 16 and a partial one of 3
+    total, count = 0.0, 0
+    for start in range(0, 99, 16):
+        chunk = data[start:start + 17]
+        _, loss = model(chunk[None, :-1], chunk[None, 1:])
+        total += loss.item() * (len(chunk) - 1)
+        count += len(chunk) - 1
+    assert count == 99
+    assert train.exact_loss(model, data, 16, 4) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_compile_off_on_cpu_by_default_and_falls_back_without_triton(monkeypatch, capsys):
+    model = tiny_model()
+    assert train.maybe_compile(model, "auto", "cpu") is model
+    assert train.maybe_compile(model, "false", "cuda") is model
+    monkeypatch.setattr(train, "compile_problem", lambda device: "Triton is not installed")
+    assert train.maybe_compile(model, "auto", "cuda") is model
+    assert "without torch.compile: Triton" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_autocast_runs_on_cpu(dtype):
+    model = tiny_model()
+    idx = torch.randint(0, 20, (2, 16))
+    with train.autocast("cpu", dtype):
+        _, loss = model(idx, idx)
+    assert math.isfinite(loss.item())
+
+
+def test_mfu_only_for_known_gpus():
+    assert train.gpu_peak_flops("cpu", "bfloat16") is None
