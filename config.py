@@ -47,9 +47,10 @@ class Config:
 
 
 PRESETS = {
-    # A small model that trains in well under a minute on a 2-core laptop CPU.
-    "cpu": dict(n_embd=128, n_layer=4, n_head=4, block_size=64, dropout=0.0,
-                batch_size=12, max_iters=2000, eval_interval=250, lr_decay_iters=2000,
+    # A small model for a 2-core laptop CPU: val loss ~1.87 in about a minute (README has the
+    # figures). Fewer, wider layers and a high learning rate learn the most per second here.
+    "cpu": dict(n_embd=192, n_layer=3, n_head=6, block_size=64, dropout=0.0, batch_size=32,
+                learning_rate=4e-3, warmup_iters=50, max_iters=500, eval_interval=250,
                 sample_tokens=300),
 }
 
