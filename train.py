@@ -67,7 +67,7 @@ def main(argv=None):
     if device == "cpu" and flops_per_token * tokens_per_step * config.max_iters > 1e15:
         print("Note: this is a GPU-sized run; on a CPU it will take hours. "
               "For a model that trains on a CPU in a minute, use --preset cpu.")
-    optimizer = make_optimizer(model, config, device)
+    optimizer = make_optimizer(model, config)
     train_model = maybe_compile(model, config.compile, device)
     # float16 needs loss scaling so small gradients do not underflow; bf16 has float32's range.
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == "float16"))
@@ -190,17 +190,19 @@ def learning_rate_at(step, config):
     return config.min_lr + cosine * (config.learning_rate - config.min_lr)
 
 
-def make_optimizer(model, config, device):
+def make_optimizer(model, config, fused=True):
     """AdamW; weight decay on matrices only (biases and LayerNorm gains are not shrunk)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     betas = (config.beta1, config.beta2)
-    try:
-        # One fused kernel for the whole update instead of several per parameter.
-        return torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas, fused=True)
-    except (RuntimeError, TypeError):  # device or PyTorch version without fused AdamW
-        return torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas)
+    if fused:
+        try:
+            # One fused kernel for the whole update instead of several per parameter.
+            return torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas, fused=True)
+        except (RuntimeError, TypeError):  # a device or PyTorch version without fused AdamW
+            pass
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas)
 
 
 def maybe_compile(model, setting, device):

@@ -30,7 +30,7 @@ def make_step_parts(grad_clip=0.0, accumulation=1, seed=0):
     model = tiny_model().train()
     config = Config(grad_clip=grad_clip, gradient_accumulation_steps=accumulation,
                     learning_rate=1e-3)
-    optimizer = train.make_optimizer(model, config, "cpu")
+    optimizer = train.make_optimizer(model, config)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     return model, config, optimizer, scaler
 
@@ -66,7 +66,7 @@ def test_accumulating_k_micro_batches_equals_one_batch_k_times_larger():
 
 def test_weight_decay_only_on_matrices():
     model = tiny_model()
-    optimizer = train.make_optimizer(model, Config(weight_decay=0.1), "cpu")
+    optimizer = train.make_optimizer(model, Config(weight_decay=0.1))
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decayed["params"])
     assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])

@@ -1,0 +1,128 @@
+"""Benchmarks of the brief's default model (10,788,929 parameters) on this machine.
+
+    python bench.py train --device cpu        # speed options all on vs all off
+    python bench.py generate --device cpu     # KV cache vs re-running the whole context
+
+Each variant runs in a fresh process, so the peak memory printed is its own. The token ids are
+random: what the text says does not change how long the arithmetic takes.
+"""
+
+import multiprocessing
+import resource
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import train
+from config import ArgumentParser, Config
+from model import GPTModel
+from utils import UsageError, autocast, get_batch, pick_device, pick_dtype
+
+VOCAB_SIZE = 65  # Tiny Shakespeare's
+
+
+def train_speed(device, fast, steps, warmup_steps, batch_size):
+    """(tokens/s, peak MiB) of training steps: fast = bf16/fp16 autocast, SDPA attention,
+    torch.compile where train.py would use it, fused AdamW; else float32, the written-out
+    attention, eager, plain AdamW."""
+    config = Config(batch_size=batch_size, flash=fast)
+    dtype = pick_dtype("auto", device) if fast else "float32"
+    model = GPTModel(VOCAB_SIZE, config.n_embd, config.n_layer, config.n_head, config.block_size,
+                     config.dropout, flash=fast).to(device)
+    optimizer = train.make_optimizer(model, config, fused=fast)
+    train_model = train.maybe_compile(model, "auto" if fast else "false", device)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == "float16"))
+    data = torch.randint(VOCAB_SIZE, (1_000_000,), device=device)
+
+    def step():
+        batch = get_batch(data, config.batch_size, config.block_size)
+        train.train_step(model, train_model, optimizer, scaler, [batch], config, device, dtype)
+
+    for _ in range(warmup_steps):  # first steps pay for compilation and memory allocation
+        step()
+    synchronize(device)
+    start = time.time()
+    for _ in tqdm(range(steps), desc=f"train ({'fast' if fast else 'reference'}, {dtype})",
+                  file=sys.stdout):
+        step()
+    synchronize(device)
+    return steps * config.batch_size * config.block_size / (time.time() - start), peak_mib(device)
+
+
+def generate_speed(device, use_cache, n_tokens):
+    """(tokens/s, peak MiB) of generating n_tokens, batch 1, from a one-character prompt."""
+    model = GPTModel(VOCAB_SIZE).to(device).eval()
+    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"  # as generate.py
+    with autocast(device, dtype):
+        model.generate(prompt, 10, use_cache=use_cache)  # warm-up
+        synchronize(device)
+        start = time.time()
+        stream = model.stream(prompt, n_tokens, use_cache=use_cache)
+        for _ in tqdm(stream, total=n_tokens, desc=f"generate ({'cache' if use_cache else 'no cache'})",
+                      file=sys.stdout):
+            pass
+        synchronize(device)
+    return n_tokens / (time.time() - start), peak_mib(device)
+
+
+def synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_mib(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux: KiB
+
+
+def in_fresh_process(function, *args):
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def main(argv=None):
+    parser = ArgumentParser(prog="bench.py", description=__doc__.split("\n")[0])
+    parser.add_argument("what", choices=["train", "generate"])
+    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed training steps (default: 20 on a GPU, 3 on a CPU)")
+    parser.add_argument("--batch_size", type=int, default=64, help="training batch size")
+    parser.add_argument("--tokens", type=int, default=1000, help="tokens to generate")
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})"
+                                 if device.startswith("cuda") else ""))
+
+    if args.what == "train":
+        on_gpu = device.startswith("cuda")
+        steps = args.steps or (20 if on_gpu else 3)
+        warmup = 10 if on_gpu else 1
+        fast = in_fresh_process(train_speed, device, True, steps, warmup, args.batch_size)
+        reference = in_fresh_process(train_speed, device, False, steps, warmup, args.batch_size)
+        print_table([("fast", *fast), ("reference", *reference)])
+        print(f"train: fast {fast[0]:,.0f} tok/s, reference {reference[0]:,.0f} tok/s, "
+              f"speedup {fast[0] / reference[0]:.2f}x")
+    else:
+        cache = in_fresh_process(generate_speed, device, True, args.tokens)
+        no_cache = in_fresh_process(generate_speed, device, False, args.tokens)
+        print_table([("cache", *cache), ("no-cache", *no_cache)])
+        print(f"generate: cache {cache[0]:,.0f} tok/s, no-cache {no_cache[0]:,.0f} tok/s, "
+              f"speedup {cache[0] / no_cache[0]:.2f}x")
+
+
+def print_table(rows):
+    print(f"{'variant':<10} {'tok/s':>10} {'peak MiB':>10}")
+    for name, tokens_per_sec, mib in rows:
+        print(f"{name:<10} {tokens_per_sec:>10,.0f} {mib:>10,.0f}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,41 @@
+"""generate.py's pieces in-process: streaming prints exactly what the batched path returns."""
+
+import argparse
+
+import torch
+
+import generate
+from conftest import tiny_model
+from utils import CharTokenizer
+
+
+def options(**overrides):
+    defaults = dict(max_new_tokens=40, temperature=0.8, top_k=200, top_p=None, num_samples=1,
+                    no_cache=False)
+    return argparse.Namespace(**{**defaults, **overrides})
+
+
+def test_streamed_text_equals_returned_text():
+    model, tokenizer = tiny_model(), CharTokenizer("abcdefghijklmnopqrs\n")
+    for no_cache in (False, True):
+        args = options(no_cache=no_cache, max_new_tokens=50)  # past block_size (16)
+        torch.manual_seed(5)
+        streamed = "".join(generate.stream_text(model, tokenizer, [0], args, "cpu"))
+        torch.manual_seed(5)
+        [returned] = generate.generate_batch(model, tokenizer, [0], args, "cpu")
+        assert streamed == returned and len(streamed) == 50
+
+
+def test_num_samples_gives_different_samples():
+    model, tokenizer = tiny_model(), CharTokenizer("abcdefghijklmnopqrs\n")
+    torch.manual_seed(0)
+    samples = generate.generate_batch(model, tokenizer, [0, 1], options(num_samples=4), "cpu")
+    assert len(samples) == 4 and len(set(samples)) == 4
+
+
+def test_greedy_is_the_same_with_and_without_cache_through_generate_py():
+    model, tokenizer = tiny_model(), CharTokenizer("abcdefghijklmnopqrs\n")
+    greedy = [generate.generate_batch(model, tokenizer, [3], options(temperature=0, no_cache=flag,
+                                                                     max_new_tokens=15), "cpu")
+              for flag in (False, True)]
+    assert greedy[0] == greedy[1]
