@@ -38,12 +38,17 @@ class Config:
     # evaluation and output
     eval_interval: int = 500           # evaluate (and save) every this many steps
     eval_iters: int = 20               # batches for the train-loss estimate; val loss is exact
+    log_interval: int = 10             # steps between progress-bar updates and metrics lines
     sample_tokens: int = 500           # characters sampled at the end of training (0 = none)
     # system
     device: str = "auto"               # auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu
     dtype: str = "auto"                # auto, float32, bfloat16 or float16 (autocast; see README)
     compile: str = "auto"              # torch.compile: auto (on for CUDA), true or false
     seed: int = 1337                   # seeds batches, dropout and the init
+    # runs
+    resume: str = ""                   # --resume: go on from --checkpoint; --resume PATH: from PATH
+    wandb: bool = False                # also log to Weights & Biases (pip install wandb)
+    wandb_project: str = "mini-gpt"    # the W&B project to log to
 
 
 PRESETS = {
@@ -64,9 +69,14 @@ def parse_config(argv=None, prog="train.py"):
     for field in fields(Config):
         kind = parse_bool if field.type in (bool, "bool") else _TYPES[field.type]
         # default=SUPPRESS: a flag the user did not give stays absent, so a preset is not undone.
+        bare = {}
+        if kind is parse_bool:  # a bare switch means true: `--wandb` is `--wandb true`
+            bare = dict(nargs="?", const=True)
+        elif field.name == "resume":  # a bare `--resume` goes on from --checkpoint
+            bare = dict(nargs="?", const="true")
         parser.add_argument(f"--{field.name}", type=kind, default=argparse.SUPPRESS,
-                            metavar=field.name.upper(),
-                            help=f"(default: {getattr(defaults, field.name)})")
+                            metavar=field.name.upper(), **bare,
+                            help=f"(default: {getattr(defaults, field.name)!r})")
     given = vars(parser.parse_args(argv))
     preset = given.pop("preset", None)
     overrides = {**PRESETS.get(preset, {}), **given}
@@ -80,7 +90,7 @@ def check_config(config):
         raise UsageError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}); "
                          f"pick e.g. --n_head {next_divisor(config.n_embd, config.n_head)}")
     for name in ("n_embd", "n_layer", "n_head", "block_size", "batch_size", "max_iters",
-                 "eval_interval", "eval_iters", "gradient_accumulation_steps"):
+                 "eval_interval", "eval_iters", "gradient_accumulation_steps", "log_interval"):
         if getattr(config, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(config, name)}")
     if not 0.0 <= config.dropout < 1.0:

@@ -12,20 +12,25 @@ import time
 
 START_TIME = time.time()  # "elapsed" in the eval lines counts from launch, imports included
 
+import contextlib
+import json
 import math
 import os
+import random
 import shutil
 import signal
 import sys
 from dataclasses import asdict
 
+import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from config import parse_config
 from model import GPTModel
-from utils import (CharTokenizer, UsageError, autocast, get_batch, pick_device, pick_dtype,
-                   read_text, save_checkpoint, split_data)
+from utils import (CharTokenizer, UsageError, autocast, get_batch, load_checkpoint, pick_device,
+                   pick_dtype, read_text, save_checkpoint, split_data)
 
 # Dense peak FLOP/s of known GPUs for MFU: (bf16/fp16 tensor cores, float32 via TF32).
 GPU_PEAK_FLOPS = {
@@ -37,14 +42,20 @@ GPU_PEAK_FLOPS = {
 
 def main(argv=None):
     config, preset = parse_config(argv)
-    torch.manual_seed(config.seed)
+    rank, local_rank, world_size = start_distributed(config.device)  # (0, 0, 1) without torchrun
+    is_master = rank == 0  # only rank 0 prints, evaluates and saves
+    log = print if is_master else (lambda *args, **kwargs: None)
+    torch.manual_seed(config.seed + rank)  # each rank draws its own batches and dropout masks
     device = pick_device(config.device)
+    if device == "cuda" and world_size > 1:
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
     dtype = pick_dtype(config.dtype, device)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
         torch.backends.cudnn.allow_tf32 = True
 
-    print("Loading data...")
+    log("Loading data...")
     text = read_text(config.data)
     tokenizer = CharTokenizer.from_text(text)
     data = torch.tensor(tokenizer.encode(text), dtype=torch.long, device=device)
@@ -53,43 +64,57 @@ def main(argv=None):
         raise UsageError(f"{config.data} has {len(text)} characters, too few for block_size "
                          f"{config.block_size}: need at least {math.ceil((config.block_size + 2) / 0.9)}; "
                          f"use a longer text or a smaller --block_size")
-    print(f"Dataset length: {len(text)} characters")
-    print(f"Vocabulary size: {tokenizer.vocab_size}")
+    log(f"Dataset length: {len(text)} characters")
+    log(f"Vocabulary size: {tokenizer.vocab_size}")
 
     model_args = dict(vocab_size=tokenizer.vocab_size, n_embd=config.n_embd,
                       n_layer=config.n_layer, n_head=config.n_head,
                       block_size=config.block_size, dropout=config.dropout, flash=config.flash)
     model = GPTModel(**model_args).to(device)
     n_params = model.num_params()
-    print(f"Model parameters: {n_params:,}")
-    tokens_per_step = config.batch_size * config.block_size * config.gradient_accumulation_steps
+    log(f"Model parameters: {n_params:,}")
+    tokens_per_step = (config.batch_size * config.block_size * config.gradient_accumulation_steps
+                       * world_size)
     flops_per_token = 6 * n_params + 12 * config.n_layer * config.n_embd * config.block_size
     if device == "cpu" and flops_per_token * tokens_per_step * config.max_iters > 1e15:
-        print("Note: this is a GPU-sized run; on a CPU it will take hours. "
-              "For a model that trains on a CPU in a minute, use --preset cpu.")
+        log("Note: this is a GPU-sized run; on a CPU it will take hours. "
+            "For a model that trains on a CPU in a minute, use --preset cpu.")
     optimizer = make_optimizer(model, config)
+    start_step, val_loss = 0, float("nan")
+    if config.resume:
+        start_step, val_loss = resume(model, optimizer, config, model_args, tokenizer, device)
+        if rank > 0:  # the checkpoint holds rank 0's random state; keep the ranks apart
+            torch.manual_seed(config.seed + rank + start_step)
+        log(f"Resuming from step {start_step} of {config.checkpoint}")
     train_model = maybe_compile(model, config.compile, device)
+    if world_size > 1:  # DDP: averages the gradients of all ranks during backward
+        train_model = DistributedDataParallel(
+            train_model, device_ids=[local_rank] if device.startswith("cuda") else None)
     # float16 needs loss scaling so small gradients do not underflow; bf16 has float32's range.
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == "float16"))
     peak_flops = gpu_peak_flops(device, dtype)
+    record = metrics_recorder(config, resumed=bool(config.resume)) if is_master else None
 
     stop_requested = catch_ctrl_c()
-    val_loss = float("nan")
-    print(f"\nStarting training for {config.max_iters} iterations...")
-    progress = tqdm(total=config.max_iters, unit="step", dynamic_ncols=True, file=sys.stdout)
+    log(f"\nStarting training for {config.max_iters} iterations...")
+    progress = tqdm(total=config.max_iters, initial=start_step, unit="step", dynamic_ncols=True,
+                    file=sys.stdout, disable=not is_master)
     interval_start, interval_steps = time.time(), 0
-    for step in range(config.max_iters + 1):
-        if step % config.eval_interval == 0 or step == config.max_iters or stop_requested():
+    for step in range(start_step, config.max_iters + 1):
+        is_eval_step = step % config.eval_interval == 0 or step == config.max_iters
+        if is_master and (is_eval_step or stop_requested()) and not (config.resume and step == start_step):
             train_loss, val_loss = evaluate(model, train_data, val_data, config, device, dtype)
+            elapsed = time.time() - START_TIME
             progress.write(f"Step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
-                           f"({time.time() - START_TIME:.1f}s)")
+                           f"({elapsed:.1f}s)")
             if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
                 stop_on_nan(progress, config.checkpoint)
+            record(dict(step=step, train_loss=train_loss, val_loss=val_loss, elapsed=elapsed))
             if step > 0:
                 save_checkpoint(dict(model=model.state_dict(), model_args=model_args,
                                      tokenizer=tokenizer.to_dict(), config=asdict(config),
                                      optimizer=optimizer.state_dict(), step=step,
-                                     val_loss=val_loss), config.checkpoint)
+                                     val_loss=val_loss, rng=rng_state()), config.checkpoint)
             interval_start, interval_steps = time.time(), 0  # keep eval time out of tok/s
         if step == config.max_iters or stop_requested():
             break
@@ -97,31 +122,37 @@ def main(argv=None):
         lr = learning_rate_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = (get_batch(train_data, config.batch_size, config.block_size)
-                         for _ in range(config.gradient_accumulation_steps))
+        micro_batches = [get_batch(train_data, config.batch_size, config.block_size)
+                         for _ in range(config.gradient_accumulation_steps)]
         loss = train_step(model, train_model, optimizer, scaler, micro_batches, config, device,
                           dtype)
         progress.update(1)
         interval_steps += 1
 
-        if interval_steps % 10 == 0:  # reading the loss waits for the GPU: not every step
+        if is_master and (step + 1) % config.log_interval == 0:  # .item() waits for the GPU
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 stop_on_nan(progress, config.checkpoint)
-            seconds = time.time() - interval_start
-            tokens_per_sec = interval_steps * tokens_per_step / seconds
+            tokens_per_sec = interval_steps * tokens_per_step / (time.time() - interval_start)
             stats = f"loss {loss_value:.4f}, lr {lr:.2e}, {tokens_per_sec:,.0f} tok/s"
             if peak_flops:
                 stats += f", MFU {100 * flops_per_token * tokens_per_sec / peak_flops:.1f}%"
             progress.set_postfix_str(stats)
+            record(dict(step=step + 1, loss=loss_value, lr=lr, tokens_per_sec=tokens_per_sec,
+                        elapsed=time.time() - START_TIME))
     progress.close()
 
-    if stop_requested():
-        print(f"Stopped at step {step}; checkpoint saved to {config.checkpoint}")
-    else:
-        print(f"Saved checkpoint to {config.checkpoint} (val loss {val_loss:.4f})")
-    if config.sample_tokens > 0:
-        print_sample(model, tokenizer, config.sample_tokens, device)
+    if is_master:
+        if stop_requested():
+            print(f"Stopped at step {step}; checkpoint saved to {config.checkpoint}")
+        else:
+            print(f"Saved checkpoint to {config.checkpoint} (val loss {val_loss:.4f})")
+        if config.sample_tokens > 0:
+            sample = sample_text(model, tokenizer, config.sample_tokens, device)
+            print("\nSample:\n" + sample)
+            record(dict(step=step, sample=sample))
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
 
 
 def train_step(model, train_model, optimizer, scaler, micro_batches, config, device, dtype):
@@ -130,11 +161,15 @@ def train_step(model, train_model, optimizer, scaler, micro_batches, config, dev
     The gradients stay in .grad until the next step (they are cleared first, not last).
     """
     optimizer.zero_grad(set_to_none=True)
-    for x, y in micro_batches:
-        with autocast(device, dtype):
-            _, loss = train_model(x, y)
-        # Gradients add up over micro-batches; dividing makes the sum their mean.
-        scaler.scale(loss / config.gradient_accumulation_steps).backward()
+    for i, (x, y) in enumerate(micro_batches):
+        # DDP: all-reduce the gradients once, after the last micro-batch, not after each.
+        is_last = i == len(micro_batches) - 1
+        no_sync = getattr(train_model, "no_sync", None)
+        with (contextlib.nullcontext() if is_last or no_sync is None else no_sync()):
+            with autocast(device, dtype):
+                _, loss = train_model(x, y)
+            # Gradients add up over micro-batches; dividing makes the sum their mean.
+            scaler.scale(loss / len(micro_batches)).backward()
     if config.grad_clip > 0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -261,12 +296,130 @@ def stop_on_nan(progress, checkpoint_path):
                      f"--grad_clip on, or try --dtype float32")
 
 
-def print_sample(model, tokenizer, n_tokens, device):
+def sample_text(model, tokenizer, n_tokens, device):
     model.eval()
     start = tokenizer.encode("\n") if "\n" in tokenizer.stoi else [0]
     idx = torch.tensor([start], dtype=torch.long, device=device)
-    tokens = model.generate(idx, n_tokens, temperature=0.8, top_k=200)[0].tolist()
-    print("\nSample:\n" + tokenizer.decode(tokens))
+    return tokenizer.decode(model.generate(idx, n_tokens, temperature=0.8, top_k=200)[0].tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# Several GPUs (or CPU processes): PyTorch DDP, launched by torchrun
+
+def start_distributed(device):
+    """(rank, local_rank, world_size). torchrun sets RANK and friends; without it: (0, 0, 1)."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1
+    backend = "gloo" if device in ("cpu", "mps") or not torch.cuda.is_available() else "nccl"
+    torch.distributed.init_process_group(backend=backend)
+    return (torch.distributed.get_rank(), int(os.environ.get("LOCAL_RANK", 0)),
+            torch.distributed.get_world_size())
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume: weights, optimizer, step and the random state that picks batches and dropout
+
+def resume(model, optimizer, config, model_args, tokenizer, device):
+    """Load config.checkpoint (or the --resume path) into model and optimizer: (step, val loss)."""
+    path = config.checkpoint if config.resume == "true" else config.resume
+    checkpoint = load_checkpoint(path, device)
+    shape = ("vocab_size", "n_embd", "n_layer", "n_head", "block_size")
+    saved_shape = {k: checkpoint["model_args"].get(k) for k in shape}
+    wanted_shape = {k: model_args[k] for k in shape}
+    if checkpoint["tokenizer"] != tokenizer.to_dict():
+        raise UsageError(f"cannot resume {path}: it was trained on text with another vocabulary; "
+                         f"pass the same --data it was trained on")
+    if saved_shape != wanted_shape:
+        changed = ", ".join(f"{k} {saved_shape[k]} -> {wanted_shape[k]}" for k in shape
+                            if saved_shape[k] != wanted_shape[k])
+        raise UsageError(f"cannot resume {path}: the model shape differs ({changed}); "
+                         f"drop those flags or start a fresh run")
+    if "optimizer" not in checkpoint or "rng" not in checkpoint:
+        raise UsageError(f"cannot resume {path}: it has no optimizer or random state")
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    restore_rng(checkpoint["rng"])
+    return checkpoint["step"], checkpoint["val_loss"]
+
+
+def rng_state():
+    """Every random state that decides what comes next, as tensors and plain values."""
+    name, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    return dict(python=random.getstate(),
+                numpy=(name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss,
+                       cached_gauss),
+                torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def restore_rng(state):
+    random.setstate(state["python"])
+    name, keys, position, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiment tracking: a JSONL log and a loss-curve PNG beside the checkpoint, and W&B on request
+
+def metrics_recorder(config, resumed):
+    """Return record(dict): appends to <checkpoint>.metrics.jsonl, redraws <checkpoint>.loss.png
+    after each evaluation (if matplotlib is installed) and logs to W&B with --wandb."""
+    stem = os.path.splitext(config.checkpoint)[0]
+    jsonl_path, png_path = f"{stem}.metrics.jsonl", f"{stem}.loss.png"
+    if not resumed and os.path.exists(jsonl_path):
+        os.remove(jsonl_path)  # a fresh run overwrites the checkpoint, so its log starts anew
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # draw to files; no window
+    except ImportError:
+        matplotlib = None
+        print("Note: matplotlib is not installed, so no loss-curve PNG (pip install matplotlib)")
+    wandb_run = start_wandb(config) if config.wandb else None
+
+    def record(metrics):
+        with open(jsonl_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if wandb_run is not None:
+            if "sample" in metrics:
+                wandb_run.summary["sample"] = metrics["sample"]
+                wandb_run.finish()
+            else:
+                wandb_run.log({k: v for k, v in metrics.items() if k != "step"},
+                              step=metrics["step"])
+        if matplotlib is not None and "val_loss" in metrics:
+            plot_losses(jsonl_path, png_path)
+
+    return record
+
+
+def start_wandb(config):
+    try:
+        import wandb  # optional extra, needed only for --wandb
+    except ImportError:
+        raise UsageError("--wandb needs the wandb package: pip install wandb")
+    return wandb.init(project=config.wandb_project, config=asdict(config))
+
+
+def plot_losses(jsonl_path, png_path):
+    import matplotlib.pyplot as plt
+    with open(jsonl_path) as f:
+        rows = [json.loads(line) for line in f]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in rows if "loss" in r]
+    axes.plot(steps, [r["loss"] for r in rows if "loss" in r], alpha=0.3, label="batch loss")
+    evals = [r for r in rows if "val_loss" in r]
+    axes.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train loss")
+    axes.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("cross-entropy (nats per token)")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=100)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

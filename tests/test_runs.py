@@ -1,0 +1,170 @@
+"""Running it like real training: exact resume, checkpoints that survive SIGKILL, metrics logs,
+Weights & Biases offline, and DDP over several processes (gloo on the CPU)."""
+
+import glob
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import train
+from config import Config
+from conftest import ROOT, TINY_FLAGS, run_script, tiny_model
+from utils import get_batch, load_checkpoint
+
+
+def losses_by_step(jsonl_path):
+    with open(jsonl_path) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_resume_continues_exactly(tmp_path, tiny_data):
+    flags = ["--data", tiny_data, *TINY_FLAGS, "--dropout", "0.1", "--log_interval", "1",
+             "--eval_interval", "6", "--lr_decay_iters", "12", "--sample_tokens", "0"]
+    straight = tmp_path / "straight.pt"
+    assert run_script("train.py", *flags, "--checkpoint", straight, "--max_iters", "12").returncode == 0
+    halves = tmp_path / "halves.pt"
+    assert run_script("train.py", *flags, "--checkpoint", halves, "--max_iters", "6").returncode == 0
+    resumed = run_script("train.py", *flags, "--checkpoint", halves, "--max_iters", "12", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming from step 6" in resumed.stdout
+    expected = losses_by_step(tmp_path / "straight.metrics.jsonl")
+    assert sorted(expected) == list(range(1, 13))
+    assert losses_by_step(tmp_path / "halves.metrics.jsonl") == expected  # bit for bit
+    assert torch.load(halves, weights_only=True)["step"] == 12
+
+
+def test_resume_with_another_shape_or_text_is_refused(tmp_path, tiny_data):
+    ckpt = tmp_path / "ckpt.pt"
+    flags = ["--data", tiny_data, *TINY_FLAGS, "--checkpoint", ckpt, "--sample_tokens", "0"]
+    assert run_script("train.py", *flags, "--max_iters", "2").returncode == 0
+    result = run_script("train.py", *flags, "--max_iters", "4", "--resume", "--n_layer", "3")
+    assert result.returncode == 2 and "model shape differs (n_layer 2 -> 3)" in result.stderr
+    other_text = tmp_path / "other.txt"
+    other_text.write_text("completely different words, zebra quiz! " * 40)
+    result = run_script("train.py", *flags, "--max_iters", "4", "--resume", "--data", other_text)
+    assert result.returncode == 2 and "another vocabulary" in result.stderr
+
+
+def test_sigkill_never_leaves_an_unreadable_checkpoint(tmp_path, tiny_data):
+    ckpt = tmp_path / "ckpt.pt"
+    rng = random.Random(0)
+    for _ in range(4):
+        process = subprocess.Popen(
+            [sys.executable, "train.py", "--data", tiny_data, *TINY_FLAGS, "--checkpoint",
+             str(ckpt), "--max_iters", "100000", "--eval_interval", "1"],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(2.0, 4.0))  # saving every step: some kills land mid-write
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if ckpt.exists():
+            assert load_checkpoint(str(ckpt))["step"] >= 1
+    assert ckpt.exists()
+
+
+def test_metrics_log_and_loss_curve(tmp_path, tiny_data):
+    ckpt = tmp_path / "run.pt"
+    result = run_script("train.py", "--data", tiny_data, *TINY_FLAGS, "--checkpoint", ckpt,
+                        "--max_iters", "20", "--eval_interval", "10", "--log_interval", "5")
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "run.metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 10, 20]
+    progress = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in progress] == [5, 10, 15, 20]
+    assert all({"lr", "tokens_per_sec", "elapsed"} <= r.keys() for r in progress)
+    assert "sample" in rows[-1]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in result.stdout
+    else:
+        png = tmp_path / "run.loss.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wandb_offline_run_holds_the_history(tmp_path, tiny_data):
+    pytest.importorskip("wandb")
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
+           "WANDB_SILENT": "true"}
+    result = subprocess.run(
+        [sys.executable, "train.py", "--data", tiny_data, *TINY_FLAGS, "--checkpoint",
+         str(tmp_path / "c.pt"), "--max_iters", "10", "--eval_interval", "5", "--wandb"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=180)
+    assert result.returncode == 0, result.stderr
+    [history] = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    logged = open(history, "rb").read()
+    for key in (b"val_loss", b"train_loss", b"tokens_per_sec", b"n_embd", b"sample"):
+        assert key in logged
+
+
+def test_wandb_without_the_package_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now fails
+    with pytest.raises(train.UsageError, match="pip install wandb"):
+        train.start_wandb(Config())
+
+
+# --- DDP ------------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_train_and_save(tmp_path, tiny_data):
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun not found")
+    ckpt = tmp_path / "ddp.pt"
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", "train.py", "--data", tiny_data,
+         *TINY_FLAGS, "--checkpoint", str(ckpt), "--max_iters", "10", "--eval_interval", "5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Loading data...") == 1  # only rank 0 prints
+    assert torch.load(ckpt, weights_only=True)["step"] == 10
+    generated = run_script("generate.py", "--checkpoint", ckpt, "--max_new_tokens", "20",
+                           "--device", "cpu")
+    assert generated.returncode == 0, generated.stderr
+
+
+def one_ddp_step(rank, world_size, port, x, y, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    model = tiny_model().train()
+    config = Config(grad_clip=1.0, learning_rate=1e-2)
+    optimizer = train.make_optimizer(model, config)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+    half = len(x) // world_size
+    mine = slice(rank * half, (rank + 1) * half)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train.train_step(model, ddp_model, optimizer, scaler, [(x[mine], y[mine])], config, "cpu",
+                     "float32")
+    if rank == 0:
+        torch.save(model.state_dict(), out_path)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_of_batch_b_make_the_same_update_as_one_rank_of_2b(tmp_path):
+    data = torch.randint(0, 20, (1000,))
+    x, y = get_batch(data, 8, 16, generator=torch.Generator().manual_seed(0))
+    out_path = str(tmp_path / "ddp_state.pt")
+    mp.spawn(one_ddp_step, args=(2, free_port(), x, y, out_path), nprocs=2)
+    ddp_state = torch.load(out_path, weights_only=True)
+
+    model = tiny_model().train()
+    config = Config(grad_clip=1.0, learning_rate=1e-2)
+    optimizer = train.make_optimizer(model, config)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train.train_step(model, model, optimizer, scaler, [(x, y)], config, "cpu", "float32")
+    for name, value in model.state_dict().items():
+        assert torch.allclose(value, ddp_state[name], atol=1e-6), name
