@@ -16,6 +16,8 @@ class Config:
     # data and files
     data: str = "data/input.txt"       # UTF-8 text to train on (Tiny Shakespeare is fetched if missing)
     checkpoint: str = "ckpt.pt"        # where the model is saved (atomically, at each eval and at the end)
+    tokenizer: str = "char"            # char (one token per character) or bpe (byte-level BPE)
+    vocab_size: int = 1024             # BPE only: tokens in the vocabulary, at least 256
     # model (the brief's defaults: 10,788,929 parameters with the 65-char vocabulary)
     n_embd: int = 384                  # width of the residual stream
     n_layer: int = 6                   # number of Transformer blocks
@@ -97,6 +99,11 @@ def check_config(config):
         raise UsageError(f"--dropout must be in [0, 1), got {config.dropout}")
     if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {config.dtype!r}")
+    if config.tokenizer not in ("char", "bpe"):
+        raise UsageError(f"--tokenizer must be char or bpe, got {config.tokenizer!r}")
+    if config.tokenizer == "bpe" and config.vocab_size < 256:
+        raise UsageError(f"--vocab_size must be at least 256 for BPE (the byte tokens), "
+                         f"got {config.vocab_size}")
     if config.compile not in ("auto", "true", "false"):
         raise UsageError(f"--compile must be auto, true or false, got {config.compile!r}")
 

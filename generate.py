@@ -15,7 +15,8 @@ import torch
 
 from config import ArgumentParser
 from model import GPTModel
-from utils import CharTokenizer, UsageError, autocast, load_checkpoint, pick_device
+from utils import (UsageError, autocast, load_checkpoint, pick_device, start_tokens,
+                   tokenizer_from_dict)
 
 RULE = "=" * 60
 
@@ -58,7 +59,7 @@ def load_model(path, device):
     except RuntimeError:
         raise UsageError(f"{path}: the weights do not match the model_args stored with them; "
                          f"the checkpoint is damaged or from another program")
-    tokenizer = CharTokenizer.from_dict(checkpoint["tokenizer"])
+    tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     return model.to(device).eval(), tokenizer
 
 
@@ -70,8 +71,11 @@ def stream_text(model, tokenizer, prompt_ids, args, device):
         for token in model.stream(idx, args.max_new_tokens, **sampling_options(args)):
             new_tokens.append(token.item())
             text = tokenizer.decode(new_tokens)
+            if text.endswith("\ufffd"):  # BPE: a character cut between tokens; wait for the rest
+                continue
             yield text[len(shown):]
             shown = text
+    yield tokenizer.decode(new_tokens)[len(shown):]
 
 
 def generate_batch(model, tokenizer, prompt_ids, args, device):
@@ -88,8 +92,7 @@ def sampling_options(args):
 
 
 def prompt_ids_for(prompt, tokenizer):
-    # An empty prompt starts from a newline, as a text file would (or token 0 if no newline).
-    return tokenizer.encode(prompt or ("\n" if "\n" in tokenizer.stoi else tokenizer.chars[0]))
+    return tokenizer.encode(prompt) if prompt else start_tokens(tokenizer)
 
 
 def print_completion(model, tokenizer, prompt, args, device):

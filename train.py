@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from config import parse_config
 from model import GPTModel
-from utils import (CharTokenizer, UsageError, autocast, get_batch, load_checkpoint, pick_device,
-                   pick_dtype, read_text, save_checkpoint, split_data)
+from utils import (UsageError, autocast, bits_per_char, get_batch, load_checkpoint, pick_device,
+                   pick_dtype, read_text, save_checkpoint, start_tokens, tokenize)
 
 # Dense peak FLOP/s of known GPUs for MFU: (bf16/fp16 tensor cores, float32 via TF32).
 GPU_PEAK_FLOPS = {
@@ -57,13 +57,15 @@ def main(argv=None):
 
     log("Loading data...")
     text = read_text(config.data)
-    tokenizer = CharTokenizer.from_text(text)
-    data = torch.tensor(tokenizer.encode(text), dtype=torch.long, device=device)
-    train_data, val_data = split_data(data)
-    if len(train_data) <= config.block_size or len(val_data) < 2:
+    tokenizer, train_ids, val_ids = tokenize(text, config.tokenizer, config.vocab_size,
+                                             cache_dir=os.path.dirname(config.data))
+    if len(train_ids) <= config.block_size or len(val_ids) < 2:
         raise UsageError(f"{config.data} has {len(text)} characters, too few for block_size "
                          f"{config.block_size}: need at least {math.ceil((config.block_size + 2) / 0.9)}; "
                          f"use a longer text or a smaller --block_size")
+    train_data = torch.tensor(train_ids, dtype=torch.long, device=device)
+    val_data = torch.tensor(val_ids, dtype=torch.long, device=device)
+    val_chars = len(tokenizer.decode(val_ids[1:]))  # the characters the val predictions cover
     log(f"Dataset length: {len(text)} characters")
     log(f"Vocabulary size: {tokenizer.vocab_size}")
 
@@ -104,17 +106,20 @@ def main(argv=None):
         is_eval_step = step % config.eval_interval == 0 or step == config.max_iters
         if is_master and (is_eval_step or stop_requested()) and not (config.resume and step == start_step):
             train_loss, val_loss = evaluate(model, train_data, val_data, config, device, dtype)
+            val_bpc = bits_per_char(val_loss, len(val_data) - 1, val_chars)
             elapsed = time.time() - START_TIME
-            progress.write(f"Step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
-                           f"({elapsed:.1f}s)")
+            progress.write(f"Step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                           f"val bpc {val_bpc:.4f} ({elapsed:.1f}s)")
             if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
                 stop_on_nan(progress, config.checkpoint)
-            record(dict(step=step, train_loss=train_loss, val_loss=val_loss, elapsed=elapsed))
+            record(dict(step=step, train_loss=train_loss, val_loss=val_loss, val_bpc=val_bpc,
+                        elapsed=elapsed))
             if step > 0:
                 save_checkpoint(dict(model=model.state_dict(), model_args=model_args,
                                      tokenizer=tokenizer.to_dict(), config=asdict(config),
                                      optimizer=optimizer.state_dict(), step=step,
-                                     val_loss=val_loss, rng=rng_state()), config.checkpoint)
+                                     val_loss=val_loss, val_bpc=val_bpc, rng=rng_state()),
+                                config.checkpoint)
             interval_start, interval_steps = time.time(), 0  # keep eval time out of tok/s
         if step == config.max_iters or stop_requested():
             break
@@ -298,8 +303,7 @@ def stop_on_nan(progress, checkpoint_path):
 
 def sample_text(model, tokenizer, n_tokens, device):
     model.eval()
-    start = tokenizer.encode("\n") if "\n" in tokenizer.stoi else [0]
-    idx = torch.tensor([start], dtype=torch.long, device=device)
+    idx = torch.tensor([start_tokens(tokenizer)], dtype=torch.long, device=device)
     return tokenizer.decode(model.generate(idx, n_tokens, temperature=0.8, top_k=200)[0].tolist())
 
 

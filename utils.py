@@ -4,9 +4,12 @@ Every mistake a user can make (a missing file, a bad flag, a prompt the model ca
 raises UsageError; the scripts print its message as one line and exit with code 2.
 """
 
+import collections
 import contextlib
 import hashlib
+import math
 import os
+import re
 import urllib.request
 
 import torch
@@ -21,10 +24,11 @@ class UsageError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizer: one token per character
+# Tokenizers. Both turn text into a list of ints and back, and travel inside the checkpoint as
+# plain data (to_dict / tokenizer_from_dict), so generate.py needs nothing else.
 
 class CharTokenizer:
-    """Vocabulary = the sorted distinct characters of the training text; token id = index."""
+    """One token per character. Vocabulary = the sorted distinct characters of the text."""
 
     def __init__(self, chars):
         self.chars = list(chars)
@@ -49,12 +53,124 @@ class CharTokenizer:
         return "".join(self.chars[i] for i in ids)
 
     def to_dict(self):
-        """Plain data for the checkpoint (loadable with weights_only=True)."""
         return {"kind": "char", "chars": "".join(self.chars)}
 
+
+class BPETokenizer:
+    """Byte-level byte-pair encoding (BPE), as GPT-2 uses.
+
+    How it works. Text is first turned into UTF-8 bytes: 256 base tokens, so any text in any
+    script (Chinese, emoji) can be encoded, and decoding gives it back exactly. Training then
+    repeats one step: find the pair of adjacent tokens that occurs most often in the training
+    text and make it a new token (b"t" + b"h" -> b"th", later b"th" + b"e" -> b"the"), until
+    the vocabulary has vocab_size tokens. Frequent words end up as a single token, rare ones
+    as a few pieces, so a token covers several characters on average. Encoding applies the
+    learned merges in the order they were learned.
+
+    Pairs are never merged across word boundaries: the text is first split into chunks (a word
+    with its leading space, a run of punctuation, a run of spaces), which keeps tokens
+    meaningful and lets each distinct chunk be counted and encoded once.
+    """
+
+    CHUNK = re.compile(r" ?[^\W\d_]+| ?\d+| ?[^\s\w]+|\s+(?!\S)|\s+")
+
+    def __init__(self, merges):
+        self.merges = [tuple(pair) for pair in merges]
+        self.rank = {pair: 256 + i for i, pair in enumerate(self.merges)}  # pair -> new token
+        self.token_bytes = [bytes([b]) for b in range(256)]
+        for left, right in self.merges:
+            self.token_bytes.append(self.token_bytes[left] + self.token_bytes[right])
+        self.cache = {}
+
     @classmethod
-    def from_dict(cls, state):
-        return cls(state["chars"])
+    def train(cls, text, vocab_size):
+        if vocab_size < 256:
+            raise UsageError(f"--vocab_size for BPE must be at least 256 (the byte tokens), "
+                             f"got {vocab_size}")
+        chunk_counts = collections.Counter(cls.CHUNK.findall(text))
+        words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
+        counts = list(chunk_counts.values())
+        pair_counts = collections.Counter()
+        words_with = collections.defaultdict(set)  # pair -> indices of words that contain it
+        for i, word in enumerate(words):
+            for pair in zip(word, word[1:]):
+                pair_counts[pair] += counts[i]
+                words_with[pair].add(i)
+        merges = []
+        for new_token in range(256, vocab_size):
+            if not pair_counts:
+                break  # every chunk is a single token already
+            best = max(pair_counts, key=pair_counts.get)
+            merges.append(best)
+            # Only the words containing `best` change: take their old pairs out of the counts,
+            # merge, and put their new pairs in.
+            for i in words_with.pop(best):
+                old = words[i]
+                for pair in zip(old, old[1:]):
+                    pair_counts[pair] -= counts[i]
+                    if pair_counts[pair] <= 0:
+                        del pair_counts[pair]
+                words[i] = merge_pair(old, best, new_token)
+                for pair in zip(words[i], words[i][1:]):
+                    pair_counts[pair] += counts[i]
+                    words_with[pair].add(i)
+        return cls(merges)
+
+    @property
+    def vocab_size(self):
+        return len(self.token_bytes)
+
+    def encode(self, text):
+        ids = []
+        for chunk in self.CHUNK.findall(text):
+            if chunk not in self.cache:
+                self.cache[chunk] = self.encode_chunk(chunk)
+            ids.extend(self.cache[chunk])
+        return ids
+
+    def encode_chunk(self, chunk):
+        tokens = list(chunk.encode("utf-8"))
+        while len(tokens) > 1:
+            # Apply the earliest-learned merge present; later merges build on earlier ones.
+            pair = min(zip(tokens, tokens[1:]), key=lambda p: self.rank.get(p, float("inf")))
+            if pair not in self.rank:
+                break
+            tokens = merge_pair(tokens, pair, self.rank[pair])
+        return tokens
+
+    def decode(self, ids):
+        # A sampled sequence can stop inside a multi-byte character: show it as U+FFFD.
+        return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")
+
+    def to_dict(self):
+        return {"kind": "bpe", "merges": [list(pair) for pair in self.merges]}
+
+
+def merge_pair(tokens, pair, new_token):
+    """tokens with every occurrence of the adjacent pair replaced by new_token."""
+    merged, i = [], 0
+    while i < len(tokens):
+        if i + 1 < len(tokens) and (tokens[i], tokens[i + 1]) == pair:
+            merged.append(new_token)
+            i += 2
+        else:
+            merged.append(tokens[i])
+            i += 1
+    return merged
+
+
+def tokenizer_from_dict(state):
+    if state["kind"] == "bpe":
+        return BPETokenizer(state["merges"])
+    return CharTokenizer(state["chars"])
+
+
+def start_tokens(tokenizer):
+    """What generation starts from when there is no prompt: a newline, as a text file would."""
+    try:
+        return tokenizer.encode("\n")
+    except UsageError:  # a character vocabulary without a newline
+        return [0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,13 +209,54 @@ def download_tiny_shakespeare(path):
         raise UsageError(f"downloaded Tiny Shakespeare has the wrong sha256; save {DATA_URL} "
                          f"as {path} by hand")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    atomic_write(path, lambda tmp: open(tmp, "wb").write(payload))
+    atomic_write(path, lambda tmp: write_bytes(tmp, payload))
+
+
+def write_bytes(path, payload):
+    with open(path, "wb") as f:
+        f.write(payload)
 
 
 def split_data(data, val_fraction=0.1):
-    """First 90% of the tokens for training, the last 10% for validation."""
+    """First 90% for training, the last 10% for validation (text or tokens)."""
     n_train = int(len(data) * (1 - val_fraction))
     return data[:n_train], data[n_train:]
+
+
+def tokenize(text, kind="char", vocab_size=1024, cache_dir=None):
+    """(tokenizer, train token ids, val token ids) for text split 90/10 by characters.
+
+    The character vocabulary comes from the whole text (the brief's 65 for Tiny Shakespeare);
+    BPE is trained on the training split only. BPE results are cached in cache_dir, keyed by
+    the text's hash, so a second run on the same text starts at once.
+    """
+    train_text, val_text = split_data(text)
+    if kind == "char":
+        tokenizer = CharTokenizer.from_text(text)
+        return tokenizer, tokenizer.encode(train_text), tokenizer.encode(val_text)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    cache_path = os.path.join(cache_dir or ".", f".bpe{vocab_size}-{digest}.cache.pt")
+    if os.path.exists(cache_path):
+        cached = torch.load(cache_path, weights_only=True)
+        return (tokenizer_from_dict(cached["tokenizer"]), cached["train"].tolist(),
+                cached["val"].tolist())
+    tokenizer = BPETokenizer.train(train_text, vocab_size)
+    train_ids, val_ids = tokenizer.encode(train_text), tokenizer.encode(val_text)
+    if tokenizer.decode(train_ids) != train_text or tokenizer.decode(val_ids) != val_text:
+        raise UsageError("the BPE tokenizer does not round-trip this text; please report it")
+    cached = dict(tokenizer=tokenizer.to_dict(), train=torch.tensor(train_ids),
+                  val=torch.tensor(val_ids))
+    try:
+        atomic_write(cache_path, lambda tmp: torch.save(cached, tmp))
+    except OSError:
+        pass  # a read-only data folder: it just will not be faster next time
+    return tokenizer, train_ids, val_ids
+
+
+def bits_per_char(mean_loss, n_tokens, n_chars):
+    """Turn a mean loss in nats per token into bits per character, comparable across
+    tokenizers: total nats = mean_loss * n_tokens; / n_chars; / ln 2 for bits."""
+    return mean_loss * n_tokens / n_chars / math.log(2)
 
 
 def get_batch(data, batch_size, block_size, generator=None):

@@ -39,3 +39,15 @@ def test_greedy_is_the_same_with_and_without_cache_through_generate_py():
                                                                      max_new_tokens=15), "cpu")
               for flag in (False, True)]
     assert greedy[0] == greedy[1]
+
+
+def test_streamed_bpe_text_equals_returned_text_even_mid_character():
+    from utils import BPETokenizer
+    tokenizer = BPETokenizer.train("床前明月光，疑是地上霜。" * 5, vocab_size=270)
+    model = tiny_model(vocab_size=tokenizer.vocab_size)  # random weights: random bytes too
+    args = options(max_new_tokens=40)
+    torch.manual_seed(1)
+    pieces = list(generate.stream_text(model, tokenizer, tokenizer.encode("床"), args, "cpu"))
+    torch.manual_seed(1)
+    [returned] = generate.generate_batch(model, tokenizer, tokenizer.encode("床"), args, "cpu")
+    assert "".join(pieces) == returned

@@ -9,14 +9,14 @@ import torch
 
 import utils
 from utils import (CharTokenizer, UsageError, atomic_write, get_batch, load_checkpoint,
-                   pick_device, read_text, save_checkpoint, split_data)
+                   pick_device, read_text, save_checkpoint, split_data, tokenizer_from_dict)
 
 
 def test_char_tokenizer_round_trip_and_sorted_vocab():
     tok = CharTokenizer.from_text("hello world")
     assert tok.chars == sorted(set("hello world"))
     assert tok.decode(tok.encode("low word")) == "low word"
-    assert CharTokenizer.from_dict(tok.to_dict()).encode("hello") == tok.encode("hello")
+    assert tokenizer_from_dict(tok.to_dict()).encode("hello") == tok.encode("hello")
 
 
 def test_unknown_characters_are_named():
