@@ -105,3 +105,26 @@ def test_autocast_runs_on_cpu(dtype):
 
 def test_mfu_only_for_known_gpus():
     assert train.gpu_peak_flops("cpu", "bfloat16") is None
+
+
+def test_float16_with_loss_scaling_trains():
+    # The path older GPUs take (no bf16): fp16 autocast + GradScaler; it runs on the CPU too.
+    data = torch.randint(0, 20, (500,))
+    model, config, optimizer, _ = make_step_parts(grad_clip=1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(3):
+        batch = get_batch(data, 8, 16)
+        loss = train.train_step(model, model, optimizer, scaler, [batch], config, "cpu", "float16")
+    assert math.isfinite(loss.item())
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_mfu_peak_matches_the_gpu_in_use(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert train.gpu_peak_flops("cuda", "bfloat16") == 989e12
+    assert train.gpu_peak_flops("cuda", "float32") == 495e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert train.gpu_peak_flops("cuda:0", "bfloat16") == 756e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Mystery GPU")
+    assert train.gpu_peak_flops("cuda", "bfloat16") is None
