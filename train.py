@@ -41,7 +41,7 @@ GPU_PEAK_FLOPS = {
 
 
 def main(argv=None):
-    config, preset = parse_config(argv)
+    config, _ = parse_config(argv)
     rank, local_rank, world_size = start_distributed(config.device)  # (0, 0, 1) without torchrun
     is_master = rank == 0  # only rank 0 prints, evaluates and saves
     log = print if is_master else (lambda *args, **kwargs: None)
@@ -57,15 +57,8 @@ def main(argv=None):
 
     log("Loading data...")
     text = read_text(config.data)
-    tokenizer, train_ids, val_ids = tokenize(text, config.tokenizer, config.vocab_size,
-                                             cache_dir=os.path.dirname(config.data))
-    if len(train_ids) <= config.block_size or len(val_ids) < 2:
-        raise UsageError(f"{config.data} has {len(text)} characters, too few for block_size "
-                         f"{config.block_size}: need at least {math.ceil((config.block_size + 2) / 0.9)}; "
-                         f"use a longer text or a smaller --block_size")
-    train_data = torch.tensor(train_ids, dtype=torch.long, device=device)
-    val_data = torch.tensor(val_ids, dtype=torch.long, device=device)
-    val_chars = len(tokenizer.decode(val_ids[1:]))  # the characters the val predictions cover
+    tokenizer, train_data, val_data = load_tokens(text, config, device)
+    val_chars = len(tokenizer.decode(val_data[1:].tolist()))  # what the val predictions cover
     log(f"Dataset length: {len(text)} characters")
     log(f"Vocabulary size: {tokenizer.vocab_size}")
 
@@ -84,10 +77,11 @@ def main(argv=None):
     optimizer = make_optimizer(model, config)
     start_step, val_loss = 0, float("nan")
     if config.resume:
-        start_step, val_loss = resume(model, optimizer, config, model_args, tokenizer, device)
+        resume_path = config.checkpoint if config.resume == "true" else config.resume
+        start_step, val_loss = resume(resume_path, model, optimizer, model_args, tokenizer, device)
         if rank > 0:  # the checkpoint holds rank 0's random state; keep the ranks apart
             torch.manual_seed(config.seed + rank + start_step)
-        log(f"Resuming from step {start_step} of {config.checkpoint}")
+        log(f"Resuming from step {start_step} of {resume_path}")
     train_model = maybe_compile(model, config.compile, device)
     if world_size > 1:  # DDP: averages the gradients of all ranks during backward
         train_model = DistributedDataParallel(
@@ -103,8 +97,10 @@ def main(argv=None):
                     file=sys.stdout, disable=not is_master)
     interval_start, interval_steps = time.time(), 0
     for step in range(start_step, config.max_iters + 1):
-        is_eval_step = step % config.eval_interval == 0 or step == config.max_iters
-        if is_master and (is_eval_step or stop_requested()) and not (config.resume and step == start_step):
+        is_eval_step = (step % config.eval_interval == 0 or step == config.max_iters
+                        or stop_requested())
+        just_resumed = bool(config.resume) and step == start_step  # evaluated before that save
+        if is_master and is_eval_step and not just_resumed:
             train_loss, val_loss = evaluate(model, train_data, val_data, config, device, dtype)
             val_bpc = bits_per_char(val_loss, len(val_data) - 1, val_chars)
             elapsed = time.time() - START_TIME
@@ -148,7 +144,9 @@ def main(argv=None):
     progress.close()
 
     if is_master:
-        if stop_requested():
+        if stop_requested() and step == 0:
+            print("Stopped before the first step; no checkpoint saved")
+        elif stop_requested():
             print(f"Stopped at step {step}; checkpoint saved to {config.checkpoint}")
         else:
             print(f"Saved checkpoint to {config.checkpoint} (val loss {val_loss:.4f})")
@@ -158,6 +156,18 @@ def main(argv=None):
             record(dict(step=step, sample=sample))
     if world_size > 1:
         torch.distributed.destroy_process_group()
+
+
+def load_tokens(text, config, device):
+    """(tokenizer, train tokens, val tokens): 1-D tensors on the device, sampled there."""
+    tokenizer, train_ids, val_ids = tokenize(text, config.tokenizer, config.vocab_size,
+                                             cache_dir=os.path.dirname(config.data))
+    if len(train_ids) <= config.block_size or len(val_ids) < 2:
+        raise UsageError(f"{config.data} has {len(text)} characters, too few for block_size "
+                         f"{config.block_size}: need at least {math.ceil((config.block_size + 2) / 0.9)}; "
+                         f"use a longer text or a smaller --block_size")
+    return (tokenizer, torch.tensor(train_ids, dtype=torch.long, device=device),
+            torch.tensor(val_ids, dtype=torch.long, device=device))
 
 
 def train_step(model, train_model, optimizer, scaler, micro_batches, config, device, dtype):
@@ -323,9 +333,8 @@ def start_distributed(device):
 # ---------------------------------------------------------------------------------------------
 # Exact resume: weights, optimizer, step and the random state that picks batches and dropout
 
-def resume(model, optimizer, config, model_args, tokenizer, device):
-    """Load config.checkpoint (or the --resume path) into model and optimizer: (step, val loss)."""
-    path = config.checkpoint if config.resume == "true" else config.resume
+def resume(path, model, optimizer, model_args, tokenizer, device):
+    """Load a checkpoint into model and optimizer, and restore the random state: (step, val loss)."""
     checkpoint = load_checkpoint(path, device)
     shape = ("vocab_size", "n_embd", "n_layer", "n_head", "block_size")
     saved_shape = {k: checkpoint["model_args"].get(k) for k in shape}
