@@ -134,6 +134,7 @@ class Block(nn.Module):
 
 
 class GPTModel(nn.Module):
+    """Token ids in, next-token logits out: the tree in this file's docstring, top to bottom."""
 
     def __init__(self, vocab_size, n_embd=384, n_layer=6, n_head=6, block_size=256,
                  dropout=0.2, flash=True):
@@ -182,10 +183,11 @@ class GPTModel(nn.Module):
         return logits, loss
 
     def new_cache(self, batch_size):
-        first_param = self.lm_head.weight
-        head_size = first_param.size(1) // self.n_head
+        """An empty KVCache on the model's device, for batch_size sequences."""
+        weight = self.lm_head.weight  # (V, C): tells the width, device and dtype
+        head_size = weight.size(1) // self.n_head
         return KVCache(len(self.blocks), batch_size, self.n_head, self.block_size, head_size,
-                       first_param.device, first_param.dtype)
+                       weight.device, weight.dtype)
 
     @torch.no_grad()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
