@@ -19,7 +19,7 @@ from tqdm import tqdm
 import train
 from config import ArgumentParser, Config
 from model import GPTModel
-from utils import UsageError, autocast, get_batch, pick_device, pick_dtype
+from utils import autocast, get_batch, pick_device, pick_dtype, run_main
 
 VOCAB_SIZE = 65  # Tiny Shakespeare's
 
@@ -123,8 +123,4 @@ def print_table(rows):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

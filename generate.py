@@ -9,14 +9,13 @@ Text is printed as it is generated. A KV cache (model.py) makes each new token c
 position instead of the whole context; --no_cache runs the plain re-run-everything loop.
 """
 
-import sys
 
 import torch
 
 from config import ArgumentParser
 from model import GPTModel
-from utils import (UsageError, autocast, load_checkpoint, pick_device, start_tokens,
-                   tokenizer_from_dict)
+from utils import (UsageError, autocast, load_checkpoint, pick_device, run_main,
+                   start_tokens, tokenizer_from_dict)
 
 RULE = "=" * 60
 
@@ -144,11 +143,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print()
-        sys.exit(130)
+    run_main(main)

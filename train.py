@@ -30,7 +30,7 @@ from tqdm import tqdm
 from config import parse_config
 from model import GPTModel
 from utils import (UsageError, autocast, bits_per_char, get_batch, load_checkpoint, pick_device,
-                   pick_dtype, read_text, save_checkpoint, start_tokens, tokenize)
+                   pick_dtype, read_text, run_main, save_checkpoint, start_tokens, tokenize)
 
 # Dense peak FLOP/s of known GPUs for MFU: (bf16/fp16 tensor cores, float32 via TF32).
 GPU_PEAK_FLOPS = {
@@ -436,8 +436,4 @@ def plot_losses(jsonl_path, png_path):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

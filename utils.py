@@ -10,6 +10,7 @@ import hashlib
 import math
 import os
 import re
+import sys
 import urllib.request
 
 import torch
@@ -21,6 +22,19 @@ DEFAULT_DATA = os.path.join("data", "input.txt")
 
 class UsageError(Exception):
     """A problem with the user's input; the message says what is wrong and how to fix it."""
+
+
+def run_main(main):
+    """Run a script's main(): a UsageError becomes one line on stderr and exit code 2, and
+    Ctrl-C (one that main does not handle itself) exits with 130, without a traceback."""
+    try:
+        main()
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)
 
 
 # ---------------------------------------------------------------------------------------------

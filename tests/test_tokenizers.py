@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_FLAGS, TINY_TEXT, run_script
-from utils import (BPETokenizer, CharTokenizer, bits_per_char, merge_pair, tokenize,
-                   tokenizer_from_dict)
+from utils import BPETokenizer, bits_per_char, merge_pair, tokenize, tokenizer_from_dict
 
 MIXED = "ROMEO: café, naïve — 床前明月光，疑是地上霜。 Emoji 🙂👍🏽 and tabs\tend\n"
 # A tiny Chinese text written for these tests (Li Bai's "Quiet Night Thought", public domain).
