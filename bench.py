@@ -19,7 +19,7 @@ from tqdm import tqdm
 import train
 from config import ArgumentParser, Config
 from model import GPTModel
-from utils import autocast, get_batch, pick_device, pick_dtype, run_main
+from utils import get_batch, pick_device, pick_dtype, run_main
 
 VOCAB_SIZE = 65  # Tiny Shakespeare's
 
@@ -54,18 +54,17 @@ def train_speed(device, fast, steps, warmup_steps, batch_size):
 
 def generate_speed(device, use_cache, n_tokens):
     """(tokens/s, peak MiB) of generating n_tokens, batch 1, from a one-character prompt."""
-    model = GPTModel(VOCAB_SIZE).to(device).eval()
+    dtype = pick_dtype("auto", device)  # the weights' format, as generate.py's default
+    model = GPTModel(VOCAB_SIZE).to(device=device, dtype=getattr(torch, dtype)).eval()
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
-    dtype = "bfloat16" if device.startswith("cuda") else "float32"  # as generate.py
-    with autocast(device, dtype):
-        model.generate(prompt, 10, use_cache=use_cache)  # warm-up
-        synchronize(device)
-        start = time.time()
-        stream = model.stream(prompt, n_tokens, use_cache=use_cache)
-        for _ in tqdm(stream, total=n_tokens, desc=f"generate ({'cache' if use_cache else 'no cache'})",
-                      file=sys.stdout):
-            pass
-        synchronize(device)
+    model.generate(prompt, 10, use_cache=use_cache)  # warm-up
+    synchronize(device)
+    start = time.time()
+    stream = model.stream(prompt, n_tokens, use_cache=use_cache)
+    for _ in tqdm(stream, total=n_tokens, file=sys.stdout,
+                  desc=f"generate ({'cache' if use_cache else 'no cache'}, {dtype})"):
+        pass
+    synchronize(device)
     return n_tokens / (time.time() - start), peak_mib(device)
 
 

@@ -14,8 +14,8 @@ import torch
 
 from config import ArgumentParser
 from model import GPTModel
-from utils import (UsageError, autocast, load_checkpoint, pick_device, run_main,
-                   start_tokens, tokenizer_from_dict)
+from utils import (UsageError, load_checkpoint, pick_device, pick_dtype, run_main, start_tokens,
+                   tokenizer_from_dict)
 
 RULE = "=" * 60
 
@@ -31,6 +31,10 @@ def parse_args(argv=None):
                         help="nucleus: sample among the likeliest tokens covering this probability")
     parser.add_argument("--checkpoint", default="ckpt.pt", help="checkpoint saved by train.py")
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    parser.add_argument("--dtype", default="auto",
+                        choices=["auto", "float32", "bfloat16", "float16"],
+                        help="number format of the weights while sampling; auto = bfloat16 on "
+                             "GPUs and on CPUs with native bf16, else float32")
     parser.add_argument("--seed", type=int, default=1337, help="same seed, same text")
     parser.add_argument("--num_samples", type=int, default=1, help="independent samples, batched")
     parser.add_argument("--no_cache", action="store_true", help="re-run the whole context per token")
@@ -49,7 +53,7 @@ def parse_args(argv=None):
     return args
 
 
-def load_model(path, device):
+def load_model(path, device, dtype="float32"):
     """(model in eval mode on device, tokenizer) from a checkpoint written by train.py."""
     checkpoint = load_checkpoint(path, device)
     model = GPTModel(**checkpoint["model_args"])
@@ -59,29 +63,28 @@ def load_model(path, device):
         raise UsageError(f"{path}: the weights do not match the model_args stored with them; "
                          f"the checkpoint is damaged or from another program")
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
-    return model.to(device).eval(), tokenizer
+    # Sampling reads every weight once per token, so 16-bit weights halve the bytes to move.
+    return model.to(device=device, dtype=getattr(torch, dtype)).eval(), tokenizer
 
 
 def stream_text(model, tokenizer, prompt_ids, args, device):
     """Yield the generated text piece by piece; the pieces join to the full decoded sample."""
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     new_tokens, shown = [], ""
-    with autocast(device, "bfloat16" if device.startswith("cuda") else "float32"):
-        for token in model.stream(idx, args.max_new_tokens, **sampling_options(args)):
-            new_tokens.append(token.item())
-            text = tokenizer.decode(new_tokens)
-            if text.endswith("\ufffd"):  # BPE: a character cut between tokens; wait for the rest
-                continue
-            yield text[len(shown):]
-            shown = text
+    for token in model.stream(idx, args.max_new_tokens, **sampling_options(args)):
+        new_tokens.append(token.item())
+        text = tokenizer.decode(new_tokens)
+        if text.endswith("\ufffd"):  # BPE: a character cut between tokens; wait for the rest
+            continue
+        yield text[len(shown):]
+        shown = text
     yield tokenizer.decode(new_tokens)[len(shown):]
 
 
 def generate_batch(model, tokenizer, prompt_ids, args, device):
     """num_samples continuations of the same prompt in one batched pass: a list of strings."""
     idx = torch.tensor([prompt_ids] * args.num_samples, dtype=torch.long, device=device)
-    with autocast(device, "bfloat16" if device.startswith("cuda") else "float32"):
-        tokens = model.generate(idx, args.max_new_tokens, **sampling_options(args))
+    tokens = model.generate(idx, args.max_new_tokens, **sampling_options(args))
     return [tokenizer.decode(row.tolist()) for row in tokens[:, len(prompt_ids):]]
 
 
@@ -110,7 +113,7 @@ def print_completion(model, tokenizer, prompt, args, device):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    model, tokenizer = load_model(args.checkpoint, device)
+    model, tokenizer = load_model(args.checkpoint, device, pick_dtype(args.dtype, device))
     torch.manual_seed(args.seed)
 
     if args.interactive:

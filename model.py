@@ -189,7 +189,7 @@ class GPTModel(nn.Module):
         return KVCache(len(self.blocks), batch_size, self.n_head, self.block_size, head_size,
                        weight.device, weight.dtype)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping while sampling
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                use_cache=True, generator=None):
         """Yield the next token ids, (B,), one step at a time, continuing idx (B, T).

@@ -70,6 +70,15 @@ def test_generate_past_block_size_and_seed_repeatable(trained):
     assert first.stdout == second.stdout  # block_size is 32: 100 tokens slide the window
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_generate_with_16_or_32_bit_weights(trained, dtype):
+    _, ckpt, _ = trained
+    result = run_script("generate.py", "--checkpoint", ckpt, "--max_new_tokens", "40",
+                        "--device", "cpu", "--dtype", dtype, "--prompt", "ROMEO:")
+    assert result.returncode == 0, result.stderr
+    assert "\nROMEO:" in result.stdout.split("=" * 60)[-1]
+
+
 def test_generate_several_samples(trained):
     _, ckpt, _ = trained
     result = run_script("generate.py", "--checkpoint", ckpt, "--num_samples", "3",
@@ -106,6 +115,7 @@ def expect_usage_error(result, message):
     (["--device", "cuda"], "no CUDA GPU"),
     (["--nope"], "unrecognized arguments"),
     (["--top_k", "many"], "invalid int value"),
+    (["--dtype", "int4"], "invalid choice"),
 ])
 def test_generate_bad_input(trained, args, message):
     _, ckpt, _ = trained
