@@ -72,8 +72,8 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, -1).transpose(1, 2)
 
         if layer_cache is not None:
-            # Store this step's keys/values at positions start..start+T-1, then attend to
-            # every filled position; the mask below hides the slots not yet filled.
+            # Store this step's keys/values at positions start..start+T-1, then attend to all
+            # filled positions 0..start+T-1 (the empty slots after them are sliced off).
             cached_keys, cached_values = layer_cache
             cached_keys[:, :, start:start + T] = k
             cached_values[:, :, start:start + T] = v
