@@ -6,6 +6,8 @@ applied first, so `--preset cpu --max_iters 500` means "the CPU recipe, but 500 
 """
 
 import argparse
+import inspect
+import re
 from dataclasses import asdict, dataclass, fields
 
 from utils import UsageError
@@ -73,6 +75,7 @@ def parse_config(argv=None, prog="train.py"):
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="named set of overrides")
     defaults = Config()
+    comments = field_comments()
     for field in fields(Config):
         kind = parse_bool if field.type in (bool, "bool") else _TYPES[field.type]
         # default=SUPPRESS: a flag the user did not give stays absent, so a preset is not undone.
@@ -83,7 +86,8 @@ def parse_config(argv=None, prog="train.py"):
             bare = dict(nargs="?", const="true")
         parser.add_argument(f"--{field.name}", type=kind, default=argparse.SUPPRESS,
                             metavar=field.name.upper(), **bare,
-                            help=f"(default: {getattr(defaults, field.name)!r})")
+                            help=f"{comments.get(field.name, '')} "
+                                 f"(default: {getattr(defaults, field.name)!r})")
     given = vars(parser.parse_args(argv))
     preset = given.pop("preset", None)
     overrides = {**PRESETS.get(preset, {}), **given}
@@ -111,6 +115,12 @@ def check_config(config):
                          f"got {config.vocab_size}")
     if config.compile not in ("auto", "true", "false"):
         raise UsageError(f"--compile must be auto, true or false, got {config.compile!r}")
+
+
+def field_comments():
+    """The comment after each field of Config above, so that --help says what the field means."""
+    source = inspect.getsource(Config)
+    return dict(re.findall(r"^\s+(\w+): \w+ = .*?# (.*)$", source, flags=re.MULTILINE))
 
 
 def next_divisor(n, start):

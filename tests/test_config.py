@@ -2,7 +2,7 @@
 
 import pytest
 
-from config import PRESETS, Config, parse_config
+from config import PRESETS, Config, field_comments, parse_config
 from utils import UsageError
 
 
@@ -28,6 +28,8 @@ def test_every_field_is_a_flag(capsys):
     help_text = capsys.readouterr().out
     for name in Config.__dataclass_fields__:
         assert f"--{name}" in help_text
+    assert field_comments().keys() == Config.__dataclass_fields__.keys()  # each has its why
+    assert "width of the residual stream" in help_text
 
 
 def test_preset_then_overrides():
