@@ -82,6 +82,18 @@ def test_non_utf8_data_file(tmp_path):
         read_text(str(tmp_path / "latin1.txt"))
 
 
+def test_unreadable_data_file(tmp_path, monkeypatch):
+    path = tmp_path / "locked.txt"
+    path.write_text("secret")
+
+    def no_permission(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("builtins.open", no_permission)  # root can read any file, so pretend
+    with pytest.raises(UsageError, match="permission denied"):
+        read_text(str(path))
+
+
 def test_data_path_is_a_directory(tmp_path):
     with pytest.raises(UsageError, match="directory"):
         read_text(str(tmp_path))
