@@ -9,7 +9,6 @@ Text is printed as it is generated. A KV cache (model.py) makes each new token c
 position instead of the whole context; --no_cache runs the plain re-run-everything loop.
 """
 
-
 import torch
 
 from config import ArgumentParser
