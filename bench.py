@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 import train
 from config import ArgumentParser, Config
+from generate import quantize_int8
 from model import GPTModel
 from utils import get_batch, pick_device, pick_dtype, run_main
 
@@ -52,10 +53,15 @@ def train_speed(device, fast, steps, warmup_steps, batch_size):
     return steps * config.batch_size * config.block_size / (time.time() - start), peak_mib(device)
 
 
-def generate_speed(device, use_cache, n_tokens):
+def generate_speed(device, use_cache, n_tokens, dtype):
     """(tokens/s, peak MiB) of generating n_tokens, batch 1, from a one-character prompt."""
-    dtype = pick_dtype("auto", device)  # the weights' format, as generate.py's default
-    model = GPTModel(VOCAB_SIZE).to(device=device, dtype=getattr(torch, dtype)).eval()
+    dtype = pick_dtype(dtype, device)
+    model = GPTModel(VOCAB_SIZE)
+    if dtype == "int8":
+        model = quantize_int8(model, device)
+    else:
+        model = model.to(device=device, dtype=getattr(torch, dtype))
+    model.eval()
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
     model.generate(prompt, 10, use_cache=use_cache)  # warm-up
     synchronize(device)
@@ -93,6 +99,8 @@ def main(argv=None):
                         help="timed training steps (default: 20 on a GPU, 3 on a CPU)")
     parser.add_argument("--batch_size", type=int, default=64, help="training batch size")
     parser.add_argument("--tokens", type=int, default=1000, help="tokens to generate")
+    parser.add_argument("--dtype", default="auto", help="generate: the weights' number format, "
+                        "as generate.py's --dtype (auto, float32, bfloat16, float16, int8)")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})"
@@ -108,8 +116,8 @@ def main(argv=None):
         print(f"train: fast {fast[0]:,.0f} tok/s, reference {reference[0]:,.0f} tok/s, "
               f"speedup {fast[0] / reference[0]:.2f}x")
     else:
-        cache = in_fresh_process(generate_speed, device, True, args.tokens)
-        no_cache = in_fresh_process(generate_speed, device, False, args.tokens)
+        cache = in_fresh_process(generate_speed, device, True, args.tokens, args.dtype)
+        no_cache = in_fresh_process(generate_speed, device, False, args.tokens, args.dtype)
         print_table([("cache", *cache), ("no-cache", *no_cache)])
         print(f"generate: cache {cache[0]:,.0f} tok/s, no-cache {no_cache[0]:,.0f} tok/s, "
               f"speedup {cache[0] / no_cache[0]:.2f}x")

@@ -184,7 +184,7 @@ class GPTModel(nn.Module):
 
     def new_cache(self, batch_size):
         """An empty KVCache on the model's device, for batch_size sequences."""
-        weight = self.lm_head.weight  # (V, C): tells the width, device and dtype
+        weight = self.tok_emb.weight  # (V, C): tells the width, device and dtype
         head_size = weight.size(1) // self.n_head
         return KVCache(len(self.blocks), batch_size, self.n_head, self.block_size, head_size,
                        weight.device, weight.dtype)

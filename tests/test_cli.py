@@ -70,7 +70,7 @@ def test_generate_past_block_size_and_seed_repeatable(trained):
     assert first.stdout == second.stdout  # block_size is 32: 100 tokens slide the window
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_generate_with_16_or_32_bit_weights(trained, dtype):
     _, ckpt, _ = trained
     result = run_script("generate.py", "--checkpoint", ckpt, "--max_new_tokens", "40",

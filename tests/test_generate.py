@@ -2,11 +2,12 @@
 
 import argparse
 
+import pytest
 import torch
 
 import generate
 from conftest import tiny_model
-from utils import CharTokenizer
+from utils import CharTokenizer, UsageError
 
 
 def options(**overrides):
@@ -24,6 +25,16 @@ def test_streamed_text_equals_returned_text():
         torch.manual_seed(5)
         [returned] = generate.generate_batch(model, tokenizer, [0], args, "cpu")
         assert streamed == returned and len(streamed) == 50
+
+
+def test_int8_weights_only_on_the_cpu_and_close_to_float32():
+    with pytest.raises(UsageError, match="CPU only"):
+        generate.quantize_int8(tiny_model(), "cuda")
+    model = tiny_model()
+    idx = torch.randint(0, 20, (2, 16))
+    float_logits, _ = model(idx)
+    int8_logits, _ = generate.quantize_int8(tiny_model(), "cpu")(idx)
+    assert 0 < (int8_logits - float_logits).abs().max().item() < 0.05
 
 
 def test_num_samples_gives_different_samples():
