@@ -10,7 +10,10 @@ import time
 import pytest
 import torch
 
+import generate
+import train
 from conftest import ROOT, TINY_FLAGS, TINY_TEXT, run_script
+from utils import run_main
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +109,16 @@ def expect_usage_error(result, message):
     assert result.stderr.strip().count("\n") == 0  # one line
 
 
+def expect_usage_error_in_process(main, args, message, capsys):
+    """As expect_usage_error, through the same run_main() the scripts use, without paying for a
+    new Python process per case."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: main([str(a) for a in args]))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert message in err and err.strip().count("\n") == 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--top_k", "0"], "--top_k must be at least 1"),
@@ -117,11 +130,17 @@ def expect_usage_error(result, message):
     (["--top_k", "many"], "invalid int value"),
     (["--dtype", "int4"], "invalid choice"),
 ])
-def test_generate_bad_input(trained, args, message):
+def test_generate_bad_input(trained, args, message, capsys):
     _, ckpt, _ = trained
     if args[0] == "--device" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    expect_usage_error(run_script("generate.py", "--checkpoint", ckpt, *args), message)
+    expect_usage_error_in_process(generate.main, ["--checkpoint", ckpt, *args], message, capsys)
+
+
+def test_generate_bad_input_in_a_real_process(trained):
+    _, ckpt, _ = trained
+    expect_usage_error(run_script("generate.py", "--checkpoint", ckpt, "--temperature", "-1"),
+                       "--temperature must be >= 0")
 
 
 def test_generate_bad_checkpoints(tmp_path):
@@ -142,13 +161,13 @@ def test_generate_bad_checkpoints(tmp_path):
     (lambda p: p.write_text("x" * 500), ["--max_iters", "ten"], "invalid int value"),
     (lambda p: p.write_text("x" * 500), ["--colour", "red"], "unrecognized arguments"),
 ])
-def test_train_bad_input(tmp_path, make_data, args, message):
+def test_train_bad_input(tmp_path, make_data, args, message, capsys):
     data = tmp_path / "data.txt"
     if make_data:
         make_data(data)
-    result = run_script("train.py", "--data", data, "--checkpoint", tmp_path / "c.pt",
-                        "--device", "cpu", *args)
-    expect_usage_error(result, message)
+    expect_usage_error_in_process(
+        train.main, ["--data", data, "--checkpoint", tmp_path / "c.pt", "--device", "cpu", *args],
+        message, capsys)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data):
