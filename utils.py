@@ -251,9 +251,13 @@ def tokenize(text, kind="char", vocab_size=1024, cache_dir=None):
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
     cache_path = os.path.join(cache_dir or ".", f".bpe{vocab_size}-{digest}.cache.pt")
     if os.path.exists(cache_path):
-        cached = torch.load(cache_path, weights_only=True)
-        return (tokenizer_from_dict(cached["tokenizer"]), cached["train"].tolist(),
-                cached["val"].tolist())
+        try:
+            cached = torch.load(cache_path, weights_only=True)
+            return (tokenizer_from_dict(cached["tokenizer"]), cached["train"].tolist(),
+                    cached["val"].tolist())
+        except Exception:
+            pass  # a damaged cache file: build it again below
+
     tokenizer = BPETokenizer.train(train_text, vocab_size)
     train_ids, val_ids = tokenizer.encode(train_text), tokenizer.encode(val_text)
     if tokenizer.decode(train_ids) != train_text or tokenizer.decode(val_ids) != val_text:

@@ -52,6 +52,8 @@ def test_tokenize_caches_bpe_and_trains_on_the_training_split(tmp_path):
     [cache_file] = os.listdir(tmp_path)
     again = tokenize(text, "bpe", 300, cache_dir=str(tmp_path))
     assert again[0].merges == tokenizer.merges and again[1:] == (train_ids, val_ids)
+    (tmp_path / cache_file).write_bytes(b"damaged")  # a broken cache is rebuilt, not fatal
+    assert tokenize(text, "bpe", 300, cache_dir=str(tmp_path))[1:] == (train_ids, val_ids)
 
 
 def test_char_tokenizer_handles_chinese():
