@@ -44,13 +44,15 @@ def test_bpe_stops_early_when_nothing_is_left_to_merge():
     assert tokenizer.encode("aaaa") == [tokenizer.vocab_size - 1]
 
 
-def test_tokenize_caches_bpe_and_trains_on_the_training_split(tmp_path):
+def test_tokenize_caches_bpe_and_trains_on_the_training_split(tmp_path, monkeypatch):
     text = TINY_TEXT + "zzzz qqqq xxxx"  # rare words only in the validation tail
     tokenizer, train_ids, val_ids = tokenize(text, "bpe", 300, cache_dir=str(tmp_path))
     assert tokenizer.decode(train_ids) + tokenizer.decode(val_ids) == text
     assert not any(b"zz" in piece for piece in tokenizer.token_bytes)  # never saw the val split
     [cache_file] = os.listdir(tmp_path)
-    again = tokenize(text, "bpe", 300, cache_dir=str(tmp_path))
+    with monkeypatch.context() as patch:  # the second run must not train again
+        patch.setattr(BPETokenizer, "train", lambda *args: pytest.fail("trained twice"))
+        again = tokenize(text, "bpe", 300, cache_dir=str(tmp_path))
     assert again[0].merges == tokenizer.merges and again[1:] == (train_ids, val_ids)
     (tmp_path / cache_file).write_bytes(b"damaged")  # a broken cache is rebuilt, not fatal
     assert tokenize(text, "bpe", 300, cache_dir=str(tmp_path))[1:] == (train_ids, val_ids)
