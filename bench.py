@@ -26,13 +26,14 @@ VOCAB_SIZE = 65  # Tiny Shakespeare's
 
 
 def train_speed(device, fast, steps, warmup_steps, batch_size):
-    """(tokens/s, peak MiB) of training steps: fast = bf16/fp16 autocast, SDPA attention,
-    torch.compile where train.py would use it, fused AdamW; else float32, the written-out
-    attention, eager, plain AdamW."""
-    config = Config(batch_size=batch_size, flash=fast)
+    """(tokens/s, peak MiB) of training steps: fast = what train.py picks by default (bf16/fp16
+    autocast, SDPA attention on GPUs, torch.compile on CUDA, fused AdamW); else float32, the
+    written-out attention, eager, plain AdamW."""
+    config = Config(batch_size=batch_size)
     dtype = pick_dtype("auto", device) if fast else "float32"
+    flash = train.use_flash("auto", device) if fast else False
     model = GPTModel(VOCAB_SIZE, config.n_embd, config.n_layer, config.n_head, config.block_size,
-                     config.dropout, flash=fast).to(device)
+                     config.dropout, flash=flash).to(device)
     optimizer = train.make_optimizer(model, config, fused=fast)
     train_model = train.maybe_compile(model, "auto" if fast else "false", device)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == "float16"))

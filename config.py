@@ -26,7 +26,7 @@ class Config:
     n_head: int = 6                    # attention heads per block; must divide n_embd
     block_size: int = 256              # context length in tokens
     dropout: float = 0.2               # dropout probability while training (0 = off)
-    flash: bool = True                 # F.scaled_dot_product_attention instead of the written-out math
+    flash: str = "auto"                # attention via SDPA (true) or written out (false); auto: SDPA on GPUs
     # optimisation
     batch_size: int = 64               # sequences per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches summed into one optimizer step
@@ -113,8 +113,9 @@ def check_config(config):
     if config.tokenizer == "bpe" and config.vocab_size < 256:
         raise UsageError(f"--vocab_size must be at least 256 for BPE (the byte tokens), "
                          f"got {config.vocab_size}")
-    if config.compile not in ("auto", "true", "false"):
-        raise UsageError(f"--compile must be auto, true or false, got {config.compile!r}")
+    for name in ("compile", "flash"):
+        if getattr(config, name) not in ("auto", "true", "false"):
+            raise UsageError(f"--{name} must be auto, true or false, got {getattr(config, name)!r}")
 
 
 def field_comments():

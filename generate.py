@@ -58,7 +58,8 @@ def parse_args(argv=None):
 def load_model(path, device, dtype="float32"):
     """(model in eval mode on device, tokenizer) from a checkpoint written by train.py."""
     checkpoint = load_checkpoint(path, device)
-    model = GPTModel(**checkpoint["model_args"])
+    # SDPA whatever the model trained with: for one new position at a time it is the faster path.
+    model = GPTModel(**{**checkpoint["model_args"], "flash": True})
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError:

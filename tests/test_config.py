@@ -18,7 +18,7 @@ def test_both_flag_spellings_and_types():
     config, _ = parse_config(["--n_layer", "3", "--learning_rate=3e-4", "--flash", "false",
                               "--data", "x.txt"])
     assert config.n_layer == 3 and config.learning_rate == 3e-4
-    assert config.flash is False and config.data == "x.txt"
+    assert config.flash == "false" and config.data == "x.txt"
 
 
 def test_every_field_is_a_flag(capsys):
@@ -42,7 +42,7 @@ def test_preset_then_overrides():
 @pytest.mark.parametrize("argv, message", [
     (["--n_layer", "two"], "invalid int value: 'two'"),
     (["--bogus", "1"], "unrecognized arguments: --bogus"),
-    (["--flash", "maybe"], "expected true or false"),
+    (["--wandb", "maybe"], "expected true or false"),
     (["--preset", "tpu"], "invalid choice"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, message, capsys):
@@ -58,6 +58,7 @@ def test_bad_flags_exit_2_with_one_line(argv, message, capsys):
     (["--dropout", "1.5"], "--dropout"),
     (["--batch_size", "0"], "--batch_size"),
     (["--dtype", "float8"], "--dtype"),
+    (["--flash", "maybe"], "--flash must be auto, true or false"),
 ])
 def test_bad_values_are_usage_errors(argv, message):
     with pytest.raises(UsageError, match=message):

@@ -103,6 +103,12 @@ def test_autocast_runs_on_cpu(dtype):
     assert math.isfinite(loss.item())
 
 
+def test_flash_auto_is_sdpa_on_gpus_and_written_out_on_cpus():
+    assert train.use_flash("auto", "cuda") and train.use_flash("auto", "cuda:1")
+    assert not train.use_flash("auto", "cpu")
+    assert train.use_flash("true", "cpu") and not train.use_flash("false", "cuda")
+
+
 def test_mfu_only_for_known_gpus():
     assert train.gpu_peak_flops("cpu", "bfloat16") is None
 
