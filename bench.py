@@ -110,7 +110,7 @@ def main(argv=None):
     if args.what == "train":
         on_gpu = device.startswith("cuda")
         steps = args.steps or (20 if on_gpu else 3)
-        warmup = 10 if on_gpu else 1
+        warmup = 10 if on_gpu else 2
         fast = in_fresh_process(train_speed, device, True, steps, warmup, args.batch_size)
         reference = in_fresh_process(train_speed, device, False, steps, warmup, args.batch_size)
         print_table([("fast", *fast), ("reference", *reference)])
