@@ -77,7 +77,7 @@ def parse_config(argv=None, prog="train.py"):
     defaults = Config()
     comments = field_comments()
     for field in fields(Config):
-        kind = parse_bool if field.type in (bool, "bool") else _TYPES[field.type]
+        kind = parse_bool if field.type is bool else field.type  # int, float or str
         # default=SUPPRESS: a flag the user did not give stays absent, so a preset is not undone.
         bare = {}
         if kind is parse_bool:  # a bare switch means true: `--wandb` is `--wandb true`
@@ -135,8 +135,6 @@ def parse_bool(text):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
-
-_TYPES = {int: int, float: float, str: str, "int": int, "float": float, "str": str}
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -77,7 +77,8 @@ def quantize_int8(model, device):
     """Linear layers with int8 weights (one scale per tensor), activations quantized on the fly:
     PyTorch's dynamic quantization, a CPU feature. The rest of the model stays float32."""
     if device != "cpu":
-        raise UsageError(f"--dtype int8 runs on the CPU only; use --device cpu, or bfloat16 on {device}")
+        raise UsageError(f"--dtype int8 runs on the CPU only; use --device cpu, "
+                         f"or --dtype bfloat16 on {device}")
     quantization = getattr(torch.ao, "quantization", None)
     if quantization is None or not hasattr(quantization, "quantize_dynamic"):
         raise UsageError("this PyTorch has no dynamic quantization (torch.ao.quantization); "

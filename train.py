@@ -1,7 +1,7 @@
-"""Train Mini-GPT on a text file, character by character.
+"""Train Mini-GPT on a text file, token by token (characters, or BPE with --tokenizer bpe).
 
     python train.py                      # the brief's model on data/input.txt (a GPU run)
-    python train.py --preset cpu         # a small model that trains on a laptop CPU in seconds
+    python train.py --preset cpu         # a small model that trains on a laptop CPU in a minute
     python train.py --max_iters 2000 --dropout 0.1   # any config.py field as --name value
 
 The loop: load data, build model, then repeat {sample a batch, forward, backward, step},
@@ -285,7 +285,7 @@ def compile_problem(device):
     elif device == "cpu" and not (shutil.which("g++") or shutil.which("clang++")):
         return "no C++ compiler found"
     elif device == "mps":
-        return "not supported on MPS here"
+        return "this project has not tried it on MPS"
     return None
 
 
