@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import train
 from config import ArgumentParser, Config
-from generate import quantize_int8
+from generate import pick_sampling_dtype, quantize_int8
 from model import GPTModel
 from utils import get_batch, pick_device, pick_dtype, run_main
 
@@ -56,7 +56,7 @@ def train_speed(device, fast, steps, warmup_steps, batch_size):
 
 def generate_speed(device, use_cache, n_tokens, dtype):
     """(tokens/s, peak MiB) of generating n_tokens, batch 1, from a one-character prompt."""
-    dtype = pick_dtype(dtype, device)
+    dtype = pick_sampling_dtype(dtype, device)
     model = GPTModel(VOCAB_SIZE)
     if dtype == "int8":
         model = quantize_int8(model, device)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import generate
+import utils
 from conftest import tiny_model
 from utils import CharTokenizer, UsageError
 
@@ -33,8 +34,33 @@ def test_int8_weights_only_on_the_cpu_and_close_to_float32():
     model = tiny_model()
     idx = torch.randint(0, 20, (2, 16))
     float_logits, _ = model(idx)
-    int8_logits, _ = generate.quantize_int8(tiny_model(), "cpu")(idx)
-    assert 0 < (int8_logits - float_logits).abs().max().item() < 0.05
+    int8_model = generate.quantize_int8(tiny_model(), "cpu")
+    assert all(layer.weight.dtype == torch.int8
+               for layer in int8_model.modules() if isinstance(layer, generate.Int8Linear))
+    assert isinstance(int8_model.lm_head, generate.Int8Linear)
+    int8_logits, _ = int8_model(idx)
+    assert 0 < (int8_logits.float() - float_logits).abs().max().item() < 0.05
+
+
+def test_int8_linear_is_the_rounded_weights_times_their_scales():
+    linear = torch.nn.Linear(64, 48)
+    int8_linear = generate.Int8Linear(linear)
+    # Each row's largest weight becomes +-127; the others round to the nearest step of that row.
+    assert int8_linear.weight.abs().amax(dim=1).eq(127).all()
+    dequantized = int8_linear.weight.float() * int8_linear.scales.float()[:, None]
+    assert (dequantized - linear.weight).abs().max() <= int8_linear.scales.float().max() / 2 + 1e-3
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    expected = x.float() @ dequantized.T + int8_linear.bias.float()
+    assert (int8_linear(x).float() - expected).abs().max().item() < 0.05
+
+
+def test_auto_sampling_dtype_is_int8_on_cpus_with_native_bf16(monkeypatch):
+    monkeypatch.setattr(generate, "cpu_has_native_bf16", lambda: True)
+    assert generate.pick_sampling_dtype("auto", "cpu") == "int8"
+    assert generate.pick_sampling_dtype("float32", "cpu") == "float32"
+    monkeypatch.setattr(generate, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: False)
+    assert generate.pick_sampling_dtype("auto", "cpu") == "float32"
 
 
 def test_num_samples_gives_different_samples():
