@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import train
 from config import ArgumentParser, Config
-from generate import pick_sampling_dtype, quantize_int8
+from generate import compile_decode, pick_sampling_dtype, quantize_int8
 from model import GPTModel
 from utils import get_batch, pick_device, pick_dtype, run_main
 
@@ -54,8 +54,9 @@ def train_speed(device, fast, steps, warmup_steps, batch_size):
     return steps * config.batch_size * config.block_size / (time.time() - start), peak_mib(device)
 
 
-def generate_speed(device, use_cache, n_tokens, dtype):
-    """(tokens/s, peak MiB) of generating n_tokens, batch 1, from a one-character prompt."""
+def generate_speed(device, use_cache, n_tokens, dtype, compile_setting):
+    """(tokens/s, peak MiB) of generating n_tokens, batch 1, from a one-character prompt; the
+    cached run compiles its decode step as generate.py does (--compile)."""
     dtype = pick_sampling_dtype(dtype, device)
     model = GPTModel(VOCAB_SIZE)
     if dtype == "int8":
@@ -63,8 +64,11 @@ def generate_speed(device, use_cache, n_tokens, dtype):
     else:
         model = model.to(device=device, dtype=getattr(torch, dtype))
     model.eval()
+    if use_cache and (compile_setting == "true"
+                      or (compile_setting == "auto" and device.startswith("cuda"))):
+        compile_decode(model, device)
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
-    model.generate(prompt, 10, use_cache=use_cache)  # warm-up
+    model.generate(prompt, 10, use_cache=use_cache)  # warm-up (and compilation)
     synchronize(device)
     start = time.time()
     stream = model.stream(prompt, n_tokens, use_cache=use_cache)
@@ -102,6 +106,8 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=1000, help="tokens to generate")
     parser.add_argument("--dtype", default="auto", help="generate: the weights' number format, "
                         "as generate.py's --dtype (auto, float32, bfloat16, float16, int8)")
+    parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                        help="generate: as generate.py's --compile (auto = on for CUDA)")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})"
@@ -117,8 +123,10 @@ def main(argv=None):
         print(f"train: fast {fast[0]:,.0f} tok/s, reference {reference[0]:,.0f} tok/s, "
               f"speedup {fast[0] / reference[0]:.2f}x")
     else:
-        cache = in_fresh_process(generate_speed, device, True, args.tokens, args.dtype)
-        no_cache = in_fresh_process(generate_speed, device, False, args.tokens, args.dtype)
+        cache = in_fresh_process(generate_speed, device, True, args.tokens, args.dtype,
+                                 args.compile)
+        no_cache = in_fresh_process(generate_speed, device, False, args.tokens, args.dtype,
+                                    args.compile)
         print_table([("cache", *cache), ("no-cache", *no_cache)])
         print(f"generate: cache {cache[0]:,.0f} tok/s, no-cache {no_cache[0]:,.0f} tok/s, "
               f"speedup {cache[0] / no_cache[0]:.2f}x")

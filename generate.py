@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from config import ArgumentParser
 from model import GPTModel
-from utils import (UsageError, cpu_has_native_bf16, load_checkpoint, pick_device, pick_dtype,
-                   run_main, start_tokens, tokenizer_from_dict)
+from utils import (UsageError, compile_problem, cpu_has_native_bf16, load_checkpoint, pick_device,
+                   pick_dtype, run_main, start_tokens, tokenizer_from_dict)
 
 RULE = "=" * 60
 
@@ -36,6 +36,9 @@ def parse_args(argv=None):
                         help="number format of the weights while sampling; auto = int8 on CPUs "
                              "with native bf16 (the fastest there), bfloat16 on GPUs, else "
                              "float32; int8 is CPU only")
+    parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                        help="torch.compile the one-token decode step (CUDA graphs on GPUs); "
+                             "auto = on for CUDA, where it pays back its start-up time")
     parser.add_argument("--seed", type=int, default=1337, help="same seed, same text")
     parser.add_argument("--num_samples", type=int, default=1, help="independent samples, batched")
     parser.add_argument("--no_cache", action="store_true", help="re-run the whole context per token")
@@ -131,6 +134,49 @@ class Int8Linear(torch.nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def compile_decode(model, device):
+    """Send every one-new-token step of the KV-cached loop through torch.compile.
+
+    Why: a step of the default model is ~150 small kernels; on a GPU, launching them one by one
+    from Python costs far more than running them. A one-token step always has the same shapes
+    (model.py's cache is a fixed-size buffer, the position a tensor), so one compiled graph
+    serves every step, and on CUDA mode "reduce-overhead" records it as a CUDA graph that is
+    replayed with a single launch. Prompts (a different length each time) stay eager. Compiling
+    takes tens of seconds, so on a CPU, where the step is not launch-bound, it is off by default.
+    Returns False (after printing why) where torch.compile cannot work.
+    """
+    problem = compile_problem(device)
+    if problem:
+        print(f"Note: decoding without torch.compile: {problem} (see TROUBLESHOOTING.md)")
+        return False
+    on_cuda = device.startswith("cuda")
+    compiled = torch.compile(model.logits, mode="reduce-overhead" if on_cuda else None,
+                             fullgraph=True, dynamic=False)
+    eager, caches = model.logits, {}
+
+    def new_cache(batch_size):
+        # One cache per batch size, reused: the compiled graph is tied to these buffers, and a
+        # CUDA graph may update them in place only if their addresses never change.
+        if batch_size not in caches:
+            caches[batch_size] = GPTModel.new_cache(model, batch_size)
+            torch._dynamo.mark_static_address(caches[batch_size].keys)
+            torch._dynamo.mark_static_address(caches[batch_size].values)
+        caches[batch_size].reset()
+        return caches[batch_size]
+
+    def logits(idx, positions, cache=None):
+        if cache is None or idx.size(1) != 1:
+            return eager(idx, positions, cache)
+        if on_cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        # clone: a replayed CUDA graph writes its next output over this one.
+        return compiled(idx, positions, cache).clone()
+
+    # forward() and stream() call these through the instance, so they now take the compiled path.
+    model.logits, model.new_cache = logits, new_cache
+    return True
+
+
 def stream_text(model, tokenizer, prompt_ids, args, device):
     """Yield the generated text piece by piece; the pieces join to the full decoded sample."""
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
@@ -178,6 +224,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     model, tokenizer = load_model(args.checkpoint, device, pick_sampling_dtype(args.dtype, device))
+    if args.compile == "true" or (args.compile == "auto" and device.startswith("cuda")):
+        compile_decode(model, device)
     torch.manual_seed(args.seed)
 
     if args.interactive:

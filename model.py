@@ -87,7 +87,7 @@ class CausalSelfAttention(nn.Module):
         causal_mask = torch.tril(torch.ones(block_size, block_size, dtype=torch.bool))
         self.register_buffer("causal_mask", causal_mask, persistent=False)
 
-    def forward(self, x, start=0, layer_cache=None):
+    def forward(self, x, positions, layer_cache=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size): each head attends on its own slice of C.
@@ -95,21 +95,24 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, -1).transpose(1, 2)
         v = v.view(B, T, self.n_head, -1).transpose(1, 2)
 
-        if layer_cache is not None:
-            # Store this step's keys/values at positions start..start+T-1, then attend to all
-            # filled positions 0..start+T-1 (the empty slots after them are sliced off).
+        if layer_cache is None:
+            mask = self.causal_mask[:T, :T]  # rows: queries' positions, columns: keys'
+        else:
+            # Store this step's keys/values at their positions, then attend over the whole
+            # cache (B, n_head, block_size, head_size). The causal mask's rows for these
+            # positions hide every slot after them, filled or not. Shapes then never change
+            # from one token to the next, which lets generate.py compile one decode step
+            # (and replay it as a CUDA graph) for every position.
             cached_keys, cached_values = layer_cache
-            cached_keys[:, :, start:start + T] = k
-            cached_values[:, :, start:start + T] = v
-            k, v = cached_keys[:, :, :start + T], cached_values[:, :, :start + T]
+            cached_keys.index_copy_(2, positions, k)
+            cached_values.index_copy_(2, positions, v)
+            k, v = cached_keys, cached_values
+            mask = self.causal_mask[positions]  # (T, block_size)
 
-        # Rows are the queries' positions, columns the keys': (T, T) or, with a cache, (T, start+T).
-        mask = self.causal_mask[start:start + T, :k.size(2)]
         dropout_p = self.dropout if self.training else 0.0
         if self.flash:
             # Fused kernel (FlashAttention on GPU): same math, never materialises (T, T) weights.
-            # is_causal lets it skip masked blocks; it assumes queries start at position 0.
-            if start == 0 and T == k.size(2):
+            if layer_cache is None:  # is_causal lets it skip the masked blocks entirely
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -150,10 +153,10 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(n_embd)
         self.ffn = FeedForward(n_embd, dropout)
 
-    def forward(self, x, start=0, layer_cache=None):
+    def forward(self, x, positions, layer_cache=None):
         # The residual stream x passes through untouched; each sub-layer only adds to it,
         # which gives gradients a straight path from the loss to the first layer.
-        x = x + self.attn(self.ln1(x), start, layer_cache)
+        x = x + self.attn(self.ln1(x), positions, layer_cache)
         x = x + self.ffn(self.ln2(x))
         return x
 
@@ -195,17 +198,24 @@ class GPTModel(nn.Module):
         if start + T > self.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.block_size}")
         positions = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, C)
-        for layer, block in enumerate(self.blocks):
-            layer_cache = (cache.keys[layer], cache.values[layer]) if cache is not None else None
-            x = block(x, start, layer_cache)
+        logits = self.logits(idx, positions, cache)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
         return logits, loss
+
+    def logits(self, idx, positions, cache=None):
+        """idx (B, T) at positions (T,) -> logits (B, T, V): the tree at the top of this file.
+
+        Only tensors go in, so a compiled copy of this (generate.py) is reused for every step.
+        """
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, C)
+        for layer, block in enumerate(self.blocks):
+            layer_cache = (cache.keys[layer], cache.values[layer]) if cache is not None else None
+            x = block(x, positions, layer_cache)
+        return self.lm_head(self.ln_f(x))  # (B, T, V)
 
     def new_cache(self, batch_size):
         """An empty KVCache on the model's device, for batch_size sequences."""

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 from dataclasses import asdict
@@ -29,8 +28,9 @@ from tqdm import tqdm
 
 from config import parse_config
 from model import GPTModel
-from utils import (UsageError, autocast, bits_per_char, get_batch, load_checkpoint, pick_device,
-                   pick_dtype, read_text, run_main, save_checkpoint, start_tokens, tokenize)
+from utils import (UsageError, autocast, bits_per_char, compile_problem, get_batch, load_checkpoint,
+                   pick_device, pick_dtype, read_text, run_main, save_checkpoint, start_tokens,
+                   tokenize)
 
 # Dense peak FLOP/s of known GPUs for MFU: (bf16/fp16 tensor cores, float32 via TF32).
 GPU_PEAK_FLOPS = {
@@ -274,19 +274,6 @@ def maybe_compile(model, setting, device):
         print(f"Note: running without torch.compile: {problem} (see TROUBLESHOOTING.md)")
         return model
     return torch.compile(model)
-
-
-def compile_problem(device):
-    """Why torch.compile cannot work here, or None."""
-    if device.startswith("cuda"):
-        from torch.utils._triton import has_triton
-        if not has_triton():
-            return "Triton is not installed or does not support this GPU"
-    elif device == "cpu" and not (shutil.which("g++") or shutil.which("clang++")):
-        return "no C++ compiler found"
-    elif device == "mps":
-        return "this project has not tried it on MPS"
-    return None
 
 
 def gpu_peak_flops(device, dtype):

@@ -10,6 +10,7 @@ import hashlib
 import math
 import os
 import re
+import shutil
 import sys
 import urllib.request
 
@@ -355,6 +356,19 @@ def pick_dtype(name, device):
     if device == "cpu" and cpu_has_native_bf16():
         return "bfloat16"
     return "float32"
+
+
+def compile_problem(device):
+    """Why torch.compile cannot work here, or None."""
+    if device.startswith("cuda"):
+        from torch.utils._triton import has_triton
+        if not has_triton():
+            return "Triton is not installed or does not support this GPU"
+    elif device == "cpu" and not (shutil.which("g++") or shutil.which("clang++")):
+        return "no C++ compiler found"
+    elif device == "mps":
+        return "this project has not tried it on MPS"
+    return None
 
 
 def cpu_has_native_bf16():

@@ -3,6 +3,7 @@ clear line on stderr, exit code 2, no traceback."""
 
 import math
 import signal
+import re
 import subprocess
 import sys
 import time
@@ -204,3 +205,11 @@ def test_ctrl_c_saves_and_stops_cleanly_with_cpu_warning(tmp_path, tiny_data):
     assert "will take hours" in output and "--preset cpu" in output
     assert f"checkpoint saved to {ckpt}" in output
     assert torch.load(ckpt, weights_only=True)["step"] >= 1
+
+
+def test_bench_generate_prints_the_summary_line():
+    result = run_script("bench.py", "generate", "--device", "cpu", "--tokens", "5")
+    assert result.returncode == 0, result.stderr
+    last_line = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"generate: cache [\d,]+ tok/s, no-cache [\d,]+ tok/s, speedup \d+\.\d\dx",
+                        last_line), last_line

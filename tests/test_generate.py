@@ -88,3 +88,20 @@ def test_streamed_bpe_text_equals_returned_text_even_mid_character():
     torch.manual_seed(1)
     [returned] = generate.generate_batch(model, tokenizer, tokenizer.encode("床"), args, "cpu")
     assert "".join(pieces) == returned
+
+
+def test_compiled_decode_step_matches_eager_and_compiles_once():
+    if utils.compile_problem("cpu"):
+        pytest.skip(utils.compile_problem("cpu"))
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model()
+    prompts = [torch.tensor([[1, 2, 3]]), torch.tensor([[4, 5]])]
+    eager = [model.generate(prompt, 40, temperature=0) for prompt in prompts]  # 40 > block 16
+    assert generate.compile_decode(model, "cpu")
+    compiled = [model.generate(prompt, 40, temperature=0) for prompt in prompts]
+    for eager_tokens, compiled_tokens in zip(eager, compiled):
+        assert torch.equal(eager_tokens, compiled_tokens)
+    # Every one-token step of both prompts, across window slides, ran the same compiled graph.
+    assert counters["stats"]["unique_graphs"] == 1
