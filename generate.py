@@ -85,18 +85,19 @@ def pick_sampling_dtype(name, device):
 
 
 def quantize_int8(model, device):
-    """The model in bfloat16 with every Linear's weight stored as int8 (Int8Linear below).
+    """The model with every Linear's weight stored as int8 (Int8Linear below); the rest
+    (embeddings, LayerNorms, attention, the KV cache) stays float32.
 
-    Weight-only: activations stay bfloat16, so each output is the float model's output up to
-    the weights' rounding, the same with or without the KV cache.
+    Weight-only: each output is the float model's output up to the weights' rounding (and the
+    bfloat16 inputs of the int8 matmul), the same with or without the KV cache.
     """
     if device != "cpu":
         raise UsageError(f"--dtype int8 runs on the CPU only; use --device cpu, "
                          f"or --dtype bfloat16 on {device}")
     if not hasattr(torch, "_weight_int8pack_mm"):
         raise UsageError(f"this PyTorch ({torch.__version__}) has no int8 weight-only matmul; "
-                         f"use --dtype bfloat16, or PyTorch 2.4 or newer")
-    model = model.to(dtype=torch.bfloat16)
+                         f"use --dtype bfloat16, or PyTorch 2.3 or newer")
+    model = model.float()
     for module in list(model.modules()):
         for name, child in module.named_children():
             if isinstance(child, torch.nn.Linear):
@@ -118,19 +119,22 @@ class Int8Linear(torch.nn.Module):
         scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
         self.register_buffer("weight", torch.round(weight / scales[:, None]).to(torch.int8))
         self.register_buffer("scales", scales.to(torch.bfloat16))
-        bias = linear.bias.detach().to(torch.bfloat16) if linear.bias is not None else None
+        bias = linear.bias.detach().float() if linear.bias is not None else None
         self.register_buffer("bias", bias)
 
-    def forward(self, x):  # (..., in_features) in bfloat16
-        rows = x.reshape(-1, x.size(-1))  # the kernel below takes 2-D inputs
+    def forward(self, x):  # (..., in_features), float32
+        # The int8 kernel takes 2-D bfloat16 inputs; the rest of the model stays float32, whose
+        # small CPU kernels (LayerNorm, GELU, attention) were faster here than bfloat16's.
+        rows = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
         if rows.size(0) > 8:
             # Many rows at once (a prompt, --no_cache): the matmul, not the reading, is the
             # cost, and the bfloat16 one is faster; widen the weights for it.
-            weight = self.weight.to(x.dtype) * self.scales[:, None]
-            return F.linear(x, weight, self.bias)
-        # A few rows (one new token per sample): PyTorch's fused int8-weight kernel reads the
-        # int8 weights directly and applies the scales itself.
-        y = torch._weight_int8pack_mm(rows, self.weight, self.scales).view(*x.shape[:-1], -1)
+            y = F.linear(rows, self.weight.to(torch.bfloat16) * self.scales[:, None])
+        else:
+            # A few rows (one new token per sample): PyTorch's fused int8-weight kernel reads
+            # the int8 weights directly and applies the scales itself.
+            y = torch._weight_int8pack_mm(rows, self.weight, self.scales)
+        y = y.view(*x.shape[:-1], -1).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 

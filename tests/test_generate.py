@@ -49,7 +49,7 @@ def test_int8_linear_is_the_rounded_weights_times_their_scales():
     assert int8_linear.weight.abs().amax(dim=1).eq(127).all()
     dequantized = int8_linear.weight.float() * int8_linear.scales.float()[:, None]
     assert (dequantized - linear.weight).abs().max() <= int8_linear.scales.float().max() / 2 + 1e-3
-    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    x = torch.randn(3, 5, 64)
     expected = x.float() @ dequantized.T + int8_linear.bias.float()
     assert (int8_linear(x).float() - expected).abs().max().item() < 0.05
 
