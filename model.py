@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 
 class KVCache:
-    """Keys and values of every layer for the positions processed so far.
+    """Keys and values of every layer for the positions processed so far: fixed-size buffers
+    (n_layer, B, n_head, block_size, head_size) of which the first `length` positions are filled.
 
     Why it is exact: in a causal model the key and value of position t depend only on tokens
     0..t, so once computed they never change. Generating token t+1 therefore needs only the
