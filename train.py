@@ -79,9 +79,11 @@ def main(argv=None):
     start_step, val_loss = 0, float("nan")
     if config.resume:
         resume_path = config.checkpoint if config.resume == "true" else config.resume
-        start_step, val_loss = resume(resume_path, model, optimizer, model_args, tokenizer, device)
-        if rank > 0:  # the checkpoint holds rank 0's random state; keep the ranks apart
-            torch.manual_seed(config.seed + rank + start_step)
+        start_step, val_loss = resume(resume_path, model, optimizer, model_args, tokenizer,
+                                      device, rank, world_size)
+        if start_step > config.max_iters:
+            raise UsageError(f"{resume_path} is at step {start_step}, past --max_iters "
+                             f"{config.max_iters}; pass a larger --max_iters to train on")
         log(f"Resuming from step {start_step} of {resume_path}")
     train_model = maybe_compile(model, config.compile, device)
     if world_size > 1:  # DDP: averages the gradients of all ranks during backward
@@ -98,27 +100,33 @@ def main(argv=None):
                     file=sys.stdout, disable=not is_master)
     interval_start, interval_steps = time.time(), 0
     for step in range(start_step, config.max_iters + 1):
-        is_eval_step = (step % config.eval_interval == 0 or step == config.max_iters
-                        or stop_requested())
+        # Under torchrun all ranks must stop at the same step: stop if any rank got Ctrl-C.
+        stopping = on_any_rank(stop_requested(), world_size, device)
+        is_eval_step = step % config.eval_interval == 0 or step == config.max_iters or stopping
         just_resumed = bool(config.resume) and step == start_step  # evaluated before that save
-        if is_master and is_eval_step and not just_resumed:
-            train_loss, val_loss = evaluate(model, train_data, val_data, config, device, dtype)
-            val_bpc = bits_per_char(val_loss, len(val_data) - 1, val_chars)
-            elapsed = time.time() - START_TIME
-            progress.write(f"Step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-                           f"val bpc {val_bpc:.4f} ({elapsed:.1f}s)")
-            if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-                stop_on_nan(progress, config.checkpoint)
-            record(dict(step=step, train_loss=train_loss, val_loss=val_loss, val_bpc=val_bpc,
-                        elapsed=elapsed))
-            if step > 0:
+        if is_eval_step and not just_resumed:
+            if is_master:
+                train_loss, val_loss = evaluate(model, train_data, val_data, config, device,
+                                                dtype)
+                val_bpc = bits_per_char(val_loss, len(val_data) - 1, val_chars)
+                elapsed = time.time() - START_TIME
+                progress.write(f"Step {step}: train loss {train_loss:.4f}, val loss "
+                               f"{val_loss:.4f}, val bpc {val_bpc:.4f} ({elapsed:.1f}s)")
+                if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+                    stop_on_nan(progress, config.checkpoint)
+                record(dict(step=step, train_loss=train_loss, val_loss=val_loss,
+                            val_bpc=val_bpc, elapsed=elapsed))
+            # Every rank's random state, taken after rank 0's evaluation (which draws batches),
+            # so that --resume continues every rank exactly.
+            rng_states = gather_from_all_ranks(rng_state(), world_size)
+            if is_master and step > 0:
                 save_checkpoint(dict(model=model.state_dict(), model_args=model_args,
                                      tokenizer=tokenizer.to_dict(), config=asdict(config),
                                      optimizer=optimizer.state_dict(), step=step,
-                                     val_loss=val_loss, val_bpc=val_bpc, rng=rng_state()),
+                                     val_loss=val_loss, val_bpc=val_bpc, rng=rng_states),
                                 config.checkpoint)
             interval_start, interval_steps = time.time(), 0  # keep eval time out of tok/s
-        if step == config.max_iters or stop_requested():
+        if step == config.max_iters or stopping:
             break
 
         lr = learning_rate_at(step, config)
@@ -145,9 +153,9 @@ def main(argv=None):
     progress.close()
 
     if is_master:
-        if stop_requested() and step == 0:
+        if stopping and step == 0:
             print("Stopped before the first step; no checkpoint saved")
-        elif stop_requested():
+        elif stopping:
             print(f"Stopped at step {step}; checkpoint saved to {config.checkpoint}")
         else:
             print(f"Saved checkpoint to {config.checkpoint} (val loss {val_loss:.4f})")
@@ -330,8 +338,9 @@ def start_distributed(device):
 # ---------------------------------------------------------------------------------------------
 # Exact resume: weights, optimizer, step and the random state that picks batches and dropout
 
-def resume(path, model, optimizer, model_args, tokenizer, device):
-    """Load a checkpoint into model and optimizer, and restore the random state: (step, val loss)."""
+def resume(path, model, optimizer, model_args, tokenizer, device, rank=0, world_size=1):
+    """Load a checkpoint into model and optimizer, and restore this rank's random state:
+    (step, val loss)."""
     checkpoint = load_checkpoint(path, device)
     shape = ("vocab_size", "n_embd", "n_layer", "n_head", "block_size")
     saved_shape = {k: checkpoint["model_args"].get(k) for k in shape}
@@ -348,8 +357,34 @@ def resume(path, model, optimizer, model_args, tokenizer, device):
         raise UsageError(f"cannot resume {path}: it has no optimizer or random state")
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    restore_rng(checkpoint["rng"])
+    rng_states = checkpoint["rng"]  # one per rank of the run that saved it
+    if isinstance(rng_states, dict):  # saved before there was one per rank: rank 0's
+        rng_states = [rng_states]
+    if len(rng_states) == world_size:
+        restore_rng(rng_states[rank])
+    elif rank == 0:  # another number of processes: only rank 0 can go on where it was
+        restore_rng(rng_states[0])
+    else:
+        torch.manual_seed(torch.initial_seed() + checkpoint["step"])  # seeded per rank in main
     return checkpoint["step"], checkpoint["val_loss"]
+
+
+def on_any_rank(flag, world_size, device):
+    """True on every rank if flag is True on any rank; every rank must call it at the same step."""
+    if world_size == 1:
+        return flag
+    flag = torch.tensor(float(flag), device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def gather_from_all_ranks(value, world_size):
+    """[value of rank 0, value of rank 1, ...]; every rank must call it at the same step."""
+    if world_size == 1:
+        return [value]
+    values = [None] * world_size
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 def rng_state():
