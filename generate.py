@@ -169,12 +169,19 @@ def compile_decode(model, device):
         return caches[batch_size]
 
     def logits(idx, positions, cache=None):
-        if cache is None or idx.size(1) != 1:
+        nonlocal compiled
+        if compiled is None or cache is None or idx.size(1) != 1:
             return eager(idx, positions, cache)
         if on_cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        # clone: a replayed CUDA graph writes its next output over this one.
-        return compiled(idx, positions, cache).clone()
+        try:
+            # clone: a replayed CUDA graph writes its next output over this one.
+            return compiled(idx, positions, cache).clone()
+        except Exception as error:  # compiling happens at the first call: fail there, go eager
+            print(f"\nNote: decoding without torch.compile: it failed with "
+                  f"{type(error).__name__} (see TROUBLESHOOTING.md)", flush=True)
+            compiled = None
+            return eager(idx, positions, cache)
 
     # forward() and stream() call these through the instance, so they now take the compiled path.
     model.logits, model.new_cache = logits, new_cache

@@ -105,3 +105,18 @@ def test_compiled_decode_step_matches_eager_and_compiles_once():
         assert torch.equal(eager_tokens, compiled_tokens)
     # Every one-token step of both prompts, across window slides, ran the same compiled graph.
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_decode_step_that_fails_to_compile_falls_back_to_eager(monkeypatch, capsys):
+    def broken_compile(function, **options):
+        def compiled(*args):
+            raise RuntimeError("no compiler today")
+        return compiled
+    monkeypatch.setattr(generate, "compile_problem", lambda device: None)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = tiny_model()
+    prompt = torch.tensor([[1, 2, 3]])
+    expected = model.generate(prompt, 20, temperature=0)
+    assert generate.compile_decode(model, "cpu")
+    assert torch.equal(model.generate(prompt, 20, temperature=0), expected)
+    assert "decoding without torch.compile: it failed with RuntimeError" in capsys.readouterr().out
