@@ -7,6 +7,9 @@
 
 Text is printed as it is generated. A KV cache (model.py) makes each new token cost one
 position instead of the whole context; --no_cache runs the plain re-run-everything loop.
+Two speed-ups sit on top, each a flag: int8 weights on CPUs (--dtype, the default there when
+the CPU has native bf16) and, on CUDA, a compiled one-token step replayed as a CUDA graph
+(--compile).
 """
 
 import torch
