@@ -64,9 +64,8 @@ def generate_speed(device, use_cache, n_tokens, dtype, compile_setting):
     else:
         model = model.to(device=device, dtype=getattr(torch, dtype))
     model.eval()
-    if use_cache and (compile_setting == "true"
-                      or (compile_setting == "auto" and device.startswith("cuda"))):
-        compile_decode(model, device)
+    if use_cache:
+        compile_decode(model, device, compile_setting)
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
     model.generate(prompt, 10, use_cache=use_cache)  # warm-up (and compilation)
     synchronize(device)

@@ -141,8 +141,9 @@ class Int8Linear(torch.nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def compile_decode(model, device):
-    """Send every one-new-token step of the KV-cached loop through torch.compile.
+def compile_decode(model, device, setting="true"):
+    """Send every one-new-token step of the KV-cached loop through torch.compile (setting:
+    true, false, or auto = on CUDA only). Returns whether it did.
 
     Why: a step of the default model is ~150 small kernels; on a GPU, launching them one by one
     from Python costs far more than running them. A one-token step always has the same shapes
@@ -150,8 +151,10 @@ def compile_decode(model, device):
     serves every step, and on CUDA mode "reduce-overhead" records it as a CUDA graph that is
     replayed with a single launch. Prompts (a different length each time) stay eager. Compiling
     takes tens of seconds, so on a CPU, where the step is not launch-bound, it is off by default.
-    Returns False (after printing why) where torch.compile cannot work.
+    Where torch.compile cannot work, it prints why and leaves the model as it was.
     """
+    if setting == "false" or (setting == "auto" and not device.startswith("cuda")):
+        return False
     problem = compile_problem(device)
     if problem:
         print(f"Note: decoding without torch.compile: {problem} (see TROUBLESHOOTING.md)")
@@ -238,8 +241,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     model, tokenizer = load_model(args.checkpoint, device, pick_sampling_dtype(args.dtype, device))
-    if args.compile == "true" or (args.compile == "auto" and device.startswith("cuda")):
-        compile_decode(model, device)
+    compile_decode(model, device, args.compile)
     torch.manual_seed(args.seed)
 
     if args.interactive:

@@ -99,7 +99,8 @@ def test_compiled_decode_step_matches_eager_and_compiles_once():
     model = tiny_model()
     prompts = [torch.tensor([[1, 2, 3]]), torch.tensor([[4, 5]])]
     eager = [model.generate(prompt, 40, temperature=0) for prompt in prompts]  # 40 > block 16
-    assert generate.compile_decode(model, "cpu")
+    assert not generate.compile_decode(model, "cpu", "auto")  # auto: CUDA only
+    assert generate.compile_decode(model, "cpu", "true")
     compiled = [model.generate(prompt, 40, temperature=0) for prompt in prompts]
     for eager_tokens, compiled_tokens in zip(eager, compiled):
         assert torch.equal(eager_tokens, compiled_tokens)
