@@ -56,7 +56,7 @@ class Config:
 
 
 PRESETS = {
-    # A small model for a 2-core laptop CPU: val loss ~1.87 in about 40 s (README has the
+    # A small model for a 2-core laptop CPU: val loss ~1.87 in about 45 s (README has the
     # figures). Fewer, wider layers, a short context and a high learning rate learn the most
     # per second here (block 32 beat block 64 at the same tokens per step).
     "cpu": dict(n_embd=192, n_layer=3, n_head=6, block_size=32, dropout=0.0, batch_size=64,

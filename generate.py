@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from config import ArgumentParser
 from model import GPTModel
-from utils import (UsageError, compile_problem, cpu_has_native_bf16, load_checkpoint, pick_device,
-                   pick_dtype, run_main, start_tokens, tokenizer_from_dict)
+from utils import (UsageError, compile_problem, compile_wanted, cpu_has_native_bf16,
+                   load_checkpoint, pick_device, pick_dtype, run_main, start_tokens,
+                   tokenizer_from_dict)
 
 RULE = "=" * 60
 
@@ -91,8 +92,8 @@ def quantize_int8(model, device):
     """The model with every Linear's weight stored as int8 (Int8Linear below); the rest
     (embeddings, LayerNorms, attention, the KV cache) stays float32.
 
-    Weight-only: each output is the float model's output up to the weights' rounding (and the
-    bfloat16 inputs of the int8 matmul), the same with or without the KV cache.
+    Weight-only: each output is the float model's output up to the weights' rounding and the
+    bfloat16 inputs of the matmuls; activations are not quantized.
     """
     if device != "cpu":
         raise UsageError(f"--dtype int8 runs on the CPU only; use --device cpu, "
@@ -153,7 +154,7 @@ def compile_decode(model, device, setting="true"):
     takes tens of seconds, so on a CPU, where the step is not launch-bound, it is off by default.
     Where torch.compile cannot work, it prints why and leaves the model as it was.
     """
-    if setting == "false" or (setting == "auto" and not device.startswith("cuda")):
+    if not compile_wanted(setting, device):
         return False
     problem = compile_problem(device)
     if problem:

@@ -119,8 +119,8 @@ class CausalSelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         else:
             # Scale by 1/sqrt(head_size) so the dot products keep unit variance and the
-            # softmax does not saturate into a one-hot as head_size grows. (Scaling q, not the
-            # product, gives the same numbers with T times less work: (T, hs) vs (T, Tk).)
+            # softmax does not saturate into a one-hot as head_size grows. (Scaling q (T, hs)
+            # rather than the scores (T, Tk) is the same maths on fewer numbers.)
             attn_weights = (q / math.sqrt(k.size(-1))) @ k.transpose(-2, -1)  # (B, nh, T, Tk)
             attn_weights = attn_weights.masked_fill(~mask, float("-inf"))
             attn_weights = F.softmax(attn_weights, dim=-1)

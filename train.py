@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from config import parse_config
 from model import GPTModel
-from utils import (UsageError, autocast, bits_per_char, compile_problem, get_batch, load_checkpoint,
-                   pick_device, pick_dtype, read_text, run_main, save_checkpoint, start_tokens,
-                   tokenize)
+from utils import (UsageError, autocast, bits_per_char, compile_problem, compile_wanted, get_batch,
+                   load_checkpoint, pick_device, pick_dtype, read_text, run_main, save_checkpoint,
+                   start_tokens, tokenize)
 
 # Dense peak FLOP/s of known GPUs for MFU: (bf16/fp16 tensor cores, float32 via TF32).
 GPU_PEAK_FLOPS = {
@@ -274,8 +274,7 @@ def use_flash(setting, device):
 
 
 def maybe_compile(model, setting, device):
-    wanted = setting == "true" or (setting == "auto" and device.startswith("cuda"))
-    if not wanted:
+    if not compile_wanted(setting, device):
         return model
     problem = compile_problem(device)
     if problem:

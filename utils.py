@@ -358,6 +358,11 @@ def pick_dtype(name, device):
     return "float32"
 
 
+def compile_wanted(setting, device):
+    """--compile true, false, or auto: on for CUDA only, where its start-up pays for itself."""
+    return setting == "true" or (setting == "auto" and device.startswith("cuda"))
+
+
 def compile_problem(device):
     """Why torch.compile cannot work here, or None."""
     if device.startswith("cuda"):

@@ -167,6 +167,22 @@ def test_torchrun_resume_continues_every_rank_exactly(tmp_path, tiny_data):
     assert losses_by_step(tmp_path / "halves.metrics.jsonl") == expected
 
 
+def stop_flags_of_two_ranks(rank, world_size, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    only_rank_1 = train.on_any_rank(rank == 1, world_size, "cpu")  # Ctrl-C seen by rank 1 only
+    none = train.on_any_rank(False, world_size, "cpu")
+    torch.save(torch.tensor([only_rank_1, none]), f"{out_path}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_to_stop_when_any_rank_got_ctrl_c(tmp_path):
+    out_path = str(tmp_path / "flags")
+    mp.spawn(stop_flags_of_two_ranks, args=(2, free_port(), out_path), nprocs=2)
+    for rank in range(2):
+        assert torch.load(f"{out_path}.{rank}", weights_only=True).tolist() == [True, False]
+
+
 def one_ddp_step(rank, world_size, port, x, y, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
