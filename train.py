@@ -164,6 +164,7 @@ def main(argv=None):
             print("\nSample:\n" + sample)
             record(dict(step=step, sample=sample))
     if world_size > 1:
+        torch.distributed.barrier()  # let rank 0 finish saving before any rank tears down
         torch.distributed.destroy_process_group()
 
 

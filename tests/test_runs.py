@@ -156,10 +156,9 @@ def test_torchrun_resume_continues_every_rank_exactly(tmp_path, tiny_data):
              "--max_iters", str(max_iters), *extra],
             cwd=ROOT, capture_output=True, text=True, timeout=180)
 
-    assert run(tmp_path / "straight.pt", 12).returncode == 0
-    assert run(tmp_path / "halves.pt", 6).returncode == 0
-    resumed = run(tmp_path / "halves.pt", 12, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for result in (run(tmp_path / "straight.pt", 12), run(tmp_path / "halves.pt", 6),
+                   run(tmp_path / "halves.pt", 12, "--resume")):
+        assert result.returncode == 0, result.stderr[-3000:]
     # Rank 0's losses after the resume depend on rank 1's batches and dropout masks too (the
     # gradients are averaged), so they match only if both ranks continued exactly.
     expected = losses_by_step(tmp_path / "straight.metrics.jsonl")
