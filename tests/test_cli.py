@@ -1,6 +1,7 @@
 """The scripts as a user runs them: train.py then generate.py, and every bad input giving one
 clear line on stderr, exit code 2, no traceback."""
 
+import importlib.util
 import math
 import signal
 import re
@@ -205,6 +206,8 @@ def test_ctrl_c_saves_and_stops_cleanly_with_cpu_warning(tmp_path, tiny_data):
     assert "will take hours" in output and "--preset cpu" in output
     assert f"checkpoint saved to {ckpt}" in output
     assert torch.load(ckpt, weights_only=True)["step"] >= 1
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "ckpt.loss.png").exists()  # drawn at the stop, the last evaluation
 
 
 def test_bench_generate_prints_the_summary_line():
