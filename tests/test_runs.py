@@ -172,6 +172,7 @@ def stop_flags_of_two_ranks(rank, world_size, port, out_path):
     only_rank_1 = train.on_any_rank(rank == 1, world_size, "cpu")  # Ctrl-C seen by rank 1 only
     none = train.on_any_rank(False, world_size, "cpu")
     torch.save(torch.tensor([only_rank_1, none]), f"{out_path}.{rank}")
+    dist.barrier()  # as in train.py: no rank tears down while another still works
     dist.destroy_process_group()
 
 
@@ -196,6 +197,7 @@ def one_ddp_step(rank, world_size, port, x, y, out_path):
                      "float32")
     if rank == 0:
         torch.save({name: p.grad for name, p in model.named_parameters()}, out_path)
+    dist.barrier()
     dist.destroy_process_group()
 
 
