@@ -17,9 +17,8 @@ import torch.nn.functional as F
 
 from config import ArgumentParser
 from model import GPTModel
-from utils import (UsageError, compile_problem, compile_wanted, cpu_has_native_bf16,
-                   load_checkpoint, pick_device, pick_dtype, run_main, start_tokens,
-                   tokenizer_from_dict)
+from utils import (UsageError, cpu_has_native_bf16, load_checkpoint, pick_device, pick_dtype,
+                   run_main, start_tokens, tokenizer_from_dict, use_compile)
 
 RULE = "=" * 60
 
@@ -154,11 +153,7 @@ def compile_decode(model, device, setting="true"):
     takes tens of seconds, so on a CPU, where the step is not launch-bound, it is off by default.
     Where torch.compile cannot work, it prints why and leaves the model as it was.
     """
-    if not compile_wanted(setting, device):
-        return False
-    problem = compile_problem(device)
-    if problem:
-        print(f"Note: decoding without torch.compile: {problem} (see TROUBLESHOOTING.md)")
+    if not use_compile(setting, device, "decoding"):
         return False
     on_cuda = device.startswith("cuda")
     compiled = torch.compile(model.logits, mode="reduce-overhead" if on_cuda else None,

@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 from config import parse_config
 from model import GPTModel
-from utils import (UsageError, autocast, bits_per_char, compile_problem, compile_wanted, get_batch,
-                   load_checkpoint, pick_device, pick_dtype, read_text, run_main, save_checkpoint,
-                   start_tokens, tokenize)
+from utils import (UsageError, autocast, bits_per_char, get_batch, load_checkpoint, pick_device,
+                   pick_dtype, read_text, run_main, save_checkpoint, start_tokens, tokenize,
+                   use_compile)
 
 # Dense peak FLOP/s of known GPUs for MFU: (bf16/fp16 tensor cores, float32 via TF32).
 GPU_PEAK_FLOPS = {
@@ -277,13 +277,7 @@ def use_flash(setting, device):
 
 
 def maybe_compile(model, setting, device):
-    if not compile_wanted(setting, device):
-        return model
-    problem = compile_problem(device)
-    if problem:
-        print(f"Note: running without torch.compile: {problem} (see TROUBLESHOOTING.md)")
-        return model
-    return torch.compile(model)
+    return torch.compile(model) if use_compile(setting, device, "running") else model
 
 
 def gpu_peak_flops(device, dtype):

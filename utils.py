@@ -358,9 +358,16 @@ def pick_dtype(name, device):
     return "float32"
 
 
-def compile_wanted(setting, device):
-    """--compile true, false, or auto: on for CUDA only, where its start-up pays for itself."""
-    return setting == "true" or (setting == "auto" and device.startswith("cuda"))
+def use_compile(setting, device, doing):
+    """--compile true, false, or auto (on for CUDA only, where its start-up pays for itself),
+    and only where torch.compile can work: otherwise a note says why and the code runs eager."""
+    if not (setting == "true" or (setting == "auto" and device.startswith("cuda"))):
+        return False
+    problem = compile_problem(device)
+    if problem:
+        print(f"Note: {doing} without torch.compile: {problem} (see TROUBLESHOOTING.md)")
+        return False
+    return True
 
 
 def compile_problem(device):

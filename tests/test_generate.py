@@ -113,7 +113,7 @@ def test_a_decode_step_that_fails_to_compile_falls_back_to_eager(monkeypatch, ca
         def compiled(*args):
             raise RuntimeError("no compiler today")
         return compiled
-    monkeypatch.setattr(generate, "compile_problem", lambda device: None)
+    monkeypatch.setattr(utils, "compile_problem", lambda device: None)
     monkeypatch.setattr(torch, "compile", broken_compile)
     model = tiny_model()
     prompt = torch.tensor([[1, 2, 3]])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train
+import utils
 from config import Config
 from conftest import tiny_model
 from utils import get_batch
@@ -89,7 +90,7 @@ def test_compile_off_on_cpu_by_default_and_falls_back_without_triton(monkeypatch
     model = tiny_model()
     assert train.maybe_compile(model, "auto", "cpu") is model
     assert train.maybe_compile(model, "false", "cuda") is model
-    monkeypatch.setattr(train, "compile_problem", lambda device: "Triton is not installed")
+    monkeypatch.setattr(utils, "compile_problem", lambda device: "Triton is not installed")
     assert train.maybe_compile(model, "auto", "cuda") is model
     assert "without torch.compile: Triton" in capsys.readouterr().out
 
