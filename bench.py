@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import train
 from config import ArgumentParser, Config
-from generate import compile_decode, pick_sampling_dtype, quantize_int8
+from generate import compile_decode, for_sampling, pick_sampling_dtype
 from model import GPTModel
 from utils import get_batch, pick_device, pick_dtype, run_main
 
@@ -58,12 +58,7 @@ def generate_speed(device, use_cache, n_tokens, dtype, compile_setting):
     """(tokens/s, peak MiB) of generating n_tokens, batch 1, from a one-character prompt; the
     cached run compiles its decode step as generate.py does (--compile)."""
     dtype = pick_sampling_dtype(dtype, device)
-    model = GPTModel(VOCAB_SIZE)
-    if dtype == "int8":
-        model = quantize_int8(model, device)
-    else:
-        model = model.to(device=device, dtype=getattr(torch, dtype))
-    model.eval()
+    model = for_sampling(GPTModel(VOCAB_SIZE), device, dtype)
     if use_cache:
         compile_decode(model, device, compile_setting)
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)

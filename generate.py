@@ -71,11 +71,18 @@ def load_model(path, device, dtype="float32"):
         raise UsageError(f"{path}: the weights do not match the model_args stored with them; "
                          f"the checkpoint is damaged or from another program")
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
-    # Sampling reads every weight once per token, so 16-bit weights halve the bytes to move
-    # and 8-bit ones quarter them.
+    return for_sampling(model, device, dtype), tokenizer
+
+
+def for_sampling(model, device, dtype):
+    """The model in eval mode on device, its weights in dtype (float32, bfloat16, float16, int8).
+
+    Sampling reads every weight once per token, so 16-bit weights halve the bytes to move and
+    8-bit ones quarter them.
+    """
     if dtype == "int8":
-        return quantize_int8(model, device).eval(), tokenizer
-    return model.to(device=device, dtype=getattr(torch, dtype)).eval(), tokenizer
+        return quantize_int8(model, device).eval()
+    return model.to(device=device, dtype=getattr(torch, dtype)).eval()
 
 
 def pick_sampling_dtype(name, device):
