@@ -20,16 +20,19 @@ import train
 from config import ArgumentParser, Config
 from generate import compile_decode, for_sampling, pick_sampling_dtype
 from model import GPTModel
-from utils import get_batch, pick_device, pick_dtype, run_main
+from utils import get_batch, keep_freed_memory, pick_device, pick_dtype, run_main
 
 VOCAB_SIZE = 65  # Tiny Shakespeare's
 
 
 def train_speed(device, fast, steps, warmup_steps, batch_size):
     """(tokens/s, peak MiB) of training steps: fast = what train.py picks by default (bf16/fp16
-    autocast, SDPA attention on GPUs, torch.compile on CUDA, fused AdamW); else float32, the
-    written-out attention, eager, plain AdamW."""
+    autocast, SDPA attention on GPUs, torch.compile on CUDA, fused AdamW, freed memory kept for
+    reuse on CPUs); else float32, the written-out attention, eager, plain AdamW, glibc's default
+    malloc settings."""
     config = Config(batch_size=batch_size)
+    if fast and device == "cpu":
+        keep_freed_memory()  # as train.py does on CPUs
     dtype = pick_dtype("auto", device) if fast else "float32"
     flash = train.use_flash("auto", device) if fast else False
     model = GPTModel(VOCAB_SIZE, config.n_embd, config.n_layer, config.n_head, config.block_size,

@@ -84,8 +84,12 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd)
         self.attn_dropout = Dropout(dropout)
         self.resid_dropout = Dropout(dropout)
-        # causal_mask[i, j] is True where query position i may look at key position j (j <= i).
-        causal_mask = torch.tril(torch.ones(block_size, block_size, dtype=torch.bool))
+        # causal_mask[i, j] is added to the score of query position i for key position j: 0
+        # where i may look at j (j <= i, the lower triangle), -inf where it may not, so that
+        # the softmax gives every future key the weight exp(-inf) = 0. (Adding costs one pass
+        # over the scores and nothing in the backward pass, unlike masked_fill's two and one.)
+        may_look = torch.tril(torch.ones(block_size, block_size, dtype=torch.bool))
+        causal_mask = torch.zeros(block_size, block_size).masked_fill(~may_look, float("-inf"))
         self.register_buffer("causal_mask", causal_mask, persistent=False)
 
     def forward(self, x, positions, layer_cache=None):
@@ -109,6 +113,7 @@ class CausalSelfAttention(nn.Module):
             cached_values.index_copy_(2, positions, v)
             k, v = cached_keys, cached_values
             mask = self.causal_mask[positions]  # (T, block_size)
+        mask = mask.to(q.dtype)  # under autocast q is bfloat16 while the buffer stays float32
 
         dropout_p = self.dropout if self.training else 0.0
         if self.flash:
@@ -122,7 +127,7 @@ class CausalSelfAttention(nn.Module):
             # softmax does not saturate into a one-hot as head_size grows. (Scaling q (T, hs)
             # rather than the scores (T, Tk) is the same maths on fewer numbers.)
             attn_weights = (q / math.sqrt(k.size(-1))) @ k.transpose(-2, -1)  # (B, nh, T, Tk)
-            attn_weights = attn_weights.masked_fill(~mask, float("-inf"))
+            attn_weights = attn_weights + mask  # future keys' scores become -inf
             attn_weights = F.softmax(attn_weights, dim=-1)
             attn_weights = self.attn_dropout(attn_weights)
             y = attn_weights @ v  # (B, nh, T, head_size)

@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 from config import parse_config
 from model import GPTModel
-from utils import (UsageError, autocast, bits_per_char, get_batch, load_checkpoint, pick_device,
-                   pick_dtype, read_text, run_main, save_checkpoint, start_tokens, tokenize,
-                   use_compile)
+from utils import (UsageError, autocast, bits_per_char, get_batch, keep_freed_memory,
+                   load_checkpoint, pick_device, pick_dtype, read_text, run_main, save_checkpoint,
+                   start_tokens, tokenize, use_compile)
 
 # Dense peak FLOP/s of known GPUs for MFU: (bf16/fp16 tensor cores, float32 via TF32).
 GPU_PEAK_FLOPS = {
@@ -52,6 +52,8 @@ def main(argv=None):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     dtype = pick_dtype(config.dtype, device)
+    if device == "cpu":
+        keep_freed_memory()  # reuse freed activations' memory: ~20% faster steps (see utils.py)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
         torch.backends.cudnn.allow_tf32 = True
