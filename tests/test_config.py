@@ -1,6 +1,7 @@
 """What config.py promises: the brief's defaults, every field a flag, presets, clear errors."""
 
 import pytest
+import torch
 
 from config import PRESETS, Config, field_comments, parse_config
 from utils import UsageError
@@ -59,7 +60,14 @@ def test_bad_flags_exit_2_with_one_line(argv, message, capsys):
     (["--batch_size", "0"], "--batch_size"),
     (["--dtype", "float8"], "--dtype"),
     (["--flash", "maybe"], "--flash must be auto, true or false"),
+    (["--optimizer", "sgd"], "--optimizer must be adamw or muon"),
 ])
 def test_bad_values_are_usage_errors(argv, message):
     with pytest.raises(UsageError, match=message):
         parse_config(argv)
+
+
+def test_muon_on_a_pytorch_without_it_says_what_to_do(monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon", raising=False)
+    with pytest.raises(UsageError, match="PyTorch 2.9 or newer.*--optimizer adamw"):
+        parse_config(["--preset", "cpu"])

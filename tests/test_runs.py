@@ -28,9 +28,15 @@ def losses_by_step(jsonl_path):
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-def test_resume_continues_exactly(tmp_path, tiny_data):
+@pytest.mark.parametrize("optimizer", [
+    "adamw",
+    pytest.param("muon", marks=pytest.mark.skipif(not hasattr(torch.optim, "Muon"),
+                                                  reason="torch.optim.Muon: PyTorch 2.9+")),
+])
+def test_resume_continues_exactly(tmp_path, tiny_data, optimizer):
     flags = ["--data", tiny_data, *TINY_FLAGS, "--dropout", "0.1", "--log_interval", "1",
-             "--eval_interval", "6", "--lr_decay_iters", "12", "--sample_tokens", "0"]
+             "--eval_interval", "6", "--lr_decay_iters", "12", "--sample_tokens", "0",
+             "--optimizer", optimizer]
     straight = tmp_path / "straight.pt"
     assert run_script("train.py", *flags, "--checkpoint", straight, "--max_iters", "12").returncode == 0
     halves = tmp_path / "halves.pt"
@@ -57,6 +63,10 @@ def test_resume_with_another_shape_or_text_is_refused(tmp_path, tiny_data):
     other_text.write_text("completely different words, zebra quiz! " * 40)
     result = run_script("train.py", *flags, "--max_iters", "4", "--resume", "--data", other_text)
     assert result.returncode == 2 and "another vocabulary" in result.stderr
+    if hasattr(torch.optim, "Muon"):
+        result = run_script("train.py", *flags, "--max_iters", "4", "--resume",
+                            "--optimizer", "muon")
+        assert result.returncode == 2 and "pass --optimizer adamw" in result.stderr
 
 
 def test_sigkill_never_leaves_an_unreadable_checkpoint(tmp_path, tiny_data):
@@ -188,12 +198,12 @@ def one_ddp_step(rank, world_size, port, x, y, out_path):
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     model = tiny_model().train()
     config = Config(grad_clip=1.0, learning_rate=1e-2)
-    optimizer = train.make_optimizer(model, config)
+    optimizers = train.make_optimizers(model, config)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model)
     half = len(x) // world_size
     mine = slice(rank * half, (rank + 1) * half)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train.train_step(model, ddp_model, optimizer, scaler, [(x[mine], y[mine])], config, "cpu",
+    train.train_step(model, ddp_model, optimizers, scaler, [(x[mine], y[mine])], config, "cpu",
                      "float32")
     if rank == 0:
         torch.save({name: p.grad for name, p in model.named_parameters()}, out_path)
@@ -210,9 +220,9 @@ def test_two_ranks_of_batch_b_average_to_the_gradients_of_one_rank_of_2b(tmp_pat
 
     model = tiny_model().train()
     config = Config(grad_clip=1.0, learning_rate=1e-2)
-    optimizer = train.make_optimizer(model, config)
+    optimizers = train.make_optimizers(model, config)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train.train_step(model, model, optimizer, scaler, [(x, y)], config, "cpu", "float32")
+    train.train_step(model, model, optimizers, scaler, [(x, y)], config, "cpu", "float32")
     # The gradients (averaged over ranks, then clipped) that AdamW applied. Not the updated
     # weights: AdamW's first step is about lr * sign(grad), so a gradient of ~1e-9 that differs
     # in its last bits between the two sums could move a weight by a visible amount.

@@ -31,9 +31,9 @@ def make_step_parts(grad_clip=0.0, accumulation=1, seed=0):
     model = tiny_model().train()
     config = Config(grad_clip=grad_clip, gradient_accumulation_steps=accumulation,
                     learning_rate=1e-3)
-    optimizer = train.make_optimizer(model, config)
+    optimizers = train.make_optimizers(model, config)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return model, config, optimizer, scaler
+    return model, config, optimizers, scaler
 
 
 def grad_norm(model):
@@ -43,23 +43,23 @@ def grad_norm(model):
 def test_clipping_bounds_the_gradient_norm():
     data = torch.randint(0, 20, (500,))
     batch = get_batch(data, 8, 16, generator=torch.Generator().manual_seed(0))
-    model, config, optimizer, scaler = make_step_parts(grad_clip=0.0)
-    train.train_step(model, model, optimizer, scaler, [batch], config, "cpu", "float32")
+    model, config, optimizers, scaler = make_step_parts(grad_clip=0.0)
+    train.train_step(model, model, optimizers, scaler, [batch], config, "cpu", "float32")
     unclipped = grad_norm(model)
     assert unclipped > 0.05
-    model, config, optimizer, scaler = make_step_parts(grad_clip=0.05)
-    train.train_step(model, model, optimizer, scaler, [batch], config, "cpu", "float32")
+    model, config, optimizers, scaler = make_step_parts(grad_clip=0.05)
+    train.train_step(model, model, optimizers, scaler, [batch], config, "cpu", "float32")
     assert grad_norm(model) == pytest.approx(0.05, rel=1e-4)
 
 
 def test_accumulating_k_micro_batches_equals_one_batch_k_times_larger():
     data = torch.randint(0, 20, (500,))
     x, y = get_batch(data, 12, 16, generator=torch.Generator().manual_seed(0))
-    big, config, optimizer, scaler = make_step_parts(accumulation=1)
-    train.train_step(big, big, optimizer, scaler, [(x, y)], config, "cpu", "float32")
-    small, config, optimizer, scaler = make_step_parts(accumulation=3)
+    big, config, optimizers, scaler = make_step_parts(accumulation=1)
+    train.train_step(big, big, optimizers, scaler, [(x, y)], config, "cpu", "float32")
+    small, config, optimizers, scaler = make_step_parts(accumulation=3)
     micro = [(x[i:i + 4], y[i:i + 4]) for i in (0, 4, 8)]
-    train.train_step(small, small, optimizer, scaler, micro, config, "cpu", "float32")
+    train.train_step(small, small, optimizers, scaler, micro, config, "cpu", "float32")
     for p_big, p_small in zip(big.parameters(), small.parameters()):
         assert torch.allclose(p_big.grad, p_small.grad, atol=1e-6)
         assert torch.allclose(p_big, p_small, atol=1e-6)
@@ -67,10 +67,47 @@ def test_accumulating_k_micro_batches_equals_one_batch_k_times_larger():
 
 def test_weight_decay_only_on_matrices():
     model = tiny_model()
-    optimizer = train.make_optimizer(model, Config(weight_decay=0.1))
+    [optimizer] = train.make_optimizers(model, Config(weight_decay=0.1))
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decayed["params"])
     assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])
+
+
+needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"),
+                                reason="torch.optim.Muon is in PyTorch 2.9 and newer")
+
+
+@needs_muon
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = tiny_model()
+    adamw, muon = train.make_optimizers(model, Config(optimizer="muon", learning_rate=1e-3,
+                                                      muon_lr=0.02))
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    names = {id(p): name for name, p in model.named_parameters()}
+    in_muon = {names[id(p)] for group in muon.param_groups for p in group["params"]}
+    in_adamw = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
+    assert in_muon == {name for name, p in model.named_parameters()
+                       if p.dim() == 2 and name.startswith("blocks.")}
+    assert in_muon | in_adamw == set(names.values()) and not in_muon & in_adamw
+    assert {"tok_emb.weight", "pos_emb.weight", "lm_head.weight"} <= in_adamw
+    # The loop sets lr * lr_scale: Muon follows the same schedule up to its own peak.
+    assert muon.param_groups[0]["lr_scale"] * 1e-3 == pytest.approx(0.02)
+
+
+@needs_muon
+def test_muon_training_lowers_the_loss():
+    torch.manual_seed(0)
+    data = torch.randint(0, 20, (2000,))
+    model = tiny_model().train()
+    config = Config(optimizer="muon", learning_rate=3e-3, muon_lr=0.02, grad_clip=1.0)
+    optimizers = train.make_optimizers(model, config)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    batch = get_batch(data, 16, 16)
+    first = train.train_step(model, model, optimizers, scaler, [batch], config, "cpu", "float32")
+    for _ in range(30):
+        last = train.train_step(model, model, optimizers, scaler, [batch], config, "cpu",
+                                "float32")
+    assert last.item() < first.item() - 0.5  # one batch, learned by heart
 
 
 def test_exact_loss_counts_every_prediction_once():
@@ -117,12 +154,12 @@ def test_mfu_only_for_known_gpus():
 def test_float16_with_loss_scaling_trains():
     # The path older GPUs take (no bf16): fp16 autocast + GradScaler; it runs on the CPU too.
     data = torch.randint(0, 20, (500,))
-    model, config, optimizer, _ = make_step_parts(grad_clip=1.0)
+    model, config, optimizers, _ = make_step_parts(grad_clip=1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     before = [p.detach().clone() for p in model.parameters()]
     for _ in range(3):
         batch = get_batch(data, 8, 16)
-        loss = train.train_step(model, model, optimizer, scaler, [batch], config, "cpu", "float16")
+        loss = train.train_step(model, model, optimizers, scaler, [batch], config, "cpu", "float16")
     assert math.isfinite(loss.item())
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
