@@ -14,6 +14,10 @@ from conftest import tiny_model
 from utils import get_batch
 
 
+needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"),
+                                reason="torch.optim.Muon is in PyTorch 2.9 and newer")
+
+
 def test_learning_rate_schedule_at_chosen_steps():
     config = Config(learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, max_iters=1100)
     assert train.learning_rate_at(0, config) == pytest.approx(1e-5)      # warmup starts near 0
@@ -26,11 +30,11 @@ def test_learning_rate_schedule_at_chosen_steps():
     assert train.learning_rate_at(350, shorter) == pytest.approx(5.5e-4)
 
 
-def make_step_parts(grad_clip=0.0, accumulation=1, seed=0):
+def make_step_parts(grad_clip=0.0, accumulation=1, seed=0, optimizer="adamw"):
     torch.manual_seed(seed)
     model = tiny_model().train()
     config = Config(grad_clip=grad_clip, gradient_accumulation_steps=accumulation,
-                    learning_rate=1e-3)
+                    learning_rate=1e-3, optimizer=optimizer, muon_lr=0.02)
     optimizers = train.make_optimizers(model, config)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     return model, config, optimizers, scaler
@@ -71,10 +75,6 @@ def test_weight_decay_only_on_matrices():
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decayed["params"])
     assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])
-
-
-needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"),
-                                reason="torch.optim.Muon is in PyTorch 2.9 and newer")
 
 
 @needs_muon
@@ -151,17 +151,19 @@ def test_mfu_only_for_known_gpus():
     assert train.gpu_peak_flops("cpu", "bfloat16") is None
 
 
-def test_float16_with_loss_scaling_trains():
+@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("muon", marks=needs_muon)])
+def test_float16_with_loss_scaling_trains(optimizer):
     # The path older GPUs take (no bf16): fp16 autocast + GradScaler; it runs on the CPU too.
+    # With Muon the scaler unscales and steps two optimizers.
     data = torch.randint(0, 20, (500,))
-    model, config, optimizers, _ = make_step_parts(grad_clip=1.0)
+    model, config, optimizers, _ = make_step_parts(grad_clip=1.0, optimizer=optimizer)
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     before = [p.detach().clone() for p in model.parameters()]
     for _ in range(3):
         batch = get_batch(data, 8, 16)
         loss = train.train_step(model, model, optimizers, scaler, [batch], config, "cpu", "float16")
     assert math.isfinite(loss.item())
-    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))  # each optimizer stepped
 
 
 def test_mfu_peak_matches_the_gpu_in_use(monkeypatch):
