@@ -1,7 +1,7 @@
 """Train Mini-GPT on a text file, token by token (characters, or BPE with --tokenizer bpe).
 
     python train.py                      # the brief's model on data/input.txt (a GPU run)
-    python train.py --preset cpu         # a small model that trains on a laptop CPU in a minute
+    python train.py --preset cpu         # a small model that trains on a laptop CPU in half a minute
     python train.py --max_iters 2000 --dropout 0.1   # any config.py field as --name value
 
 The loop: load data, build model, then repeat {sample a batch, forward, backward, step},
@@ -77,7 +77,7 @@ def main(argv=None):
     flops_per_token = 6 * n_params + 12 * config.n_layer * config.n_embd * config.block_size
     if device == "cpu" and flops_per_token * tokens_per_step * config.max_iters > 1e15:
         log("Note: this is a GPU-sized run; on a CPU it will take hours. "
-            "For a model that trains on a CPU in a minute, use --preset cpu.")
+            "For a model that trains on a CPU in half a minute, use --preset cpu.")
     optimizers = make_optimizers(model, config)
     start_step, val_loss = 0, float("nan")
     if config.resume:
