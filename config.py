@@ -32,7 +32,7 @@ class Config:
     # optimisation
     batch_size: int = 64               # sequences per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches summed into one optimizer step
-    optimizer: str = "adamw"           # adamw, or muon: Muon for the blocks' matrices, AdamW for the rest
+    optimizer: str = "adamw"           # adamw or muon (Muon: blocks' matrices; AdamW: the rest)
     learning_rate: float = 1e-3        # peak learning rate, reached after warmup
     muon_lr: float = 0.05              # --optimizer muon: Muon's peak learning rate, same schedule
     min_lr: float = 1e-4               # the cosine schedule decays to this

@@ -1,7 +1,7 @@
 """Train Mini-GPT on a text file, token by token (characters, or BPE with --tokenizer bpe).
 
     python train.py                      # the brief's model on data/input.txt (a GPU run)
-    python train.py --preset cpu         # a small model that trains on a laptop CPU in half a minute
+    python train.py --preset cpu         # a small model that trains on a laptop CPU in ~30 s
     python train.py --max_iters 2000 --dropout 0.1   # any config.py field as --name value
 
 The loop: load data, build model, then repeat {sample a batch, forward, backward, step},

@@ -163,7 +163,8 @@ def test_float16_with_loss_scaling_trains(optimizer):
         batch = get_batch(data, 8, 16)
         loss = train.train_step(model, model, optimizers, scaler, [batch], config, "cpu", "float16")
     assert math.isfinite(loss.item())
-    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))  # each optimizer stepped
+    # Every weight moved: each optimizer stepped.
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
 def test_mfu_peak_matches_the_gpu_in_use(monkeypatch):
