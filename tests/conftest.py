@@ -23,6 +23,11 @@ TINY_FLAGS = ["--n_embd", "32", "--n_layer", "2", "--n_head", "4", "--block_size
               "--sample_tokens", "20", "--warmup_iters", "2"]
 
 
+# For the tests of --optimizer muon: torch.optim.Muon came with PyTorch 2.9.
+needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"),
+                                reason="torch.optim.Muon is in PyTorch 2.9 and newer")
+
+
 @pytest.fixture
 def tiny_data(tmp_path):
     path = tmp_path / "tiny.txt"

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 import train
 from config import Config
-from conftest import ROOT, TINY_FLAGS, run_script, tiny_model
+from conftest import ROOT, TINY_FLAGS, needs_muon, run_script, tiny_model
 from utils import get_batch, load_checkpoint
 
 
@@ -28,11 +28,7 @@ def losses_by_step(jsonl_path):
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-@pytest.mark.parametrize("optimizer", [
-    "adamw",
-    pytest.param("muon", marks=pytest.mark.skipif(not hasattr(torch.optim, "Muon"),
-                                                  reason="torch.optim.Muon: PyTorch 2.9+")),
-])
+@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("muon", marks=needs_muon)])
 def test_resume_continues_exactly(tmp_path, tiny_data, optimizer):
     flags = ["--data", tiny_data, *TINY_FLAGS, "--dropout", "0.1", "--log_interval", "1",
              "--eval_interval", "6", "--lr_decay_iters", "12", "--sample_tokens", "0",
@@ -67,6 +63,23 @@ def test_resume_with_another_shape_or_text_is_refused(tmp_path, tiny_data):
         result = run_script("train.py", *flags, "--max_iters", "4", "--resume",
                             "--optimizer", "muon")
         assert result.returncode == 2 and "pass --optimizer adamw" in result.stderr
+
+
+def test_resume_from_a_checkpoint_saved_before_muon(tmp_path, tiny_data):
+    # Checkpoints written before --optimizer muon hold one AdamW state, not a list of them.
+    ckpt = tmp_path / "ckpt.pt"
+    flags = ["--data", tiny_data, *TINY_FLAGS, "--checkpoint", ckpt, "--sample_tokens", "0"]
+    assert run_script("train.py", *flags, "--max_iters", "2").returncode == 0
+    checkpoint = torch.load(ckpt, weights_only=True)
+    [adamw_state] = checkpoint["optimizer"]
+    for group in adamw_state["param_groups"]:
+        del group["lr_scale"]
+    checkpoint["optimizer"] = adamw_state
+    torch.save(checkpoint, ckpt)
+    result = run_script("train.py", *flags, "--max_iters", "4", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "Resuming from step 2" in result.stdout
+    assert torch.load(ckpt, weights_only=True)["step"] == 4
 
 
 def test_sigkill_never_leaves_an_unreadable_checkpoint(tmp_path, tiny_data):

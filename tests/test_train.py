@@ -10,12 +10,8 @@ import torch
 import train
 import utils
 from config import Config
-from conftest import tiny_model
+from conftest import needs_muon, tiny_model
 from utils import get_batch
-
-
-needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"),
-                                reason="torch.optim.Muon is in PyTorch 2.9 and newer")
 
 
 def test_learning_rate_schedule_at_chosen_steps():
