@@ -1,6 +1,6 @@
-"""Benchmarks of the brief's default model (10,788,929 parameters) on this machine.
+"""Benchmarks of the default model (10,788,929 parameters) on this machine.
 
-    python bench.py train --device cpu        # speed options all on vs all off
+    python bench.py train --device cpu        # train.py's defaults vs train.py --reference
     python bench.py generate --device cpu     # KV cache vs re-running the whole context
 
 Each variant runs in a fresh process, so the peak memory printed is its own. The token ids are
@@ -17,40 +17,38 @@ import torch
 from tqdm import tqdm
 
 import train
-from config import ArgumentParser, Config
-from generate import compile_decode, for_sampling, pick_sampling_dtype
+from config import ArgumentParser, parse_config
+from generate import for_sampling, pick_sampling_dtype
 from model import GPTModel
-from utils import get_batch, keep_freed_memory, pick_device, pick_dtype, run_main
+from speedups import compile_decode
+from utils import get_batch, pick_device, run_main
 
 VOCAB_SIZE = 65  # Tiny Shakespeare's
 
 
 def train_speed(device, fast, steps, warmup_steps, batch_size):
-    """(tokens/s, peak MiB) of training steps: fast = what train.py picks by default (bf16/fp16
-    autocast, SDPA attention on GPUs, torch.compile on CUDA, fused AdamW, freed memory kept for
-    reuse on CPUs); else float32, the written-out attention, eager, plain AdamW, glibc's default
-    malloc settings."""
-    config = Config(batch_size=batch_size)
-    if fast and device == "cpu":
-        keep_freed_memory()  # as train.py does on CPUs
-    dtype = pick_dtype("auto", device) if fast else "float32"
-    flash = train.use_flash("auto", device) if fast else False
-    model = GPTModel(VOCAB_SIZE, config.n_embd, config.n_layer, config.n_head, config.block_size,
-                     config.dropout, flash=flash).to(device)
-    optimizers = train.make_optimizers(model, config, fused=fast)
-    train_model = train.maybe_compile(model, "auto" if fast else "false", device)
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == "float16"))
-    data = torch.randint(VOCAB_SIZE, (1_000_000,), device=device)
+    """(tokens/s, peak MiB) of training steps, built exactly as train.py builds them: fast =
+    its defaults (bf16/fp16 autocast, SDPA attention on GPUs, torch.compile on CUDA, fused
+    AdamW, and on CPUs the cheaper dropout and freed memory kept for reuse); else --reference
+    (float32, the written-out attention, eager, plain AdamW, nn.Dropout, glibc's malloc)."""
+    flags = ["--device", device, "--batch_size", str(batch_size)]
+    config, _ = parse_config(flags if fast else flags + ["--reference"])
+    run = train.set_up(config)
+    model = train.build_model(VOCAB_SIZE, config, run)
+    optimizer = train.make_optimizer(model, config)
+    train_model = train.wrap_for_training(model, config, run)
+    scaler = torch.amp.GradScaler(run.device_type, enabled=(run.dtype == "float16"))
+    data = torch.randint(VOCAB_SIZE, (1_000_000,), device=run.device)
 
     def step():
         batch = get_batch(data, config.batch_size, config.block_size)
-        train.train_step(model, train_model, optimizers, scaler, [batch], config, device, dtype)
+        train.train_step(train_model, optimizer, scaler, [batch], config, run)
 
     for _ in range(warmup_steps):  # first steps pay for compilation and memory allocation
         step()
     synchronize(device)
     start = time.time()
-    for _ in tqdm(range(steps), desc=f"train ({'fast' if fast else 'reference'}, {dtype})",
+    for _ in tqdm(range(steps), desc=f"train ({'fast' if fast else 'reference'}, {run.dtype})",
                   file=sys.stdout):
         step()
     synchronize(device)

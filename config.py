@@ -22,7 +22,7 @@ class Config:
     checkpoint: str = "ckpt.pt"        # where the model is saved (atomically, at each eval and at the end)
     tokenizer: str = "char"            # char (one token per character) or bpe (byte-level BPE)
     vocab_size: int = 1024             # BPE only: tokens in the vocabulary, at least 256
-    # model (the brief's defaults: 10,788,929 parameters with the 65-char vocabulary)
+    # model (the default model: 10,788,929 parameters with Tiny Shakespeare's 65 characters)
     n_embd: int = 384                  # width of the residual stream
     n_layer: int = 6                   # number of Transformer blocks
     n_head: int = 6                    # attention heads per block; must divide n_embd
@@ -54,24 +54,29 @@ class Config:
     compile: str = "auto"              # torch.compile: auto (on for CUDA), true or false
     seed: int = 1337                   # seeds batches, dropout and the init
     # runs
+    reference: bool = False            # every speed-up off: float32, written-out attention, AdamW, ...
     resume: str = ""                   # --resume: go on from --checkpoint; --resume PATH: from PATH
     wandb: bool = False                # also log to Weights & Biases (pip install wandb)
     wandb_project: str = "mini-gpt"    # the W&B project to log to
 
 
+# What --reference sets: the code on the page, with none of speedups.py (train.py also skips
+# its CPU dropout, malloc setting and fused AdamW). Slower; for reading and stepping through.
+REFERENCE = dict(dtype="float32", flash="false", compile="false", optimizer="adamw")
+
 PRESETS = {
-    # A small model for a 2-core laptop CPU: val loss ~1.85 in about 28 s (README has the
-    # figures). Fewer, wider layers, a short context and a high learning rate learn the most
-    # per second here (block 32 beat block 64 at the same tokens per step), and Muon reaches
-    # 1.88 in ~200 steps where AdamW needs ~450. It evaluates only at the start and the end:
+    # A small model for a 2-core laptop CPU: val loss ~1.85 in about 28 s (docs/results.md).
+    # Fewer, wider layers, a short context and a high learning rate learn the most per second
+    # here (block 32 beat block 64 at the same tokens per step), and Muon reached val 1.85 in
+    # 200 steps where AdamW needed 450 for 1.87. It evaluates only at the start and the end:
     # each evaluation costs ~2 s.
     "cpu": dict(n_embd=192, n_layer=3, n_head=6, block_size=32, dropout=0.0, batch_size=64,
                 optimizer="muon", learning_rate=4e-3, muon_lr=0.05, warmup_iters=25,
                 max_iters=200, eval_interval=200, sample_tokens=300),
-    # For one modern GPU: the brief's model (same shape, 10,788,929 parameters) aimed at the
+    # For one modern GPU: the default model (same shape, 10,788,929 parameters) aimed at the
     # least time to val loss 1.47: a higher learning rate and less dropout over fewer steps,
-    # and no torch.compile: its 15-20 s of start-up on an H100 (measured for issue 3) is about
-    # all that so short a run could save. Not yet tuned on a GPU (see FUTURE_WORK.md).
+    # and no torch.compile, whose start-up (tens of seconds) is about all that so short a run
+    # could save. Not yet tuned on a GPU (see FUTURE_WORK.md).
     "fast": dict(learning_rate=2e-3, min_lr=2e-4, warmup_iters=200, max_iters=2500,
                  eval_interval=250, dropout=0.1, compile="false"),
 }
@@ -99,6 +104,13 @@ def parse_config(argv=None, prog="train.py"):
     given = vars(parser.parse_args(argv))
     preset = given.pop("preset", None)
     overrides = {**PRESETS.get(preset, {}), **given}
+    if overrides.get("reference"):
+        clashing = [f"--{k} {given[k]}" for k, v in REFERENCE.items() if given.get(k, v) != v]
+        if clashing:
+            plain = ", ".join(f"--{k} {v}" for k, v in REFERENCE.items())
+            raise UsageError(f"--reference runs the plain code ({plain}); drop "
+                             f"{' and '.join(clashing)}, or --reference")
+        overrides.update(REFERENCE)
     config = Config(**{**asdict(defaults), **overrides})
     check_config(config)
     return config, preset

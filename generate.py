@@ -5,20 +5,22 @@
     python generate.py --num_samples 4                       # four samples in one batched pass
     python generate.py --interactive                         # type prompts, read continuations
 
-Text is printed as it is generated. A KV cache (model.py) makes each new token cost one
-position instead of the whole context; --no_cache runs the plain re-run-everything loop.
-Two speed-ups sit on top, each a flag: int8 weights on CPUs (--dtype, the default there when
-the CPU has native bf16) and, on CUDA, a compiled one-token step replayed as a CUDA graph
-(--compile).
+    python generate.py --reference                           # the plain code: no speed-ups
+
+main() reads the flags, loads the checkpoint, and prints the text as it is generated. A KV
+cache (model.py) makes each new token cost one position instead of the whole context;
+--no_cache runs the plain re-run-everything loop. Two speed-ups from speedups.py sit on top,
+each a flag: int8 weights on CPUs (--dtype, the default there when the CPU has native bf16)
+and, on CUDA, a compiled one-token step replayed as a CUDA graph (--compile).
 """
 
 import torch
-import torch.nn.functional as F
 
 from config import ArgumentParser
 from model import GPTModel
+from speedups import compile_decode, int8_available, quantize_int8
 from utils import (UsageError, cpu_has_native_bf16, load_checkpoint, pick_device, pick_dtype,
-                   run_main, start_tokens, tokenizer_from_dict, use_compile)
+                   run_main, start_tokens, tokenizer_from_dict)
 
 RULE = "=" * 60
 
@@ -46,7 +48,14 @@ def parse_args(argv=None):
     parser.add_argument("--num_samples", type=int, default=1, help="independent samples, batched")
     parser.add_argument("--no_cache", action="store_true", help="re-run the whole context per token")
     parser.add_argument("--interactive", action="store_true", help="prompt loop in the terminal")
+    parser.add_argument("--reference", action="store_true",
+                        help="every speed-up off: float32, written-out attention, no compile")
     args = parser.parse_args(argv)
+    if args.reference:
+        if args.dtype not in ("auto", "float32") or args.compile == "true":
+            raise UsageError("--reference runs float32 without compile; drop --dtype/--compile "
+                             "or --reference")
+        args.dtype, args.compile = "float32", "false"
     if args.temperature < 0:
         raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if args.top_k < 1:
@@ -60,11 +69,12 @@ def parse_args(argv=None):
     return args
 
 
-def load_model(path, device, dtype="float32"):
+def load_model(path, device, dtype="float32", flash=True):
     """(model in eval mode on device, tokenizer) from a checkpoint written by train.py."""
     checkpoint = load_checkpoint(path, device)
-    # SDPA whatever the model trained with: for one new position at a time it is the faster path.
-    model = GPTModel(**{**checkpoint["model_args"], "flash": True})
+    # SDPA whatever the model trained with (unless --reference): for one new position at a
+    # time it is the faster path.
+    model = GPTModel(**{**checkpoint["model_args"], "flash": flash})
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError:
@@ -78,123 +88,22 @@ def for_sampling(model, device, dtype):
     """The model in eval mode on device, its weights in dtype (float32, bfloat16, float16, int8).
 
     Sampling reads every weight once per token, so 16-bit weights halve the bytes to move and
-    8-bit ones quarter them.
+    8-bit ones (speedups.quantize_int8, CPU only) quarter them.
     """
     if dtype == "int8":
-        return quantize_int8(model, device).eval()
+        if device != "cpu":
+            raise UsageError(f"--dtype int8 runs on the CPU only; use --device cpu, "
+                             f"or --dtype bfloat16 on {device}")
+        return quantize_int8(model).eval()
     return model.to(device=device, dtype=getattr(torch, dtype)).eval()
 
 
 def pick_sampling_dtype(name, device):
     """'auto' -> int8 weights on CPUs with native bf16 instructions, which sample about twice as
-    fast as bfloat16 there (README); elsewhere the same choice as training (utils.pick_dtype)."""
-    if (name == "auto" and device == "cpu" and cpu_has_native_bf16()
-            and hasattr(torch, "_weight_int8pack_mm")):
+    fast as bfloat16 there (docs/results.md); elsewhere the same choice as training."""
+    if name == "auto" and device == "cpu" and cpu_has_native_bf16() and int8_available():
         return "int8"
     return pick_dtype(name, device)
-
-
-def quantize_int8(model, device):
-    """The model with every Linear's weight stored as int8 (Int8Linear below); the rest
-    (embeddings, LayerNorms, attention, the KV cache) stays float32.
-
-    Weight-only: each output is the float model's output up to the weights' rounding and the
-    bfloat16 inputs of the matmuls; activations are not quantized.
-    """
-    if device != "cpu":
-        raise UsageError(f"--dtype int8 runs on the CPU only; use --device cpu, "
-                         f"or --dtype bfloat16 on {device}")
-    if not hasattr(torch, "_weight_int8pack_mm"):
-        raise UsageError(f"this PyTorch ({torch.__version__}) has no int8 weight-only matmul; "
-                         f"use --dtype bfloat16, or PyTorch 2.3 or newer")
-    model = model.float()
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, torch.nn.Linear):
-                setattr(module, name, Int8Linear(child))
-    return model
-
-
-class Int8Linear(torch.nn.Module):
-    """y = x W^T + b with W kept as int8, one scale per output row: a quarter of float32's bytes.
-
-    Why it pays: sampling one sequence multiplies a single vector by every weight matrix per
-    token, so its time goes into reading the weights from memory, and fewer bytes are faster.
-    """
-
-    def __init__(self, linear):
-        super().__init__()
-        weight = linear.weight.detach().float()  # (out_features, in_features)
-        # Each row's largest |weight| maps to 127, so every row keeps 8 bits of resolution.
-        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("weight", torch.round(weight / scales[:, None]).to(torch.int8))
-        self.register_buffer("scales", scales.to(torch.bfloat16))
-        bias = linear.bias.detach().float() if linear.bias is not None else None
-        self.register_buffer("bias", bias)
-
-    def forward(self, x):  # (..., in_features), float32
-        # The int8 kernel takes 2-D bfloat16 inputs; the rest of the model stays float32, whose
-        # small CPU kernels (LayerNorm, GELU, attention) were faster here than bfloat16's.
-        rows = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
-        if rows.size(0) > 8:
-            # Many rows at once (a prompt, --no_cache): the matmul, not the reading, is the
-            # cost, and the bfloat16 one is faster; widen the weights for it.
-            y = F.linear(rows, self.weight.to(torch.bfloat16) * self.scales[:, None])
-        else:
-            # A few rows (one new token per sample): PyTorch's fused int8-weight kernel reads
-            # the int8 weights directly and applies the scales itself.
-            y = torch._weight_int8pack_mm(rows, self.weight, self.scales)
-        y = y.view(*x.shape[:-1], -1).to(x.dtype)
-        return y if self.bias is None else y + self.bias
-
-
-def compile_decode(model, device, setting="true"):
-    """Send every one-new-token step of the KV-cached loop through torch.compile (setting:
-    true, false, or auto = on CUDA only). Returns whether it did.
-
-    Why: a step of the default model is ~150 small kernels; on a GPU, launching them one by one
-    from Python costs far more than running them. A one-token step always has the same shapes
-    (model.py's cache is a fixed-size buffer, the position a tensor), so one compiled graph
-    serves every step, and on CUDA mode "reduce-overhead" records it as a CUDA graph that is
-    replayed with a single launch. Prompts (a different length each time) stay eager. Compiling
-    takes tens of seconds, so on a CPU, where the step is not launch-bound, it is off by default.
-    Where torch.compile cannot work, it prints why and leaves the model as it was.
-    """
-    if not use_compile(setting, device, "decoding"):
-        return False
-    on_cuda = device.startswith("cuda")
-    compiled = torch.compile(model.logits, mode="reduce-overhead" if on_cuda else None,
-                             fullgraph=True, dynamic=False)
-    eager, caches = model.logits, {}
-
-    def new_cache(batch_size):
-        # One cache per batch size, reused: the compiled graph is tied to these buffers, and a
-        # CUDA graph may update them in place only if their addresses never change.
-        if batch_size not in caches:
-            caches[batch_size] = GPTModel.new_cache(model, batch_size)
-            torch._dynamo.mark_static_address(caches[batch_size].keys)
-            torch._dynamo.mark_static_address(caches[batch_size].values)
-        caches[batch_size].reset()
-        return caches[batch_size]
-
-    def logits(idx, positions, cache=None):
-        nonlocal compiled
-        if compiled is None or cache is None or idx.size(1) != 1:
-            return eager(idx, positions, cache)
-        if on_cuda:
-            torch.compiler.cudagraph_mark_step_begin()
-        try:
-            # clone: a replayed CUDA graph writes its next output over this one.
-            return compiled(idx, positions, cache).clone()
-        except Exception as error:  # compiling happens at the first call: fail there, go eager
-            print(f"\nNote: decoding without torch.compile: it failed with "
-                  f"{type(error).__name__} (see TROUBLESHOOTING.md)", flush=True)
-            compiled = None
-            return eager(idx, positions, cache)
-
-    # forward() and stream() call these through the instance, so they now take the compiled path.
-    model.logits, model.new_cache = logits, new_cache
-    return True
 
 
 def stream_text(model, tokenizer, prompt_ids, args, device):
@@ -243,7 +152,8 @@ def print_completion(model, tokenizer, prompt, args, device):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    model, tokenizer = load_model(args.checkpoint, device, pick_sampling_dtype(args.dtype, device))
+    model, tokenizer = load_model(args.checkpoint, device, pick_sampling_dtype(args.dtype, device),
+                                  flash=not args.reference)
     compile_decode(model, device, args.compile)
     torch.manual_seed(args.seed)
 

@@ -1,23 +1,29 @@
 """The GPT model: a decoder-only Transformer, read top to bottom in the order data flows.
 
-    GPTModel
-    ├── Token Embedding (vocab_size → n_embd)
-    ├── Position Embedding (block_size → n_embd)
-    ├── Transformer Blocks (× n_layer)            Block
-    │   ├── LayerNorm                             .ln1
-    │   ├── Multi-Head Self-Attention             .attn  (CausalSelfAttention)
-    │   │   ├── Q, K, V Projections               .qkv
-    │   │   ├── Causal Masking (torch.tril)       .causal_mask
-    │   │   └── Output Projection                 .proj
-    │   ├── Residual Connection                   x = x + attn(ln1(x))
-    │   ├── LayerNorm                             .ln2
-    │   ├── Feed-Forward Network (n_embd → 4×n_embd → n_embd)   .ffn
-    │   └── Residual Connection                   x = x + ffn(ln2(x))
-    ├── Final LayerNorm                           .ln_f
-    └── Language Model Head (n_embd → vocab_size) .lm_head
+    GPTModel                                           in this file
+    ├── Token Embedding (vocab_size → n_embd)          GPTModel.tok_emb
+    ├── Position Embedding (block_size → n_embd)       GPTModel.pos_emb
+    ├── Transformer Blocks (× n_layer)                 Block
+    │   ├── LayerNorm                                  Block.ln1
+    │   ├── Multi-Head Self-Attention                  CausalSelfAttention
+    │   │   ├── Q, K, V Projections                    .qkv
+    │   │   ├── Causal Masking (torch.tril)            .causal_mask
+    │   │   └── Output Projection                      .proj
+    │   ├── Residual Connection                        x = x + attn(ln1(x))
+    │   ├── LayerNorm                                  Block.ln2
+    │   ├── Feed-Forward Network (n_embd → 4×n_embd → n_embd)   FeedForward
+    │   └── Residual Connection                        x = x + ffn(ln2(x))
+    ├── Final LayerNorm                                GPTModel.ln_f
+    └── Language Model Head (n_embd → vocab_size)      GPTModel.lm_head
+
+After the model come the two things generation needs: sampling one token from the logits, and
+the KV cache that makes each new token cost one position instead of the whole context.
 
 Shapes use B = batch size, T = sequence length, C = n_embd, V = vocab_size.
-Nothing here knows about files, flags or training: see train.py and generate.py.
+Nothing here knows about files, flags or training: see train.py and generate.py. The speed-ups
+that train.py and generate.py may switch on (speedups.py) are not needed to read this file.
+
+    python model.py        # the tree above with each box's parameters and output shape
 """
 
 import math
@@ -27,63 +33,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class KVCache:
-    """Keys and values of every layer for the positions processed so far: fixed-size buffers
-    (n_layer, B, n_head, block_size, head_size) of which the first `length` positions are filled.
-
-    Why it is exact: in a causal model the key and value of position t depend only on tokens
-    0..t, so once computed they never change. Generating token t+1 therefore needs only the
-    query, key and value of the one new position; the older keys and values are read back
-    from here instead of being recomputed from the whole context.
-    """
-
-    def __init__(self, n_layer, batch_size, n_head, block_size, head_size, device, dtype):
-        shape = (n_layer, batch_size, n_head, block_size, head_size)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # how many positions are filled
-
-    def reset(self):
-        self.length = 0
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout (zero each element with probability p, scale the rest by 1/(1-p)), made
-    cheaper on CPUs.
-
-    Why: on a CPU, torch's dropout draws one random number per element, and with the default
-    dropout 0.2 those draws took about a quarter of a training step of the default model (the
-    attention weights alone are (B, n_head, T, T): 25M elements per layer at batch 64). Here
-    one 64-bit random integer is split into four 16-bit ones, and an element is dropped when its
-    16-bit number falls in the lowest p * 65536 of the 65536 possible values. On GPUs, torch's
-    own fused kernel is already cheap and is used as it is.
-    """
-
-    def forward(self, x):
-        if x.device.type != "cpu" or not self.training or self.p == 0:
-            return super().forward(x)
-        dropped_values = round(self.p * 65536)  # out of 65536: p, rounded to a multiple of 2^-16
-        random_words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64)
-        random_words.random_(-2**63, 2**63 - 1)  # every 64-bit pattern, about equally likely
-        random_16bit = random_words.view(torch.int16)[:x.numel()].view(x.shape)  # in -32768..32767
-        # 0 where dropped, 1/(1-p) where kept, in x's dtype so the multiply needs no casts.
-        mask = (random_16bit >= dropped_values - 32768).to(x.dtype)
-        return x * mask.mul_(65536 / (65536 - dropped_values))
-
-
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention in which position t sees only positions 0..t."""
 
     def __init__(self, n_embd, n_head, block_size, dropout, flash):
         super().__init__()
         self.n_head = n_head
-        self.flash = flash
+        self.flash = flash  # F.scaled_dot_product_attention instead of the written-out maths
         self.dropout = dropout
         # Q, K, V projections as one matmul: a (C, 3C) weight instead of three (C, C) ones.
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
         self.proj = nn.Linear(n_embd, n_embd)
-        self.attn_dropout = Dropout(dropout)
-        self.resid_dropout = Dropout(dropout)
+        self.attn_dropout = nn.Dropout(dropout)
+        self.resid_dropout = nn.Dropout(dropout)
         # causal_mask[i, j] is added to the score of query position i for key position j: 0
         # where i may look at j (j <= i, the lower triangle), -inf where it may not, so that
         # the softmax gives every future key the weight exp(-inf) = 0. (Adding costs one pass
@@ -91,6 +53,8 @@ class CausalSelfAttention(nn.Module):
         may_look = torch.tril(torch.ones(block_size, block_size, dtype=torch.bool))
         causal_mask = torch.zeros(block_size, block_size).masked_fill(~may_look, float("-inf"))
         self.register_buffer("causal_mask", causal_mask, persistent=False)
+        self.keep_attn_weights = False  # explore.py sets this to look at attn_weights
+        self.attn_weights = None
 
     def forward(self, x, positions, layer_cache=None):
         B, T, C = x.shape
@@ -99,26 +63,16 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, -1).transpose(1, 2)
         k = k.view(B, T, self.n_head, -1).transpose(1, 2)
         v = v.view(B, T, self.n_head, -1).transpose(1, 2)
-
-        if layer_cache is None:
-            mask = self.causal_mask[:T, :T]  # rows: queries' positions, columns: keys'
-        else:
-            # Store this step's keys/values at their positions, then attend over the whole
-            # cache (B, n_head, block_size, head_size). The causal mask's rows for these
-            # positions hide every slot after them, filled or not. Shapes then never change
-            # from one token to the next, which lets generate.py compile one decode step
-            # (and replay it as a CUDA graph) for every position.
-            cached_keys, cached_values = layer_cache
-            cached_keys.index_copy_(2, positions, k)
-            cached_values.index_copy_(2, positions, v)
-            k, v = cached_keys, cached_values
-            mask = self.causal_mask[positions]  # (T, block_size)
-        mask = mask.to(q.dtype)  # under autocast q is bfloat16 while the buffer stays float32
+        if layer_cache is not None:  # generating: keys and values of earlier tokens (KVCache)
+            k, v = layer_cache.remember(positions, k, v)  # (B, n_head, Tk, head_size)
+        # Rows: the queries' positions; columns: every key there is (Tk = T without a cache).
+        mask = self.causal_mask[positions, :k.size(2)].to(q.dtype)  # (T, Tk)
 
         dropout_p = self.dropout if self.training else 0.0
         if self.flash:
-            # Fused kernel (FlashAttention on GPU): same math, never materialises (T, T) weights.
-            if layer_cache is None:  # is_causal lets it skip the masked blocks entirely
+            # Fused kernel (FlashAttention on GPUs): the same maths, without materialising the
+            # (T, T) weights; is_causal lets it skip the masked blocks entirely.
+            if layer_cache is None:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -126,11 +80,13 @@ class CausalSelfAttention(nn.Module):
             # Scale by 1/sqrt(head_size) so the dot products keep unit variance and the
             # softmax does not saturate into a one-hot as head_size grows. (Scaling q (T, hs)
             # rather than the scores (T, Tk) is the same maths on fewer numbers.)
-            attn_weights = (q / math.sqrt(k.size(-1))) @ k.transpose(-2, -1)  # (B, nh, T, Tk)
-            attn_weights = attn_weights + mask  # future keys' scores become -inf
-            attn_weights = F.softmax(attn_weights, dim=-1)
+            scores = (q / math.sqrt(k.size(-1))) @ k.transpose(-2, -1)  # (B, nh, T, Tk)
+            scores = scores + mask  # future keys' scores become -inf
+            attn_weights = F.softmax(scores, dim=-1)  # each row sums to 1
+            if self.keep_attn_weights:
+                self.attn_weights = attn_weights.detach()
             attn_weights = self.attn_dropout(attn_weights)
-            y = attn_weights @ v  # (B, nh, T, head_size)
+            y = attn_weights @ v  # (B, nh, T, head_size): a weighted mean of the values
 
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.proj(y))
@@ -143,7 +99,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(n_embd, 4 * n_embd)
         self.down = nn.Linear(4 * n_embd, n_embd)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
         return self.dropout(self.down(F.gelu(self.up(x))))
@@ -179,7 +135,7 @@ class GPTModel(nn.Module):
         self.n_head = n_head
         self.tok_emb = nn.Embedding(vocab_size, n_embd)
         self.pos_emb = nn.Embedding(block_size, n_embd)
-        self.drop = Dropout(dropout)
+        self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             [Block(n_embd, n_head, block_size, dropout, flash) for _ in range(n_layer)])
         self.ln_f = nn.LayerNorm(n_embd)
@@ -197,7 +153,7 @@ class GPTModel(nn.Module):
     def forward(self, idx, targets=None, cache=None):
         """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy if targets given.
 
-        With a cache, idx holds the tokens that follow the cached ones, and the cache grows.
+        With a cache (generation), idx holds the tokens that follow the cached ones.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -215,20 +171,12 @@ class GPTModel(nn.Module):
     def logits(self, idx, positions, cache=None):
         """idx (B, T) at positions (T,) -> logits (B, T, V): the tree at the top of this file.
 
-        Only tensors go in, so a compiled copy of this (generate.py) is reused for every step.
+        Only tensors go in, so speedups.compile_decode can compile this once for every step.
         """
         x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, C)
         for layer, block in enumerate(self.blocks):
-            layer_cache = (cache.keys[layer], cache.values[layer]) if cache is not None else None
-            x = block(x, positions, layer_cache)
+            x = block(x, positions, cache.layer(layer) if cache is not None else None)
         return self.lm_head(self.ln_f(x))  # (B, T, V)
-
-    def new_cache(self, batch_size):
-        """An empty KVCache on the model's device, for batch_size sequences."""
-        weight = self.tok_emb.weight  # (V, C): tells the width, device and dtype
-        head_size = weight.size(1) // self.n_head
-        return KVCache(len(self.blocks), batch_size, self.n_head, self.block_size, head_size,
-                       weight.device, weight.dtype)
 
     @torch.inference_mode()  # no autograd bookkeeping while sampling
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -263,6 +211,13 @@ class GPTModel(nn.Module):
             return idx
         return torch.cat([idx, torch.stack(new_tokens, dim=1)], dim=1)
 
+    def new_cache(self, batch_size):
+        """An empty KVCache on the model's device, for batch_size sequences."""
+        weight = self.tok_emb.weight  # (V, C): tells the width, device and dtype
+        head_size = weight.size(1) // self.n_head
+        return KVCache(len(self.blocks), batch_size, self.n_head, self.block_size, head_size,
+                       weight.device, weight.dtype)
+
 
 def _init_weights(module):
     # Small normal weights (std 0.02, as GPT-2) keep the first logits near zero, so the
@@ -272,6 +227,9 @@ def _init_weights(module):
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
 
+
+# ---------------------------------------------------------------------------------------------
+# Generation: pick a token from the logits; remember keys and values between steps
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick one token per row from logits (B, V). temperature 0 means greedy (argmax)."""
@@ -285,10 +243,126 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     if top_p is not None and top_p < 1.0:
         # Nucleus: keep the smallest set of most likely tokens whose probabilities sum to top_p.
         sorted_logits, sorted_idx = torch.sort(logits, descending=True)
-        cumulative = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        sorted_probs = F.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens before it already reach top_p (the first always stays).
-        drop_sorted = (cumulative - F.softmax(sorted_logits, dim=-1)) >= top_p
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
         drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions processed so far: fixed-size buffers
+    (n_layer, B, n_head, block_size, head_size) of which the first `length` positions are filled.
+
+    Why it is exact: in a causal model the key and value of position t depend only on tokens
+    0..t, so once computed they never change. Generating token t+1 therefore needs only the
+    query, key and value of the one new position; the older keys and values are read back
+    from here instead of being recomputed from the whole context.
+
+    Why fixed-size: attention then always runs over all block_size slots, the causal mask's
+    row for each position hiding the slots after it (filled or not). The shapes never change
+    from one token to the next, so one compiled decode step serves every position
+    (speedups.compile_decode, and a CUDA graph on GPUs).
+    """
+
+    def __init__(self, n_layer, batch_size, n_head, block_size, head_size, device, dtype):
+        shape = (n_layer, batch_size, n_head, block_size, head_size)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # how many positions are filled
+
+    def reset(self):
+        self.length = 0
+
+    def layer(self, index):
+        return LayerCache(self.keys[index], self.values[index])
+
+
+class LayerCache:
+    """One layer's slice of a KVCache: (B, n_head, block_size, head_size) keys and values."""
+
+    def __init__(self, keys, values):
+        self.keys, self.values = keys, values
+
+    def remember(self, positions, k, v):
+        """Store k, v (B, n_head, T, head_size) at positions (T,); return all keys and values."""
+        self.keys.index_copy_(2, positions, k)
+        self.values.index_copy_(2, positions, v)
+        return self.keys, self.values
+
+
+# ---------------------------------------------------------------------------------------------
+# python model.py: the architecture tree with parameter counts and output shapes
+
+def describe(model, batch_size=64):
+    """Lines of the architecture tree for a (batch_size, block_size) batch of token ids: each
+    box with its parameter count and the shape of what it outputs, from a real forward pass."""
+    shapes = {}  # module name -> shape of its output at its first call
+
+    def remember_shape(name):
+        def hook(module, inputs, output):
+            shapes.setdefault(name, tuple(output.shape))
+        return hook
+
+    hooks = [module.register_forward_hook(remember_shape(name))
+             for name, module in model.named_modules() if name]
+    idx = torch.zeros((batch_size, model.block_size), dtype=torch.long)
+    with torch.no_grad():
+        logits, _ = model(idx)
+    for hook in hooks:
+        hook.remove()
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    def row(tree, module_name, params, shape):
+        return f"{tree:<54} {module_name:<22} {params:>12,}  {str(shape)}"
+
+    block, attn = model.blocks[0], model.blocks[0].attn
+    top_level_total = sum(count(m) for m in (model.tok_emb, model.pos_emb, model.blocks,
+                                              model.ln_f, model.lm_head))
+    n_embd, n_layer = model.tok_emb.weight.shape[1], len(model.blocks)
+    lines = [f"{'box':<54} {'module':<22} {'parameters':>12}  output shape",
+             row("GPTModel", "", model.num_params(), tuple(logits.shape)),
+             row("├── Token Embedding (vocab_size → n_embd)", "tok_emb", count(model.tok_emb),
+                 shapes["tok_emb"]),
+             row("├── Position Embedding (block_size → n_embd)", "pos_emb", count(model.pos_emb),
+                 shapes["pos_emb"]),
+             row(f"├── Transformer Blocks (× {n_layer})", "blocks", count(model.blocks),
+                 shapes[f"blocks.{n_layer - 1}"]),
+             row("│   ├── LayerNorm", "blocks.0.ln1", count(block.ln1), shapes["blocks.0.ln1"]),
+             row("│   ├── Multi-Head Self-Attention", "blocks.0.attn", count(attn),
+                 shapes["blocks.0.attn"]),
+             row("│   │   ├── Q, K, V Projections", "blocks.0.attn.qkv", count(attn.qkv),
+                 shapes["blocks.0.attn.qkv"]),
+             row("│   │   ├── Causal Masking (torch.tril)", "causal_mask (buffer)", 0,
+                 tuple(attn.causal_mask.shape)),
+             row("│   │   └── Output Projection", "blocks.0.attn.proj", count(attn.proj),
+                 shapes["blocks.0.attn.proj"]),
+             row("│   ├── Residual Connection", "x + attn(ln1(x))", 0, shapes["blocks.0.attn"]),
+             row("│   ├── LayerNorm", "blocks.0.ln2", count(block.ln2), shapes["blocks.0.ln2"]),
+             row(f"│   ├── Feed-Forward Network ({n_embd} → {4 * n_embd} → {n_embd})",
+                 "blocks.0.ffn", count(block.ffn), shapes["blocks.0.ffn"]),
+             row("│   └── Residual Connection", "x + ffn(ln2(x))", 0, shapes["blocks.0"]),
+             row("├── Final LayerNorm", "ln_f", count(model.ln_f), shapes["ln_f"]),
+             row("└── Language Model Head (n_embd → vocab_size)", "lm_head", count(model.lm_head),
+                 shapes["lm_head"]),
+             f"total of the five top-level boxes: {top_level_total:,} parameters "
+             f"(each of the {n_layer} blocks: {count(block):,})"]
+    return lines
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Print the architecture tree with parameter "
+                                     "counts and output shapes.")
+    parser.add_argument("--vocab_size", type=int, default=65, help="65: Tiny Shakespeare's")
+    for name, default in (("n_embd", 384), ("n_layer", 6), ("n_head", 6), ("block_size", 256),
+                          ("batch_size", 64)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    args = parser.parse_args()
+    tree_model = GPTModel(args.vocab_size, args.n_embd, args.n_layer, args.n_head,
+                          args.block_size, dropout=0.0).eval()
+    print("\n".join(describe(tree_model, args.batch_size)))

@@ -6,7 +6,6 @@ raises UsageError; the scripts print its message as one line and exit with code 
 
 import collections
 import contextlib
-import ctypes
 import hashlib
 import math
 import os
@@ -242,7 +241,7 @@ def split_data(data, val_fraction=0.1):
 def tokenize(text, kind="char", vocab_size=1024, cache_dir=None):
     """(tokenizer, train token ids, val token ids) for text split 90/10 by characters.
 
-    The character vocabulary comes from the whole text (the brief's 65 for Tiny Shakespeare);
+    The character vocabulary comes from the whole text (65 for Tiny Shakespeare);
     BPE is trained on the training split only. BPE results are cached in cache_dir, keyed by
     the text's hash, so a second run on the same text starts at once.
     """
@@ -391,29 +390,6 @@ def cpu_has_native_bf16():
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def keep_freed_memory():
-    """Let the C library's malloc keep freed memory for the next allocation instead of handing
-    it back to the operating system; True if it could (Linux with glibc), else does nothing.
-
-    Why: glibc gives every allocation over 32 MB (most activations of the default model at
-    batch 64: the attention weights alone are 50 MB a layer) freshly mapped pages and unmaps
-    them on free, so at every training step the kernel has to map and zero gigabytes of pages
-    again. Measured on a 2-core EPYC: ~600,000 page faults a step, and bench.py train ran at
-    3,179 tok/s without this, 3,858 with it. The cost: the process keeps its peak memory until
-    it exits, and a little more, as freed blocks do not always fit the next request (peak
-    3,513 vs 3,963 MiB in that benchmark).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt  # glibc's; other C libraries have no such function
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # option numbers from glibc's malloc.h
-    never_mmap = mallopt(M_MMAP_MAX, 0)  # serve big blocks from the heap, which is reused
-    never_trim = mallopt(M_TRIM_THRESHOLD, -1)  # never shrink the heap back
-    return bool(never_mmap and never_trim)
 
 
 def autocast(device, dtype):

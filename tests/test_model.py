@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from model import Dropout, GPTModel, sample_next_token
+from model import GPTModel, sample_next_token
 
 
 def test_default_model_has_the_briefs_parameter_count():
@@ -44,34 +44,6 @@ def test_changing_future_tokens_never_changes_past_logits(flash):
         changed_logits, _ = model(changed)
         assert torch.allclose(logits[0, :t + 1], changed_logits[0, :t + 1], atol=1e-6)
         assert not torch.allclose(logits[0, t + 1:], changed_logits[0, t + 1:], atol=1e-6)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_dropout_drops_p_and_keeps_the_mean(dtype):
-    dropout = Dropout(0.2)
-    x = torch.ones(1_000_003, dtype=dtype, requires_grad=True)  # not a multiple of 4 on purpose
-    y = dropout(x)
-    assert y.dtype == dtype
-    kept = y != 0
-    assert abs(1 - kept.float().mean().item() - 0.2) < 0.002
-    # Kept elements are scaled by 1/(1-p), p being 0.2 rounded to a multiple of 2^-16.
-    assert torch.allclose(y[kept].float(), torch.tensor(1.25), rtol=1e-5)
-    y.sum().backward()
-    assert torch.equal(x.grad != 0, kept)  # gradient flows through kept elements only
-    assert torch.allclose(x.grad[kept].float(), torch.tensor(1.25), rtol=1e-5)
-
-
-def test_cpu_dropout_follows_the_seed_and_is_off_in_eval():
-    dropout = Dropout(0.5)
-    x = torch.randn(4, 64)
-    torch.manual_seed(1)
-    first = dropout(x)
-    torch.manual_seed(1)
-    assert torch.equal(dropout(x), first)
-    assert not torch.equal(dropout(x), first)
-    dropout.eval()
-    assert torch.equal(dropout(x), x)
-    assert torch.equal(Dropout(0.0)(x), x)
 
 
 def test_n_embd_must_divide_by_n_head():

@@ -65,23 +65,6 @@ def test_resume_with_another_shape_or_text_is_refused(tmp_path, tiny_data):
         assert result.returncode == 2 and "pass --optimizer adamw" in result.stderr
 
 
-def test_resume_from_a_checkpoint_saved_before_muon(tmp_path, tiny_data):
-    # Checkpoints written before --optimizer muon hold one AdamW state, not a list of them.
-    ckpt = tmp_path / "ckpt.pt"
-    flags = ["--data", tiny_data, *TINY_FLAGS, "--checkpoint", ckpt, "--sample_tokens", "0"]
-    assert run_script("train.py", *flags, "--max_iters", "2").returncode == 0
-    checkpoint = torch.load(ckpt, weights_only=True)
-    [adamw_state] = checkpoint["optimizer"]
-    for group in adamw_state["param_groups"]:
-        del group["lr_scale"]
-    checkpoint["optimizer"] = adamw_state
-    torch.save(checkpoint, ckpt)
-    result = run_script("train.py", *flags, "--max_iters", "4", "--resume")
-    assert result.returncode == 0, result.stderr
-    assert "Resuming from step 2" in result.stdout
-    assert torch.load(ckpt, weights_only=True)["step"] == 4
-
-
 def test_sigkill_never_leaves_an_unreadable_checkpoint(tmp_path, tiny_data):
     ckpt = tmp_path / "ckpt.pt"
     rng = random.Random(0)
@@ -192,8 +175,9 @@ def test_torchrun_resume_continues_every_rank_exactly(tmp_path, tiny_data):
 def stop_flags_of_two_ranks(rank, world_size, port, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    only_rank_1 = train.on_any_rank(rank == 1, world_size, "cpu")  # Ctrl-C seen by rank 1 only
-    none = train.on_any_rank(False, world_size, "cpu")
+    run = train.Run("cpu", "float32", rank, rank, world_size)
+    only_rank_1 = train.on_any_rank(rank == 1, run)  # Ctrl-C seen by rank 1 only
+    none = train.on_any_rank(False, run)
     torch.save(torch.tensor([only_rank_1, none]), f"{out_path}.{rank}")
     dist.barrier()  # as in train.py: no rank tears down while another still works
     dist.destroy_process_group()
@@ -211,13 +195,13 @@ def one_ddp_step(rank, world_size, port, x, y, out_path):
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     model = tiny_model().train()
     config = Config(grad_clip=1.0, learning_rate=1e-2)
-    optimizers = train.make_optimizers(model, config)
+    optimizer = train.make_optimizer(model, config)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model)
     half = len(x) // world_size
     mine = slice(rank * half, (rank + 1) * half)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train.train_step(model, ddp_model, optimizers, scaler, [(x[mine], y[mine])], config, "cpu",
-                     "float32")
+    train.train_step(ddp_model, optimizer, scaler, [(x[mine], y[mine])], config,
+                     train.Run("cpu", "float32", rank, rank, world_size))
     if rank == 0:
         torch.save({name: p.grad for name, p in model.named_parameters()}, out_path)
     dist.barrier()
@@ -233,9 +217,9 @@ def test_two_ranks_of_batch_b_average_to_the_gradients_of_one_rank_of_2b(tmp_pat
 
     model = tiny_model().train()
     config = Config(grad_clip=1.0, learning_rate=1e-2)
-    optimizers = train.make_optimizers(model, config)
+    optimizer = train.make_optimizer(model, config)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train.train_step(model, model, optimizers, scaler, [(x, y)], config, "cpu", "float32")
+    train.train_step(model, optimizer, scaler, [(x, y)], config, train.Run("cpu", "float32"))
     # The gradients (averaged over ranks, then clipped) that AdamW applied. Not the updated
     # weights: AdamW's first step is about lr * sign(grad), so a gradient of ~1e-9 that differs
     # in its last bits between the two sums could move a weight by a visible amount.

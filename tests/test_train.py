@@ -11,6 +11,7 @@ import train
 import utils
 from config import Config
 from conftest import needs_muon, tiny_model
+from train import Run
 from utils import get_batch
 
 
@@ -31,9 +32,9 @@ def make_step_parts(grad_clip=0.0, accumulation=1, seed=0, optimizer="adamw"):
     model = tiny_model().train()
     config = Config(grad_clip=grad_clip, gradient_accumulation_steps=accumulation,
                     learning_rate=1e-3, optimizer=optimizer, muon_lr=0.02)
-    optimizers = train.make_optimizers(model, config)
+    optimizer = train.make_optimizer(model, config)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return model, config, optimizers, scaler
+    return model, config, optimizer, scaler
 
 
 def grad_norm(model):
@@ -43,23 +44,23 @@ def grad_norm(model):
 def test_clipping_bounds_the_gradient_norm():
     data = torch.randint(0, 20, (500,))
     batch = get_batch(data, 8, 16, generator=torch.Generator().manual_seed(0))
-    model, config, optimizers, scaler = make_step_parts(grad_clip=0.0)
-    train.train_step(model, model, optimizers, scaler, [batch], config, "cpu", "float32")
+    model, config, optimizer, scaler = make_step_parts(grad_clip=0.0)
+    train.train_step(model, optimizer, scaler, [batch], config, Run("cpu", "float32"))
     unclipped = grad_norm(model)
     assert unclipped > 0.05
-    model, config, optimizers, scaler = make_step_parts(grad_clip=0.05)
-    train.train_step(model, model, optimizers, scaler, [batch], config, "cpu", "float32")
+    model, config, optimizer, scaler = make_step_parts(grad_clip=0.05)
+    train.train_step(model, optimizer, scaler, [batch], config, Run("cpu", "float32"))
     assert grad_norm(model) == pytest.approx(0.05, rel=1e-4)
 
 
 def test_accumulating_k_micro_batches_equals_one_batch_k_times_larger():
     data = torch.randint(0, 20, (500,))
     x, y = get_batch(data, 12, 16, generator=torch.Generator().manual_seed(0))
-    big, config, optimizers, scaler = make_step_parts(accumulation=1)
-    train.train_step(big, big, optimizers, scaler, [(x, y)], config, "cpu", "float32")
-    small, config, optimizers, scaler = make_step_parts(accumulation=3)
+    big, config, optimizer, scaler = make_step_parts(accumulation=1)
+    train.train_step(big, optimizer, scaler, [(x, y)], config, Run("cpu", "float32"))
+    small, config, optimizer, scaler = make_step_parts(accumulation=3)
     micro = [(x[i:i + 4], y[i:i + 4]) for i in (0, 4, 8)]
-    train.train_step(small, small, optimizers, scaler, micro, config, "cpu", "float32")
+    train.train_step(small, optimizer, scaler, micro, config, Run("cpu", "float32"))
     for p_big, p_small in zip(big.parameters(), small.parameters()):
         assert torch.allclose(p_big.grad, p_small.grad, atol=1e-6)
         assert torch.allclose(p_big, p_small, atol=1e-6)
@@ -67,7 +68,8 @@ def test_accumulating_k_micro_batches_equals_one_batch_k_times_larger():
 
 def test_weight_decay_only_on_matrices():
     model = tiny_model()
-    [optimizer] = train.make_optimizers(model, Config(weight_decay=0.1))
+    optimizer = train.make_optimizer(model, Config(weight_decay=0.1))
+    assert isinstance(optimizer, torch.optim.AdamW)
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decayed["params"])
     assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])
@@ -76,8 +78,9 @@ def test_weight_decay_only_on_matrices():
 @needs_muon
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model = tiny_model()
-    adamw, muon = train.make_optimizers(model, Config(optimizer="muon", learning_rate=1e-3,
-                                                      muon_lr=0.02))
+    config = Config(optimizer="muon", learning_rate=1e-3, muon_lr=0.02, warmup_iters=10)
+    optimizer = train.make_optimizer(model, config)
+    adamw, muon = optimizer.adamw, optimizer.muon
     assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
     names = {id(p): name for name, p in model.named_parameters()}
     in_muon = {names[id(p)] for group in muon.param_groups for p in group["params"]}
@@ -86,8 +89,10 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
                        if p.dim() == 2 and name.startswith("blocks.")}
     assert in_muon | in_adamw == set(names.values()) and not in_muon & in_adamw
     assert {"tok_emb.weight", "pos_emb.weight", "lm_head.weight"} <= in_adamw
-    # The loop sets lr * lr_scale: Muon follows the same schedule up to its own peak.
-    assert muon.param_groups[0]["lr_scale"] * 1e-3 == pytest.approx(0.02)
+    # Muon follows the same schedule up to its own peak, read from the config at every step.
+    assert train.set_learning_rate(optimizer, 4, config) == pytest.approx(5e-4)  # warming up
+    assert muon.param_groups[0]["lr"] == pytest.approx(0.01)
+    assert all(group["lr"] == pytest.approx(5e-4) for group in adamw.param_groups)
 
 
 @needs_muon
@@ -96,13 +101,12 @@ def test_muon_training_lowers_the_loss():
     data = torch.randint(0, 20, (2000,))
     model = tiny_model().train()
     config = Config(optimizer="muon", learning_rate=3e-3, muon_lr=0.02, grad_clip=1.0)
-    optimizers = train.make_optimizers(model, config)
+    optimizer = train.make_optimizer(model, config)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     batch = get_batch(data, 16, 16)
-    first = train.train_step(model, model, optimizers, scaler, [batch], config, "cpu", "float32")
+    first = train.train_step(model, optimizer, scaler, [batch], config, Run("cpu", "float32"))
     for _ in range(30):
-        last = train.train_step(model, model, optimizers, scaler, [batch], config, "cpu",
-                                "float32")
+        last = train.train_step(model, optimizer, scaler, [batch], config, Run("cpu", "float32"))
     assert last.item() < first.item() - 0.5  # one batch, learned by heart
 
 
@@ -121,10 +125,12 @@ def test_exact_loss_counts_every_prediction_once():
 
 def test_compile_off_on_cpu_by_default_and_falls_back_without_triton(monkeypatch, capsys):
     model = tiny_model()
-    assert train.maybe_compile(model, "auto", "cpu") is model
-    assert train.maybe_compile(model, "false", "cuda") is model
+    assert train.wrap_for_training(model, Config(compile="auto"), Run("cpu", "float32")) is model
+    assert train.wrap_for_training(model, Config(compile="false"), Run("cuda", "bfloat16")) \
+        is model
     monkeypatch.setattr(utils, "compile_problem", lambda device: "Triton is not installed")
-    assert train.maybe_compile(model, "auto", "cuda") is model
+    assert train.wrap_for_training(model, Config(compile="auto"), Run("cuda", "bfloat16")) \
+        is model
     assert "without torch.compile: Triton" in capsys.readouterr().out
 
 
@@ -144,20 +150,20 @@ def test_flash_auto_is_sdpa_on_gpus_and_written_out_on_cpus():
 
 
 def test_mfu_only_for_known_gpus():
-    assert train.gpu_peak_flops("cpu", "bfloat16") is None
+    assert train.gpu_peak_flops(Run("cpu", "bfloat16")) is None
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", pytest.param("muon", marks=needs_muon)])
 def test_float16_with_loss_scaling_trains(optimizer):
     # The path older GPUs take (no bf16): fp16 autocast + GradScaler; it runs on the CPU too.
-    # With Muon the scaler unscales and steps two optimizers.
+    # With Muon the scaler unscales and steps both of MuonAdamW's optimizers.
     data = torch.randint(0, 20, (500,))
-    model, config, optimizers, _ = make_step_parts(grad_clip=1.0, optimizer=optimizer)
+    model, config, optimizer, _ = make_step_parts(grad_clip=1.0, optimizer=optimizer)
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     before = [p.detach().clone() for p in model.parameters()]
     for _ in range(3):
         batch = get_batch(data, 8, 16)
-        loss = train.train_step(model, model, optimizers, scaler, [batch], config, "cpu", "float16")
+        loss = train.train_step(model, optimizer, scaler, [batch], config, Run("cpu", "float16"))
     assert math.isfinite(loss.item())
     # Every weight moved: each optimizer stepped.
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
@@ -165,9 +171,9 @@ def test_float16_with_loss_scaling_trains(optimizer):
 
 def test_mfu_peak_matches_the_gpu_in_use(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    assert train.gpu_peak_flops("cuda", "bfloat16") == 989e12
-    assert train.gpu_peak_flops("cuda", "float32") == 495e12
+    assert train.gpu_peak_flops(Run("cuda", "bfloat16")) == 989e12
+    assert train.gpu_peak_flops(Run("cuda", "float32")) == 495e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
-    assert train.gpu_peak_flops("cuda:0", "bfloat16") == 756e12
+    assert train.gpu_peak_flops(Run("cuda:0", "bfloat16")) == 756e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Mystery GPU")
-    assert train.gpu_peak_flops("cuda", "bfloat16") is None
+    assert train.gpu_peak_flops(Run("cuda", "bfloat16")) is None

@@ -184,36 +184,3 @@ def test_cuda_without_gpu_is_a_clear_error(monkeypatch):
 def test_unknown_device():
     with pytest.raises(UsageError, match="unknown device"):
         pick_device("tpu")
-
-
-FAULTS_OF_BIG_TENSORS = """
-import resource, sys
-import torch
-import utils
-if sys.argv[1] == "keep" and not utils.keep_freed_memory():
-    print("unsupported")
-    sys.exit()
-def page_faults_of_a_64mb_tensor():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(16 * 2**20)  # 64 MiB of float32, written once and freed
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults = [page_faults_of_a_64mb_tensor() for _ in range(20)]
-print(sum(faults[-5:]))  # once the heap has settled: is the freed memory reused?
-"""
-
-
-def test_keep_freed_memory_reuses_memory_instead_of_faulting_in_fresh_pages():
-    def late_allocation_faults(mode):
-        result = subprocess.run([sys.executable, "-c", FAULTS_OF_BIG_TENSORS, mode],
-                                capture_output=True, text=True, timeout=60, cwd=ROOT)
-        assert result.returncode == 0, result.stderr
-        return result.stdout.strip()
-
-    kept = late_allocation_faults("keep")
-    if kept == "unsupported":
-        pytest.skip("not glibc: keep_freed_memory() does nothing here")
-    default = int(late_allocation_faults("default"))
-    if default < 1000:
-        pytest.skip(f"this system maps big blocks without many page faults ({default})")
-    # 5 x 64 MiB is 81,920 pages of 4 KiB: mapped afresh each time by default, reused if kept.
-    assert int(kept) < default / 10

@@ -1,0 +1,238 @@
+"""The speed-ups: tricks that make Mini-GPT faster without changing what it computes (or, for
+int8 weights and Muon, changing it a little, measurably). Skip this file on a first read:
+model.py, train.py and generate.py are the whole GPT without it, and `--reference` runs them
+with every speed-up here switched off.
+
+Each trick below says why it pays and what it gained where it was measured (the development
+machine: a 2-core AMD EPYC VM with AVX512-BF16, no GPU; docs/results.md has the commands):
+
+    keep_freed_memory     CPU training: no page faults for big activations     ~20% per step
+    use_fast_cpu_dropout  CPU training: a quarter of the random numbers        ~2x per mask
+    MuonAdamW             Muon for the blocks' matrices: fewer steps           200 vs 450 steps
+    quantize_int8         CPU sampling: int8 weights, a quarter of the bytes   ~2x tokens/s
+    compile_decode        GPU sampling: one compiled step, a CUDA graph        (unmeasured)
+
+Mixed precision (bf16 autocast), SDPA attention and torch.compile of training are plain
+PyTorch switches and are set in train.py.
+"""
+
+import ctypes
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import GPTModel
+from utils import UsageError, use_compile
+
+
+# ---------------------------------------------------------------------------------------------
+# Training on a CPU
+
+def keep_freed_memory():
+    """Let the C library's malloc keep freed memory for the next allocation instead of handing
+    it back to the operating system; True if it could (Linux with glibc), else does nothing.
+
+    Why: glibc gives every allocation over 32 MB (most activations of the default model at
+    batch 64: the attention weights alone are 50 MB a layer) freshly mapped pages and unmaps
+    them on free, so at every training step the kernel has to map and zero gigabytes of pages
+    again. Measured: ~600,000 page faults a step, and bench.py train ran at 3,179 tok/s without
+    this, 3,858 with it. The cost: the process keeps its peak memory until it exits, and a
+    little more, as freed blocks do not always fit the next request (peak 3,513 vs 3,963 MiB).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt  # glibc's; other C libraries have no such function
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # option numbers from glibc's malloc.h
+    never_mmap = mallopt(M_MMAP_MAX, 0)  # serve big blocks from the heap, which is reused
+    never_trim = mallopt(M_TRIM_THRESHOLD, -1)  # never shrink the heap back
+    return bool(never_mmap and never_trim)
+
+
+class FastCPUDropout(nn.Dropout):
+    """nn.Dropout (zero each element with probability p, scale the rest by 1/(1-p)), made
+    cheaper on CPUs.
+
+    Why: on a CPU, torch's dropout draws one random number per element, and with the default
+    dropout 0.2 those draws took about a quarter of a training step of the default model (the
+    attention weights alone are (B, n_head, T, T): 25M elements per layer at batch 64). Here
+    one 64-bit random integer is split into four 16-bit ones, and an element is dropped when its
+    16-bit number falls in the lowest p * 65536 of the 65536 possible values: about twice as
+    fast as torch's mask. On GPUs, torch's own fused kernel is already cheap and is used.
+    """
+
+    def forward(self, x):
+        if x.device.type != "cpu" or not self.training or self.p == 0:
+            return super().forward(x)
+        dropped_values = round(self.p * 65536)  # out of 65536: p, rounded to a multiple of 2^-16
+        random_words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64)
+        random_words.random_(-2**63, 2**63 - 1)  # every 64-bit pattern, about equally likely
+        random_16bit = random_words.view(torch.int16)[:x.numel()].view(x.shape)  # -32768..32767
+        # 0 where dropped, 1/(1-p) where kept, in x's dtype so the multiply needs no casts.
+        mask = (random_16bit >= dropped_values - 32768).to(x.dtype)
+        return x * mask.mul_(65536 / (65536 - dropped_values))
+
+
+def use_fast_cpu_dropout(model):
+    """Replace every nn.Dropout in model by FastCPUDropout (same p); weights are untouched."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is nn.Dropout:
+                setattr(module, name, FastCPUDropout(child.p))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Muon: an optimizer that learns more per step
+
+class MuonAdamW:
+    """Muon for the Transformer blocks' weight matrices, AdamW for everything else (embeddings,
+    output head, biases, LayerNorm gains), used as one optimizer: zero_grad, step, state_dict.
+
+    Why: Muon (torch.optim.Muon, PyTorch 2.9+) takes momentum, then orthogonalises each matrix's
+    update with a few Newton-Schulz iterations, so every direction of the matrix moves about as
+    much. It learns far more per step in short runs: the CPU preset reaches val 1.85 in 200
+    steps, where AdamW needed 450 for 1.87, though a step costs more (~110 vs 65-85 ms there).
+    It is made for hidden matrices only, hence AdamW for the rest.
+
+    Muon's parameter group is marked "muon": True, so that train.set_learning_rate can scale
+    the schedule to peak at muon_lr for it and at learning_rate for AdamW's groups.
+    """
+
+    def __init__(self, adamw, muon_params, muon_lr, weight_decay):
+        self.adamw = adamw
+        self.muon = torch.optim.Muon([{"params": muon_params, "muon": True}], lr=muon_lr,
+                                     weight_decay=weight_decay)
+
+    @property
+    def param_groups(self):  # GradScaler.unscale_ and the learning-rate schedule read these
+        return self.adamw.param_groups + self.muon.param_groups
+
+    def zero_grad(self, set_to_none=True):
+        self.adamw.zero_grad(set_to_none=set_to_none)
+        self.muon.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        self.adamw.step()
+        self.muon.step()
+
+    def state_dict(self):
+        return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, state):
+        self.adamw.load_state_dict(state["adamw"])
+        self.muon.load_state_dict(state["muon"])
+
+
+def muon_available():
+    return hasattr(torch.optim, "Muon")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: int8 weights on CPUs, a compiled one-token step on GPUs
+
+def int8_available():
+    return hasattr(torch, "_weight_int8pack_mm")
+
+
+def quantize_int8(model):
+    """The model (on the CPU) with every Linear's weight stored as int8 (Int8Linear below); the
+    rest (embeddings, LayerNorms, attention, the KV cache) stays float32.
+
+    Why: sampling one sequence multiplies a single vector by every weight matrix per token, so
+    its time goes into reading the weights from memory: 43 MB a token in float32 for the
+    default model, 11 MB in int8. Measured: ~420-500 tokens/s with int8 vs ~170-240 with
+    bfloat16 weights. Weight-only: activations are not quantized; the CPU preset's val loss
+    moved from 1.8713 (float32) to 1.8718.
+    """
+    if not int8_available():
+        raise UsageError(f"this PyTorch ({torch.__version__}) has no int8 weight-only matmul; "
+                         f"use --dtype bfloat16, or PyTorch 2.3 or newer")
+    model = model.float()
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8Linear(child))
+    return model
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W kept as int8, one scale per output row: a quarter of float32's bytes."""
+
+    def __init__(self, linear):
+        super().__init__()
+        weight = linear.weight.detach().float()  # (out_features, in_features)
+        # Each row's largest |weight| maps to 127, so every row keeps 8 bits of resolution.
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight", torch.round(weight / scales[:, None]).to(torch.int8))
+        self.register_buffer("scales", scales.to(torch.bfloat16))
+        bias = linear.bias.detach().float() if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+
+    def forward(self, x):  # (..., in_features), float32
+        # The int8 kernel takes 2-D bfloat16 inputs; the rest of the model stays float32, whose
+        # small CPU kernels (LayerNorm, GELU, attention) were faster here than bfloat16's.
+        rows = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
+        if rows.size(0) > 8:
+            # Many rows at once (a prompt, --no_cache): the matmul, not the reading, is the
+            # cost, and the bfloat16 one is faster; widen the weights for it.
+            y = F.linear(rows, self.weight.to(torch.bfloat16) * self.scales[:, None])
+        else:
+            # A few rows (one new token per sample): PyTorch's fused int8-weight kernel reads
+            # the int8 weights directly and applies the scales itself.
+            y = torch._weight_int8pack_mm(rows, self.weight, self.scales)
+        y = y.view(*x.shape[:-1], -1).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def compile_decode(model, device, setting="true"):
+    """Send every one-new-token step of the KV-cached loop through torch.compile (setting:
+    true, false, or auto = on CUDA only). Returns whether it did.
+
+    Why: a step of the default model is ~150 small kernels; on a GPU, launching them one by one
+    from Python costs far more than running them. A one-token step always has the same shapes
+    (model.py's cache is a fixed-size buffer, the position a tensor), so one compiled graph
+    serves every step, and on CUDA mode "reduce-overhead" records it as a CUDA graph that is
+    replayed with a single launch. Prompts (a different length each time) stay eager. Compiling
+    takes tens of seconds, so on a CPU, where the step is not launch-bound, it is off by default.
+    Where torch.compile cannot work, it prints why and leaves the model as it was.
+
+    How: it replaces model.logits and model.new_cache on this one model object, which
+    model.forward and model.stream call; the class and every other model are untouched.
+    """
+    if not use_compile(setting, device, "decoding"):
+        return False
+    on_cuda = device.startswith("cuda")
+    compiled = torch.compile(model.logits, mode="reduce-overhead" if on_cuda else None,
+                             fullgraph=True, dynamic=False)
+    eager, caches = model.logits, {}
+
+    def new_cache(batch_size):
+        # One cache per batch size, reused: the compiled graph is tied to these buffers, and a
+        # CUDA graph may update them in place only if their addresses never change.
+        if batch_size not in caches:
+            caches[batch_size] = GPTModel.new_cache(model, batch_size)
+            torch._dynamo.mark_static_address(caches[batch_size].keys)
+            torch._dynamo.mark_static_address(caches[batch_size].values)
+        caches[batch_size].reset()
+        return caches[batch_size]
+
+    def logits(idx, positions, cache=None):
+        nonlocal compiled
+        if compiled is None or cache is None or idx.size(1) != 1:
+            return eager(idx, positions, cache)
+        if on_cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        try:
+            # clone: a replayed CUDA graph writes its next output over this one.
+            return compiled(idx, positions, cache).clone()
+        except Exception as error:  # compiling happens at the first call: fail there, go eager
+            print(f"\nNote: decoding without torch.compile: it failed with "
+                  f"{type(error).__name__} (see TROUBLESHOOTING.md)", flush=True)
+            compiled = None
+            return eager(idx, positions, cache)
+
+    model.logits, model.new_cache = logits, new_cache
+    return True

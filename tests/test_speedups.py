@@ -1,0 +1,177 @@
+"""What speedups.py promises: each trick computes what the plain code computes (or, for int8,
+nearly), and is applied only where it is asked for."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import generate
+import speedups
+import train
+import utils
+from config import Config, parse_config
+from conftest import ROOT, needs_muon, tiny_model
+from speedups import FastCPUDropout
+from utils import UsageError
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_drops_p_and_keeps_the_mean(dtype):
+    dropout = FastCPUDropout(0.2)
+    x = torch.ones(1_000_003, dtype=dtype, requires_grad=True)  # not a multiple of 4 on purpose
+    y = dropout(x)
+    assert y.dtype == dtype
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - 0.2) < 0.002
+    # Kept elements are scaled by 1/(1-p), p being 0.2 rounded to a multiple of 2^-16.
+    assert torch.allclose(y[kept].float(), torch.tensor(1.25), rtol=1e-5)
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept)  # gradient flows through kept elements only
+    assert torch.allclose(x.grad[kept].float(), torch.tensor(1.25), rtol=1e-5)
+
+
+def test_cpu_dropout_follows_the_seed_and_is_off_in_eval():
+    dropout = FastCPUDropout(0.5)
+    x = torch.randn(4, 64)
+    torch.manual_seed(1)
+    first = dropout(x)
+    torch.manual_seed(1)
+    assert torch.equal(dropout(x), first)
+    assert not torch.equal(dropout(x), first)
+    dropout.eval()
+    assert torch.equal(dropout(x), x)
+    assert torch.equal(FastCPUDropout(0.0)(x), x)
+
+
+def test_fast_cpu_dropout_replaces_every_dropout_and_nothing_else():
+    model = tiny_model(dropout=0.2)
+    names_before = [name for name, _ in model.named_parameters()]
+    speedups.use_fast_cpu_dropout(model)
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(type(m) is FastCPUDropout and m.p == 0.2 for m in dropouts)
+    assert [name for name, _ in model.named_parameters()] == names_before
+
+
+def test_reference_switch_turns_every_speed_up_off():
+    config, _ = parse_config(["--preset", "cpu", "--reference", "--device", "cpu"])
+    assert (config.dtype, config.flash, config.compile, config.optimizer) == \
+        ("float32", "false", "false", "adamw")
+    run = train.set_up(config)
+    model = train.build_model(65, config, run)
+    assert run.dtype == "float32"
+    assert all(type(m) is torch.nn.Dropout for m in model.modules()
+               if isinstance(m, torch.nn.Dropout))
+    assert not any(block.attn.flash for block in model.blocks)
+    optimizer = train.make_optimizer(model, config)
+    assert type(optimizer) is torch.optim.AdamW and not optimizer.defaults.get("fused")
+    with pytest.raises(UsageError, match="--reference runs the plain code"):
+        parse_config(["--reference", "--dtype", "bfloat16"])
+
+
+@needs_muon
+def test_muon_adamw_saves_and_loads_as_one_optimizer():
+    config = Config(optimizer="muon", muon_lr=0.02)
+    model = tiny_model().train()
+    optimizer = train.make_optimizer(model, config)
+    assert isinstance(optimizer, speedups.MuonAdamW)
+    model(torch.randint(0, 20, (2, 16)), torch.randint(0, 20, (2, 16)))[1].backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    assert set(state) == {"adamw", "muon"} and state["muon"]["state"]
+    fresh = train.make_optimizer(tiny_model().train(), config)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict()["muon"]["state"].keys() == state["muon"]["state"].keys()
+
+
+def test_int8_weights_only_on_the_cpu_and_close_to_float32():
+    with pytest.raises(UsageError, match="CPU only"):
+        generate.for_sampling(tiny_model(), "cuda", "int8")
+    model = tiny_model()
+    idx = torch.randint(0, 20, (2, 16))
+    float_logits, _ = model(idx)
+    int8_model = speedups.quantize_int8(tiny_model())
+    assert all(layer.weight.dtype == torch.int8
+               for layer in int8_model.modules() if isinstance(layer, speedups.Int8Linear))
+    assert isinstance(int8_model.lm_head, speedups.Int8Linear)
+    int8_logits, _ = int8_model(idx)
+    assert 0 < (int8_logits.float() - float_logits).abs().max().item() < 0.05
+
+
+def test_int8_linear_is_the_rounded_weights_times_their_scales():
+    linear = torch.nn.Linear(64, 48)
+    int8_linear = speedups.Int8Linear(linear)
+    # Each row's largest weight becomes +-127; the others round to the nearest step of that row.
+    assert int8_linear.weight.abs().amax(dim=1).eq(127).all()
+    dequantized = int8_linear.weight.float() * int8_linear.scales.float()[:, None]
+    assert (dequantized - linear.weight).abs().max() <= int8_linear.scales.float().max() / 2 + 1e-3
+    x = torch.randn(3, 5, 64)
+    expected = x.float() @ dequantized.T + int8_linear.bias.float()
+    assert (int8_linear(x).float() - expected).abs().max().item() < 0.05
+
+
+def test_compiled_decode_step_matches_eager_and_compiles_once():
+    if utils.compile_problem("cpu"):
+        pytest.skip(utils.compile_problem("cpu"))
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model()
+    prompts = [torch.tensor([[1, 2, 3]]), torch.tensor([[4, 5]])]
+    eager = [model.generate(prompt, 40, temperature=0) for prompt in prompts]  # 40 > block 16
+    assert not speedups.compile_decode(model, "cpu", "auto")  # auto: CUDA only
+    assert speedups.compile_decode(model, "cpu", "true")
+    compiled = [model.generate(prompt, 40, temperature=0) for prompt in prompts]
+    for eager_tokens, compiled_tokens in zip(eager, compiled):
+        assert torch.equal(eager_tokens, compiled_tokens)
+    # Every one-token step of both prompts, across window slides, ran the same compiled graph.
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_decode_step_that_fails_to_compile_falls_back_to_eager(monkeypatch, capsys):
+    def broken_compile(function, **options):
+        def compiled(*args):
+            raise RuntimeError("no compiler today")
+        return compiled
+    monkeypatch.setattr(utils, "compile_problem", lambda device: None)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = tiny_model()
+    prompt = torch.tensor([[1, 2, 3]])
+    expected = model.generate(prompt, 20, temperature=0)
+    assert speedups.compile_decode(model, "cpu")
+    assert torch.equal(model.generate(prompt, 20, temperature=0), expected)
+    assert "decoding without torch.compile: it failed with RuntimeError" in capsys.readouterr().out
+
+
+FAULTS_OF_BIG_TENSORS = """
+import resource, sys
+import torch
+import speedups
+if sys.argv[1] == "keep" and not speedups.keep_freed_memory():
+    print("unsupported")
+    sys.exit()
+def page_faults_of_a_64mb_tensor():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 * 2**20)  # 64 MiB of float32, written once and freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults = [page_faults_of_a_64mb_tensor() for _ in range(20)]
+print(sum(faults[-5:]))  # once the heap has settled: is the freed memory reused?
+"""
+
+
+def test_keep_freed_memory_reuses_memory_instead_of_faulting_in_fresh_pages():
+    def late_allocation_faults(mode):
+        result = subprocess.run([sys.executable, "-c", FAULTS_OF_BIG_TENSORS, mode],
+                                capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    kept = late_allocation_faults("keep")
+    if kept == "unsupported":
+        pytest.skip("not glibc: keep_freed_memory() does nothing here")
+    default = int(late_allocation_faults("default"))
+    if default < 1000:
+        pytest.skip(f"this system maps big blocks without many page faults ({default})")
+    # 5 x 64 MiB is 81,920 pages of 4 KiB: mapped afresh each time by default, reused if kept.
+    assert int(kept) < default / 10
