@@ -8,7 +8,8 @@
 main() is the whole loop: load data, build the model, then repeat {set the learning rate,
 sample a batch, forward, backward, step}, evaluating and saving every eval_interval steps, and
 print a sample at the end. Below it, one helper per job; below those, the parts a first read
-can skip: several processes (DDP), exact resume, metrics.
+can skip: speed figures, several processes (DDP), exact resume. Metrics (JSONL, loss
+curve, W&B) are recorded by tracking.py.
 """
 
 import time
@@ -16,8 +17,6 @@ import time
 START_TIME = time.time()  # "elapsed" in the eval lines counts from launch, imports included
 
 import contextlib  # noqa: E402 (imports after START_TIME on purpose)
-import importlib.util  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
@@ -32,6 +31,7 @@ from tqdm import tqdm  # noqa: E402
 
 import speedups  # noqa: E402
 from config import parse_config  # noqa: E402
+from tracking import metrics_recorder  # noqa: E402
 from model import GPTModel  # noqa: E402
 from utils import (UsageError, autocast, bits_per_char, get_batch, load_checkpoint,  # noqa: E402
                    pick_device, pick_dtype, read_text, run_main, save_checkpoint, start_tokens,
@@ -505,69 +505,6 @@ def restore_rng(state):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Experiment tracking: a JSONL log and a loss-curve PNG beside the checkpoint, and W&B on request
-
-def metrics_recorder(config):
-    """Return record(dict): appends to <checkpoint>.metrics.jsonl and logs to W&B with --wandb;
-    record(dict, draw_curve=True) also draws <checkpoint>.loss.png (if matplotlib is installed).
-
-    The curve is drawn once, after the last evaluation: drawing takes ~0.5 s, which at every
-    evaluation would slow short runs measurably."""
-    stem = os.path.splitext(config.checkpoint)[0]
-    jsonl_path, png_path = f"{stem}.metrics.jsonl", f"{stem}.loss.png"
-    if not config.resume and os.path.exists(jsonl_path):
-        os.remove(jsonl_path)  # a fresh run overwrites the checkpoint, so its log starts anew
-    can_draw = importlib.util.find_spec("matplotlib") is not None  # imported only to draw
-    if not can_draw:
-        print("Note: matplotlib is not installed, so no loss-curve PNG (pip install matplotlib)")
-    wandb_run = start_wandb(config) if config.wandb else None
-
-    def record(metrics, draw_curve=False):
-        with open(jsonl_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if wandb_run is not None:
-            if "sample" in metrics:
-                wandb_run.summary["sample"] = metrics["sample"]
-                wandb_run.finish()
-            else:
-                wandb_run.log({k: v for k, v in metrics.items() if k != "step"},
-                              step=metrics["step"])
-        if can_draw and draw_curve:
-            plot_losses(jsonl_path, png_path)
-
-    return record
-
-
-def start_wandb(config):
-    try:
-        import wandb  # optional extra, needed only for --wandb
-    except ImportError:
-        raise UsageError("--wandb needs the wandb package: pip install wandb")
-    return wandb.init(project=config.wandb_project, config=asdict(config))
-
-
-def plot_losses(jsonl_path, png_path):
-    import matplotlib
-    matplotlib.use("Agg")  # draw to files; no window
-    import matplotlib.pyplot as plt
-    with open(jsonl_path) as f:
-        rows = [json.loads(line) for line in f]
-    figure, axes = plt.subplots(figsize=(7, 4))
-    steps = [r["step"] for r in rows if "loss" in r]
-    axes.plot(steps, [r["loss"] for r in rows if "loss" in r], alpha=0.3, label="batch loss")
-    evals = [r for r in rows if "val_loss" in r]
-    axes.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train loss")
-    axes.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
-    axes.set_xlabel("step")
-    axes.set_ylabel("cross-entropy (nats per token)")
-    axes.legend()
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(png_path, dpi=100)
-    plt.close(figure)
 
 
 if __name__ == "__main__":

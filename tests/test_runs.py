@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import tracking
 import train
 from config import Config
 from conftest import ROOT, TINY_FLAGS, needs_muon, run_script, tiny_model
@@ -125,7 +126,7 @@ def test_wandb_offline_run_holds_the_history(tmp_path, tiny_data):
 def test_wandb_without_the_package_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now fails
     with pytest.raises(train.UsageError, match="pip install wandb"):
-        train.start_wandb(Config())
+        tracking.start_wandb(Config())
 
 
 # --- DDP ------------------------------------------------------------------------------------
