@@ -19,8 +19,16 @@ import torch
 from config import ArgumentParser
 from model import GPTModel
 from speedups import compile_decode, int8_available, quantize_int8
-from utils import (UsageError, cpu_has_native_bf16, load_checkpoint, pick_device, pick_dtype,
-                   run_main, start_tokens, tokenizer_from_dict)
+from utils import (
+    UsageError,
+    cpu_has_native_bf16,
+    load_checkpoint,
+    pick_device,
+    pick_dtype,
+    run_main,
+    start_tokens,
+    tokenizer_from_dict,
+)
 
 RULE = "=" * 60
 

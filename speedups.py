@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from model import GPTModel
 from utils import UsageError, use_compile
 
-
 # ---------------------------------------------------------------------------------------------
 # Training on a CPU
 

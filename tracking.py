@@ -10,7 +10,6 @@ from dataclasses import asdict
 from utils import UsageError
 
 
-
 def metrics_recorder(config):
     """Return record(dict): appends to <checkpoint>.metrics.jsonl and logs to W&B with --wandb;
     record(dict, draw_curve=True) also draws <checkpoint>.loss.png (if matplotlib is installed).

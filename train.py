@@ -16,26 +16,38 @@ import time
 
 START_TIME = time.time()  # "elapsed" in the eval lines counts from launch, imports included
 
-import contextlib  # noqa: E402 (imports after START_TIME on purpose)
-import math  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
+import contextlib
+import math
+import os
+import random
+import signal
+import sys
+from dataclasses import asdict, dataclass
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
-import speedups  # noqa: E402
-from config import parse_config  # noqa: E402
-from tracking import metrics_recorder  # noqa: E402
-from model import GPTModel  # noqa: E402
-from utils import (UsageError, autocast, bits_per_char, get_batch, load_checkpoint,  # noqa: E402
-                   pick_device, pick_dtype, read_text, run_main, save_checkpoint, start_tokens,
-                   tokenize, use_compile)
+import speedups
+from config import parse_config
+from model import GPTModel
+from tracking import metrics_recorder
+from utils import (
+    UsageError,
+    autocast,
+    bits_per_char,
+    get_batch,
+    load_checkpoint,
+    pick_device,
+    pick_dtype,
+    read_text,
+    run_main,
+    save_checkpoint,
+    start_tokens,
+    tokenize,
+    use_compile,
+)
 
 
 def main(argv=None):

@@ -3,8 +3,8 @@ clear line on stderr, exit code 2, no traceback."""
 
 import importlib.util
 import math
-import signal
 import re
+import signal
 import subprocess
 import sys
 import time

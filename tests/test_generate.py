@@ -2,13 +2,12 @@
 
 import argparse
 
-import pytest
 import torch
 
 import generate
 import utils
 from conftest import tiny_model
-from utils import CharTokenizer, UsageError
+from utils import CharTokenizer
 
 
 def options(**overrides):

@@ -2,17 +2,24 @@
 
 import hashlib
 import os
-import subprocess
-import sys
 import urllib.request
 
 import pytest
 import torch
 
 import utils
-from conftest import ROOT
-from utils import (CharTokenizer, UsageError, atomic_write, get_batch, load_checkpoint,
-                   pick_device, read_text, save_checkpoint, split_data, tokenizer_from_dict)
+from utils import (
+    CharTokenizer,
+    UsageError,
+    atomic_write,
+    get_batch,
+    load_checkpoint,
+    pick_device,
+    read_text,
+    save_checkpoint,
+    split_data,
+    tokenizer_from_dict,
+)
 
 
 def test_char_tokenizer_round_trip_and_sorted_vocab():
