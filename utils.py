@@ -348,7 +348,7 @@ def pick_device(name="auto"):
 
 def pick_dtype(name, device):
     """'auto' -> bfloat16 on GPUs that support it, float16 on older GPUs, bfloat16 on CPUs
-    with native bf16 instructions, else float32 (see README for the measured speed-ups)."""
+    with native bf16 instructions, else float32 (docs/results.md has the measured speed-ups)."""
     if name != "auto":
         return name
     if device.startswith("cuda"):
