@@ -63,8 +63,9 @@ def main(argv=None):
     log(f"Model parameters: {model.num_params():,}")
     warn_if_gpu_sized(model, config, run, log)
     optimizer = make_optimizer(model, config)
-    start_step, val_loss = resume(config, model, optimizer, tokenizer, run) \
-        if config.resume else (0, float("nan"))
+    start_step, val_loss = 0, float("nan")
+    if config.resume:
+        start_step, val_loss = resume(config, model, optimizer, tokenizer, run)
     train_model = wrap_for_training(model, config, run)  # torch.compile, DDP
     # float16 needs loss scaling so small gradients do not underflow; bf16 has float32's range.
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
@@ -75,10 +76,12 @@ def main(argv=None):
     progress = tqdm(total=config.max_iters, initial=start_step, unit="step", dynamic_ncols=True,
                     file=sys.stdout, disable=not run.is_master)
     timer = StepTimer()
-    for step in range(start_step, config.max_iters + 1):
-        stopping = on_any_rank(stop_requested(), run)  # all ranks stop at the same step
+    for step in range(start_step, config.max_iters + 1):  # + 1: evaluate after the last step
+        # Ctrl-C on any process stops every one at this step (a no-op on one process).
+        stopping = on_any_rank(stop_requested(), run)
         last_step = step == config.max_iters or stopping
-        just_resumed = config.resume and step == start_step  # evaluated before that save
+        # A resumed run's checkpoint was saved just after evaluating this step: no need again.
+        just_resumed = config.resume and step == start_step
         if (step % config.eval_interval == 0 or last_step) and not just_resumed:
             val_loss = evaluate_and_save(step, model, optimizer, tokenizer, train_data,
                                          val_data, config, run, progress, record, last_step)
@@ -100,7 +103,7 @@ def main(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# The steps of main(), in the order it calls them
+# The steps of main(), roughly in the order it calls them
 
 @dataclass
 class Run:
@@ -303,20 +306,26 @@ def train_step(train_model, optimizer, scaler, micro_batches, config, run):
     """
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(micro_batches):
-        # DDP: all-reduce the gradients once, after the last micro-batch, not after each.
-        is_last = i == len(micro_batches) - 1
-        no_sync = getattr(train_model, "no_sync", None)
-        with (contextlib.nullcontext() if is_last or no_sync is None else no_sync()):
-            with autocast(run.device, run.dtype):
+        with sync_gradients_only_if(i == len(micro_batches) - 1, train_model):
+            with autocast(run.device, run.dtype):  # forward in bf16/fp16 where chosen
                 _, loss = train_model(x, y)
             # Gradients add up over micro-batches; dividing makes the sum their mean.
+            # (scaler.scale multiplies by the loss scale in float16, else does nothing.)
             scaler.scale(loss / len(micro_batches)).backward()
     if config.grad_clip > 0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
         torch.nn.utils.clip_grad_norm_(train_model.parameters(), config.grad_clip)
-    scaler.step(optimizer)
+    scaler.step(optimizer)  # optimizer.step(), skipped if float16 gradients overflowed
     scaler.update()
-    return loss
+    return loss  # the last micro-batch's, for the progress bar
+
+
+def sync_gradients_only_if(is_last, train_model):
+    """Under DDP, all-reduce the gradients once, after the last micro-batch, not after each;
+    elsewhere a context that does nothing."""
+    if is_last or not hasattr(train_model, "no_sync"):
+        return contextlib.nullcontext()
+    return train_model.no_sync()
 
 
 class StepTimer:
@@ -398,7 +407,8 @@ def stop_on_nan(progress, checkpoint_path):
 # ---------------------------------------------------------------------------------------------
 # Speed figures: tokens per step, FLOPs per token, MFU
 
-# Dense peak FLOP/s of known GPUs for MFU: (bf16/fp16 tensor cores, float32 via TF32).
+# Dense peak FLOP/s of known GPUs for MFU: (bf16/fp16 tensor cores, float32: TF32 tensor cores
+# where the GPU has them (A100 and newer), plain float32 on the V100 and T4).
 GPU_PEAK_FLOPS = {
     "H100 PCIe": (756e12, 378e12), "H100": (989e12, 495e12), "H200": (989e12, 495e12),
     "A100": (312e12, 156e12), "L4": (121e12, 60e12), "RTX 4090": (165e12, 83e12),

@@ -281,11 +281,13 @@ def bits_per_char(mean_loss, n_tokens, n_chars):
 def get_batch(data, batch_size, block_size, generator=None):
     """Random (x, y) blocks from a 1-D token tensor; y is x shifted left by one: (B, T) each.
 
-    Sampling happens where the data lives (the GPU, if it is there): no Python loop, no copy.
+    Sampling happens where the data lives (the GPU, if it is there): no Python loop and no copy
+    between devices.
     """
     starts = torch.randint(len(data) - block_size, (batch_size,), device=data.device,
                            generator=generator)
     offsets = torch.arange(block_size + 1, device=data.device)
+    # A (B, T + 1) grid of indices: row b is starts[b], starts[b] + 1, ..., starts[b] + T.
     windows = data[starts[:, None] + offsets]  # (B, T + 1)
     return windows[:, :-1], windows[:, 1:]
 
