@@ -64,7 +64,8 @@ def measure_training(flags, steps, warmup_steps, label):
         batch = get_batch(data, config.batch_size, config.block_size)
         train.train_step(train_model, optimizer, scaler, [batch], config, run)
 
-    for _ in range(warmup_steps):  # first steps pay for compilation and memory allocation
+    # The first steps pay for compilation (up to a minute) and memory allocation.
+    for _ in tqdm(range(warmup_steps), desc=f"warm-up ({label})", file=sys.stdout):
         step()
     synchronize(run.device)
     start = time.time()
@@ -185,12 +186,14 @@ def report(device, quick, json_path, n_tokens):
     announce(1, "time from launch to the target val loss")
     rows = [time_to_target_row(device, quick)]
     for part, compile_setting in enumerate(("false", "true"), start=2):
-        announce(part, f"training speed, compile {compile_setting}")
+        announce(part, f"training speed, compile {compile_setting}"
+                       + (" (compiling takes up to a minute)" if compile_setting == "true" else ""))
         rows.append(in_fresh_process(training_row, device, compile_setting, quick))
     generation = ((True, "true"), (True, "false"), (False, "false"))
     for part, (use_cache, compile_setting) in enumerate(generation, start=4):
         announce(part, f"generation speed, {'KV cache' if use_cache else 'no cache'}, "
-                       f"compile {compile_setting}")
+                       f"compile {compile_setting}"
+                       + (" (compiling takes up to a minute)" if compile_setting == "true" else ""))
         rows.append(in_fresh_process(generation_row, device, use_cache, compile_setting, quick,
                                      n_tokens))
     result = dict(environment=environment(device), quick=quick, rows=rows)

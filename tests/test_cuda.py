@@ -239,7 +239,8 @@ def test_quick_report_fills_every_row(tmp_path, device):
     report = json.loads(json_path.read_text())
     rows = report["rows"]
     assert [row["unit"] for row in rows] == ["s"] + ["tokens/s"] * 5
-    assert all(row["value"] > 0 for row in rows), [row["result"] for row in rows]
+    assert all(row["value"] is not None and row["value"] > 0 for row in rows), \
+        [row["result"] for row in rows]
     table = result.stdout[result.stdout.index("| Measurement | Result | Details |"):]
     for row in rows:  # the printed table and the JSON say the same
         assert f"| {row['measurement']} | {row['result']} | {row['details']} |" in table
@@ -254,6 +255,26 @@ def test_quick_report_fills_every_row(tmp_path, device):
         assert len(compiled_rows) == 2
         assert all(row["compiled"] for row in compiled_rows) or utils.compile_problem("cuda")
         assert rows[1]["dtype"] == utils.pick_dtype("auto", "cuda")
+
+
+def test_report_prints_the_table_and_says_where_the_json_went(tmp_path, monkeypatch, capsys):
+    def fake_row(function, *args):
+        return dict(measurement=function.__name__, result="1 tokens/s", details="made up",
+                    value=1.0, unit="tokens/s")
+
+    monkeypatch.setattr(bench, "in_fresh_process", fake_row)
+    monkeypatch.setattr(bench, "time_to_target_row", lambda device, quick: dict(
+        measurement="time", result="2.0 s", details="made up", value=2.0, unit="s"))
+    json_path = tmp_path / "report.json"
+    json_path.write_text("an older report")
+    bench.report("cpu", True, str(json_path), 5)
+    out = capsys.readouterr().out
+    assert f"Wrote {json_path} (replacing the report that was there)" in out
+    report = json.loads(json_path.read_text())
+    assert [row["measurement"] for row in report["rows"]] == \
+        ["time", "training_row", "training_row"] + ["generation_row"] * 3
+    assert report["markdown"] in out and "| time | 2.0 s | made up |" in report["markdown"]
+    assert report["environment"]["device"] == "cpu" and report["quick"]
 
 
 # ---------------------------------------------------------------------------------------------
