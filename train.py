@@ -67,8 +67,7 @@ def main(argv=None):
     if config.resume:
         start_step, val_loss = resume(config, model, optimizer, tokenizer, run)
     train_model = wrap_for_training(model, config, run)  # torch.compile, DDP
-    # float16 needs loss scaling so small gradients do not underflow; bf16 has float32's range.
-    scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
+    scaler = make_scaler(run)  # float16 only: scales the loss so small gradients survive
     record = metrics_recorder(config) if run.is_master else None
     stop_requested = catch_ctrl_c()
 
@@ -134,8 +133,10 @@ def set_up(config):
     dtype = pick_dtype(config.dtype, device)  # --reference: float32
     if device == "cpu" and not config.reference:
         speedups.keep_freed_memory()  # reuse freed activations' memory: ~20% faster steps
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
+    if device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (8, 0):
+        # TF32: float32 matmuls on the tensor cores of Ampere and newer GPUs (A100, RTX 30xx,
+        # H100); older ones (T4, V100) have no TF32 and would ignore the switch anyway.
+        torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Run(device, dtype, rank, local_rank, world_size)
 
@@ -212,6 +213,13 @@ def wrap_for_training(model, config, run):
         model = DistributedDataParallel(
             model, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
     return model
+
+
+def make_scaler(run):
+    """float16 (GPUs without bf16: T4, V100) needs loss scaling: the loss is multiplied before
+    backward so small gradients do not underflow to 0, and divided out before the step.
+    bfloat16 has float32's range and float32 needs nothing, so there the scaler is a no-op."""
+    return torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
 
 
 def evaluate_and_save(step, model, optimizer, tokenizer, train_data, val_data, config, run,

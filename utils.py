@@ -354,10 +354,20 @@ def pick_dtype(name, device):
     if name != "auto":
         return name
     if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "bfloat16" if gpu_has_native_bf16(device) else "float16"
     if device == "cpu" and cpu_has_native_bf16():
         return "bfloat16"
     return "float32"
+
+
+def gpu_has_native_bf16(device):
+    """bf16 in hardware: compute capability 8.0 and newer (A100, RTX 30xx, H100), AMD GPUs.
+    Asked without emulation: plain is_bf16_supported() says yes on a T4 or V100 too, which
+    have no bf16 tensor cores (only float16 ones), so that bf16 would run slowly there."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # an older PyTorch, without that argument
+        return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def use_compile(setting, device, doing):
@@ -375,6 +385,12 @@ def use_compile(setting, device, doing):
 def compile_problem(device):
     """Why torch.compile cannot work here, or None."""
     if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 7:  # e.g. a P100 (6.0) or a GTX 10xx (6.1)
+            return (f"this GPU (compute capability {major}.{minor}) is older than Triton, "
+                    f"torch.compile's GPU compiler, supports (7.0 and newer)")
         from torch.utils._triton import has_triton
         if not has_triton():
             return "Triton is not installed or does not support this GPU"
