@@ -32,8 +32,7 @@ from config import PRESETS, ArgumentParser, parse_config
 from generate import for_sampling, pick_sampling_dtype
 from model import GPTModel
 from speedups import compile_decode
-from utils import (DEFAULT_DATA, atomic_write, compile_problem, get_batch, pick_device,
-                   read_text, run_main)
+from utils import DEFAULT_DATA, atomic_write, compile_problem, get_batch, pick_device, read_text, run_main
 
 VOCAB_SIZE = 65  # Tiny Shakespeare's
 

@@ -18,6 +18,7 @@ import sys
 
 import pytest
 import torch
+from test_runs import losses_by_step
 
 import bench
 import generate
@@ -26,7 +27,6 @@ import train
 import utils
 from config import Config, parse_config
 from conftest import ROOT, TINY_FLAGS, needs_muon, run_script, tiny_model
-from test_runs import losses_by_step
 from train import Run
 from utils import CharTokenizer, get_batch, save_checkpoint
 
