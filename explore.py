@@ -32,6 +32,7 @@ from utils import UsageError, pick_device, run_main
 SHOWN = {" ": "␣", "\n": "↵", "\t": "⇥"}  # whitespace, drawn so that it can be seen
 DPI = 100  # pictures sharp enough to read, small enough to commit
 LABEL_SIZE = 12  # points, for the characters in embeddings.png
+MAX_LABELS = 128  # embeddings.png labels every token of a vocabulary up to this size
 
 
 def parse_args(argv=None):
@@ -69,7 +70,7 @@ def main(argv=None):
     prompt_labels = [token_text[i] for i in prompt_ids]
     attention_png = draw_attention(attention, prompt_labels, os.path.join(out_dir, "attention.png"))
     embeddings_png = draw_embeddings(model.tok_emb.weight.detach().cpu(), token_text,
-                                     os.path.join(out_dir, "embeddings.png"))
+                                     prompt_ids, os.path.join(out_dir, "embeddings.png"))
     print(f"\nAttention maps: {attention_png}\nEmbeddings:     {embeddings_png}")
 
 
@@ -107,8 +108,9 @@ def look_inside(model, prompt_ids):
 
 
 def readable(text):
-    """A token's text with whitespace made visible: 'a b\\n' -> 'a␣b↵'."""
-    return "".join(SHOWN.get(ch, ch) for ch in text)
+    """A token's text with whitespace made visible, 'a b\\n' -> 'a␣b↵', and other control
+    characters (BPE's byte tokens) written as escapes, '\\x1b', so they cannot upset a terminal."""
+    return "".join(SHOWN.get(ch, ch if ch.isprintable() else f"\\x{ord(ch):02x}") for ch in text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +211,8 @@ def embedding_pca(weight):
 
 def kind_of(text):
     """The group a token is coloured by in embeddings.png."""
+    if text == "\ufffd" or (text.startswith("\\x") and len(text) == 4):
+        return "byte"  # BPE: part of a character, or a control character
     if len(text) != 1:
         return "longer token"
     if text in "aeiou":
@@ -226,12 +230,17 @@ def kind_of(text):
 
 KIND_COLOURS = {"vowel": "tab:red", "consonant": "tab:blue", "capital": "tab:green",
                 "punctuation": "tab:orange", "space, newline": "tab:purple",
-                "digit": "tab:brown", "longer token": "tab:gray"}
+                "digit": "tab:brown", "longer token": "tab:gray", "byte": "tab:pink"}
 
 
-def draw_embeddings(weight, token_text, path):
-    """Save the token embeddings (V, C), projected to 2-D, as labelled points; returns path."""
+def draw_embeddings(weight, token_text, prompt_ids, path):
+    """Save the token embeddings (V, C), projected to 2-D, as labelled points; returns path.
+    A vocabulary of characters gets every point labelled; a bigger one (BPE), only the
+    prompt's tokens, which would otherwise drown in the crowd."""
     plt = pyplot()
+    labelled = list(range(len(token_text)))
+    if len(token_text) > MAX_LABELS:
+        labelled = sorted(set(prompt_ids))
     coords, explained = embedding_pca(weight)
     figure, ax = plt.subplots(figsize=(10, 8.5))
     kinds = [kind_of(text) for text in token_text]
@@ -241,16 +250,17 @@ def draw_embeddings(weight, token_text, path):
             ax.scatter(coords[members, 0], coords[members, 1], s=12, color=colour, label=kind)
     ax.set_xlabel(f"first principal component ({100 * explained[0]:.0f}% of the variance)")
     ax.set_ylabel(f"second principal component ({100 * explained[1]:.0f}% of the variance)")
-    ax.set_title("Token embeddings projected to 2-D (PCA). ␣ space, ↵ newline")
+    ax.set_title("Token embeddings projected to 2-D (PCA). ␣ space, ↵ newline"
+                 + ("" if len(labelled) == len(token_text) else "; labelled: the prompt's tokens"))
     ax.legend(loc="best", fontsize=10)
     ax.grid(alpha=0.2)
     ax.margins(0.06)
     figure.tight_layout()  # fixes where the points land, so the labels can be placed
-    offsets = label_offsets(ax, coords, token_text, LABEL_SIZE)
-    for i, text in enumerate(token_text):
+    offsets = label_offsets(ax, coords[labelled], [token_text[i] for i in labelled], LABEL_SIZE)
+    for i, offset in zip(labelled, offsets):
         colour = KIND_COLOURS[kinds[i]]
         # A framed label, so that a lone "." or "," is as easy to find as a letter.
-        ax.annotate(text, (coords[i, 0], coords[i, 1]), xytext=offsets[i],
+        ax.annotate(token_text[i], (coords[i, 0], coords[i, 1]), xytext=offset,
                     textcoords="offset points", fontsize=LABEL_SIZE, fontweight="bold",
                     color=colour, va="bottom",
                     bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor=colour,

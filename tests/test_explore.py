@@ -166,6 +166,11 @@ def test_embedding_pca_keeps_the_two_largest_directions():
     assert torch.allclose(coords.norm(dim=1), centred.norm(dim=1), atol=0.01)  # all but noise
 
 
+def test_whitespace_and_control_characters_are_shown_readably():
+    assert explore.readable("a b\n") == "a␣b↵"
+    assert explore.readable("\x1b[2J") == "\\x1b[2J"  # an escape code printed, not obeyed
+
+
 def is_png(path):
     data = path.read_bytes()
     return data[:8] == PNG_SIGNATURE and len(data) > 1000
@@ -196,7 +201,8 @@ def test_pictures_go_beside_the_checkpoint_by_default(checkpoint, capsys):
 
 def test_without_matplotlib_the_table_still_prints(checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
-    explore.main(["--checkpoint", str(checkpoint), "--prompt", "ROMEO:", "--out", str(tmp_path / "x")])
+    explore.main(["--checkpoint", str(checkpoint), "--prompt", "ROMEO:",
+                  "--out", str(tmp_path / "x")])
     out = capsys.readouterr().out
     assert "top 5 guesses" in out and "pip install matplotlib" in out
     assert not (tmp_path / "x").exists()
