@@ -38,13 +38,15 @@ MAX_LABELS = 128  # embeddings.png labels every token of a vocabulary up to this
 def parse_args(argv=None):
     parser = ArgumentParser(prog="explore.py", description="Look inside a trained checkpoint: "
                             "next-token table, attention maps, embeddings.")
-    parser.add_argument("--checkpoint", default="ckpt.pt", help="checkpoint saved by train.py")
-    parser.add_argument("--prompt", default="ROMEO:", help="the text to look at")
+    parser.add_argument("--checkpoint", default="ckpt.pt",
+                        help="checkpoint saved by train.py (default: ckpt.pt)")
+    parser.add_argument("--prompt", default="ROMEO:", help="the text to look at (default: ROMEO:)")
     parser.add_argument("--top_k", type=int, default=5,
-                        help="guesses shown per position (at most the vocabulary size)")
+                        help="guesses shown per position (default: 5)")
     parser.add_argument("--out", default=None,
                         help="folder for the PNGs (default: <checkpoint stem>.explore/)")
-    parser.add_argument("--device", default="cpu", help="cpu (enough for one prompt), cuda, mps")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (the default: enough for one prompt), cuda, mps")
     args = parser.parse_args(argv)
     if not args.prompt:
         raise UsageError('--prompt is empty; give the text to look at, e.g. --prompt "ROMEO:"')
