@@ -48,6 +48,7 @@ class Config:
     eval_iters: int = 20               # batches for the train-loss estimate; val loss is exact
     log_interval: int = 10             # steps between progress-bar updates and metrics lines
     sample_tokens: int = 500           # tokens (characters) sampled at the end of training (0 = none)
+    eval_sample_tokens: int = 0        # tokens sampled at each evaluation (0 = none)
     # system
     device: str = "auto"               # auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu
     dtype: str = "auto"                # auto, float32, bfloat16 or float16 (autocast; see README)
@@ -124,6 +125,9 @@ def check_config(config):
                  "eval_interval", "eval_iters", "gradient_accumulation_steps", "log_interval"):
         if getattr(config, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(config, name)}")
+    if config.eval_sample_tokens < 0:
+        raise UsageError(f"--eval_sample_tokens must be >= 0 (0 = none), "
+                         f"got {config.eval_sample_tokens}")
     if not 0.0 <= config.dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1), got {config.dropout}")
     if config.dtype not in ("auto", "float32", "bfloat16", "float16"):

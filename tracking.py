@@ -29,12 +29,13 @@ def metrics_recorder(config):
         with open(jsonl_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if wandb_run is not None:
-            if "sample" in metrics:
+            if "sample" in metrics:  # the latest sample, on the run's page
                 wandb_run.summary["sample"] = metrics["sample"]
+            numbers = {k: v for k, v in metrics.items() if k not in ("step", "sample")}
+            if numbers:
+                wandb_run.log(numbers, step=metrics["step"])
+            else:  # only a sample: the one printed after training, the run's last record
                 wandb_run.finish()
-            else:
-                wandb_run.log({k: v for k, v in metrics.items() if k != "step"},
-                              step=metrics["step"])
         if can_draw and draw_curve:
             plot_losses(jsonl_path, png_path)
 

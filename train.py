@@ -237,8 +237,12 @@ def evaluate_and_save(step, model, optimizer, tokenizer, train_data, val_data, c
                        f"val bpc {val_bpc:.4f} ({elapsed:.1f}s)")
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             stop_on_nan(progress, config.checkpoint)
-        record(dict(step=step, train_loss=train_loss, val_loss=val_loss, val_bpc=val_bpc,
-                    elapsed=elapsed), draw_curve=last_step)
+        metrics = dict(step=step, train_loss=train_loss, val_loss=val_loss, val_bpc=val_bpc,
+                       elapsed=elapsed)
+        if config.eval_sample_tokens > 0:
+            metrics["sample"] = eval_sample(model, tokenizer, config, run)
+            progress.write(f"Sample at step {step}:\n{metrics['sample'].strip()}\n")
+        record(metrics, draw_curve=last_step)
     # Taken after rank 0's evaluation (which draws batches), so --resume continues exactly.
     rng_states = gather_from_all_ranks(rng_state(), run)
     if run.is_master and step > 0:
@@ -261,6 +265,19 @@ def evaluate(model, train_data, val_data, config, run):
         val_loss = exact_loss(model, val_data, config.block_size, config.batch_size)
     model.train()
     return train_loss, val_loss
+
+
+def eval_sample(model, tokenizer, config, run):
+    """--eval_sample_tokens: a short sample to watch the text go from noise to Shakespeare.
+
+    Drawn from its own generator, seeded the same at every evaluation: the samples of a run
+    differ only by what the model has learned in between, and the training's random stream
+    (batches, dropout), and so --resume, is left exactly as it was.
+    """
+    generator = torch.Generator(run.device).manual_seed(config.seed)
+    sample = sample_text(model, tokenizer, config.eval_sample_tokens, run.device, generator)
+    model.train()
+    return sample
 
 
 def exact_loss(model, data, block_size, batch_size):
@@ -384,10 +401,11 @@ def finish(step, stopping, val_loss, model, tokenizer, config, run, record):
         torch.distributed.destroy_process_group()
 
 
-def sample_text(model, tokenizer, n_tokens, device):
+def sample_text(model, tokenizer, n_tokens, device, generator=None):
     model.eval()
     idx = torch.tensor([start_tokens(tokenizer)], dtype=torch.long, device=device)
-    return tokenizer.decode(model.generate(idx, n_tokens, temperature=0.8, top_k=200)[0].tolist())
+    tokens = model.generate(idx, n_tokens, temperature=0.8, top_k=200, generator=generator)
+    return tokenizer.decode(tokens[0].tolist())
 
 
 def catch_ctrl_c():

@@ -1,0 +1,292 @@
+"""Look inside a trained Mini-GPT: what it expects next, where its heads look, and how its
+characters arrange themselves in embedding space.
+
+    python explore.py --checkpoint ckpt.pt --prompt "ROMEO:"
+    python explore.py --checkpoint ckpt.pt --prompt "To be, or not to be" --top_k 3 --out look/
+
+One forward pass over the prompt gives three views:
+- the next-token table (printed): after each position of the prompt, the model's top-k
+  guesses for the next token with their probabilities, and the probability it gave the token
+  that really came next;
+- attention.png: a grid of layers (rows) x heads (columns), each the (T, T) attention weights
+  of one head over the prompt: row i is where position i looks, column j how much it takes
+  from position j. Everything above the diagonal is 0: the causal mask at work;
+- embeddings.png: the token embedding table (vocab_size, n_embd) projected onto its two
+  principal components (PCA), each point labelled with its token.
+
+The pictures go to --out (default: a folder beside the checkpoint, <checkpoint stem>.explore/)
+and need matplotlib (pip install matplotlib); without it the table is still printed.
+In the pictures and the table, ␣ is a space and ↵ a newline.
+"""
+
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+
+from config import ArgumentParser
+from generate import load_model
+from utils import UsageError, pick_device, run_main
+
+SHOWN = {" ": "␣", "\n": "↵", "\t": "⇥"}  # whitespace, drawn so that it can be seen
+DPI = 100  # pictures sharp enough to read, small enough to commit
+LABEL_SIZE = 12  # points, for the characters in embeddings.png
+MAX_LABELS = 128  # embeddings.png labels every token of a vocabulary up to this size
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(prog="explore.py", description="Look inside a trained checkpoint: "
+                            "next-token table, attention maps, embeddings.")
+    parser.add_argument("--checkpoint", default="ckpt.pt",
+                        help="checkpoint saved by train.py (default: ckpt.pt)")
+    parser.add_argument("--prompt", default="ROMEO:", help="the text to look at (default: ROMEO:)")
+    parser.add_argument("--top_k", type=int, default=5,
+                        help="guesses shown per position (default: 5)")
+    parser.add_argument("--out", default=None,
+                        help="folder for the PNGs (default: <checkpoint stem>.explore/)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (the default: enough for one prompt), cuda, mps")
+    args = parser.parse_args(argv)
+    if not args.prompt:
+        raise UsageError('--prompt is empty; give the text to look at, e.g. --prompt "ROMEO:"')
+    if args.top_k < 1:
+        raise UsageError(f"--top_k must be at least 1, got {args.top_k}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    # float32 and the written-out attention: the only path that materialises the weights.
+    model, tokenizer = load_model(args.checkpoint, device, "float32", flash=False)
+    prompt_ids = encode_prompt(args.prompt, tokenizer, model.block_size)
+    probs, attention = look_inside(model, prompt_ids)
+
+    token_text = [readable(tokenizer.decode([i])) for i in range(tokenizer.vocab_size)]
+    print_next_token_table(probs, prompt_ids, token_text, min(args.top_k, tokenizer.vocab_size))
+    if importlib.util.find_spec("matplotlib") is None:  # imported only to draw
+        print("\nNote: matplotlib is not installed, so no pictures (pip install matplotlib)")
+        return
+    out_dir = output_folder(args.out, args.checkpoint)
+    prompt_labels = [token_text[i] for i in prompt_ids]
+    attention_png = draw_attention(attention, prompt_labels, os.path.join(out_dir, "attention.png"))
+    embeddings_png = draw_embeddings(model.tok_emb.weight.detach().cpu(), token_text,
+                                     prompt_ids, os.path.join(out_dir, "embeddings.png"))
+    print(f"\nAttention maps: {attention_png}\nEmbeddings:     {embeddings_png}")
+
+
+# ---------------------------------------------------------------------------------------------
+# One forward pass, keeping what the model computed along the way
+
+def encode_prompt(prompt, tokenizer, block_size):
+    ids = tokenizer.encode(prompt)  # UsageError for characters the model never saw
+    if len(ids) > block_size:
+        raise UsageError(f"the prompt is {len(ids)} tokens, longer than this model's block_size "
+                         f"{block_size}; shorten it to at most {block_size}")
+    return ids
+
+
+def look_inside(model, prompt_ids):
+    """Run the prompt (T tokens) through the model once: (next-token probabilities (T, V),
+    attention weights (n_layer, n_head, T, T)), both on the CPU.
+
+    The attention blocks keep their softmax weights only while keep_attn_weights is set (and
+    only on the written-out path, flash=False); training and generation never pay for it.
+    """
+    blocks = [block.attn for block in model.blocks]
+    for attn in blocks:
+        attn.keep_attn_weights = True
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=model.tok_emb.weight.device)
+    with torch.no_grad():
+        logits, _ = model(idx)  # (1, T, V)
+    if any(attn.attn_weights is None for attn in blocks):
+        raise ValueError("no attention weights were kept: build the model with flash=False")
+    attention = torch.stack([attn.attn_weights[0] for attn in blocks]).cpu()  # (L, nh, T, T)
+    for attn in blocks:
+        attn.keep_attn_weights, attn.attn_weights = False, None
+    probs = F.softmax(logits[0].float(), dim=-1).cpu()  # each row sums to 1
+    return probs, attention
+
+
+def readable(text):
+    """A token's text with whitespace made visible, 'a b\\n' -> 'a␣b↵', and other control
+    characters (BPE's byte tokens) written as escapes, '\\x1b', so they cannot upset a terminal."""
+    return "".join(SHOWN.get(ch, ch if ch.isprintable() else f"\\x{ord(ch):02x}") for ch in text)
+
+
+# ---------------------------------------------------------------------------------------------
+# The next-token table
+
+def next_token_rows(probs, prompt_ids, top_k):
+    """Per position t: (the token at t, the token that came next or None at the end, the
+    probability the model gave it, [(token, probability)] of its top_k guesses)."""
+    top_probs, top_ids = probs.topk(top_k, dim=-1)  # (T, top_k) each
+    rows = []
+    for t, token in enumerate(prompt_ids):
+        actual = prompt_ids[t + 1] if t + 1 < len(prompt_ids) else None
+        p_actual = probs[t, actual].item() if actual is not None else None
+        guesses = list(zip(top_ids[t].tolist(), top_probs[t].tolist()))
+        rows.append((token, actual, p_actual, guesses))
+    return rows
+
+
+def print_next_token_table(probs, prompt_ids, token_text, top_k):
+    """Print, per prompt position, what came next, its probability, and the top_k guesses."""
+    rows = next_token_rows(probs, prompt_ids, top_k)
+    width = max(5, max(len(text) for text in token_text))
+    print(f"After each token of the prompt, the model's {top_k} likeliest next tokens "
+          f"(␣ = space, ↵ = newline):\n")
+    print(f"{'pos':>4}  {'token':<{width}}  {'next':<{width}}  {'p(next)':>7}   "
+          f"top {top_k} guesses")
+    for t, (token, actual, p_actual, guesses) in enumerate(rows):
+        next_text = token_text[actual] if actual is not None else "-"
+        p_text = f"{p_actual:.3f}" if p_actual is not None else "-"
+        shown = "  ".join(f"{token_text[i]:<{width}} {p:.3f}" for i, p in guesses)
+        print(f"{t:>4}  {token_text[token]:<{width}}  {next_text:<{width}}  {p_text:>7}   {shown}")
+    p_actuals = torch.tensor([row[2] for row in rows[:-1]])
+    if len(p_actuals):
+        print(f"\nThe tokens that really came next: mean probability {p_actuals.mean():.3f}, "
+              f"loss {-p_actuals.log().mean():.3f} nats per token (mean -log p, as val loss)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The pictures (matplotlib is imported only here, as an optional extra)
+
+def output_folder(out, checkpoint):
+    folder = out or os.path.splitext(checkpoint)[0] + ".explore"
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create the output folder {folder} ({err.strerror}); "
+                         f"pass --out DIR to a folder you can write")
+    return folder
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # draw to files; no window
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def draw_attention(attention, labels, path):
+    """Save the (n_layer, n_head, T, T) weights as a grid of layers x heads; returns path.
+    The prompt's tokens label the left column's rows and the bottom row's columns."""
+    plt = pyplot()
+    n_layer, n_head, T, _ = attention.shape
+    panel = min(3.5, max(1.6, 0.14 * T))  # inches per head: room for T labels, within reason
+    figure, axes = plt.subplots(n_layer, n_head, squeeze=False, sharex=True, sharey=True,
+                                figsize=(panel * n_head + 1.5, panel * n_layer + 0.7),
+                                layout="constrained")
+    ticks = list(range(0, T, -(-T // 40)))  # at most 40 labels per axis
+    tick_labels = [labels[t] for t in ticks]
+    fontsize = max(5.0, min(11.0, 0.8 * 72 * panel / len(ticks)))  # 4/5 of a row's height
+    for layer in range(n_layer):
+        for head in range(n_head):
+            ax = axes[layer][head]
+            image = ax.imshow(attention[layer, head].numpy(), cmap="Blues", vmin=0.0, vmax=1.0,
+                              interpolation="nearest")
+            ax.tick_params(length=0, pad=1.5, labelsize=fontsize)
+        axes[layer][0].set_yticks(ticks, tick_labels)
+        axes[layer][0].set_ylabel(f"layer {layer}", fontsize=11)
+    for head in range(n_head):
+        axes[0][head].set_title(f"head {head}", fontsize=11)
+        axes[-1][head].set_xticks(ticks, tick_labels,
+                                  rotation=90 if any(len(t) > 1 for t in tick_labels) else 0)
+    figure.suptitle("Attention weights of the prompt. Row: the position that looks (query); "
+                    "column: the position it looks at (key). ␣ space, ↵ newline", fontsize=12)
+    figure.colorbar(image, ax=axes, shrink=0.5, pad=0.01, label="weight (each row sums to 1)")
+    figure.savefig(path, dpi=DPI)
+    plt.close(figure)
+    return path
+
+
+def embedding_pca(weight):
+    """Project the rows of weight (V, C) onto their two principal components: (coordinates
+    (V, 2), the fraction of the variance each component explains (2,))."""
+    centred = weight.float() - weight.float().mean(dim=0)
+    _, singular_values, directions = torch.linalg.svd(centred, full_matrices=False)
+    variance = singular_values ** 2
+    return centred @ directions[:2].T, variance[:2] / variance.sum()
+
+
+def kind_of(text):
+    """The group a token is coloured by in embeddings.png."""
+    if text == "\ufffd" or (text.startswith("\\x") and len(text) == 4):
+        return "byte"  # BPE: part of a character, or a control character
+    if len(text) != 1:
+        return "longer token"
+    if text in "aeiou":
+        return "vowel"
+    if text.islower():
+        return "consonant"
+    if text.isupper():
+        return "capital"
+    if text in SHOWN.values():
+        return "space, newline"
+    if text.isdigit():
+        return "digit"
+    return "punctuation"
+
+
+KIND_COLOURS = {"vowel": "tab:red", "consonant": "tab:blue", "capital": "tab:green",
+                "punctuation": "tab:orange", "space, newline": "tab:purple",
+                "digit": "tab:brown", "longer token": "tab:gray", "byte": "tab:pink"}
+
+
+def draw_embeddings(weight, token_text, prompt_ids, path):
+    """Save the token embeddings (V, C), projected to 2-D, as labelled points; returns path.
+    A vocabulary of characters gets every point labelled; a bigger one (BPE), only the
+    prompt's tokens, which would otherwise drown in the crowd."""
+    plt = pyplot()
+    labelled = list(range(len(token_text)))
+    if len(token_text) > MAX_LABELS:
+        labelled = sorted(set(prompt_ids))
+    coords, explained = embedding_pca(weight)
+    figure, ax = plt.subplots(figsize=(10, 8.5))
+    kinds = [kind_of(text) for text in token_text]
+    for kind, colour in KIND_COLOURS.items():
+        members = [i for i, k in enumerate(kinds) if k == kind]
+        if members:
+            ax.scatter(coords[members, 0], coords[members, 1], s=12, color=colour, label=kind)
+    ax.set_xlabel(f"first principal component ({100 * explained[0]:.0f}% of the variance)")
+    ax.set_ylabel(f"second principal component ({100 * explained[1]:.0f}% of the variance)")
+    ax.set_title("Token embeddings projected to 2-D (PCA). ␣ space, ↵ newline"
+                 + ("" if len(labelled) == len(token_text) else "; labelled: the prompt's tokens"))
+    ax.legend(loc="best", fontsize=10)
+    ax.grid(alpha=0.2)
+    ax.margins(0.06)
+    figure.tight_layout()  # fixes where the points land, so the labels can be placed
+    offsets = label_offsets(ax, coords[labelled], [token_text[i] for i in labelled], LABEL_SIZE)
+    for i, offset in zip(labelled, offsets):
+        colour = KIND_COLOURS[kinds[i]]
+        # A framed label, so that a lone "." or "," is as easy to find as a letter.
+        ax.annotate(token_text[i], (coords[i, 0], coords[i, 1]), xytext=offset,
+                    textcoords="offset points", fontsize=LABEL_SIZE, fontweight="bold",
+                    color=colour, va="bottom",
+                    bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor=colour,
+                              linewidth=0.8, alpha=0.9))
+    figure.savefig(path, dpi=DPI)
+    plt.close(figure)
+    return path
+
+
+def label_offsets(ax, coords, texts, size):
+    """(dx, dy) in points for each point's label: just right of the point, pushed further right
+    while its box would cover a label placed before it (points close together, like a and A)."""
+    points = ax.transData.transform(coords.numpy()) * 72 / ax.figure.dpi  # (V, 2), in points
+    placed, offsets = [], [None] * len(texts)
+    for i in sorted(range(len(texts)), key=lambda i: points[i][0]):
+        width, height = 0.75 * size * len(texts[i]) + 5, size + 5  # text and frame
+        left, bottom = points[i][0] + 4, points[i][1] + 2
+        while any(left < r and l < left + width and bottom < t and b < bottom + height
+                  for l, b, r, t in placed):
+            left += 3
+        placed.append((left, bottom, left + width, bottom + height))
+        offsets[i] = (left - points[i][0], bottom - points[i][1])
+    return offsets
+
+
+if __name__ == "__main__":
+    run_main(main)
