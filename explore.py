@@ -280,8 +280,9 @@ def label_offsets(ax, coords, texts, size):
     for i in sorted(range(len(texts)), key=lambda i: points[i][0]):
         width, height = 0.75 * size * len(texts[i]) + 5, size + 5  # text and frame
         left, bottom = points[i][0] + 4, points[i][1] + 2
-        while any(left < r and l < left + width and bottom < t and b < bottom + height
-                  for l, b, r, t in placed):
+        while any(left < right and other_left < left + width and bottom < top
+                  and other_bottom < bottom + height
+                  for other_left, other_bottom, right, top in placed):
             left += 3
         placed.append((left, bottom, left + width, bottom + height))
         offsets[i] = (left - points[i][0], bottom - points[i][1])
