@@ -9,9 +9,13 @@ random: what the text says does not change how long the arithmetic takes.
 
 import multiprocessing
 import resource
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): exit quietly, no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
 import torch
 from tqdm import tqdm
@@ -21,7 +25,7 @@ from config import ArgumentParser, parse_config
 from generate import for_sampling, pick_sampling_dtype
 from model import GPTModel
 from speedups import compile_decode
-from utils import get_batch, pick_device, run_main
+from utils import UsageError, get_batch, pick_device, run_main
 
 VOCAB_SIZE = 65  # Tiny Shakespeare's
 
@@ -99,12 +103,22 @@ def main(argv=None):
                         help="timed training steps (default: 20 on a GPU, 3 on a CPU)")
     parser.add_argument("--batch_size", type=int, default=64, help="training batch size")
     parser.add_argument("--tokens", type=int, default=1000, help="tokens to generate")
-    parser.add_argument("--dtype", default="auto", help="generate: the weights' number format, "
-                        "as generate.py's --dtype (auto, float32, bfloat16, float16, int8)")
+    parser.add_argument("--dtype", default="auto",
+                        choices=["auto", "float32", "bfloat16", "float16", "int8"],
+                        help="generate: the weights' number format, as generate.py's --dtype")
     parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                         help="generate: as generate.py's --compile (auto = on for CUDA)")
     args = parser.parse_args(argv)
+    for name in ("steps", "tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
     device = pick_device(args.device)
+    if args.what == "train":  # the default model at --batch_size: refused here if it cannot fit
+        config, _ = parse_config(["--device", device, "--batch_size", str(args.batch_size)])
+        train.check_model_fits(config, train.Run(device, "float32"))
+    elif args.dtype == "int8" and device != "cpu":
+        raise UsageError(f"--dtype int8 runs on the CPU only; use --device cpu, or --dtype "
+                         f"bfloat16 on {device}")
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})"
                                  if device.startswith("cuda") else ""))
 
