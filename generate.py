@@ -15,11 +15,13 @@ and, on CUDA, a compiled one-token step replayed as a CUDA graph (--compile).
 """
 
 import math
+import os
 import signal
-import sys
 
-if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): exit quietly, no traceback
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+# Ctrl-C while torch loads (seconds): exit at once with 130, no traceback. os._exit, as nothing
+# is open yet, and an exception could be swallowed by a library's bare `except:` mid-import.
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
 import torch
 

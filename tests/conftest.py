@@ -48,9 +48,11 @@ def run_in_process(main, argv):
     """(exit code, stdout, stderr) of a script's main(argv), run as the script runs it (through
     utils.run_main) but in this process, which is much faster than a new one. Anything but a
     clean return or SystemExit (a traceback, for a user) fails the calling test right there.
-    Puts back the Ctrl-C handler that a training run installs."""
+    One thread: tiny models run faster so, and much faster on a shared machine. Puts back the
+    thread count and the Ctrl-C handler that a training run installs."""
     from utils import run_main
-    handler = signal.getsignal(signal.SIGINT)
+    handler, threads = signal.getsignal(signal.SIGINT), torch.get_num_threads()
+    torch.set_num_threads(1)
     out, err = io.StringIO(), io.StringIO()
     code = 0
     try:
@@ -60,6 +62,7 @@ def run_in_process(main, argv):
         code = exit_info.code or 0
     finally:
         signal.signal(signal.SIGINT, handler)
+        torch.set_num_threads(threads)
     return code, out.getvalue(), err.getvalue()
 
 
