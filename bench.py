@@ -2,16 +2,26 @@
 
     python bench.py train --device cpu        # train.py's defaults vs train.py --reference
     python bench.py generate --device cpu     # KV cache vs re-running the whole context
+    python bench.py report --device cuda      # every figure of the GPU table (docs/gpu.md)
+    python bench.py report --device cpu --quick   # the same rows, tiny, in under a minute
 
 Each variant runs in a fresh process, so the peak memory printed is its own. The token ids are
 random: what the text says does not change how long the arithmetic takes.
 """
 
+import collections
+import json
 import multiprocessing
 import os
+import platform
+import queue
+import re
 import resource
 import signal
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -24,11 +34,21 @@ import torch
 from tqdm import tqdm
 
 import train
-from config import ArgumentParser, parse_config
+from config import PRESETS, ArgumentParser, parse_config
 from generate import for_sampling, pick_sampling_dtype
 from model import GPTModel
 from speedups import compile_decode
-from utils import UsageError, get_batch, pick_device, run_main
+from utils import (
+    DEFAULT_DATA,
+    UsageError,
+    atomic_write,
+    check_output_path,
+    compile_problem,
+    get_batch,
+    pick_device,
+    read_text,
+    run_main,
+)
 
 VOCAB_SIZE = 65  # Tiny Shakespeare's
 
@@ -39,34 +59,48 @@ def train_speed(device, fast, steps, warmup_steps, batch_size):
     AdamW, and on CPUs the cheaper dropout and freed memory kept for reuse); else --reference
     (float32, the written-out attention, eager, plain AdamW, nn.Dropout, glibc's malloc)."""
     flags = ["--device", device, "--batch_size", str(batch_size)]
-    config, _ = parse_config(flags if fast else flags + ["--reference"])
+    measured = measure_training(flags if fast else flags + ["--reference"], steps, warmup_steps,
+                                "fast" if fast else "reference")
+    return measured["tokens_per_sec"], measured["peak_mib"]
+
+
+def measure_training(flags, steps, warmup_steps, label):
+    """Time training steps of the model that train.py builds from these flags: a dict of
+    tokens_per_sec, peak_mib, mfu (None where the GPU's peak is unknown), dtype, compiled."""
+    config, _ = parse_config(flags)
     run = train.set_up(config)
     model = train.build_model(VOCAB_SIZE, config, run)
     optimizer = train.make_optimizer(model, config)
     train_model = train.wrap_for_training(model, config, run)
-    scaler = torch.amp.GradScaler(run.device_type, enabled=(run.dtype == "float16"))
+    scaler = train.make_scaler(run)
     data = torch.randint(VOCAB_SIZE, (1_000_000,), device=run.device)
 
     def step():
         batch = get_batch(data, config.batch_size, config.block_size)
         train.train_step(train_model, optimizer, scaler, [batch], config, run)
 
-    for _ in range(warmup_steps):  # first steps pay for compilation and memory allocation
+    # The first steps pay for compilation (up to a minute) and memory allocation.
+    for _ in tqdm(range(warmup_steps), desc=f"warm-up ({label})", file=sys.stdout):
         step()
-    synchronize(device)
+    synchronize(run.device)
     start = time.time()
-    for _ in tqdm(range(steps), desc=f"train ({'fast' if fast else 'reference'}, {run.dtype})",
-                  file=sys.stdout):
+    for _ in tqdm(range(steps), desc=f"train ({label}, {run.dtype})", file=sys.stdout):
         step()
-    synchronize(device)
-    return steps * config.batch_size * config.block_size / (time.time() - start), peak_mib(device)
+    synchronize(run.device)
+    tokens_per_sec = steps * config.batch_size * config.block_size / (time.time() - start)
+    peak_flops = train.gpu_peak_flops(run)
+    mfu = train.flops_per_token(model, config) * tokens_per_sec / peak_flops if peak_flops \
+        else None
+    return dict(tokens_per_sec=tokens_per_sec, peak_mib=peak_mib(run.device), mfu=mfu,
+                dtype=run.dtype, compiled=train_model is not model)
 
 
-def generate_speed(device, use_cache, n_tokens, dtype, compile_setting):
+def generate_speed(device, use_cache, n_tokens, dtype, compile_setting, model_args=None):
     """(tokens/s, peak MiB) of generating n_tokens, batch 1, from a one-character prompt; the
-    cached run compiles its decode step as generate.py does (--compile)."""
+    cached run compiles its decode step as generate.py does (--compile). model_args: another
+    shape than the default model's."""
     dtype = pick_sampling_dtype(dtype, device)
-    model = for_sampling(GPTModel(VOCAB_SIZE), device, dtype)
+    model = for_sampling(GPTModel(VOCAB_SIZE, **(model_args or {})), device, dtype)
     if use_cache:
         compile_decode(model, device, compile_setting)
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
@@ -88,7 +122,7 @@ def synchronize(device):
 
 def peak_mib(device):
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux: KiB
 
 
@@ -100,7 +134,7 @@ def in_fresh_process(function, *args):
 
 def main(argv=None):
     parser = ArgumentParser(prog="bench.py", description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["train", "generate"])
+    parser.add_argument("what", choices=["train", "generate", "report"])
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed training steps (default: 20 on a GPU, 3 on a CPU)")
@@ -111,6 +145,10 @@ def main(argv=None):
                         help="generate: the weights' number format, as generate.py's --dtype")
     parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                         help="generate: as generate.py's --compile (auto = on for CUDA)")
+    parser.add_argument("--quick", action="store_true",
+                        help="report: every row on a tiny model (under a minute on a CPU)")
+    parser.add_argument("--json", default="bench_report.json",
+                        help="report: where to write the table as JSON")
     args = parser.parse_args(argv)
     for name in ("steps", "tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -119,11 +157,15 @@ def main(argv=None):
     if args.what == "train":  # the default model at --batch_size: refused here if it cannot fit
         config, _ = parse_config(["--device", device, "--batch_size", str(args.batch_size)])
         train.check_model_fits(config, train.Run(device, "float32"))
+    elif args.what == "report":  # minutes of work: prove first that the JSON can be saved
+        check_output_path(args.json, "--json", "bench_report.json")
     elif args.dtype == "int8" and device != "cpu":
         raise UsageError(f"--dtype int8 runs on the CPU only; use --device cpu, or --dtype "
                          f"bfloat16 on {device}")
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})"
                                  if device.startswith("cuda") else ""))
+    if args.what == "report":
+        return report(device, args.quick, args.json, 50 if args.quick else args.tokens)
 
     if args.what == "train":
         on_gpu = device.startswith("cuda")
@@ -148,6 +190,212 @@ def print_table(rows):
     print(f"{'variant':<10} {'tok/s':>10} {'peak MiB':>10}")
     for name, tokens_per_sec, mib in rows:
         print(f"{name:<10} {tokens_per_sec:>10,.0f} {mib:>10,.0f}")
+
+
+# ---------------------------------------------------------------------------------------------
+# python bench.py report: every figure of the GPU table (docs/gpu.md) in one run, ~8 minutes
+# on an H100. --quick runs each row on a tiny model, so that a test can run the whole command.
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TARGET_VAL_LOSS = 1.47  # about nanoGPT's best val loss on Tiny Shakespeare, characters
+TARGET_TIME_LIMIT = 240  # seconds to wait for --preset fast to get there
+# --quick: a tiny model on the first 30,000 characters that gets below QUICK_TARGET in ~10 steps.
+QUICK_MODEL = dict(n_embd=64, n_layer=2, n_head=4, block_size=32)
+QUICK_FLAGS = [f"--{name}={value}" for name, value in QUICK_MODEL.items()] + [
+    "--batch_size=32", "--dropout=0", "--learning_rate=1e-2", "--warmup_iters=5"]
+QUICK_TARGET = 3.2
+EVAL_LINE = re.compile(r"Step (\d+): .*val loss (\S+), .*\(([\d.]+)s\)")
+
+
+def report(device, quick, json_path, n_tokens):
+    """Run every row, print them as a Markdown table, and write the same as JSON. Each speed
+    row runs in a fresh process, so that its peak memory is its own."""
+    announce(1, "time from launch to the target val loss")
+    rows = [time_to_target_row(device, quick)]
+    for part, compile_setting in enumerate(("false", "true"), start=2):
+        announce(part, f"training speed, compile {compile_setting}"
+                       + (" (compiling takes up to a minute)" if compile_setting == "true" else ""))
+        rows.append(in_fresh_process(training_row, device, compile_setting, quick))
+    generation = ((True, "true"), (True, "false"), (False, "false"))
+    for part, (use_cache, compile_setting) in enumerate(generation, start=4):
+        announce(part, f"generation speed, {'KV cache' if use_cache else 'no cache'}, "
+                       f"compile {compile_setting}"
+                       + (" (compiling takes up to a minute)" if compile_setting == "true" else ""))
+        rows.append(in_fresh_process(generation_row, device, use_cache, compile_setting, quick,
+                                     n_tokens))
+    result = dict(environment=environment(device), quick=quick, rows=rows)
+    print("\n" + markdown_report(result))
+    replacing = os.path.exists(json_path)
+    atomic_write(json_path, lambda tmp: write_json(tmp, result))
+    print(f"\nWrote {json_path}" + (" (replacing the report that was there)" if replacing else ""))
+
+
+def announce(part, what):
+    print(f"\n[{part}/6] {what}", flush=True)
+
+
+def time_to_target_row(device, quick):
+    """Launch train.py (--preset fast; --quick: the tiny model) and read its eval lines until
+    one reaches the target val loss, or the time limit; the time is the one train.py prints:
+    seconds since it started, imports included."""
+    target = QUICK_TARGET if quick else TARGET_VAL_LOSS
+    with tempfile.TemporaryDirectory() as folder:  # the checkpoint and its logs go here
+        flags = ["--device", device, "--checkpoint", os.path.join(folder, "ckpt.pt"),
+                 "--sample_tokens", "0"]
+        if quick:
+            data = os.path.join(folder, "start.txt")
+            with open(data, "w", encoding="utf-8") as f:
+                f.write(read_text(DEFAULT_DATA)[:30_000])
+            flags += ["--data", data, *QUICK_FLAGS, "--max_iters", "60", "--eval_interval", "5",
+                      "--eval_iters", "2", "--compile", "false"]
+            max_iters = 60
+        else:
+            flags += ["--preset", "fast"]
+            max_iters = PRESETS["fast"]["max_iters"]
+        reached, best, exit_code, tail = watch_training(flags, target, max_iters)
+    name = f"time to val <= {target}" + (" (tiny model)" if quick else " (--preset fast)")
+    row = dict(measurement=name, value=reached and reached[0], unit="s",
+               details="seconds since train.py started, imports included")
+    if reached:
+        elapsed, step, val_loss = reached
+        row.update(step=step, val_loss=val_loss, result=f"{elapsed:.1f} s (step {step}, "
+                                                         f"val {val_loss:.4f})")
+    elif exit_code:
+        row.update(result=f"train.py failed (exit {exit_code}): {tail}")
+    else:
+        row.update(result="not reached" + (f" (best val {best[1]:.4f} at step {best[0]})"
+                                           if best else ""))
+    return row
+
+
+def watch_training(flags, target, max_iters):
+    """Run train.py with flags; stop it at the first val loss <= target, or after
+    TARGET_TIME_LIMIT seconds. (elapsed, step, val loss) or None, the best (step, val loss)
+    seen, train.py's exit code if it failed, and its last line."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # eval lines as they are printed
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *flags],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    lines = queue.Queue()
+    threading.Thread(target=read_lines, args=(process.stdout, lines), daemon=True).start()
+    reached, best, tail = None, None, collections.deque(maxlen=1)
+    deadline = time.time() + TARGET_TIME_LIMIT
+    with tqdm(total=max_iters, unit="step", desc="train.py", file=sys.stdout) as progress:
+        while reached is None and time.time() < deadline:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line is None:  # train.py ended
+                break
+            tail.extend(line.strip().splitlines()[-1:])
+            match = EVAL_LINE.search(line)
+            if not match:
+                continue
+            step, val_loss, elapsed = int(match[1]), float(match[2]), float(match[3])
+            progress.update(step - progress.n)
+            progress.set_postfix_str(f"val {val_loss:.4f} at {elapsed:.1f}s")
+            if best is None or val_loss < best[1]:
+                best = (step, val_loss)
+            if val_loss <= target:
+                reached = (elapsed, step, val_loss)
+    process.kill()
+    exit_code = process.wait()
+    failed = exit_code if reached is None and exit_code not in (0, -9) else 0
+    return reached, best, failed, tail[0] if tail else ""
+
+
+def read_lines(stream, lines):
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def training_row(device, compile_setting, quick):
+    """Training tokens/s, MFU and peak memory of the default model (--quick: the tiny one)."""
+    asked = compile_setting == "true"
+    skip_compile = quick and not device.startswith("cuda")  # compiling takes a minute there
+    flags = ["--device", device, "--compile", "true" if asked and not skip_compile else "false"]
+    steps, warmup = (3, 1) if quick else (50, 10)
+    measured = measure_training(flags + QUICK_FLAGS if quick else flags, steps, warmup,
+                                f"compile {compile_setting}")
+    tokens_per_sec, mfu = measured["tokens_per_sec"], measured["mfu"]
+    how = compiled_note(measured["compiled"], asked, device, skip_compile)
+    result = f"{tokens_per_sec:,.0f} tokens/s" + (f", MFU {100 * mfu:.1f}%" if mfu else "")
+    return dict(measurement=f"training tokens/s, {'tiny' if quick else 'default'} model, "
+                            f"compile {'on' if asked else 'off'}",
+                value=tokens_per_sec, unit="tokens/s", result=result,
+                details=f"{measured['dtype']}, {how}, peak {measured['peak_mib']:,.0f} MiB",
+                mfu=mfu, dtype=measured["dtype"], compiled=measured["compiled"],
+                peak_mib=measured["peak_mib"])
+
+
+def generation_row(device, use_cache, compile_setting, quick, n_tokens):
+    """Batch-1 generation tokens/s of the default model (--quick: the tiny one), with the
+    weights' number format generate.py picks by default."""
+    asked = use_cache and compile_setting == "true"
+    skip_compile = quick and not device.startswith("cuda")
+    setting = "true" if asked and not skip_compile else "false"
+    dtype = pick_sampling_dtype("auto", device)
+    tokens_per_sec, peak = generate_speed(device, use_cache, n_tokens, dtype, setting,
+                                          QUICK_MODEL if quick else None)
+    compiled = setting == "true" and not compile_problem(device)
+    kind = "KV cache, compiled" if asked else "KV cache" if use_cache else "no cache"
+    how = compiled_note(compiled, asked, device, skip_compile)
+    return dict(measurement=f"generation tokens/s, batch 1, {kind}",
+                value=tokens_per_sec, unit="tokens/s", result=f"{tokens_per_sec:,.0f} tokens/s",
+                details=f"{dtype}, {how}, {n_tokens} tokens, peak {peak:,.0f} MiB",
+                dtype=dtype, compiled=compiled, peak_mib=peak)
+
+
+def compiled_note(compiled, asked, device, skip_compile):
+    if compiled:
+        return "compiled"
+    if not asked:
+        return "eager"
+    if skip_compile:
+        return "eager: --quick does not compile on a CPU (it takes a minute there)"
+    return f"eager: {compile_problem(device) or 'compiling failed'}"
+
+
+def environment(device):
+    """The machine and software the figures were measured with."""
+    info = dict(device=device, torch=torch.__version__, cuda=torch.version.cuda,
+                python=platform.python_version(), command=" ".join(sys.argv))
+    if device.startswith("cuda"):
+        gpu = torch.cuda.get_device_properties(device)
+        info.update(gpu=gpu.name, compute_capability=f"{gpu.major}.{gpu.minor}",
+                    gpu_memory_gib=round(gpu.total_memory / 2**30, 1))
+    else:
+        info.update(cpu=cpu_name(), cpu_cores=os.cpu_count())
+    return info
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return re.search(r"model name\s*:\s*(.*)", f.read())[1]
+    except (OSError, TypeError):
+        return platform.processor() or "unknown"
+
+
+def markdown_report(result):
+    info = result["environment"]
+    machine = (f"{info['gpu']} (compute capability {info['compute_capability']}, "
+               f"{info['gpu_memory_gib']} GiB)" if "gpu" in info
+               else f"{info['cpu']} ({info['cpu_cores']} cores)")
+    lines = [f"Device: {machine}; torch {info['torch']}, CUDA {info['cuda'] or 'none'}, "
+             f"Python {info['python']}" + (" (--quick: tiny model)" if result["quick"] else ""),
+             "", "| Measurement | Result | Details |", "|---|---|---|"]
+    lines += [f"| {row['measurement']} | {row['result']} | {row['details']} |"
+              for row in result["rows"]]
+    return "\n".join(lines)
+
+
+def write_json(path, result):
+    with open(path, "w") as f:
+        json.dump({**result, "markdown": markdown_report(result)}, f, indent=2)
+        f.write("\n")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ class Config:
     learning_rate: float = 1e-3        # peak learning rate, reached after warmup
     muon_lr: float = 0.05              # --optimizer muon: Muon's peak learning rate, same schedule
     min_lr: float = 1e-4               # the cosine schedule decays to this
-    warmup_iters: int = 100            # linear warmup from 0 to learning_rate
+    warmup_iters: int = 100            # linear warmup up to learning_rate over this many steps
     lr_decay_iters: int = 0            # cosine decay length; 0 = max_iters
     weight_decay: float = 0.1          # AdamW decay, on weight matrices only
     beta1: float = 0.9                 # AdamW first-moment decay
@@ -48,7 +48,7 @@ class Config:
     eval_interval: int = 500           # evaluate (and save) every this many steps
     eval_iters: int = 20               # batches for the train-loss estimate; val loss is exact
     log_interval: int = 10             # steps between progress-bar updates and metrics lines
-    sample_tokens: int = 500           # characters sampled at the end of training (0 = none)
+    sample_tokens: int = 500           # tokens (characters) sampled at the end of training (0 = none)
     # system
     device: str = "auto"               # auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu
     dtype: str = "auto"                # auto, float32, bfloat16 or float16 (autocast; see README)

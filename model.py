@@ -1,4 +1,5 @@
-"""The GPT model: a decoder-only Transformer, read top to bottom in the order data flows.
+"""The GPT model: a decoder-only Transformer. The pieces come first (attention, feed-forward,
+block), then GPTModel, which puts them together in the order data flows through the tree:
 
     GPTModel                                           in this file
     ├── Token Embedding (vocab_size → n_embd)          GPTModel.tok_emb
@@ -48,15 +49,17 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
         # causal_mask[i, j] is added to the score of query position i for key position j: 0
         # where i may look at j (j <= i, the lower triangle), -inf where it may not, so that
-        # the softmax gives every future key the weight exp(-inf) = 0. (Adding costs one pass
-        # over the scores and nothing in the backward pass, unlike masked_fill's two and one.)
+        # the softmax gives every future key the weight exp(-inf) = 0.
         may_look = torch.tril(torch.ones(block_size, block_size, dtype=torch.bool))
         causal_mask = torch.zeros(block_size, block_size).masked_fill(~may_look, float("-inf"))
         self.register_buffer("causal_mask", causal_mask, persistent=False)
-        self.keep_attn_weights = False  # explore.py sets this to look at attn_weights
+        # explore.py sets keep_attn_weights to look at the attention (written-out path only).
+        self.keep_attn_weights = False
         self.attn_weights = None
 
     def forward(self, x, positions, layer_cache=None):
+        # x: (B, T, C). positions: (T,), where x's tokens sit in the sequence: 0..T-1 in
+        # training; they start later only when generating with a KV cache (layer_cache).
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size): each head attends on its own slice of C.
@@ -65,23 +68,21 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, -1).transpose(1, 2)
         if layer_cache is not None:  # generating: keys and values of earlier tokens (KVCache)
             k, v = layer_cache.remember(positions, k, v)  # (B, n_head, Tk, head_size)
-        # Rows: the queries' positions; columns: every key there is (Tk = T without a cache).
-        mask = self.causal_mask[positions, :k.size(2)].to(q.dtype)  # (T, Tk)
 
         dropout_p = self.dropout if self.training else 0.0
-        if self.flash:
+        if self.flash and layer_cache is None:
             # Fused kernel (FlashAttention on GPUs): the same maths, without materialising the
-            # (T, T) weights; is_causal lets it skip the masked blocks entirely.
-            if layer_cache is None:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            # (T, T) weights; is_causal applies the causal mask without a tensor for it.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        elif self.flash:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask_for(positions, k),
+                                               dropout_p=dropout_p)
         else:
             # Scale by 1/sqrt(head_size) so the dot products keep unit variance and the
             # softmax does not saturate into a one-hot as head_size grows. (Scaling q (T, hs)
             # rather than the scores (T, Tk) is the same maths on fewer numbers.)
             scores = (q / math.sqrt(k.size(-1))) @ k.transpose(-2, -1)  # (B, nh, T, Tk)
-            scores = scores + mask  # future keys' scores become -inf
+            scores = scores + self.mask_for(positions, k)  # future keys' scores become -inf
             attn_weights = F.softmax(scores, dim=-1)  # each row sums to 1
             if self.keep_attn_weights:
                 self.attn_weights = attn_weights.detach()
@@ -90,6 +91,11 @@ class CausalSelfAttention(nn.Module):
 
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.proj(y))
+
+    def mask_for(self, positions, keys):
+        """The causal mask's rows for the queries' positions, over every key there is: (T, Tk);
+        Tk = T in training, block_size with a KV cache. In the queries' dtype (autocast)."""
+        return self.causal_mask[positions, :keys.size(2)].to(keys.dtype)
 
 
 class FeedForward(nn.Module):
@@ -165,6 +171,8 @@ class GPTModel(nn.Module):
             cache.length += T
         if targets is None:
             return logits, None
+        # Flatten to (B*T, V) against (B*T,); in float32, since logits are bf16 under autocast.
+        # (reshape for targets: a batch sliced from a longer window is not contiguous.)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
         return logits, loss
 

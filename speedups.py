@@ -55,11 +55,12 @@ class FastCPUDropout(nn.Dropout):
     cheaper on CPUs.
 
     Why: on a CPU, torch's dropout draws one random number per element, and with the default
-    dropout 0.2 those draws took about a quarter of a training step of the default model (the
+    dropout 0.2 those draws took about a third of a training step of the default model (the
     attention weights alone are (B, n_head, T, T): 25M elements per layer at batch 64). Here
     one 64-bit random integer is split into four 16-bit ones, and an element is dropped when its
     16-bit number falls in the lowest p * 65536 of the 65536 possible values: about twice as
-    fast as torch's mask. On GPUs, torch's own fused kernel is already cheap and is used.
+    fast as torch's dropout (1.9 s of a 5.7 s step before). On GPUs, torch's own fused kernel
+    is already cheap and is used.
     """
 
     def forward(self, x):

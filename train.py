@@ -43,6 +43,7 @@ from utils import (
     autocast,
     bits_per_char,
     check_fits_in_memory,
+    check_output_path,
     get_batch,
     load_checkpoint,
     pick_device,
@@ -72,11 +73,11 @@ def main(argv=None):
     log(f"Model parameters: {model.num_params():,}")
     warn_if_gpu_sized(model, config, run, log)
     optimizer = make_optimizer(model, config)
-    start_step, val_loss = resume(config, model, optimizer, tokenizer, run) \
-        if config.resume else (0, float("nan"))
+    start_step, val_loss = 0, float("nan")
+    if config.resume:
+        start_step, val_loss = resume(config, model, optimizer, tokenizer, run)
     train_model = wrap_for_training(model, config, run)  # torch.compile, DDP
-    # float16 needs loss scaling so small gradients do not underflow; bf16 has float32's range.
-    scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
+    scaler = make_scaler(run)  # float16 only: scales the loss so small gradients survive
     record = metrics_recorder(config) if run.is_master else None
     stop_requested = catch_ctrl_c()
 
@@ -84,10 +85,12 @@ def main(argv=None):
     progress = tqdm(total=config.max_iters, initial=start_step, unit="step", dynamic_ncols=True,
                     file=sys.stdout, disable=not run.is_master)
     timer = StepTimer()
-    for step in range(start_step, config.max_iters + 1):
-        stopping = on_any_rank(stop_requested(), run)  # all ranks stop at the same step
+    for step in range(start_step, config.max_iters + 1):  # + 1: evaluate after the last step
+        # Ctrl-C on any process stops every one at this step (a no-op on one process).
+        stopping = on_any_rank(stop_requested(), run)
         last_step = step == config.max_iters or stopping
-        just_resumed = config.resume and step == start_step  # evaluated before that save
+        # A resumed run's checkpoint was saved just after evaluating this step: no need again.
+        just_resumed = config.resume and step == start_step
         if (step % config.eval_interval == 0 or last_step) and not just_resumed:
             val_loss = evaluate_and_save(step, model, optimizer, tokenizer, train_data,
                                          val_data, config, run, progress, record, last_step)
@@ -109,7 +112,7 @@ def main(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# The steps of main(), in the order it calls them
+# The steps of main(), roughly in the order it calls them
 
 @dataclass
 class Run:
@@ -140,8 +143,10 @@ def set_up(config):
     dtype = pick_dtype(config.dtype, device)  # --reference: float32
     if device == "cpu" and not config.reference:
         speedups.keep_freed_memory()  # reuse freed activations' memory: ~20% faster steps
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
+    if device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (8, 0):
+        # TF32: float32 matmuls on the tensor cores of Ampere and newer GPUs (A100, RTX 30xx,
+        # H100); older ones (T4, V100) have no TF32 and would ignore the switch anyway.
+        torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Run(device, dtype, rank, local_rank, world_size)
 
@@ -174,25 +179,11 @@ def check_paths(config, run):
     if not run.is_master:
         return
     path = config.checkpoint
-    if os.path.isdir(path):
-        raise UsageError(f"--checkpoint {path} is a folder; name a file in it, e.g. "
-                         f"--checkpoint {os.path.join(path, 'ckpt.pt')}")
     for output in (path, f"{path}.tmp", *log_paths(path)):
         if os.path.realpath(output) == os.path.realpath(config.data):
             raise UsageError(f"--checkpoint {path} would overwrite the --data file "
                              f"{config.data}; pick another --checkpoint")
-    probe = f"{path}.tmp"  # the very file that each save writes first
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(probe, "wb"):
-            pass
-        os.remove(probe)
-    except OSError as err:
-        # makedirs says "File exists" or "Not a directory" when part of the path is a file.
-        reason = "part of the path is a file, not a folder" if isinstance(
-            err, (FileExistsError, NotADirectoryError)) else err.strerror or err
-        raise UsageError(f"cannot save --checkpoint {path} ({reason}); pick a path in a folder "
-                         f"you can write to") from None
+    check_output_path(path, "--checkpoint", "ckpt.pt")
 
 
 def load_tokens(text, config, device):
@@ -267,6 +258,13 @@ def wrap_for_training(model, config, run):
         model = DistributedDataParallel(
             model, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
     return model
+
+
+def make_scaler(run):
+    """float16 (GPUs without bf16: T4, V100) needs loss scaling: the loss is multiplied before
+    backward so small gradients do not underflow to 0, and divided out before the step.
+    bfloat16 has float32's range and float32 needs nothing, so there the scaler is a no-op."""
+    return torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
 
 
 def evaluate_and_save(step, model, optimizer, tokenizer, train_data, val_data, config, run,
@@ -362,20 +360,26 @@ def train_step(train_model, optimizer, scaler, micro_batches, config, run):
     """
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(micro_batches):
-        # DDP: all-reduce the gradients once, after the last micro-batch, not after each.
-        is_last = i == len(micro_batches) - 1
-        no_sync = getattr(train_model, "no_sync", None)
-        with (contextlib.nullcontext() if is_last or no_sync is None else no_sync()):
-            with autocast(run.device, run.dtype):
+        with sync_gradients_only_if(i == len(micro_batches) - 1, train_model):
+            with autocast(run.device, run.dtype):  # forward in bf16/fp16 where chosen
                 _, loss = train_model(x, y)
             # Gradients add up over micro-batches; dividing makes the sum their mean.
+            # (scaler.scale multiplies by the loss scale in float16, else does nothing.)
             scaler.scale(loss / len(micro_batches)).backward()
     if config.grad_clip > 0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
         torch.nn.utils.clip_grad_norm_(train_model.parameters(), config.grad_clip)
-    scaler.step(optimizer)
+    scaler.step(optimizer)  # optimizer.step(), skipped if float16 gradients overflowed
     scaler.update()
-    return loss
+    return loss  # the last micro-batch's, for the progress bar
+
+
+def sync_gradients_only_if(is_last, train_model):
+    """Under DDP, all-reduce the gradients once, after the last micro-batch, not after each;
+    elsewhere a context that does nothing."""
+    if is_last or not hasattr(train_model, "no_sync"):
+        return contextlib.nullcontext()
+    return train_model.no_sync()
 
 
 class StepTimer:
@@ -476,7 +480,8 @@ def checkpoint_on_disk(path):
 # ---------------------------------------------------------------------------------------------
 # Speed and size figures: tokens per step, FLOPs per token, MFU, parameters
 
-# Dense peak FLOP/s of known GPUs for MFU: (bf16/fp16 tensor cores, float32 via TF32).
+# Dense peak FLOP/s of known GPUs for MFU: (bf16/fp16 tensor cores, float32: TF32 tensor cores
+# where the GPU has them (A100 and newer), plain float32 on the V100 and T4).
 GPU_PEAK_FLOPS = {
     "H100 PCIe": (756e12, 378e12), "H100": (989e12, 495e12), "H200": (989e12, 495e12),
     "A100": (312e12, 156e12), "L4": (121e12, 60e12), "RTX 4090": (165e12, 83e12),

@@ -299,11 +299,13 @@ def bits_per_char(mean_loss, n_tokens, n_chars):
 def get_batch(data, batch_size, block_size, generator=None):
     """Random (x, y) blocks from a 1-D token tensor; y is x shifted left by one: (B, T) each.
 
-    Sampling happens where the data lives (the GPU, if it is there): no Python loop, no copy.
+    Sampling happens where the data lives (the GPU, if it is there): no Python loop and no copy
+    between devices.
     """
     starts = torch.randint(len(data) - block_size, (batch_size,), device=data.device,
                            generator=generator)
     offsets = torch.arange(block_size + 1, device=data.device)
+    # A (B, T + 1) grid of indices: row b is starts[b], starts[b] + 1, ..., starts[b] + T.
     windows = data[starts[:, None] + offsets]  # (B, T + 1)
     return windows[:, :-1], windows[:, 1:]
 
@@ -321,6 +323,30 @@ def atomic_write(path, write):
         if os.path.exists(tmp_path):
             with contextlib.suppress(OSError):
                 os.remove(tmp_path)
+
+
+def check_output_path(path, flag, example_name):
+    """Prove, before any work, that a file can be saved at path (named by flag in the errors):
+    it is not a folder, its folder exists (created here if need be), and a file can be written
+    there: the very path.tmp that atomic_write writes first. Saving can then fail only for
+    lack of space."""
+    if not path.strip():
+        raise UsageError(f"{flag} must not be empty")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder; name a file in it, e.g. "
+                         f"{flag} {os.path.join(path, example_name)}")
+    probe = f"{path}.tmp"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        # makedirs says "File exists" or "Not a directory" when part of the path is a file.
+        reason = "part of the path is a file, not a folder" if isinstance(
+            err, (FileExistsError, NotADirectoryError)) else err.strerror or err
+        raise UsageError(f"cannot save {flag} {path} ({reason}); pick a path in a folder you "
+                         f"can write to") from None
 
 
 def write_failure(err):
@@ -524,14 +550,24 @@ def gibibytes(n_bytes):
 
 def pick_dtype(name, device):
     """'auto' -> bfloat16 on GPUs that support it, float16 on older GPUs, bfloat16 on CPUs
-    with native bf16 instructions, else float32 (see README for the measured speed-ups)."""
+    with native bf16 instructions, else float32 (docs/results.md has the measured speed-ups)."""
     if name != "auto":
         return name
     if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "bfloat16" if gpu_has_native_bf16(device) else "float16"
     if device == "cpu" and cpu_has_native_bf16():
         return "bfloat16"
     return "float32"
+
+
+def gpu_has_native_bf16(device):
+    """bf16 in hardware: compute capability 8.0 and newer (A100, RTX 30xx, H100), AMD GPUs.
+    Asked without emulation: plain is_bf16_supported() says yes on a T4 or V100 too, which
+    have no bf16 tensor cores (only float16 ones), so that bf16 would run slowly there."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # an older PyTorch, without that argument
+        return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def use_compile(setting, device, doing):
@@ -549,6 +585,12 @@ def use_compile(setting, device, doing):
 def compile_problem(device):
     """Why torch.compile cannot work here, or None."""
     if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 7:  # e.g. a P100 (6.0) or a GTX 10xx (6.1)
+            return (f"this GPU (compute capability {major}.{minor}) is older than Triton, "
+                    f"torch.compile's GPU compiler, supports (7.0 and newer)")
         from torch.utils._triton import has_triton
         if not has_triton():
             return "Triton is not installed or does not support this GPU"

@@ -26,6 +26,12 @@ TINY_FLAGS = ["--n_embd", "32", "--n_layer", "2", "--n_head", "4", "--block_size
               "--sample_tokens", "20", "--warmup_iters", "2"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cuda: needs a CUDA GPU, skipped without one; `pytest -m cuda tests` runs "
+                   "just these (tests/test_cuda.py)")
+
+
 # For the tests of --optimizer muon: torch.optim.Muon came with PyTorch 2.9.
 needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"),
                                 reason="torch.optim.Muon is in PyTorch 2.9 and newer")

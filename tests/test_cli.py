@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
     return result, ckpt, data
 
 
-def test_train_prints_the_briefs_lines_in_order(trained):
+def test_train_prints_the_documented_lines_in_order(trained):
     result, ckpt, data = trained
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.strip()]
@@ -187,7 +187,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data):
 
 def test_ctrl_c_saves_and_stops_cleanly_with_cpu_warning(tmp_path, tiny_data):
     ckpt = tmp_path / "ckpt.pt"
-    # The brief's GPU-sized model on the CPU for a long run: it warns up front, then trains
+    # The default GPU-sized model on the CPU for a long run: it warns up front, then trains
     # until Ctrl-C.
     process = subprocess.Popen(
         [sys.executable, "train.py", "--data", tiny_data, "--checkpoint", str(ckpt),

@@ -1,4 +1,4 @@
-"""What config.py promises: the brief's defaults, every field a flag, presets, clear errors."""
+"""What config.py promises: the default model's settings, every field a flag, presets, clear errors."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from config import PRESETS, Config, check_config, field_comments, parse_config
 from utils import UsageError
 
 
-def test_defaults_are_the_briefs():
+def test_defaults_are_the_default_models():
     config, preset = parse_config([])
     assert (config.n_embd, config.n_layer, config.n_head, config.block_size) == (384, 6, 6, 256)
     assert (config.dropout, config.batch_size, config.max_iters, config.eval_interval) == \

@@ -106,15 +106,19 @@ GENERATE_NUMBERS = {"max_new_tokens": NOT_NUMBERS, "temperature": NOT_FLOATS,
 GENERATE_SWITCHES = ["no_cache", "interactive", "reference"]  # plain: 0; --flag=x: 2
 GENERATE_PARSE_ONLY = {"max_new_tokens": HUGE}
 
-BENCH = {  # bench.py generate (train for --steps/--batch_size); the timed work is stubbed
-    "what": {"": 2, "TRAIN": 2, "\u00fc": 2, "train": 0, "generate": 0},
+BENCH = {  # bench.py generate (train for --steps/--batch_size, report for --quick/--json);
+    # the timed work is stubbed out: the flags are checked before it starts
+    "what": {"": 2, "TRAIN": 2, "\u00fc": 2, "train": 0, "generate": 0, "report": 0},
     "steps": {"-1": 2, "0": 2, "1": 0, HUGE: 0},
     "tokens": {"-1": 2, "0": 2, "1": 0, HUGE: 0},
     "batch_size": {"-1": 2, "0": 2, HUGE: 2, "\uff18": 0},
     "device": {"": 2, "gpu": 2, "cuda:x": 2, "cpu": 0},
     "dtype": {"": 2, "int4": 2, "int8": 0, "float32": 0},
     "compile": {"": 2, "maybe": 2, "false": 0},
+    "json": {"": 2, " ": 2, "{home}": 2, "/dev/null/report.json": 2, "x" * 300: 2,
+             "new/report.json": 0, "\u00fc \u2603.json": 0},
 }
+BENCH_SWITCHES = ["quick"]
 BENCH_NUMBERS = {"steps": NOT_NUMBERS, "tokens": NOT_NUMBERS, "batch_size": NOT_NUMBERS}
 
 
@@ -143,6 +147,9 @@ def cases():
             yield "bench", flag, value, 2, "run"
         for value, expected in values.items():
             yield "bench", flag, value, expected, "run"
+    for flag in BENCH_SWITCHES:
+        yield "bench", flag, None, 0, "run"
+        yield "bench", flag, "x", 2, "run"
 
 
 CASES = list(cases())
@@ -243,6 +250,10 @@ def fake_measurement(function, *args):
     return 1000.0, 100.0  # (tokens/s, peak MiB): bench's timed work, not run here
 
 
+def fake_report(device, quick, json_path, n_tokens):
+    pass  # bench.py report: minutes of training and sampling, not run here
+
+
 def end_of_input(prompt=""):
     raise EOFError  # generate.py --interactive: the user pressed Ctrl-D
 
@@ -253,6 +264,7 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(train, "catch_ctrl_c", stop_after_one_step)
     monkeypatch.setattr(bench, "in_fresh_process", fake_measurement)
+    monkeypatch.setattr(bench, "report", fake_report)
     monkeypatch.setattr("builtins.input", end_of_input)
     return tmp_path
 
@@ -267,7 +279,8 @@ def argv_for(script, flag, value, home):
                 *flag_arg]
     if flag == "what":
         return [value]
-    what = "train" if flag in ("steps", "batch_size") else "generate"
+    what = {"steps": "train", "batch_size": "train", "quick": "report", "json": "report"}.get(
+        flag, "generate")
     return [what, "--device", "cpu", *flag_arg]
 
 
@@ -298,12 +311,11 @@ def test_hostile_value(case, home, home_before, isolated):
 def test_the_harness_tries_every_flag(capsys):
     tried = {script: {flag for s, flag, *_ in CASES if s == script} for script in MAINS}
     assert tried["train"] == set(Config.__dataclass_fields__) | {"preset"}
-    with pytest.raises(SystemExit):
-        generate.parse_args(["--help"])
-    help_flags = set(re.findall(r"--(\w+)", capsys.readouterr().out)) - {"help"}
-    assert tried["generate"] == help_flags
-    assert tried["bench"] == {"what", "steps", "tokens", "batch_size", "device", "dtype",
-                              "compile"}
+    for script in ("generate", "bench"):
+        with pytest.raises(SystemExit):
+            MAINS[script](["--help"])
+        help_flags = set(re.findall(r"--(\w+)", capsys.readouterr().out)) - {"help"}
+        assert tried[script] - {"what"} == help_flags
     assert len(CASES) >= 250
 
 

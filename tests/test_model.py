@@ -1,4 +1,4 @@
-"""What model.py promises: the brief's size, causal attention, two attention paths that agree,
+"""What model.py promises: the default model's size, causal attention, two attention paths that agree,
 a KV cache that changes nothing but speed, and sampling that does what its flags say."""
 
 import math
@@ -10,7 +10,7 @@ from conftest import tiny_model
 from model import GPTModel, sample_next_token
 
 
-def test_default_model_has_the_briefs_parameter_count():
+def test_default_model_has_10_788_929_parameters():
     model = GPTModel(vocab_size=65)  # n_embd 384, n_layer 6, n_head 6, block_size 256
     assert model.num_params() == 10_788_929
 

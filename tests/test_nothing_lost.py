@@ -77,7 +77,7 @@ def test_a_folder_where_nothing_can_be_written_is_refused(tmp_path, tiny_data, m
     def read_only(path, *args, **kwargs):  # root may write anywhere, so pretend
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(train, "open", read_only, raising=False)  # train.py's probe only
+    monkeypatch.setattr(utils, "open", read_only, raising=False)  # utils.py's probe only
     one_error_line(train_run(tiny_data, tmp_path / "out" / "run.pt"), "(Read-only file system)")
     assert not os.listdir(tmp_path / "out")
 

@@ -1,0 +1,95 @@
+"""The README checks itself: every --flag it names exists, and every Quick start command parses."""
+
+import os
+import re
+import shlex
+
+import pytest
+
+import generate
+from config import parse_config
+from conftest import ROOT
+
+
+def readme():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def flags_of(script):
+    """The --flags a script accepts, read from its own parser (--help lists them)."""
+    if script == "train.py":
+        parser_help = help_text(lambda: parse_config(["--help"]))
+    elif script == "generate.py":
+        parser_help = help_text(lambda: generate.parse_args(["--help"]))
+    else:
+        with open(os.path.join(ROOT, script), encoding="utf-8") as f:
+            return set(re.findall(r'"(--\w+)"', f.read()))  # add_argument("--name", ...)
+    return set(re.findall(r"(--\w+)", parser_help))
+
+
+def help_text(print_help):
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        print_help()
+    return out.getvalue()
+
+
+def commands(text):
+    """(script, argv) for every `python X.py ...` or `torchrun ... X.py ...` line in code blocks,
+    continuation lines joined and comments dropped."""
+    found = []
+    for block in re.findall(r"```(?:bash)?\n(.*?)```", text, flags=re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            scripts = [i for i, w in enumerate(words) if w.endswith(".py")]
+            if scripts and words[0] in ("python", "torchrun") and words[1] != "-m":
+                i = scripts[0]
+                found.append((words[i], words[i + 1:]))
+    return found
+
+
+def test_every_flag_the_readme_names_exists_in_some_script():
+    known = set()
+    for script in ("train.py", "generate.py", "bench.py", "model.py"):
+        known |= flags_of(script)
+    torchrun_flags = {"--standalone", "--nproc_per_node"}  # torchrun's own, not ours
+    named = set(re.findall(r"(?<![\w-])(--[a-z]\w*)", readme())) - torchrun_flags
+    assert len(named) > 20, "the README names almost no flags?"
+    assert named - known == set()
+
+
+def test_every_command_in_the_readme_uses_flags_of_its_own_script():
+    found = commands(readme())
+    assert {script for script, _ in found} >= {"train.py", "generate.py"}
+    for script, argv in found:
+        unknown = {w.split("=")[0] for w in argv if w.startswith("--")} - flags_of(script)
+        assert not unknown, f"{script} has no {unknown}"
+
+
+def quick_start_commands():
+    section = readme().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return commands(section)
+
+
+def test_quick_start_commands_parse():
+    found = quick_start_commands()
+    assert [script for script, _ in found] == ["train.py", "generate.py"]
+    for script, argv in found:
+        if script == "train.py":
+            config, preset = parse_config(argv)
+            assert preset == "cpu" and config.n_layer == 3
+        else:
+            args = generate.parse_args(argv)
+            assert args.prompt == "ROMEO:" and args.max_new_tokens == 300
+
+
+def test_quick_start_installs_the_test_dependencies():
+    section = readme().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    requirements = re.findall(r"pip install -r (\S+)", section)[0]  # the first is the command
+    with open(os.path.join(ROOT, requirements)) as f:
+        lines = [line.split("#")[0].strip() for line in f]
+    assert "pytest" in lines and "-r requirements.txt" in lines
+    assert "python -m pytest -q tests" in section
