@@ -17,12 +17,18 @@ import platform
 import queue
 import re
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+
+# Ctrl-C while torch loads (seconds): exit at once with 130, no traceback. os._exit, as nothing
+# is open yet, and an exception could be swallowed by a library's bare `except:` mid-import.
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
 import torch
 from tqdm import tqdm
@@ -32,7 +38,17 @@ from config import PRESETS, ArgumentParser, parse_config
 from generate import for_sampling, pick_sampling_dtype
 from model import GPTModel
 from speedups import compile_decode
-from utils import DEFAULT_DATA, atomic_write, compile_problem, get_batch, pick_device, read_text, run_main
+from utils import (
+    DEFAULT_DATA,
+    UsageError,
+    atomic_write,
+    check_output_path,
+    compile_problem,
+    get_batch,
+    pick_device,
+    read_text,
+    run_main,
+)
 
 VOCAB_SIZE = 65  # Tiny Shakespeare's
 
@@ -124,8 +140,9 @@ def main(argv=None):
                         help="timed training steps (default: 20 on a GPU, 3 on a CPU)")
     parser.add_argument("--batch_size", type=int, default=64, help="training batch size")
     parser.add_argument("--tokens", type=int, default=1000, help="tokens to generate")
-    parser.add_argument("--dtype", default="auto", help="generate: the weights' number format, "
-                        "as generate.py's --dtype (auto, float32, bfloat16, float16, int8)")
+    parser.add_argument("--dtype", default="auto",
+                        choices=["auto", "float32", "bfloat16", "float16", "int8"],
+                        help="generate: the weights' number format, as generate.py's --dtype")
     parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                         help="generate: as generate.py's --compile (auto = on for CUDA)")
     parser.add_argument("--quick", action="store_true",
@@ -133,7 +150,18 @@ def main(argv=None):
     parser.add_argument("--json", default="bench_report.json",
                         help="report: where to write the table as JSON")
     args = parser.parse_args(argv)
+    for name in ("steps", "tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
     device = pick_device(args.device)
+    if args.what == "train":  # the default model at --batch_size: refused here if it cannot fit
+        config, _ = parse_config(["--device", device, "--batch_size", str(args.batch_size)])
+        train.check_model_fits(config, train.Run(device, "float32"))
+    elif args.what == "report":  # minutes of work: prove first that the JSON can be saved
+        check_output_path(args.json, "--json", "bench_report.json")
+    elif args.dtype == "int8" and device != "cpu":
+        raise UsageError(f"--dtype int8 runs on the CPU only; use --device cpu, or --dtype "
+                         f"bfloat16 on {device}")
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})"
                                  if device.startswith("cuda") else ""))
     if args.what == "report":

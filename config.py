@@ -7,12 +7,13 @@ applied first, so `--preset cpu --max_iters 500` means "the CPU recipe, but 500 
 
 import argparse
 import inspect
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from utils import UsageError
+from utils import DEVICE_NAME, UsageError
 
 
 @dataclass
@@ -103,6 +104,9 @@ def parse_config(argv=None, prog="train.py"):
                             help=f"{comments.get(field.name, '')} "
                                  f"(default: {getattr(defaults, field.name)!r})")
     given = vars(parser.parse_args(argv))
+    if "resume" in given and not given["resume"].strip():  # `--resume=`: a path left out?
+        raise UsageError("--resume was given an empty path; pass --resume alone to go on from "
+                         "--checkpoint, or --resume PATH")
     preset = given.pop("preset", None)
     overrides = {**PRESETS.get(preset, {}), **given}
     if overrides.get("reference"):
@@ -118,25 +122,57 @@ def parse_config(argv=None, prog="train.py"):
 
 
 def check_config(config):
-    if config.n_embd % config.n_head != 0:
-        raise UsageError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}); "
-                         f"pick e.g. --n_head {next_divisor(config.n_embd, config.n_head)}")
+    """Every field's type and range, and the relations between fields, checked before any
+    work starts: a bad value is one line naming the flag, the value and what is accepted."""
+    for field in fields(Config):
+        value = getattr(config, field.name)
+        accepted = (int, float) if field.type is float else field.type
+        if not isinstance(value, accepted) or (field.type is not bool and isinstance(value, bool)):
+            raise UsageError(f"--{field.name} must be {TYPE_NAMES[field.type]}, got {value!r}")
+        if field.type is float and not math.isfinite(value):
+            raise UsageError(f"--{field.name} must be a finite number, got {value}")
+    for name in ("data", "checkpoint", "wandb_project"):
+        if not getattr(config, name).strip():
+            raise UsageError(f"--{name} must not be empty")
     for name in ("n_embd", "n_layer", "n_head", "block_size", "batch_size", "max_iters",
                  "eval_interval", "eval_iters", "gradient_accumulation_steps", "log_interval"):
         if getattr(config, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(config, name)}")
-    if config.eval_sample_tokens < 0:
-        raise UsageError(f"--eval_sample_tokens must be >= 0 (0 = none), "
-                         f"got {config.eval_sample_tokens}")
+    if config.n_embd % config.n_head != 0:
+        raise UsageError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}); "
+                         f"pick e.g. --n_head {next_divisor(config.n_embd, config.n_head)}")
+    for name in ("warmup_iters", "lr_decay_iters", "sample_tokens", "eval_sample_tokens"):
+        if getattr(config, name) < 0:
+            raise UsageError(f"--{name} must be 0 or more, got {getattr(config, name)}")
     if not 0.0 <= config.dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1), got {config.dropout}")
+    for name in ("learning_rate", "muon_lr"):
+        if getattr(config, name) <= 0:
+            raise UsageError(f"--{name} must be above 0, got {getattr(config, name)}")
+    if not 0 <= config.min_lr <= config.learning_rate:
+        raise UsageError(f"--min_lr must be from 0 to --learning_rate ({config.learning_rate}), "
+                         f"got {config.min_lr}")
+    for name in ("weight_decay", "grad_clip"):
+        if getattr(config, name) < 0:
+            raise UsageError(f"--{name} must be 0 or more (0 = off), got {getattr(config, name)}")
+    rates = ["learning_rate"] + (["muon_lr"] if config.optimizer == "muon" else [])
+    for name in rates:  # each step multiplies every decayed weight by 1 - lr * weight_decay
+        if config.weight_decay * getattr(config, name) >= 1:
+            raise UsageError(f"--weight_decay times --{name} must be below 1 (each step shrinks "
+                             f"the weights by that fraction), got {config.weight_decay} x "
+                             f"{getattr(config, name)}")
+    for name in ("beta1", "beta2"):  # AdamW's moving averages: 1 would never forget
+        if not 0 <= getattr(config, name) < 1:
+            raise UsageError(f"--{name} must be in [0, 1), got {getattr(config, name)}")
+    if not 0 <= config.seed < 2**63:  # torch takes 64 bits; each DDP rank adds its rank
+        raise UsageError(f"--seed must be from 0 to 2**63 - 1, got {config.seed}")
     if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {config.dtype!r}")
     if config.tokenizer not in ("char", "bpe"):
         raise UsageError(f"--tokenizer must be char or bpe, got {config.tokenizer!r}")
-    if config.tokenizer == "bpe" and config.vocab_size < 256:
-        raise UsageError(f"--vocab_size must be at least 256 for BPE (the byte tokens), "
-                         f"got {config.vocab_size}")
+    if config.vocab_size < 256:  # BPE training stops by itself when nothing is left to merge
+        raise UsageError(f"--vocab_size (for --tokenizer bpe) must be at least 256, the byte "
+                         f"tokens, got {config.vocab_size}")
     if config.optimizer not in ("adamw", "muon"):
         raise UsageError(f"--optimizer must be adamw or muon, got {config.optimizer!r}")
     if config.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
@@ -145,6 +181,14 @@ def check_config(config):
     for name in ("compile", "flash"):
         if getattr(config, name) not in ("auto", "true", "false"):
             raise UsageError(f"--{name} must be auto, true or false, got {getattr(config, name)!r}")
+    if not DEVICE_NAME.fullmatch(config.device):
+        raise UsageError(f"--device must be auto, cuda, cuda:N, mps or cpu, got {config.device!r}")
+    if re.search(r"[/\\#?%:]", config.wandb_project) or len(config.wandb_project) > 128:
+        raise UsageError(f"--wandb_project must be at most 128 characters, none of / \\ # ? % :, "
+                         f"got {config.wandb_project!r}")
+
+
+TYPE_NAMES = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
 
 
 def field_comments():
@@ -154,7 +198,8 @@ def field_comments():
 
 
 def next_divisor(n, start):
-    return next(d for d in range(start, 0, -1) if n % d == 0)
+    """The largest divisor of n up to start (looking no further than a million down)."""
+    return next((d for d in range(min(start, n, 10**6), 0, -1) if n % d == 0), 1)
 
 
 def parse_bool(text):

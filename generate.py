@@ -14,6 +14,15 @@ each a flag: int8 weights on CPUs (--dtype, the default there when the CPU has n
 and, on CUDA, a compiled one-token step replayed as a CUDA graph (--compile).
 """
 
+import math
+import os
+import signal
+
+# Ctrl-C while torch loads (seconds): exit at once with 130, no traceback. os._exit, as nothing
+# is open yet, and an exception could be swallowed by a library's bare `except:` mid-import.
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+
 import torch
 
 from config import ArgumentParser
@@ -21,6 +30,7 @@ from model import GPTModel
 from speedups import compile_decode, int8_available, quantize_int8
 from utils import (
     UsageError,
+    check_fits_in_memory,
     cpu_has_native_bf16,
     load_checkpoint,
     pick_device,
@@ -64,17 +74,29 @@ def parse_args(argv=None):
             raise UsageError("--reference runs float32 without compile; drop --dtype/--compile "
                              "or --reference")
         args.dtype, args.compile = "float32", "false"
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Each flag's range, before anything is loaded: one line naming the flag and the value."""
+    # Below 1e-6 sampling is greedy in all but name, and logits / temperature can overflow.
+    if not (args.temperature == 0 or 1e-6 <= args.temperature < math.inf):
+        raise UsageError(f"--temperature must be 0 (greedy) or a finite number >= 1e-6, got "
+                         f"{args.temperature}")
     if args.top_k < 1:
         raise UsageError(f"--top_k must be at least 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UsageError(f"--top_p must be in (0, 1], got {args.top_p}")
+    # Below 1e-6 top-p is greedy in all but name, and rounds to 0 in float32, which drops all.
+    if args.top_p is not None and not 1e-6 <= args.top_p <= 1:  # also refuses NaN
+        raise UsageError(f"--top_p must be from 1e-6 to 1, got {args.top_p}")
     if args.max_new_tokens < 0:
         raise UsageError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
     if args.num_samples < 1:
         raise UsageError(f"--num_samples must be at least 1, got {args.num_samples}")
-    return args
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be from 0 to 2**63 - 1, got {args.seed}")
+    if not args.checkpoint.strip():
+        raise UsageError("--checkpoint must not be empty; pass the file train.py saved")
 
 
 def load_model(path, device, dtype="float32", flash=True):
@@ -90,6 +112,15 @@ def load_model(path, device, dtype="float32", flash=True):
                          f"the checkpoint is damaged or from another program")
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     return for_sampling(model, device, dtype), tokenizer
+
+
+def check_samples_fit(model, num_samples, device):
+    """Each of num_samples sequences needs a KV cache (2 x n_layer x block_size x n_embd
+    numbers) and logits for its prompt's positions: refuse, before sampling, what cannot fit."""
+    vocab_size, n_embd = model.tok_emb.weight.shape
+    per_sample = 4 * model.block_size * (2 * len(model.blocks) * n_embd + vocab_size)
+    check_fits_in_memory(num_samples * per_sample, device, f"--num_samples {num_samples}",
+                         "ask for fewer samples")
 
 
 def for_sampling(model, device, dtype):
@@ -162,6 +193,7 @@ def main(argv=None):
     device = pick_device(args.device)
     model, tokenizer = load_model(args.checkpoint, device, pick_sampling_dtype(args.dtype, device),
                                   flash=not args.reference)
+    check_samples_fit(model, args.num_samples, device)
     compile_decode(model, device, args.compile)
     torch.manual_seed(args.seed)
 

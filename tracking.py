@@ -7,7 +7,15 @@ import json
 import os
 from dataclasses import asdict
 
+from tqdm import tqdm
+
 from utils import UsageError
+
+
+def log_paths(checkpoint):
+    """(metrics log, loss-curve PNG) beside a checkpoint: run.pt -> run.metrics.jsonl, run.loss.png."""
+    stem = os.path.splitext(checkpoint)[0]
+    return f"{stem}.metrics.jsonl", f"{stem}.loss.png"
 
 
 def metrics_recorder(config):
@@ -15,39 +23,83 @@ def metrics_recorder(config):
     record(dict, draw_curve=True) also draws <checkpoint>.loss.png (if matplotlib is installed).
 
     The curve is drawn once, after the last evaluation: drawing takes ~0.5 s, which at every
-    evaluation would slow short runs measurably."""
-    stem = os.path.splitext(config.checkpoint)[0]
-    jsonl_path, png_path = f"{stem}.metrics.jsonl", f"{stem}.loss.png"
-    if not config.resume and os.path.exists(jsonl_path):
-        os.remove(jsonl_path)  # a fresh run overwrites the checkpoint, so its log starts anew
+    evaluation would slow short runs measurably.
+
+    A fresh run with the same --checkpoint as an earlier run overwrites that run's checkpoint
+    at its first save, and only then its log: until record(dict, saved=True) the new rows wait
+    in memory, so a run stopped early (a mistyped flag, Ctrl-C) leaves the earlier log intact.
+
+    These files are a convenience: if one cannot be written (a full disk, a read-only folder),
+    a note says so once and training goes on without it; so does a failing W&B."""
+    jsonl_path, png_path = log_paths(config.checkpoint)
+    # Rows held back while an earlier run's log is still the one that goes with the checkpoint.
+    held_back = [] if not config.resume and os.path.exists(jsonl_path) else None
     can_draw = importlib.util.find_spec("matplotlib") is not None  # imported only to draw
     if not can_draw:
         print("Note: matplotlib is not installed, so no loss-curve PNG (pip install matplotlib)")
     wandb_run = start_wandb(config) if config.wandb else None
+    broken = set()  # "log", "png": files that could not be written, left alone after a note
 
-    def record(metrics, draw_curve=False):
-        with open(jsonl_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+    def note(what, err):
+        reason = getattr(err, "strerror", None) or f"{type(err).__name__}: {str(err)[:100]}"
+        tqdm.write(f"Note: {what} failed ({reason}); training goes on without it")
+
+    def write_log(rows, mode):
+        if "log" in broken:
+            return
+        try:
+            with open(jsonl_path, mode) as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+        except OSError as err:
+            broken.add("log")
+            note(f"writing the metrics log {jsonl_path}", err)
+
+    def record(metrics, draw_curve=False, saved=False):
+        nonlocal held_back, wandb_run
+        if held_back is None:
+            write_log([metrics], "a")
+        else:  # the earlier run's log goes with the checkpoint until this run's first save
+            held_back.append(metrics)
+            if saved:
+                write_log(held_back, "w")
+                held_back = None
         if wandb_run is not None:
-            if "sample" in metrics:  # the latest sample, on the run's page
-                wandb_run.summary["sample"] = metrics["sample"]
-            numbers = {k: v for k, v in metrics.items() if k not in ("step", "sample")}
-            if numbers:
-                wandb_run.log(numbers, step=metrics["step"])
-            else:  # only a sample: the one printed after training, the run's last record
-                wandb_run.finish()
-        if can_draw and draw_curve:
-            plot_losses(jsonl_path, png_path)
+            try:
+                log_to_wandb(wandb_run, metrics)
+            except Exception as err:  # W&B's own errors: network, quota, ...
+                note("logging to W&B", err)
+                wandb_run = None
+        if can_draw and draw_curve and held_back is None and not broken:
+            try:
+                plot_losses(jsonl_path, png_path)
+            except Exception as err:  # OSError, or matplotlib's own errors
+                broken.add("png")
+                note(f"drawing the loss curve {png_path}", err)
 
     return record
+
+
+def log_to_wandb(wandb_run, metrics):
+    if "sample" in metrics:  # the latest sample, on the run's page
+        wandb_run.summary["sample"] = metrics["sample"]
+    numbers = {k: v for k, v in metrics.items() if k not in ("step", "sample")}
+    if numbers:
+        wandb_run.log(numbers, step=metrics["step"])
+    else:  # only a sample: the one printed after training, the run's last record
+        wandb_run.finish()
 
 
 def start_wandb(config):
     try:
         import wandb  # optional extra, needed only for --wandb
     except ImportError:
-        raise UsageError("--wandb needs the wandb package: pip install wandb")
-    return wandb.init(project=config.wandb_project, config=asdict(config))
+        raise UsageError("--wandb needs the wandb package: pip install wandb") from None
+    try:
+        return wandb.init(project=config.wandb_project, config=asdict(config))
+    except Exception as err:  # not logged in, offline, ...: train anyway
+        print(f"Note: W&B did not start ({type(err).__name__}: {str(err)[:100]}); training "
+              f"goes on without it")
+        return None
 
 
 def plot_losses(jsonl_path, png_path):

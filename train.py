@@ -12,15 +12,20 @@ can skip: speed figures, several processes (DDP), exact resume. Metrics (JSONL, 
 curve, W&B) are recorded by tracking.py.
 """
 
+import os
+import signal
 import time
 
 START_TIME = time.time()  # "elapsed" in the eval lines counts from launch, imports included
 
+# Ctrl-C while torch loads (seconds): exit at once with 130, no traceback. os._exit, as nothing
+# is open yet, and an exception could be swallowed by a library's bare `except:` mid-import.
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+
 import contextlib
 import math
-import os
 import random
-import signal
 import sys
 from dataclasses import asdict, dataclass
 
@@ -32,11 +37,13 @@ from tqdm import tqdm
 import speedups
 from config import parse_config
 from model import GPTModel
-from tracking import metrics_recorder
+from tracking import log_paths, metrics_recorder
 from utils import (
     UsageError,
     autocast,
     bits_per_char,
+    check_fits_in_memory,
+    check_output_path,
     get_batch,
     load_checkpoint,
     pick_device,
@@ -47,12 +54,15 @@ from utils import (
     start_tokens,
     tokenize,
     use_compile,
+    write_failure,
 )
 
 
 def main(argv=None):
     config, _ = parse_config(argv)
     run = set_up(config)  # device, number format, this process's rank; seeds; CPU speed-ups
+    check_model_fits(config, run)  # before any work: a model too big for this machine
+    check_paths(config, run)  # the checkpoint to resume exists; the new one can be saved
     log = print if run.is_master else (lambda *args, **kwargs: None)
     log("Loading data...")
     text = read_text(config.data)
@@ -139,6 +149,41 @@ def set_up(config):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Run(device, dtype, rank, local_rank, world_size)
+
+
+def check_model_fits(config, run):
+    """Refuse a model that cannot fit in this device's memory before allocating anything (a
+    huge flag would otherwise end in an allocator's traceback, or in hours of swapping). What
+    one step needs at least: weights, gradients and an optimizer moment (3 x 4 bytes a
+    parameter), each block's (T, T) causal mask, the micro-batches of token ids, and the
+    activations backward keeps (the residual stream per block, the logits). The vocabulary is
+    not known yet, so it counts the fewest tokens there can be: 256 for BPE, 1 for characters."""
+    vocab_size = 256 if config.tokenizer == "bpe" else 1
+    C, L, T, B = config.n_embd, config.n_layer, config.block_size, config.batch_size
+    n_bytes = (12 * param_count(vocab_size, C, L, T) + 4 * L * T * T
+               + 8 * config.gradient_accumulation_steps * B * (T + 1) + 2 * B * T * L * C
+               + 4 * B * T * vocab_size)
+    check_fits_in_memory(n_bytes, run.device, "training this model",
+                         "lower --n_embd, --n_layer, --block_size or --batch_size")
+
+
+def check_paths(config, run):
+    """Before any work: the checkpoint to resume from exists, and the new one can be saved (by
+    rank 0, which saves): not a folder, not over the --data file, in a folder that exists (it
+    is created) where a file can be written. Saving can then fail only for lack of space."""
+    if config.resume:
+        source = config.checkpoint if config.resume == "true" else config.resume
+        if not os.path.isfile(source):
+            raise UsageError(f"--resume: no checkpoint at {source}; train one first, or drop "
+                             f"--resume")
+    if not run.is_master:
+        return
+    path = config.checkpoint
+    for output in (path, f"{path}.tmp", *log_paths(path)):
+        if os.path.realpath(output) == os.path.realpath(config.data):
+            raise UsageError(f"--checkpoint {path} would overwrite the --data file "
+                             f"{config.data}; pick another --checkpoint")
+    check_output_path(path, "--checkpoint", "ckpt.pt")
 
 
 def load_tokens(text, config, device):
@@ -242,16 +287,17 @@ def evaluate_and_save(step, model, optimizer, tokenizer, train_data, val_data, c
         if config.eval_sample_tokens > 0:
             metrics["sample"] = eval_sample(model, tokenizer, config, run)
             progress.write(f"Sample at step {step}:\n{metrics['sample'].strip()}\n")
-        record(metrics, draw_curve=last_step)
     # Taken after rank 0's evaluation (which draws batches), so --resume continues exactly.
     rng_states = gather_from_all_ranks(rng_state(), run)
     if run.is_master and step > 0:
-        save_checkpoint(dict(model=model.state_dict(),
-                             model_args=model_args(tokenizer.vocab_size, config, run),
-                             tokenizer=tokenizer.to_dict(), config=asdict(config),
-                             optimizer=optimizer.state_dict(), step=step, val_loss=val_loss,
-                             val_bpc=val_bpc, rng=rng_states),
-                        config.checkpoint)
+        save_or_stop(dict(model=model.state_dict(),
+                          model_args=model_args(tokenizer.vocab_size, config, run),
+                          tokenizer=tokenizer.to_dict(), config=asdict(config),
+                          optimizer=optimizer.state_dict(), step=step, val_loss=val_loss,
+                          val_bpc=val_bpc, rng=rng_states),
+                     config.checkpoint, progress)
+    if run.is_master:  # after saving: a fresh run's log replaces an earlier run's only then
+        record(metrics, draw_curve=last_step, saved=step > 0)
     return val_loss
 
 
@@ -424,14 +470,33 @@ def catch_ctrl_c():
 
 def stop_on_nan(progress, checkpoint_path):
     progress.close()
-    kept = f"the last good checkpoint is {checkpoint_path}" if os.path.exists(checkpoint_path) \
-        else "no checkpoint was written"
-    raise UsageError(f"the loss became NaN or infinite; {kept}. Lower --learning_rate, keep "
-                     f"--grad_clip on, or try --dtype float32")
+    raise UsageError(f"the loss became NaN or infinite; {checkpoint_on_disk(checkpoint_path)}. "
+                     f"Lower --learning_rate, keep --grad_clip on, or try --dtype float32")
+
+
+def save_or_stop(checkpoint, path, progress):
+    """Save atomically; if that fails (a full or read-only disk), stop with one line naming
+    the checkpoint still on disk, which the failed save left as it was (utils.atomic_write)."""
+    try:
+        save_checkpoint(checkpoint, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        progress.close()
+        raise UsageError(f"could not save the checkpoint to {path} ({write_failure(err)}); "
+                         f"{checkpoint_on_disk(path)}. Free some disk space, or pass a "
+                         f"--checkpoint in another folder") from None
+
+
+def checkpoint_on_disk(path):
+    """What a stopped run leaves behind, in words: the step of the checkpoint at path, if any."""
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    except Exception:  # no file there, or not a checkpoint
+        return f"no checkpoint was saved to {path}"
+    return f"the last good checkpoint, {path}, is kept (step {step})"
 
 
 # ---------------------------------------------------------------------------------------------
-# Speed figures: tokens per step, FLOPs per token, MFU
+# Speed and size figures: tokens per step, FLOPs per token, MFU, parameters
 
 # Dense peak FLOP/s of known GPUs for MFU: (bf16/fp16 tensor cores, float32: TF32 tensor cores
 # where the GPU has them (A100 and newer), plain float32 on the V100 and T4).
@@ -451,6 +516,15 @@ def flops_per_token(model, config):
     """Training FLOPs per token: 6 per parameter (forward 2, backward 4), plus attention's
     scores and weighted sums, which depend on the context length (PaLM's appendix B)."""
     return 6 * model.num_params() + 12 * config.n_layer * config.n_embd * config.block_size
+
+
+def param_count(vocab_size, n_embd, n_layer, block_size):
+    """GPTModel's parameter count, without building it: the two embeddings; per block
+    12 C^2 + 10 C (Q, K, V 3 C^2; projection C^2 + C; MLP 8 C^2 + 5 C; two LayerNorms 4 C);
+    the final LayerNorm 2 C; the head C V + V."""
+    C = n_embd
+    return ((vocab_size + block_size) * C + n_layer * (12 * C * C + 10 * C) + 2 * C
+            + C * vocab_size + vocab_size)
 
 
 def gpu_peak_flops(run):
@@ -512,8 +586,12 @@ def resume(config, model, optimizer, tokenizer, run):
         changed = ", ".join(f"{k} {saved[k]} -> {wanted[k]}" for k in shape if saved[k] != wanted[k])
         raise UsageError(f"cannot resume {path}: the model shape differs ({changed}); "
                          f"drop those flags or start a fresh run")
-    if not {"optimizer", "rng", "step", "config"} <= checkpoint.keys():
-        raise UsageError(f"cannot resume {path}: it has no optimizer or random state")
+    if not ({"optimizer", "rng", "step", "config", "val_loss"} <= checkpoint.keys()
+            and isinstance(checkpoint["config"], dict) and type(checkpoint["step"]) is int
+            and checkpoint["step"] >= 0 and isinstance(checkpoint["val_loss"], float)
+            and isinstance(checkpoint["rng"], list) and checkpoint["rng"]):
+        raise UsageError(f"cannot resume {path}: it has no optimizer or random state, or a "
+                         f"damaged one; start a fresh run")
     saved_optimizer = checkpoint["config"].get("optimizer", "adamw")
     if saved_optimizer != config.optimizer:
         raise UsageError(f"cannot resume {path}: it was trained with --optimizer "
@@ -523,14 +601,18 @@ def resume(config, model, optimizer, tokenizer, run):
         raise UsageError(f"{path} is at step {step}, past --max_iters {config.max_iters}; "
                          f"pass a larger --max_iters to train on")
     model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
     rng_states = checkpoint["rng"]  # one per rank of the run that saved it
-    if len(rng_states) == run.world_size:
-        restore_rng(rng_states[run.rank])
-    elif run.rank == 0:  # another number of processes: only rank 0 can go on where it was
-        restore_rng(rng_states[0])
-    else:
-        torch.manual_seed(torch.initial_seed() + step)  # seeded per rank in set_up
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if len(rng_states) == run.world_size:
+            restore_rng(rng_states[run.rank])
+        elif run.rank == 0:  # another number of processes: only rank 0 can go on where it was
+            restore_rng(rng_states[0])
+        else:
+            torch.manual_seed(torch.initial_seed() + step)  # seeded per rank in set_up
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        raise UsageError(f"cannot resume {path}: its optimizer or random state is damaged "
+                         f"({type(err).__name__}: {str(err)[:80]}); start a fresh run") from None
     if run.is_master:
         print(f"Resuming from step {step} of {path}")
     return step, checkpoint["val_loss"]

@@ -11,10 +11,14 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import urllib.request
+import warnings
 
 import torch
+
+from model import GPTModel
 
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -28,6 +32,11 @@ class UsageError(Exception):
 def run_main(main):
     """Run a script's main(): a UsageError becomes one line on stderr and exit code 2, and
     Ctrl-C (one that main does not handle itself) exits with 130, without a traceback."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the scripts quiet it while importing
+    if hasattr(sys.stdout, "reconfigure"):
+        # A path or prompt that is not valid UTF-8 (a terminal's lone byte arrives as a lone
+        # surrogate, "\udcff") prints escaped instead of ending the run.
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         main()
     except UsageError as err:
@@ -144,7 +153,12 @@ class BPETokenizer:
         return ids
 
     def encode_chunk(self, chunk):
-        tokens = list(chunk.encode("utf-8"))
+        try:
+            tokens = list(chunk.encode("utf-8"))
+        except UnicodeEncodeError as err:  # a lone surrogate, e.g. a terminal's invalid byte
+            raise UsageError(f"the text has a character that is not valid Unicode "
+                             f"({chunk[err.start:err.end]!r}), which BPE cannot encode as "
+                             f"UTF-8; remove it or fix the terminal's encoding") from None
         while len(tokens) > 1:
             # Apply the earliest-learned merge present; later merges build on earlier ones.
             pair = min(zip(tokens, tokens[1:]), key=lambda p: self.rank.get(p, float("inf")))
@@ -207,6 +221,9 @@ def read_text(path):
     except UnicodeDecodeError as err:
         raise UsageError(f"data file {path} is not UTF-8 text (bad byte at offset {err.start}); "
                          f"convert it to UTF-8 first")
+    except OSError as err:  # a symlink loop, a name too long, an I/O error, ...
+        raise UsageError(f"cannot read data file {path}: {err.strerror or err}; pass --data "
+                         f"PATH to a readable text file")
     if not text:
         raise UsageError(f"data file {path} is empty; give it some text to learn from")
     return text
@@ -267,8 +284,9 @@ def tokenize(text, kind="char", vocab_size=1024, cache_dir=None):
                   val=torch.tensor(val_ids))
     try:
         atomic_write(cache_path, lambda tmp: torch.save(cached, tmp))
-    except OSError:
-        pass  # a read-only data folder: it just will not be faster next time
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+        print(f"Note: could not cache the BPE tokens in {cache_path} ({write_failure(err)}); "
+              f"the next run will train the tokenizer again")
     return tokenizer, train_ids, val_ids
 
 
@@ -303,7 +321,40 @@ def atomic_write(path, write):
         os.replace(tmp_path, path)
     finally:
         if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+            with contextlib.suppress(OSError):
+                os.remove(tmp_path)
+
+
+def check_output_path(path, flag, example_name):
+    """Prove, before any work, that a file can be saved at path (named by flag in the errors):
+    it is not a folder, its folder exists (created here if need be), and a file can be written
+    there: the very path.tmp that atomic_write writes first. Saving can then fail only for
+    lack of space."""
+    if not path.strip():
+        raise UsageError(f"{flag} must not be empty")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder; name a file in it, e.g. "
+                         f"{flag} {os.path.join(path, example_name)}")
+    probe = f"{path}.tmp"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        # makedirs says "File exists" or "Not a directory" when part of the path is a file.
+        reason = "part of the path is a file, not a folder" if isinstance(
+            err, (FileExistsError, NotADirectoryError)) else err.strerror or err
+        raise UsageError(f"cannot save {flag} {path} ({reason}); pick a path in a folder you "
+                         f"can write to") from None
+
+
+def write_failure(err):
+    """Why writing a file failed, in words: an OSError's reason, or torch.save's, which reports
+    a full disk as a RuntimeError ("unexpected pos ...")."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    return "the disk is full or the file could not be written"
 
 
 def save_checkpoint(checkpoint, path):
@@ -311,27 +362,151 @@ def save_checkpoint(checkpoint, path):
 
 
 def load_checkpoint(path, device="cpu"):
+    """The checkpoint at path, its contents checked (checkpoint_problem) before anything is
+    built from them."""
+    if os.path.isdir(path):
+        raise UsageError(f"--checkpoint {path} is a folder; pass the checkpoint file in it")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UsageError(f"--checkpoint {path} is not a file (a device or a pipe?); pass the "
+                         f"checkpoint file train.py saved")
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint not found: {path}; train one with `python train.py` "
                          f"or pass --checkpoint PATH")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # a file that is not a checkpoint: our line says so
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            raise UsageError(f"{path} needs pickle to load, which can run code; refusing. "
-                             f"Use a checkpoint saved by this project's train.py")
-        raise UsageError(f"{path} is not a readable checkpoint (truncated or another format); "
-                         f"retrain or pass another --checkpoint")
+        raise UsageError(unreadable_checkpoint(path, err)) from None
     if not isinstance(checkpoint, dict) or not {"model", "model_args", "tokenizer"} <= checkpoint.keys():
         raise UsageError(f"{path} is not a Mini-GPT checkpoint (no model, model_args or "
                          f"tokenizer); pass one saved by train.py")
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        raise UsageError(f"{path} is a damaged checkpoint: {problem}; retrain, or pass another "
+                         f"--checkpoint")
+    model_args, weights = checkpoint["model_args"], checkpoint["model"]
+    # The causal masks are not stored: they are built from block_size, so check their size.
+    masks = model_args["n_layer"] * model_args["block_size"] ** 2
+    check_fits_in_memory(4 * (sum(w.numel() for w in weights.values()) + masks), device,
+                         f"the model in {path}", "sample on a machine with more memory")
     return checkpoint
+
+
+def unreadable_checkpoint(path, err):
+    """Why torch.load (weights only) refused path, in words: only a file that asks for Python
+    objects by name (pickle's "globals") needs pickle, which could run code."""
+    if "Unsupported global" in str(err):
+        return (f"{path} needs pickle to load, which can run code; refusing. Use a checkpoint "
+                f"saved by this project's train.py")
+    try:
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+    except OSError as os_error:  # permission denied, an I/O error, ...
+        return f"cannot read {path} ({os_error.strerror or os_error}); pass a readable file"
+    if is_zip:
+        return (f"{path} is a damaged checkpoint (cut short or corrupted); retrain, or copy it "
+                f"again")
+    return (f"{path} is not a Mini-GPT checkpoint (not a file that torch.save wrote); pass one "
+            f"saved by train.py")
+
+
+MODEL_SHAPE = ("vocab_size", "n_embd", "n_layer", "n_head", "block_size")  # whole numbers >= 1
+
+
+def checkpoint_problem(checkpoint):
+    """What is wrong with a checkpoint's model_args, weights and tokenizer, or None. The
+    weights' shapes are compared with those the model_args imply before any model is built, so
+    a damaged file can neither crash generation halfway nor make it allocate absurd memory."""
+    model_args = checkpoint["model_args"]
+    return (model_args_problem(model_args) or weights_problem(checkpoint["model"], model_args)
+            or tokenizer_problem(checkpoint["tokenizer"], model_args["vocab_size"]))
+
+
+def model_args_problem(model_args):
+    if not isinstance(model_args, dict):
+        return "model_args is not a dictionary"
+    unknown = model_args.keys() - {*MODEL_SHAPE, "dropout", "flash"}
+    if unknown:
+        return f"model_args has unknown entries {sorted(map(str, unknown))}"
+    for name in MODEL_SHAPE:
+        value = model_args.get(name)
+        if type(value) is not int or value < 1:  # type(): True is an int to isinstance
+            return f"model_args {name} is {value!r:.40}, not a whole number >= 1"
+    if model_args["n_embd"] % model_args["n_head"]:
+        return "model_args n_embd is not divisible by n_head"
+    dropout = model_args.get("dropout", 0.0)
+    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
+        return f"model_args dropout is {dropout!r:.40}, not a number in [0, 1)"
+    if type(model_args.get("flash", False)) is not bool:
+        return "model_args flash is not true or false"
+    return None
+
+
+def weights_problem(weights, model_args):
+    if not (isinstance(weights, dict) and all(isinstance(name, str) and torch.is_tensor(w)
+                                              for name, w in weights.items())):
+        return "its weights are not a dictionary of tensors"
+    # Build the model on the "meta" device, which records shapes and allocates nothing; first
+    # make sure the sizes match the tensors stored, or a huge number would take forever.
+    layers = {name.split(".")[1] for name in weights if name.startswith("blocks.")}
+    if layers != {str(i) for i in range(len(layers))} or len(layers) != model_args["n_layer"]:
+        return f"model_args n_layer is {model_args['n_layer']}, the weights hold {len(layers)} blocks"
+    n_embd = model_args["n_embd"]
+    for name, rows in (("tok_emb.weight", "vocab_size"), ("pos_emb.weight", "block_size")):
+        shape = (model_args[rows], n_embd)
+        if name not in weights or weights[name].shape != shape:
+            found = tuple(weights[name].shape) if name in weights else "missing"
+            return f"weight {name} is {found}, the model_args say {shape}"
+    with torch.device("meta"):
+        expected = GPTModel(**{k: model_args[k] for k in MODEL_SHAPE}).state_dict()
+    if weights.keys() != expected.keys():
+        odd = sorted(weights.keys() ^ expected.keys())
+        return f"the weights do not match the model_args ({', '.join(odd[:3])} ...)"
+    for name, weight in weights.items():
+        if weight.shape != expected[name].shape:
+            return (f"weight {name} is {tuple(weight.shape)}, the model_args say "
+                    f"{tuple(expected[name].shape)}")
+        if not weight.is_floating_point():
+            return f"weight {name} holds {weight.dtype}, not floating-point numbers"
+        if not torch.isfinite(weight).all():
+            return f"weight {name} holds NaN or infinite values"
+    return None
+
+
+def tokenizer_problem(state, vocab_size):
+    """Plain data that tokenizer_from_dict can rebuild, with as many tokens as the model has."""
+    kind = state.get("kind") if isinstance(state, dict) else None
+    if kind == "char":
+        chars = state.get("chars")
+        if not isinstance(chars, str) or len(set(chars)) != len(chars):
+            return "its character tokenizer is not a string of distinct characters"
+        n_tokens = len(chars)
+    elif kind == "bpe":
+        merges = state.get("merges")
+        # Each merge joins two tokens that exist before it: the 256 bytes and earlier merges.
+        if not isinstance(merges, list) or not all(
+                isinstance(pair, (list, tuple)) and len(pair) == 2
+                and all(type(token) is int and 0 <= token < 256 + i for token in pair)
+                for i, pair in enumerate(merges)):
+            return "its BPE merges are not pairs of earlier token ids"
+        n_tokens = 256 + len(merges)
+    else:
+        return "its tokenizer is neither char nor bpe"
+    if n_tokens != vocab_size:
+        return f"its tokenizer has {n_tokens} tokens, the model {vocab_size}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
 # Devices and precision
 
+DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
 def pick_device(name="auto"):
+    if not DEVICE_NAME.fullmatch(name):
+        raise UsageError(f"unknown device {name!r}; use auto, cuda, cuda:N, mps or cpu")
     if name == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -341,11 +516,36 @@ def pick_device(name="auto"):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name} asked for, but no CUDA GPU is available; "
                          f"use --device cpu (or auto)")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name} asked for, but this machine has "
+                         f"{torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
     if name == "mps" and not torch.backends.mps.is_available():
         raise UsageError("--device mps asked for, but MPS is not available; use --device cpu")
-    if name.split(":")[0] not in ("cuda", "mps", "cpu"):
-        raise UsageError(f"unknown device {name!r}; use auto, cuda, cuda:N, mps or cpu")
     return name
+
+
+def device_memory(device):
+    """Bytes of memory on device: the GPU's, else the machine's RAM; None where unknown."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+        return None
+
+
+def check_fits_in_memory(n_bytes, device, what, fix):
+    """Refuse, before allocating anything, work that cannot fit in the device's memory (a huge
+    flag would otherwise end in an allocator's traceback, or in the machine swapping)."""
+    available = device_memory(device)
+    if available is not None and n_bytes > available:
+        raise UsageError(f"{what} needs at least {gibibytes(n_bytes)} of memory, more than the "
+                         f"{gibibytes(available)} on {device}; {fix}")
+
+
+def gibibytes(n_bytes):
+    n_gib = min(n_bytes, 10**300) / 2**30  # a float, even for an absurd number of bytes
+    return f"{n_gib:,.1f} GiB" if n_gib < 1e6 else f"{n_gib:.1e} GiB"
 
 
 def pick_dtype(name, device):

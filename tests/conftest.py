@@ -1,6 +1,9 @@
 """Shared test helpers: a tiny corpus, a tiny model config, and a way to run the scripts."""
 
+import contextlib
+import io
 import os
+import signal
 import subprocess
 import sys
 
@@ -45,6 +48,28 @@ def run_script(script, *args, timeout=120):
     """Run train.py or generate.py as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def run_in_process(main, argv):
+    """(exit code, stdout, stderr) of a script's main(argv), run as the script runs it (through
+    utils.run_main) but in this process, which is much faster than a new one. Anything but a
+    clean return or SystemExit (a traceback, for a user) fails the calling test right there.
+    One thread: tiny models run faster so, and much faster on a shared machine. Puts back the
+    thread count and the Ctrl-C handler that a training run installs."""
+    from utils import run_main
+    handler, threads = signal.getsignal(signal.SIGINT), torch.get_num_threads()
+    torch.set_num_threads(1)
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            run_main(lambda: main([str(arg) for arg in argv]))
+    except SystemExit as exit_info:
+        code = exit_info.code or 0
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        torch.set_num_threads(threads)
+    return code, out.getvalue(), err.getvalue()
 
 
 def tiny_model(**overrides):

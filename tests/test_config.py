@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from config import PRESETS, Config, field_comments, parse_config
+from config import PRESETS, Config, check_config, field_comments, parse_config
 from utils import UsageError
 
 
@@ -71,3 +71,50 @@ def test_muon_on_a_pytorch_without_it_says_what_to_do(monkeypatch):
     monkeypatch.delattr(torch.optim, "Muon", raising=False)
     with pytest.raises(UsageError, match="PyTorch 2.9 or newer.*--optimizer adamw"):
         parse_config(["--preset", "cpu"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--learning_rate", "-1"], "--learning_rate must be above 0, got -1.0"),
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number, got nan"),
+    (["--dropout", "inf"], "--dropout must be a finite number, got inf"),
+    (["--muon_lr", "0"], "--muon_lr must be above 0"),
+    (["--min_lr", "0.01"], r"--min_lr must be from 0 to --learning_rate \(0.001\), got 0.01"),
+    (["--weight_decay", "-0.1"], "--weight_decay must be 0 or more"),
+    (["--weight_decay", "2000"], "--weight_decay times --learning_rate must be below 1"),
+    (["--optimizer", "muon", "--weight_decay", "20"], "--weight_decay times --muon_lr"),
+    (["--beta2", "1"], r"--beta2 must be in \[0, 1\), got 1.0"),
+    (["--grad_clip", "-1"], "--grad_clip must be 0 or more"),
+    (["--seed", "-1"], r"--seed must be from 0 to 2\*\*63 - 1, got -1"),
+    (["--seed", str(2**63)], "--seed must be from 0 to 2"),
+    (["--warmup_iters", "-5"], "--warmup_iters must be 0 or more"),
+    (["--lr_decay_iters", "-5"], "--lr_decay_iters must be 0 or more"),
+    (["--sample_tokens", "-1"], "--sample_tokens must be 0 or more"),
+    (["--n_head", "0"], "--n_head must be at least 1, got 0"),  # not a division by zero
+    (["--vocab_size", "100"], "--vocab_size .* must be at least 256"),
+    (["--device", "cuda:x"], "--device must be auto, cuda, cuda:N, mps or cpu, got 'cuda:x'"),
+    (["--data", ""], "--data must not be empty"),
+    (["--checkpoint", " "], "--checkpoint must not be empty"),
+    (["--wandb_project", "team/run"], "--wandb_project must be at most 128 characters"),
+    (["--resume="], "--resume was given an empty path"),
+])
+def test_every_field_is_checked_before_any_work(argv, message):
+    with pytest.raises(UsageError, match=message):
+        parse_config(argv)
+
+
+def test_a_huge_n_head_gets_its_suggestion_at_once():
+    with pytest.raises(UsageError, match="pick e.g. --n_head 384"):
+        parse_config(["--n_head", str(10**18 + 1)])  # no search through a quintillion numbers
+
+
+def test_fields_of_the_wrong_type_are_refused():
+    for field, value in (("n_embd", "384"), ("dropout", True), ("wandb", "yes"), ("data", 3)):
+        with pytest.raises(UsageError, match=f"--{field} must be"):
+            check_config(Config(**{field: value}))
+
+
+def test_accepted_edges_pass():
+    config, _ = parse_config(["--min_lr", "0", "--warmup_iters", "0", "--weight_decay", "0",
+                              "--grad_clip", "0", "--beta1", "0", "--seed", str(2**63 - 1),
+                              "--learning_rate", "1e30", "--resume"])
+    assert config.resume == "true" and config.seed == 2**63 - 1

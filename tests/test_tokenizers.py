@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from conftest import TINY_FLAGS, TINY_TEXT, run_script
-from utils import BPETokenizer, bits_per_char, merge_pair, tokenize, tokenizer_from_dict
+from utils import (
+    BPETokenizer,
+    UsageError,
+    bits_per_char,
+    merge_pair,
+    tokenize,
+    tokenizer_from_dict,
+)
 
 MIXED = "ROMEO: café, naïve — 床前明月光，疑是地上霜。 Emoji 🙂👍🏽 and tabs\tend\n"
 # A tiny Chinese text written for these tests (Li Bai's "Quiet Night Thought", public domain).
@@ -107,3 +114,10 @@ def test_bad_tokenizer_flags(tmp_path, tiny_data):
     assert result.returncode == 2 and "--tokenizer must be char or bpe" in result.stderr
     result = run_script("train.py", "--data", tiny_data, "--tokenizer", "bpe", "--vocab_size", "100")
     assert result.returncode == 2 and "at least 256" in result.stderr
+
+
+def test_text_that_is_not_valid_unicode_is_a_clear_error_for_bpe():
+    # A terminal passing the lone byte 0xff gives Python the lone surrogate U+DCFF: no UTF-8.
+    tokenizer = BPETokenizer.train(TINY_TEXT, vocab_size=280)
+    with pytest.raises(UsageError, match=r"not valid Unicode \('\\udcff'\)"):
+        tokenizer.encode("ROMEO \udcff")

@@ -177,3 +177,25 @@ def test_mfu_peak_matches_the_gpu_in_use(monkeypatch):
     assert train.gpu_peak_flops(Run("cuda:0", "bfloat16")) == 756e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Mystery GPU")
     assert train.gpu_peak_flops(Run("cuda", "bfloat16")) is None
+
+
+@pytest.mark.parametrize("sizes", [dict(vocab_size=65), dict(vocab_size=20, n_embd=32, n_layer=2,
+                                                             n_head=4, block_size=16)])
+def test_param_count_without_building_equals_the_models(sizes):
+    from model import GPTModel
+    model = GPTModel(**sizes)
+    expected = model.num_params()
+    args = {**dict(n_embd=384, n_layer=6, block_size=256), **sizes}
+    assert train.param_count(args["vocab_size"], args["n_embd"], args["n_layer"],
+                             args["block_size"]) == expected
+
+
+def test_memory_check_refuses_only_what_cannot_fit(monkeypatch):
+    monkeypatch.setattr(utils, "device_memory", lambda device: 8 * 2**30)  # an 8 GiB laptop
+    train.check_model_fits(Config(), Run("cpu", "float32"))  # the default model fits
+    train.check_model_fits(Config(batch_size=512, tokenizer="bpe"), Run("cpu", "float32"))
+    with pytest.raises(utils.UsageError, match="needs at least .* GiB of memory, more than the "
+                                               "8.0 GiB on cpu; lower --n_embd"):
+        train.check_model_fits(Config(n_embd=10**5), Run("cpu", "float32"))
+    with pytest.raises(utils.UsageError, match="needs at least"):  # one (T, T) mask: 4 TB
+        train.check_model_fits(Config(block_size=10**6), Run("cpu", "float32"))

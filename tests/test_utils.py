@@ -2,12 +2,14 @@
 
 import hashlib
 import os
+import pickle
 import urllib.request
 
 import pytest
 import torch
 
 import utils
+from model import GPTModel
 from utils import (
     CharTokenizer,
     UsageError,
@@ -156,14 +158,14 @@ def test_truncated_checkpoint(tmp_path):
     path = tmp_path / "ckpt.pt"
     save_checkpoint({"model": {"w": torch.randn(1000)}, "model_args": {}, "tokenizer": {}}, path)
     path.write_bytes(path.read_bytes()[:500])
-    with pytest.raises(UsageError, match="not a readable checkpoint"):
+    with pytest.raises(UsageError, match="damaged checkpoint"):
         load_checkpoint(str(path))
 
 
 def test_file_that_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("hello")
-    with pytest.raises(UsageError, match="not a readable checkpoint"):
+    with pytest.raises(UsageError, match="not a Mini-GPT checkpoint"):
         load_checkpoint(str(path))
     torch.save({"weights": torch.zeros(2)}, path)
     with pytest.raises(UsageError, match="not a Mini-GPT checkpoint"):
@@ -179,6 +181,117 @@ def test_checkpoint_that_needs_pickle_is_refused(tmp_path):
     torch.save({"model": {}, "model_args": Payload(), "tokenizer": {}}, path)
     with pytest.raises(UsageError, match="pickle"):
         load_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("content", [
+    os.urandom(3000),  # random bytes
+    b"model weights go here\n",  # a text file
+    b"",  # an empty file
+    pickle.dumps({"model": 1}),  # a plain pickle, not torch.save's format
+], ids=["random", "text", "empty", "plain-pickle"])
+def test_a_file_that_is_not_a_checkpoint_is_not_called_dangerous(tmp_path, content):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match="not a Mini-GPT checkpoint") as error:
+        load_checkpoint(str(path))
+    assert "pickle" not in str(error.value)
+
+
+def tiny_checkpoint(**model_args):
+    """What train.py saves, for a tiny model of the characters 'ab\n'."""
+    args = {**dict(vocab_size=3, n_embd=8, n_layer=2, n_head=2, block_size=4, dropout=0.0,
+                   flash=False), **model_args}
+    model = GPTModel(**args)
+    return dict(model=model.state_dict(), model_args=args, tokenizer={"kind": "char",
+                                                                      "chars": "ab\n"})
+
+
+def damaged(change):
+    checkpoint = tiny_checkpoint()
+    change(checkpoint)
+    return checkpoint
+
+
+@pytest.mark.parametrize("checkpoint, message", [
+    (damaged(lambda c: c["model_args"].update(n_embd=10**9)),  # would be 480 GB and more
+     r"weight tok_emb.weight is \(3, 8\), the model_args say \(3, 1000000000\)"),
+    (damaged(lambda c: c["model_args"].update(n_layer=10**12)), "the weights hold 2 blocks"),
+    (damaged(lambda c: c["model_args"].update(block_size="4")), "block_size is '4', not a whole"),
+    (damaged(lambda c: c["model_args"].update(n_head=True)), "n_head is True, not a whole"),
+    (damaged(lambda c: c["model_args"].update(n_head=3)), "not divisible by n_head"),
+    (damaged(lambda c: c["model_args"].update(dropout=float("nan"))), "dropout is nan"),
+    (damaged(lambda c: c["model_args"].update(bias=True)), r"unknown entries \['bias'\]"),
+    (damaged(lambda c: c.update(model_args=[3, 8])), "model_args is not a dictionary"),
+    (damaged(lambda c: c["model"].pop("ln_f.bias")), r"do not match the model_args \(ln_f.bias"),
+    (damaged(lambda c: c["model"].update({"ln_f.bias": torch.zeros(5)})),
+     r"weight ln_f.bias is \(5,\), the model_args say \(8,\)"),
+    (damaged(lambda c: c["model"].update({"ln_f.bias": torch.zeros(8, dtype=torch.long)})),
+     "holds torch.int64, not floating-point"),
+    (damaged(lambda c: c["model"]["lm_head.weight"].fill_(float("inf"))),
+     "lm_head.weight holds NaN or infinite values"),
+    (damaged(lambda c: c.update(model=[torch.zeros(1)])), "not a dictionary of tensors"),
+    (damaged(lambda c: c["tokenizer"].update(chars="aa\n")), "not a string of distinct"),
+    (damaged(lambda c: c["tokenizer"].update(chars=["a", "b", "\n"])), "not a string"),
+    (damaged(lambda c: c["tokenizer"].update(chars="ab")), "tokenizer has 2 tokens, the model 3"),
+    (damaged(lambda c: c.update(tokenizer={"kind": "words"})), "neither char nor bpe"),
+    (damaged(lambda c: c.update(tokenizer={"kind": "bpe", "merges": [[1, 2]]})),
+     "tokenizer has 257 tokens, the model 3"),
+])
+def test_a_damaged_checkpoint_is_named_before_anything_is_built(tmp_path, checkpoint, message):
+    path = tmp_path / "ckpt.pt"
+    torch.save(checkpoint, path)
+    with pytest.raises(UsageError, match=f"damaged checkpoint: .*{message}"):
+        load_checkpoint(str(path))
+
+
+def test_bpe_merges_must_join_tokens_that_exist_before_them(tmp_path):
+    checkpoint = tiny_checkpoint(vocab_size=258)
+    for merges in ([[1, 2], [256, 300]], [[1, 2], [-1, 3]], [[1, 2], [1]], [[1, 2], ["a", 3]]):
+        checkpoint["tokenizer"] = {"kind": "bpe", "merges": merges}
+        torch.save(checkpoint, tmp_path / "ckpt.pt")
+        with pytest.raises(UsageError, match="merges are not pairs of earlier token ids"):
+            load_checkpoint(str(tmp_path / "ckpt.pt"))
+    checkpoint["tokenizer"] = {"kind": "bpe", "merges": [[1, 2], [256, 3]]}
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["model_args"]["vocab_size"] == 258
+
+
+def test_a_model_whose_causal_masks_cannot_fit_is_refused(tmp_path):
+    # Weights of a few MB, but block_size 10**6: each block's (T, T) mask would take 4 TB.
+    args = dict(vocab_size=3, n_embd=4, n_layer=1, n_head=1, block_size=10**6)
+    with torch.device("meta"):  # the shapes, without the memory
+        shapes = GPTModel(**args).state_dict()
+    checkpoint = dict(model={name: torch.zeros(t.shape) for name, t in shapes.items()},
+                      model_args=args, tokenizer={"kind": "char", "chars": "ab\n"})
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    with pytest.raises(UsageError, match=r"needs at least [\d,.]+ GiB of memory, more than"):
+        load_checkpoint(str(tmp_path / "ckpt.pt"))
+
+
+def test_a_folder_or_device_as_checkpoint(tmp_path):
+    with pytest.raises(UsageError, match="is a folder"):
+        load_checkpoint(str(tmp_path))
+    with pytest.raises(UsageError, match="is not a file"):
+        load_checkpoint("/dev/null")
+
+
+def test_reading_data_catches_every_os_error(tmp_path):
+    loop = tmp_path / "loop.txt"
+    loop.symlink_to(loop)
+    with pytest.raises(UsageError, match="cannot read data file .*symbolic links"):
+        read_text(str(loop))
+    with pytest.raises(UsageError, match="cannot read data file .*too long"):
+        read_text(str(tmp_path / ("x" * 300)))
+
+
+def test_device_names_are_checked_before_torch_sees_them(monkeypatch):
+    for name in ("cuda:x", "cuda:", "cpu:0", "", "CUDA"):
+        with pytest.raises(UsageError, match="unknown device"):
+            pick_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UsageError, match="has 2 CUDA GPU"):
+        pick_device("cuda:2")
 
 
 def test_cuda_without_gpu_is_a_clear_error(monkeypatch):

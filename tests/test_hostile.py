@@ -1,0 +1,362 @@
+"""Hostile input on every flag of train.py, generate.py and bench.py, as a new user might type it:
+empty, negative, zero, NaN, infinite, huge, the wrong type, odd Unicode, paths that are folders,
+the data file, too long, or lead nowhere. Each case must end in a clean run (exit 0) or in one
+`error:` line with exit code 2, never a traceback; and no file the run does not own may change
+(a snapshot holds the data, an earlier run's checkpoint and its metrics log).
+
+Most cases call the script's main() in this process, through the same run_main() the scripts
+use, with a tiny model that trains for at most one step; a few run the scripts as a user does.
+"""
+
+import contextlib
+import hashlib
+import io
+import itertools
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import bench
+import generate
+import train
+from config import Config
+from conftest import ROOT, TINY_FLAGS, TINY_TEXT, run_in_process, run_script
+
+HUGE = "1" + "0" * 30  # an int any flag accepts as a number; more than any machine can hold
+NOT_NUMBERS = ["", "abc", "nan", "2.5"]  # for whole-number flags: argparse refuses each
+NOT_FLOATS = ["", "abc", "nan", "inf", "-inf"]
+
+# Train: flag -> {value: expected exit code}. The runs use TINY_FLAGS and stop after one step.
+TRAIN_INTS = {
+    # Values, then the exit code each must give. int() also reads Unicode digits and spaces.
+    "n_embd": dict(zip(["-1", "0", HUGE, "\uff11\uff16"], [2, 2, 2, 0])),  # fullwidth 16
+    "n_layer": dict(zip(["-1", "0", HUGE, "\u0661"], [2, 2, 2, 0])),  # Arabic-Indic 1
+    "n_head": dict(zip(["-1", "0", HUGE, "3"], [2, 2, 2, 2])),  # 3 does not divide 32
+    "block_size": dict(zip(["-1", "0", HUGE, " 8 "], [2, 2, 2, 0])),
+    "batch_size": dict(zip(["-1", "0", HUGE, "1"], [2, 2, 2, 0])),
+    "gradient_accumulation_steps": dict(zip(["-1", "0", HUGE, "2"], [2, 2, 2, 0])),
+    "max_iters": dict(zip(["-1", "0", HUGE, "1"], [2, 2, 0, 0])),  # huge: stopped at step 1
+    "eval_interval": dict(zip(["-1", "0", HUGE, "1"], [2, 2, 0, 0])),
+    "eval_iters": dict(zip(["-1", "0", "1"], [2, 2, 0])),  # huge would evaluate for ever
+    "log_interval": dict(zip(["-1", "0", HUGE], [2, 2, 0])),
+    "warmup_iters": dict(zip(["-1", "0", HUGE], [2, 0, 0])),
+    "lr_decay_iters": dict(zip(["-1", "0", HUGE], [2, 0, 0])),
+    "sample_tokens": dict(zip(["-1", "0", "3"], [2, 0, 0])),  # huge would sample for ever
+    "vocab_size": dict(zip(["-1", "0", "255", HUGE], [2, 2, 2, 0])),  # unused by char
+    "seed": dict(zip(["-1", "0", HUGE, str(2**63 - 1), str(2**63)], [2, 0, 2, 0, 2])),
+}
+TRAIN_FLOATS = {
+    # -1, 0, the largest and a subnormal float, then one more (float() reads fullwidth digits)
+    "dropout": dict(zip(["-1", "0", "1e308", "1e-320", "\uff11"], [2, 0, 2, 0, 2])),
+    "learning_rate": dict(zip(["-1", "0", "1e308", "1e-320", "0.5"], [2, 2, 2, 2, 0])),
+    "muon_lr": dict(zip(["-1", "0", "1e308", "1e-320", "\uff11"], [2, 2, 0, 0, 0])),  # adamw
+    "min_lr": dict(zip(["-1", "0", "1e308", "1e-320", "\uff11"], [2, 0, 2, 0, 2])),
+    "weight_decay": dict(zip(["-1", "0", "1e308", "1e-320", "\uff11"], [2, 0, 2, 0, 0])),
+    "beta1": dict(zip(["-1", "0", "1e308", "1e-320", "\uff11"], [2, 0, 2, 0, 2])),
+    "beta2": dict(zip(["-1", "0", "1e308", "1e-320", "0.999"], [2, 0, 2, 0, 0])),
+    "grad_clip": dict(zip(["-1", "0", "1e308", "1e-320", "\uff11"], [2, 0, 0, 0, 0])),
+}
+TRAIN_WORDS = {  # text flags; paths come from the home fixture ({home}, {data}, ...)
+    "tokenizer": {"": 2, "BPE": 2, "char ": 2, "\u00fc": 2, "\udcff": 2, "bpe": 0},
+    "flash": {"": 2, "TRUE": 2, "1": 2, "\u00fc": 2, "true": 0},
+    "compile": {"": 2, "on": 2, "\u00fc": 2, "false": 0},
+    "optimizer": {"": 2, "sgd": 2, "ADAMW": 2, "muon": 0},
+    "dtype": {"": 2, "float8": 2, "int8": 2, "fp16": 2, "bfloat16": 0, "float16": 0},
+    "device": {"": 2, "gpu": 2, "cuda:x": 2, "cuda:-1": 2, "cpu:0": 2, "cuda:99": 2, "meta": 2,
+               "\u00fc": 2, "cpu": 0},
+    "preset": {"": 2, "gpu": 2, "CPU": 2, "cpu": 0},
+    "reference": {"": 2, "maybe": 2, "2": 2, "\u00fc": 2, "yes": 0, "0": 0},
+    "wandb": {"": 2, "maybe": 2, "\udcff": 2, "false": 0},
+    "wandb_project": {"": 2, " ": 2, "a/b": 2, "x" * 200: 2, "\u00fc\u00f1\u00ee": 0},
+    "data": {"": 2, "missing.txt": 2, "{home}": 2, "/dev/null": 2, "{loop}": 2,
+             "x" * 300: 2, "\udcff.txt": 2, "{earlier}": 2, "{latin1}": 2, "{short}": 2},
+    "checkpoint": {"": 2, ".": 2, "{home}": 2, "{data}": 2, "/dev/null/run.pt": 2,
+                   "x" * 300: 2, "new/sub/run.pt": 0, "\udcff.pt": 0, "\u00fc \u2603.pt": 0},
+    "resume": {"": 2, " ": 2, "missing.pt": 2, "{home}": 2, "{data}": 2, "{earlier}": 2,
+               "{random}": 2, "true": 2},
+}
+# Values that would make a run go on for ever; for these flags, checked by parse_args alone.
+TRAIN_PARSE_ONLY = {"eval_iters": HUGE, "sample_tokens": HUGE}
+
+GENERATE = {
+    "prompt": {"": 0, "ROMEO:": 0, "\n": 0, "a" * 3000: 0, "\u00fc": 2, "\udcff": 2},
+    "max_new_tokens": {"-1": 2, "0": 0, "\uff13": 0},
+    "temperature": {"-1": 2, "0": 0, "1e308": 0, "1e-320": 2, "1e-6": 0,
+                    "\uff11": 0},
+    "top_k": {"-1": 2, "0": 2, HUGE: 0, "\uff11": 0},
+    "top_p": {"-1": 2, "0": 2, "1.5": 2, "1e-320": 2, "1e-6": 0, "1": 0, "0.9": 0},
+    "checkpoint": {"": 2, "missing.pt": 2, "{home}": 2, "{data}": 2, "/dev/null": 2,
+                   "{random}": 2, "{text}": 2, "{pickled}": 2, "{nan_weights}": 2,
+                   "{huge_n_embd}": 2, "{bad_tokenizer}": 2, "x" * 300: 2, "{earlier}": 0},
+    "device": {"": 2, "gpu": 2, "cuda:x": 2, "cpu:0": 2, "\u00fc": 2, "cpu": 0},
+    "dtype": {"": 2, "int4": 2, "float32": 0, "bfloat16": 0, "int8": 0},
+    "compile": {"": 2, "maybe": 2, "false": 0},
+    "seed": {"-1": 2, "0": 0, HUGE: 2, str(2**63 - 1): 0, "\uff11": 0},
+    "num_samples": {"-1": 2, "0": 2, HUGE: 2, "\uff13": 0},
+}
+GENERATE_NUMBERS = {"max_new_tokens": NOT_NUMBERS, "temperature": NOT_FLOATS,
+                    "top_k": NOT_NUMBERS, "top_p": NOT_FLOATS, "seed": NOT_NUMBERS,
+                    "num_samples": NOT_NUMBERS}
+GENERATE_SWITCHES = ["no_cache", "interactive", "reference"]  # plain: 0; --flag=x: 2
+GENERATE_PARSE_ONLY = {"max_new_tokens": HUGE}
+
+BENCH = {  # bench.py generate (train for --steps/--batch_size, report for --quick/--json);
+    # the timed work is stubbed out: the flags are checked before it starts
+    "what": {"": 2, "TRAIN": 2, "\u00fc": 2, "train": 0, "generate": 0, "report": 0},
+    "steps": {"-1": 2, "0": 2, "1": 0, HUGE: 0},
+    "tokens": {"-1": 2, "0": 2, "1": 0, HUGE: 0},
+    "batch_size": {"-1": 2, "0": 2, HUGE: 2, "\uff18": 0},
+    "device": {"": 2, "gpu": 2, "cuda:x": 2, "cpu": 0},
+    "dtype": {"": 2, "int4": 2, "int8": 0, "float32": 0},
+    "compile": {"": 2, "maybe": 2, "false": 0},
+    "json": {"": 2, " ": 2, "{home}": 2, "/dev/null/report.json": 2, "x" * 300: 2,
+             "new/report.json": 0, "\u00fc \u2603.json": 0},
+}
+BENCH_SWITCHES = ["quick"]
+BENCH_NUMBERS = {"steps": NOT_NUMBERS, "tokens": NOT_NUMBERS, "batch_size": NOT_NUMBERS}
+
+
+def cases():
+    """(script, flag, value, expected exit code, how: run or parse) for every flag."""
+    numbers = {**{f: NOT_NUMBERS for f in TRAIN_INTS}, **{f: NOT_FLOATS for f in TRAIN_FLOATS}}
+    for flag, values in {**TRAIN_INTS, **TRAIN_FLOATS, **TRAIN_WORDS}.items():
+        for value in numbers.get(flag, []):
+            yield "train", flag, value, 2, "run"
+        for value, expected in values.items():
+            yield "train", flag, value, expected, "run"
+    for flag, value in TRAIN_PARSE_ONLY.items():
+        yield "train", flag, value, 0, "parse"
+    for flag, values in GENERATE.items():
+        for value in GENERATE_NUMBERS.get(flag, []):
+            yield "generate", flag, value, 2, "run"
+        for value, expected in values.items():
+            yield "generate", flag, value, expected, "run"
+    for flag in GENERATE_SWITCHES:
+        yield "generate", flag, None, 0, "run"
+        yield "generate", flag, "x", 2, "run"
+    for flag, value in GENERATE_PARSE_ONLY.items():
+        yield "generate", flag, value, 0, "parse"
+    for flag, values in BENCH.items():
+        for value in BENCH_NUMBERS.get(flag, []):
+            yield "bench", flag, value, 2, "run"
+        for value, expected in values.items():
+            yield "bench", flag, value, expected, "run"
+    for flag in BENCH_SWITCHES:
+        yield "bench", flag, None, 0, "run"
+        yield "bench", flag, "x", 2, "run"
+
+
+CASES = list(cases())
+
+
+def case_id(case):
+    script, flag, value, _, how = case
+    shown = "" if value is None else "=" + ascii(value)[1:-1][:24]
+    return f"{script}-{flag}{shown}" + ("-parse" if how == "parse" else "")
+
+
+# --- the home folder: what a user owns ------------------------------------------------------
+
+def quietly(function, *args):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return function(*args)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A folder holding the data, an earlier run (checkpoint, metrics log, loss curve), a BPE
+    checkpoint, and files that only look like checkpoints; paths by name."""
+    folder = tmp_path_factory.mktemp("home")
+    paths = {name: str(folder / name) for name in (
+        "data.txt", "earlier.pt", "bpe.pt", "random.pt", "text.pt", "pickled.pt",
+        "nan_weights.pt", "huge_n_embd.pt", "bad_tokenizer.pt", "latin1.txt", "short.txt")}
+    with open(paths["data.txt"], "w", encoding="utf-8") as f:
+        f.write(TINY_TEXT)
+    common = ["--data", paths["data.txt"], *TINY_FLAGS, "--max_iters", "2", "--eval_interval", "1",
+              "--sample_tokens", "0", "--eval_iters", "1"]
+    quietly(train.main, [*common, "--checkpoint", paths["earlier.pt"]])
+    quietly(train.main, [*common, "--checkpoint", paths["bpe.pt"], "--tokenizer", "bpe",
+                         "--vocab_size", "300"])
+    with open(paths["random.pt"], "wb") as f:
+        f.write(os.urandom(2000))
+    with open(paths["text.pt"], "w") as f:
+        f.write("model weights go here\n")
+    with open(paths["latin1.txt"], "wb") as f:
+        f.write(TINY_TEXT.replace("e", "\u00e9").encode("latin-1"))
+    with open(paths["short.txt"], "w") as f:
+        f.write("too short")
+    earlier = torch.load(paths["earlier.pt"], weights_only=True)
+    torch.save({**earlier, "model_args": torch.nn.Linear(1, 1)}, paths["pickled.pt"])
+    nan_model = {**earlier["model"], "lm_head.bias": torch.full_like(
+        earlier["model"]["lm_head.bias"], float("nan"))}
+    torch.save({**earlier, "model": nan_model}, paths["nan_weights.pt"])
+    torch.save({**earlier, "model_args": {**earlier["model_args"], "n_embd": 10**9}},
+               paths["huge_n_embd.pt"])
+    torch.save({**earlier, "tokenizer": {"kind": "char", "chars": "aab"}},
+               paths["bad_tokenizer.pt"])
+    os.symlink(folder / "loop", folder / "loop")  # a link to itself: ELOOP when opened
+    # By name without its ending: home["data"], home["earlier"], home["random"], ...
+    return dict(folder=str(folder), loop=str(folder / "loop"),
+                **{os.path.splitext(name)[0]: path for name, path in paths.items()})
+
+
+def snapshot(folder):
+    """{relative path: sha256} of every file under folder, symlinks as their target's name."""
+    found = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                found[os.path.relpath(path, folder)] = "link to " + os.readlink(path)
+            else:
+                with open(path, "rb") as f:
+                    found[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
+@pytest.fixture(scope="module")
+def home_before(home):
+    return snapshot(home["folder"])
+
+
+def assert_untouched(home, home_before):
+    """Nothing the user owns changed; the only new files there: the BPE cache beside the data."""
+    after = snapshot(home["folder"])
+    assert {name: after.get(name) for name in home_before} == home_before
+    assert all(name.startswith(".bpe") for name in after.keys() - home_before.keys())
+
+
+def fill_in(value, home):
+    if value is None or "{" not in value:
+        return value
+    return value.format(home=home["folder"], **home)
+
+
+# --- running one case ------------------------------------------------------------------------
+
+def stop_after_one_step():
+    """Stands in for train.catch_ctrl_c: the run stops (and saves) as if Ctrl-C came at once."""
+    calls = itertools.count()
+    return lambda: next(calls) >= 1
+
+
+def fake_measurement(function, *args):
+    return 1000.0, 100.0  # (tokens/s, peak MiB): bench's timed work, not run here
+
+
+def fake_report(device, quick, json_path, n_tokens):
+    pass  # bench.py report: minutes of training and sampling, not run here
+
+
+def end_of_input(prompt=""):
+    raise EOFError  # generate.py --interactive: the user pressed Ctrl-D
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """Run in an empty folder of one's own (relative paths land there), one step at most."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train, "catch_ctrl_c", stop_after_one_step)
+    monkeypatch.setattr(bench, "in_fresh_process", fake_measurement)
+    monkeypatch.setattr(bench, "report", fake_report)
+    monkeypatch.setattr("builtins.input", end_of_input)
+    return tmp_path
+
+
+def argv_for(script, flag, value, home):
+    flag_arg = [f"--{flag}"] if value is None else [f"--{flag}={value}"]
+    if script == "train":
+        return ["--data", home["data"], "--checkpoint", "run.pt", *TINY_FLAGS, "--max_iters", "1",
+                "--eval_interval", "1", "--sample_tokens", "0", "--eval_iters", "1", *flag_arg]
+    if script == "generate":
+        return ["--checkpoint", home["earlier"], "--max_new_tokens", "5", "--device", "cpu",
+                *flag_arg]
+    if flag == "what":
+        return [value]
+    what = {"steps": "train", "batch_size": "train", "quick": "report", "json": "report"}.get(
+        flag, "generate")
+    return [what, "--device", "cpu", *flag_arg]
+
+
+MAINS = {"train": train.main, "generate": generate.main, "bench": bench.main}
+PARSERS = {"train": train.parse_config, "generate": generate.parse_args}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_hostile_value(case, home, home_before, isolated):
+    script, flag, value, expected, how = case
+    if flag == "optimizer" and value == "muon" and not hasattr(torch.optim, "Muon"):
+        expected = 2
+    value = fill_in(value, home)
+    argv = argv_for(script, flag, value, home)
+    if how == "parse":  # accepted; running it would go on for as long as it was asked to
+        PARSERS[script](argv)
+        return
+    code, out, err = run_in_process(MAINS[script], argv)
+    assert code == expected, (code, out[-2000:], err)
+    if code == 2:
+        [line] = err.strip().splitlines()  # one line, and only that
+        assert "error: " in line
+    assert_untouched(home, home_before)
+    leftovers = [name for name in os.listdir(isolated) if name.endswith(".tmp")]
+    assert not leftovers
+
+
+def test_the_harness_tries_every_flag(capsys):
+    tried = {script: {flag for s, flag, *_ in CASES if s == script} for script in MAINS}
+    assert tried["train"] == set(Config.__dataclass_fields__) | {"preset"}
+    for script in ("generate", "bench"):
+        with pytest.raises(SystemExit):
+            MAINS[script](["--help"])
+        help_flags = set(re.findall(r"--(\w+)", capsys.readouterr().out)) - {"help"}
+        assert tried[script] - {"what"} == help_flags
+    assert len(CASES) >= 250
+
+
+# --- a few cases as a user runs them: a real process, its stderr -----------------------------
+
+def expect_one_error_line(result, fragment):
+    assert result.returncode == 2, (result.stdout[-2000:], result.stderr)
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and fragment in line, line
+
+
+@pytest.mark.parametrize("script, args, fragment", [
+    ("train.py", ["--learning_rate", "-1"], "--learning_rate must be above 0"),
+    ("train.py", ["--resume="], "--resume was given an empty path"),
+    ("generate.py", ["--temperature", "nan"], "--temperature must be 0 (greedy) or a finite"),
+    # A terminal that passes the lone byte 0xff: Python reads it as the lone surrogate U+DCFF.
+    ("generate.py", ["--checkpoint", "{bpe}", "--device", "cpu", "--prompt", "ROMEO \udcff"],
+     "not valid Unicode"),
+])
+def test_bad_flags_in_a_real_process(script, args, fragment, home):
+    expect_one_error_line(run_script(script, *[fill_in(a, home) for a in args]), fragment)
+
+
+def test_checkpoint_in_a_folder_not_there_yet_in_a_real_process(home, home_before, tmp_path):
+    fresh = tmp_path / "runs" / "new.pt"  # the README's example, in a checkout without runs/
+    result = run_script("train.py", "--data", home["data"], *TINY_FLAGS, "--max_iters", "1",
+                        "--eval_interval", "1", "--sample_tokens", "0", "--eval_iters", "1",
+                        "--checkpoint", fresh)
+    assert result.returncode == 0, result.stderr
+    assert torch.load(fresh, weights_only=True)["step"] == 1
+    assert_untouched(home, home_before)
+
+
+@pytest.mark.parametrize("script", ["train.py", "generate.py", "bench.py"])
+def test_ctrl_c_while_torch_loads_exits_quietly(script):
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), "--help"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # importing torch takes seconds: Ctrl-C lands in the middle of it
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    if process.returncode == 0:
+        pytest.skip("the imports finished before the Ctrl-C landed")
+    assert process.returncode == 130 and "Traceback" not in err and not err.strip(), err
