@@ -134,7 +134,7 @@ def in_fresh_process(function, *args):
 
 def main(argv=None):
     parser = ArgumentParser(prog="bench.py", description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["train", "generate", "report"])
+    parser.add_argument("what", choices=["train", "generate", "report", "curve"])
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed training steps (default: 20 on a GPU, 3 on a CPU)")
@@ -149,8 +149,14 @@ def main(argv=None):
                         help="report: every row on a tiny model (under a minute on a CPU)")
     parser.add_argument("--json", default="bench_report.json",
                         help="report: where to write the table as JSON")
+    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
+                        help="curve: the train.py recipe to follow")
+    parser.add_argument("--seconds", type=int, default=120,
+                        help="curve: the wall-time budget of each run")
+    parser.add_argument("--points", type=int, default=6,
+                        help="curve: about how many evaluations each run makes")
     args = parser.parse_args(argv)
-    for name in ("steps", "tokens"):
+    for name in ("steps", "tokens", "seconds", "points"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
     device = pick_device(args.device)
@@ -166,6 +172,8 @@ def main(argv=None):
                                  if device.startswith("cuda") else ""))
     if args.what == "report":
         return report(device, args.quick, args.json, 50 if args.quick else args.tokens)
+    if args.what == "curve":
+        return curve(args.preset, args.seconds, args.points, device)
 
     if args.what == "train":
         on_gpu = device.startswith("cuda")
@@ -400,3 +408,57 @@ def write_json(path, result):
 
 if __name__ == "__main__":
     run_main(main)
+
+
+# ---------------------------------------------------------------------------------------------
+# python bench.py curve --preset cpu-2min: val loss against seconds since launch, beside
+# nanoGPT's published CPU recipe run through this code for the same wall time
+
+def curve(preset, seconds, points, device):
+    """Run `train.py --preset P` with about `points` evaluations, then nanoGPT's CPU recipe
+    (--preset nanogpt-cpu) for at most the same wall time, each in its own process, and print
+    the val loss against the seconds since launch of both. The evaluations' own time is
+    included in those seconds (a few seconds each), as in any train.py run."""
+    results = {name: loss_curve(name, seconds, points, device)
+               for name in (preset, "nanogpt-cpu")}
+    print(f"\nval loss against seconds since launch (budget {seconds} s):")
+    for name, curve_points in results.items():
+        print(f"--preset {name}: " + ", ".join(f"{val:.4f} at {elapsed:.0f}s (step {step})"
+                                                 for elapsed, step, val in curve_points))
+    print(f"\n| recipe | val loss within {seconds} s | at | step |\n|---|---|---|---|")
+    for name, curve_points in results.items():
+        within = [p for p in curve_points if p[0] <= seconds]
+        elapsed, step, val = within[-1] if within else (float("nan"), 0, float("nan"))
+        print(f"| --preset {name} | {val:.4f} | {elapsed:.1f} s | {step} |")
+    return results
+
+
+def loss_curve(preset, seconds, points, device):
+    """[(seconds since launch, step, val loss)] of one train.py run, stopped at the budget."""
+    eval_interval = max(1, PRESETS[preset]["max_iters"] // points)
+    with tempfile.TemporaryDirectory() as folder:
+        flags = ["--preset", preset, "--eval_interval", str(eval_interval), "--sample_tokens",
+                 "0", "--checkpoint", os.path.join(folder, "ckpt.pt"), "--device", device]
+        process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *flags],
+                                   cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = queue.Queue()
+        threading.Thread(target=read_lines, args=(process.stdout, lines), daemon=True).start()
+        found, deadline = [], time.time() + seconds + 10  # a little past: the last evaluation
+        with tqdm(total=seconds, unit="s", desc=f"--preset {preset}", file=sys.stdout,
+                  bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}]") as bar:
+            while time.time() < deadline:
+                try:
+                    line = lines.get(timeout=1)
+                except queue.Empty:
+                    continue
+                if line is None:  # train.py ended
+                    break
+                for match in EVAL_LINE.finditer(line):
+                    step, val_loss, elapsed = int(match[1]), float(match[2]), float(match[3])
+                    found.append((elapsed, step, val_loss))
+                    bar.update(min(elapsed, seconds) - bar.n)
+                    bar.set_postfix_str(f"val {val_loss:.4f} at step {step}")
+        process.kill()
+        process.wait()
+    return found

@@ -79,6 +79,13 @@ PRESETS = {
     # least time to val loss 1.47: a higher learning rate and less dropout over fewer steps,
     # and no torch.compile, whose start-up (tens of seconds) is about all that so short a run
     # could save. Not yet tuned on a GPU (see FUTURE_WORK.md).
+    # nanoGPT's README recipe for a CPU (its config/train_shakespeare_char.py with the flags its
+    # README gives for a CPU), run through this code base: `python bench.py curve` compares the
+    # CPU recipes above with it at the same wall time.
+    "nanogpt-cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
+                        dropout=0.0, learning_rate=1e-3, min_lr=1e-4, beta2=0.99,
+                        warmup_iters=100, max_iters=2000, lr_decay_iters=2000,
+                        eval_interval=250, eval_iters=20, compile="false"),
     "fast": dict(learning_rate=2e-3, min_lr=2e-4, warmup_iters=200, max_iters=2500,
                  eval_interval=250, dropout=0.1, compile="false"),
 }
