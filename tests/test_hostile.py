@@ -48,6 +48,7 @@ TRAIN_INTS = {
     "warmup_iters": dict(zip(["-1", "0", HUGE], [2, 0, 0])),
     "lr_decay_iters": dict(zip(["-1", "0", HUGE], [2, 0, 0])),
     "sample_tokens": dict(zip(["-1", "0", "3"], [2, 0, 0])),  # huge would sample for ever
+    "eval_sample_tokens": dict(zip(["-1", "0", "3"], [2, 0, 0])),
     "vocab_size": dict(zip(["-1", "0", "255", HUGE], [2, 2, 2, 0])),  # unused by char
     "seed": dict(zip(["-1", "0", HUGE, str(2**63 - 1), str(2**63)], [2, 0, 2, 0, 2])),
 }
@@ -82,7 +83,7 @@ TRAIN_WORDS = {  # text flags; paths come from the home fixture ({home}, {data},
                "{random}": 2, "true": 2},
 }
 # Values that would make a run go on for ever; for these flags, checked by parse_args alone.
-TRAIN_PARSE_ONLY = {"eval_iters": HUGE, "sample_tokens": HUGE}
+TRAIN_PARSE_ONLY = {"eval_iters": HUGE, "sample_tokens": HUGE, "eval_sample_tokens": HUGE}
 
 GENERATE = {
     "prompt": {"": 0, "ROMEO:": 0, "\n": 0, "a" * 3000: 0, "\u00fc": 2, "\udcff": 2},
