@@ -109,7 +109,7 @@ GENERATE_PARSE_ONLY = {"max_new_tokens": HUGE}
 
 BENCH = {  # bench.py generate (train for --steps/--batch_size, report for --quick/--json);
     # the timed work is stubbed out: the flags are checked before it starts
-    "what": {"": 2, "TRAIN": 2, "\u00fc": 2, "train": 0, "generate": 0, "report": 0},
+    "what": {"": 2, "TRAIN": 2, "\u00fc": 2, "train": 0, "generate": 0, "report": 0, "curve": 0},
     "steps": {"-1": 2, "0": 2, "1": 0, HUGE: 0},
     "tokens": {"-1": 2, "0": 2, "1": 0, HUGE: 0},
     "batch_size": {"-1": 2, "0": 2, HUGE: 2, "\uff18": 0},
@@ -118,9 +118,13 @@ BENCH = {  # bench.py generate (train for --steps/--batch_size, report for --qui
     "compile": {"": 2, "maybe": 2, "false": 0},
     "json": {"": 2, " ": 2, "{home}": 2, "/dev/null/report.json": 2, "x" * 300: 2,
              "new/report.json": 0, "\u00fc \u2603.json": 0},
+    "preset": {"": 2, "CPU": 2, "\u00fc": 2, "cpu": 0},
+    "seconds": {"-1": 2, "0": 2, "1": 0, HUGE: 0},
+    "points": {"-1": 2, "0": 2, "1": 0, HUGE: 0},
 }
 BENCH_SWITCHES = ["quick"]
-BENCH_NUMBERS = {"steps": NOT_NUMBERS, "tokens": NOT_NUMBERS, "batch_size": NOT_NUMBERS}
+BENCH_NUMBERS = {"steps": NOT_NUMBERS, "tokens": NOT_NUMBERS, "batch_size": NOT_NUMBERS,
+                 "seconds": NOT_NUMBERS, "points": NOT_NUMBERS}
 
 
 def cases():
@@ -255,6 +259,10 @@ def fake_report(device, quick, json_path, n_tokens):
     pass  # bench.py report: minutes of training and sampling, not run here
 
 
+def fake_curve(preset, seconds, points, device):
+    pass  # bench.py curve: minutes of training, not run here
+
+
 def end_of_input(prompt=""):
     raise EOFError  # generate.py --interactive: the user pressed Ctrl-D
 
@@ -266,6 +274,7 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "catch_ctrl_c", stop_after_one_step)
     monkeypatch.setattr(bench, "in_fresh_process", fake_measurement)
     monkeypatch.setattr(bench, "report", fake_report)
+    monkeypatch.setattr(bench, "curve", fake_curve)
     monkeypatch.setattr("builtins.input", end_of_input)
     return tmp_path
 
@@ -280,8 +289,8 @@ def argv_for(script, flag, value, home):
                 *flag_arg]
     if flag == "what":
         return [value]
-    what = {"steps": "train", "batch_size": "train", "quick": "report", "json": "report"}.get(
-        flag, "generate")
+    what = {"steps": "train", "batch_size": "train", "quick": "report", "json": "report",
+            "preset": "curve", "seconds": "curve", "points": "curve"}.get(flag, "generate")
     return [what, "--device", "cpu", *flag_arg]
 
 
