@@ -22,7 +22,7 @@ class Config:
     checkpoint: str = "ckpt.pt"        # where the model is saved (atomically, at each eval and at the end)
     tokenizer: str = "char"            # char (one token per character) or bpe (byte-level BPE)
     vocab_size: int = 1024             # BPE only: tokens in the vocabulary, at least 256
-    bpe_sample_chars: int = 20_000_000  # BPE: merges learned on at most this many chars (0 = all)
+    bpe_sample_chars: int = 10_000_000  # BPE: merges learned on at most this many chars (0 = all)
     # model (the default model: 10,788,929 parameters with Tiny Shakespeare's 65 characters)
     n_embd: int = 384                  # width of the residual stream
     n_layer: int = 6                   # number of Transformer blocks

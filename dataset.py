@@ -28,32 +28,26 @@ spans such a place, so the tokens are exactly those of BPETokenizer.encode on th
 """
 
 import codecs
-import collections
 import datetime
 import hashlib
 import json
-import multiprocessing
 import os
-import re
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import (DEFAULT_DATA, BPETokenizer, CharTokenizer, UsageError, atomic_write,
+import fast_bpe
+from utils import (DEFAULT_DATA, CharTokenizer, UsageError, atomic_write,
                    download_tiny_shakespeare, tokenizer_from_dict)
 
 FORMAT = 1  # bump when the token file or its metadata changes meaning: old ones are re-prepared
 VAL_FRACTION = 0.1  # the last 10% of the characters, as utils.split_data
 CHUNK_BYTES = 16 << 20  # read this much at a time: memory per pass stays ~10x this
-PIECE_CHARS = 1 << 20  # BPE: characters per piece a worker encodes
 SAMPLE_STRETCH_CHARS = 100_000  # BPE: the sample is stretches of this many characters
-CACHE_ENTRIES = 500_000  # BPE: a worker's chunk -> ids cache is emptied when it grows past this
-WORD_END = re.compile(r"\S(?=\s)")  # a character that is not whitespace, with whitespace next
 
 
 @dataclass
@@ -249,7 +243,7 @@ def val_set(corpus, eval_tokens, block_size, device):
 # ---------------------------------------------------------------------------------------------
 # Preparing: read the text in chunks, learn the vocabulary, encode, write
 
-def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=PIECE_CHARS,
+def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=fast_bpe.PIECE_CHARS,
             workers=None):
     """Tokenize the sources into <stem>.tokens and write <stem>.json; returns the metadata."""
     started = time.time()
@@ -273,13 +267,13 @@ def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=PIECE_
             else:
                 sample = bpe_sample(sources, n_train_chars, settings["bpe_sample_chars"],
                                     chunk_bytes)
-                tokenizer = BPETokenizer.train(sample, settings["vocab_size"])
+                tokenizer = fast_bpe.train(sample, settings["vocab_size"])
                 del sample
                 dtype = token_dtype(tokenizer.vocab_size)
                 with progress_bar(total_bytes, "Encoding (BPE)") as bar:
                     n_train = write_bpe_tokens(read_text_chunks(sources, chunk_bytes, bar),
                                                n_train_chars, tokenizer, dtype, out,
-                                               piece_chars, workers or cpu_count())
+                                               piece_chars, workers or fast_bpe.cpu_count())
             n_tokens = out.tell() // np.dtype(dtype).itemsize
         if os.path.exists(f"{stem}.tokens.json"):
             os.remove(f"{stem}.tokens.json")  # the old metadata must never describe the new tokens
@@ -408,110 +402,11 @@ def write_bpe_tokens(chunks, n_train_chars, tokenizer, dtype, out, piece_chars, 
     the ids in order; returns the number of train tokens."""
     n_train = 0
     byte_lengths = np.array([len(b) for b in tokenizer.token_bytes])
-    pieces = word_end_pieces(split_at(chunks, n_train_chars), piece_chars)
-    for split, piece, ids in encode_pieces(pieces, tokenizer.merges, dtype, workers):
+    pieces = fast_bpe.word_end_pieces(fast_bpe.split_at(chunks, n_train_chars), piece_chars)
+    for split, piece, ids in fast_bpe.encode_pieces(pieces, tokenizer.merges, dtype, workers):
         # A cheap check that no byte was lost: every token's bytes add up to the piece's.
         if byte_lengths[ids].sum() != len(piece.encode("utf-8")):
             raise UsageError("the BPE tokenizer does not round-trip this text; please report it")
         ids.tofile(out)
         n_train += len(ids) if split == "train" else 0
     return n_train
-
-
-def split_at(chunks, n_train_chars):
-    """("train", text) for the first n_train_chars characters of the chunks, then ("val", text)."""
-    position = 0
-    for text in chunks:
-        cut = min(len(text), max(0, n_train_chars - position))
-        if cut > 0:
-            yield "train", text[:cut]
-        if cut < len(text):
-            yield "val", text[cut:]
-        position += len(text)
-
-
-def word_end_pieces(tagged_chunks, piece_chars):
-    """(split, piece): each split's text cut into pieces of about piece_chars characters.
-
-    A cut goes after a character that is not whitespace and before one that is. BPE's chunks
-    (utils.BPETokenizer.CHUNK) never hold whitespace after another character, so none spans
-    such a place, and the pieces encode exactly as the whole split does. The end of the train
-    split is always a cut: the reference encodes the two splits apart.
-    """
-    held, held_split = "", "train"
-    for split, text in tagged_chunks:
-        if split != held_split:  # the train split ended
-            if held:
-                yield held_split, held
-            held, held_split = "", split
-        held += text
-        start = 0
-        while len(held) - start > piece_chars:
-            cut = word_end_near(held, start, start + piece_chars)
-            if cut is None:
-                if len(held) - start < 8 * piece_chars:
-                    break  # no word end yet: wait for more text
-                cut = start + piece_chars  # a "word" of millions of characters: cut anyway
-            yield split, held[start:cut]
-            start = cut
-        held = held[start:]
-    if held:
-        yield held_split, held
-
-
-def word_end_near(text, start, limit):
-    """The last word end (a non-whitespace character, then whitespace) in (start, limit), else
-    the first one after limit, or None. Looks back 10,000 characters first: almost any text
-    has one there."""
-    for window_start in (max(start, limit - 10_000), start):
-        ends = [m.end() for m in WORD_END.finditer(text, window_start, limit)]
-        if ends:
-            return ends[-1]
-    after = WORD_END.search(text, limit)
-    return after.end() if after else None
-
-
-def encode_pieces(pieces, merges, dtype, workers):
-    """(split, piece, ids) for each piece, in order, encoded by BPETokenizer.encode in
-    `workers` processes (in this one if 1); at most 2 pieces per worker in flight at a time,
-    so memory does not grow with the text."""
-    if workers == 1:
-        start_worker(merges)
-        for split, piece in pieces:
-            yield split, piece, encode_piece(piece, dtype)
-        return
-    # fork: workers start at once with the merges; they use no threads, torch or GPU.
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker,
-                             initargs=(merges,)) as pool:
-        in_flight = collections.deque()
-        for split, piece in pieces:
-            in_flight.append((split, piece, pool.submit(encode_piece, piece, dtype)))
-            if len(in_flight) >= 2 * workers:
-                split, piece, ids = in_flight.popleft()
-                yield split, piece, ids.result()
-        for split, piece, ids in in_flight:
-            yield split, piece, ids.result()
-
-
-WORKER_TOKENIZER = None  # each worker process's own BPETokenizer, with its own chunk cache
-
-
-def start_worker(merges):
-    global WORKER_TOKENIZER
-    WORKER_TOKENIZER = BPETokenizer(merges)
-
-
-def encode_piece(piece, dtype):
-    """The piece's token ids with the reference encoder, as an array of dtype."""
-    ids = np.array(WORKER_TOKENIZER.encode(piece), dtype=dtype)
-    if len(WORKER_TOKENIZER.cache) > CACHE_ENTRIES:
-        WORKER_TOKENIZER.cache.clear()  # bounded memory; the frequent chunks come back at once
-    return ids
-
-
-def cpu_count():
-    try:
-        return len(os.sched_getaffinity(0))  # the cores this process may use (Linux)
-    except AttributeError:
-        return os.cpu_count() or 1

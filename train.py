@@ -250,7 +250,7 @@ def exact_loss(model, data, block_size, batch_size):
     the split's true loss rather than a noisy estimate from random batches.
     """
     n_blocks = (len(data) - 1) // block_size
-    batch_size = max(batch_size, 16384 // block_size)  # no gradients to keep: bigger batches
+    batch_size = eval_rows(model, batch_size, block_size)
     inputs = data[:n_blocks * block_size].view(n_blocks, block_size)
     targets = data[1:n_blocks * block_size + 1].view(n_blocks, block_size)
     pieces = [(inputs[i:i + batch_size], targets[i:i + batch_size])
@@ -264,8 +264,16 @@ def exact_loss(model, data, block_size, batch_size):
 def windows_loss(model, windows, batch_size):
     """Mean loss over every prediction in windows (N, T + 1): each row's last T tokens are
     predicted from the ones before them, as in exact_loss's blocks."""
-    batch_size = max(batch_size, 16384 // (windows.shape[1] - 1))
+    batch_size = eval_rows(model, batch_size, windows.shape[1] - 1)
     return mean_loss(model, [(rows[:, :-1], rows[:, 1:]) for rows in windows.split(batch_size)])
+
+
+def eval_rows(model, batch_size, block_size):
+    """Sequences per forward pass when evaluating. No gradients are kept, so more than in
+    training: 16,384 tokens, fewer with a big vocabulary, whose logits (tokens x vocab) would
+    take most of the memory: at most 2**24 of them (64 MB in float32)."""
+    tokens = min(16384, 2**24 // model.lm_head.out_features)
+    return max(batch_size, tokens // block_size)
 
 
 def mean_loss(model, pieces):

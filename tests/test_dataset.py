@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import dataset
+import fast_bpe
 import train
 import utils
 from config import Config
@@ -66,15 +67,25 @@ def test_bpe_in_pieces_and_workers_gives_the_reference_tokens(tmp_path, chunk_by
     assert tokenizer.decode(tokens) == text  # underscores too
 
 
+@pytest.mark.parametrize("vocab_size", [256, 257, 300, 700])
+def test_fast_bpe_learns_the_reference_merges_ties_included(vocab_size):
+    rng = random.Random(vocab_size)
+    texts = [TINY_TEXT, MIXED * 5, "ab ab ba ba aa bb " * 10, "aaaa", "", "a_b __c__ _" * 9,
+             "".join(rng.choice("ab \n.") for _ in range(3000))]  # ties, ties everywhere
+    for text in texts:
+        assert fast_bpe.train(text, vocab_size).merges == \
+            BPETokenizer.train(text, vocab_size).merges, text[:40]
+
+
 def test_pieces_cut_at_word_ends_split_into_the_same_bpe_chunks():
     rng = random.Random(0)
     alphabet = list("ab cd\n\t 1 2 _ .,!é中  \n\n\r")
     for _ in range(500):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
         n_train = rng.randint(0, len(text))
-        tagged = dataset.split_at([text[i:i + 5] for i in range(0, len(text), 5)], n_train)
+        tagged = fast_bpe.split_at([text[i:i + 5] for i in range(0, len(text), 5)], n_train)
         # Pieces of at least 1/8 of the text: never a forced cut (a "word" 8 pieces long).
-        pieces = list(dataset.word_end_pieces(tagged, len(text) // 8 + rng.randint(1, 5)))
+        pieces = list(fast_bpe.word_end_pieces(tagged, len(text) // 8 + rng.randint(1, 5)))
         train_pieces = [p for split, p in pieces if split == "train"]
         val_pieces = [p for split, p in pieces if split == "val"]
         assert "".join(train_pieces) == text[:n_train] and "".join(val_pieces) == text[n_train:]
@@ -89,10 +100,10 @@ def test_tiny_shakespeare_tokens_are_unchanged(tmp_path):
         pytest.skip("data/input.txt not present")
     shutil.copy(source, tmp_path / "input.txt")
     text = (tmp_path / "input.txt").read_text()
-    for kind in ("char", "bpe"):
-        meta, tokens = prepare_path(str(tmp_path / "input.txt"), kind, 300,
+    for kind in ("char", "bpe"):  # BPE as the README's run: 1,024 tokens
+        meta, tokens = prepare_path(str(tmp_path / "input.txt"), kind, 1024,
                                     bpe_sample_chars=Config().bpe_sample_chars)
-        tokenizer, train_ids, val_ids = reference(tmp_path, text, kind)
+        tokenizer, train_ids, val_ids = reference(tmp_path, text, kind, 1024)
         assert meta["tokenizer"] == tokenizer.to_dict()
         assert tokens == train_ids + val_ids and meta["n_train"] == len(train_ids)
     assert (meta["n_chars"], meta["n_train_chars"]) == (1_115_394, 1_003_854)
