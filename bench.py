@@ -169,10 +169,11 @@ def prepare_benchmark(args, device):
         print(f"text: {data} ({size_mib:,.0f} MiB); machine: {os.cpu_count()} cores, load "
               f"average {os.getloadavg()[0]:.1f} before")
         seconds, mib, workers_mib, meta = in_fresh_process(timed_prepare, flags)
-        print(f"prepare ({args.tokenizer}, {meta['tokenizer_vocab']} tokens, {meta['dtype']}): "
-              f"{seconds:.1f} s, {size_mib / seconds:.1f} MiB/s, peak RSS {mib:,.0f} MiB"
-              + (f" (each worker at most {workers_mib:,.0f} MiB)" if workers_mib else "")
-              + f"; {meta['n_train'] + meta['n_val']:,} tokens")
+        workers = f" (workers: at most {workers_mib:,.0f} MiB each)" if workers_mib else ""
+        print(f"prepare: {seconds:.1f} s ({size_mib / seconds:.1f} MiB/s), CPU time "
+              f"{meta['cpu_seconds']:.0f} s in all processes; peak RSS {mib:,.0f} MiB{workers}; "
+              f"{meta['n_train'] + meta['n_val']:,} tokens ({args.tokenizer}, "
+              f"{meta['tokenizer_vocab']:,} in the vocabulary, {meta['dtype']})")
         result = in_fresh_process(second_run, flags, args.steps or 3, time.time())
         print(f"second run: corpus mapped {result['load']:.2f} s after launch, first training "
               f"step done at {result['first_step']:.1f} s (the step-0 evaluation left out)")
@@ -242,8 +243,10 @@ def timed_prepare(flags):
     meta = dataset.prepare(sources, settings, stem)
     seconds = time.time() - start
     meta["tokenizer_vocab"] = dataset.tokenizer_from_dict(meta["tokenizer"]).vocab_size
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10
-    return seconds, peak_mib("cpu"), children, meta
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    meta["cpu_seconds"] = sum(r.ru_utime + r.ru_stime for r in (
+        resource.getrusage(resource.RUSAGE_SELF), children))  # on a busy machine: > wall / cores
+    return seconds, peak_mib("cpu"), children.ru_maxrss / 2**10, meta
 
 
 def second_run(flags, steps, launched):

@@ -18,7 +18,7 @@ from utils import UsageError
 @dataclass
 class Config:
     # data and files
-    data: str = "data/input.txt"       # UTF-8 text to train on (Tiny Shakespeare is fetched if missing)
+    data: str = "data/input.txt"       # UTF-8 text file or folder of .txt files (Tiny Shakespeare: fetched)
     checkpoint: str = "ckpt.pt"        # where the model is saved (atomically, at each eval and at the end)
     tokenizer: str = "char"            # char (one token per character) or bpe (byte-level BPE)
     vocab_size: int = 1024             # BPE only: tokens in the vocabulary, at least 256

@@ -14,7 +14,7 @@ import dataset
 import fast_bpe
 import train
 import utils
-from config import Config
+from config import Config, parse_config
 from conftest import ROOT, TINY_FLAGS, TINY_TEXT, run_script, tiny_model
 from utils import BPETokenizer, UsageError, tokenize
 
@@ -229,3 +229,12 @@ def test_training_on_a_folder_says_how_the_val_loss_was_taken(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"Dataset length: {3 * len(TINY_TEXT)} characters" in result.stdout
     assert result.stdout.count(" (on 96 of 1,116 tokens), val bpc ") == 2  # steps 0 and 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval_tokens", "32", "--block_size", "32"], "--eval_tokens must be more than block_size"),
+    (["--bpe_sample_chars", "-1"], "--bpe_sample_chars must be 0"),
+])
+def test_bad_data_flags_are_named(flags, message):
+    with pytest.raises(UsageError, match=message):
+        parse_config(flags)
