@@ -80,17 +80,17 @@ def load_corpus(config, rank=0, world_size=1):
 
     Under torchrun only rank 0 prepares; the others wait for it, then map the same files (the
     operating system keeps one copy of their pages for all ranks)."""
-    sources = find_sources(config.data)
     settings = corpus_settings(config)
-    stem = prepared_stem(config.data, settings)
     if rank == 0:
-        meta = prepare_if_needed(sources, settings, stem)
+        sources = find_sources(config.data)  # this fetches Tiny Shakespeare if it is missing
+        meta = prepare_if_needed(sources, settings, prepared_stem(config.data, settings))
     if world_size > 1:
         # Its own group with a long timeout: preparing a big corpus can outlast the default one.
         waiting_room = torch.distributed.new_group(backend="gloo",
                                                    timeout=datetime.timedelta(days=1))
         torch.distributed.barrier(group=waiting_room)
         torch.distributed.destroy_process_group(waiting_room)
+    stem = prepared_stem(config.data, settings)
     if rank != 0:
         meta = read_meta(stem)
     return Corpus(tokenizer_from_dict(meta["tokenizer"]), open(f"{stem}.tokens", "rb"),
@@ -245,54 +245,50 @@ def val_set(corpus, eval_tokens, block_size, device):
 
 def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=fast_bpe.PIECE_CHARS,
             workers=None):
-    """Tokenize the sources into <stem>.tokens and write <stem>.json; returns the metadata."""
+    """Tokenize the sources into <stem>.tokens, then write <stem>.tokens.json; returns the
+    metadata. chunk_bytes, piece_chars and workers are small in tests, to cut text anywhere."""
     started = time.time()
-    total_bytes = sum(os.path.getsize(p) for p in sources)
     sha256 = hashlib.sha256()
-    want_vocab = settings["tokenizer"] == "char"
-    with progress_bar(total_bytes, "Reading") as bar:
+    with progress_bar(sources, "Reading") as bar:
         n_chars, code_points = scan(read_text_chunks(sources, chunk_bytes, bar, sha256),
-                                    want_vocab)
+                                    want_vocab=settings["tokenizer"] == "char")
     n_train_chars = int(n_chars * (1 - VAL_FRACTION))
     tmp_path = f"{stem}.tokens.{os.getpid()}.tmp"
     try:
         with open(tmp_path, "wb") as out:
-            if want_vocab:
+            if settings["tokenizer"] == "char":
                 tokenizer = CharTokenizer("".join(map(chr, code_points)))
-                dtype = token_dtype(tokenizer.vocab_size)
-                with progress_bar(total_bytes, "Encoding") as bar:
-                    write_char_tokens(read_text_chunks(sources, chunk_bytes, bar), code_points,
-                                      dtype, out)
-                n_train = n_train_chars
+                write_char_tokens(sources, code_points, out, chunk_bytes)
+                n_train = n_train_chars  # one token per character
             else:
-                sample = bpe_sample(sources, n_train_chars, settings["bpe_sample_chars"],
-                                    chunk_bytes)
-                tokenizer = fast_bpe.train(sample, settings["vocab_size"])
-                del sample
-                dtype = token_dtype(tokenizer.vocab_size)
-                with progress_bar(total_bytes, "Encoding (BPE)") as bar:
-                    n_train = write_bpe_tokens(read_text_chunks(sources, chunk_bytes, bar),
-                                               n_train_chars, tokenizer, dtype, out,
-                                               piece_chars, workers or fast_bpe.cpu_count())
-            n_tokens = out.tell() // np.dtype(dtype).itemsize
+                tokenizer = fast_bpe.train(bpe_sample(sources, n_train_chars,
+                                                      settings["bpe_sample_chars"], chunk_bytes),
+                                           settings["vocab_size"])
+                n_train = write_bpe_tokens(sources, n_train_chars, tokenizer, out, chunk_bytes,
+                                           piece_chars, workers or fast_bpe.cpu_count())
+            n_tokens = out.tell() // np.dtype(token_dtype(tokenizer.vocab_size)).itemsize
         if os.path.exists(f"{stem}.tokens.json"):
-            os.remove(f"{stem}.tokens.json")  # the old metadata must never describe the new tokens
+            os.remove(f"{stem}.tokens.json")  # the old metadata must never describe new tokens
         os.replace(tmp_path, f"{stem}.tokens")
+    except OSError as err:  # a full disk, most likely
+        raise UsageError(f"cannot write the token file {stem}.tokens ({err.strerror}); free some "
+                         f"disk space, or set XDG_CACHE_HOME to a folder with room")
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
     meta = dict(format=FORMAT, settings=settings, sources=source_stats(sources),
                 sha256=sha256.hexdigest(), n_chars=n_chars, n_train_chars=n_train_chars,
-                tokenizer=tokenizer.to_dict(), dtype=dtype, n_train=n_train,
-                n_val=n_tokens - n_train, seconds=round(time.time() - started, 1))
+                tokenizer=tokenizer.to_dict(), dtype=token_dtype(tokenizer.vocab_size),
+                n_train=n_train, n_val=n_tokens - n_train,
+                seconds=round(time.time() - started, 1))
     write_meta(stem, meta)
     return meta
 
 
-def progress_bar(total_bytes, what):
+def progress_bar(sources, what):
     """Bytes done, MB/s and time left; shown only when a pass takes more than a second."""
-    return tqdm(total=total_bytes, desc=what, unit="B", unit_scale=True, delay=1,
-                dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=sum(os.path.getsize(p) for p in sources), desc=what, unit="B",
+                unit_scale=True, delay=1, dynamic_ncols=True, file=sys.stderr)
 
 
 def read_text_chunks(sources, chunk_bytes, bar=None, sha256=None):
@@ -340,7 +336,7 @@ def read_blocks(path, chunk_bytes, newline):
 def text_sha256(sources):
     """sha256 of the joined text, to tell a touched file from a changed one."""
     sha256 = hashlib.sha256()
-    with progress_bar(sum(os.path.getsize(p) for p in sources), "Checking") as bar:
+    with progress_bar(sources, "Checking") as bar:
         for i, path in enumerate(sources):
             for _, block in read_blocks(path, CHUNK_BYTES, newline=i < len(sources) - 1):
                 sha256.update(block)
@@ -365,12 +361,13 @@ def scan(chunks, want_vocab):
     return n_chars, (np.flatnonzero(seen) if want_vocab else None)
 
 
-def write_char_tokens(chunks, code_points, dtype, out):
+def write_char_tokens(sources, code_points, out, chunk_bytes):
     """Write each character's id: its rank among the code points, looked up in a table."""
-    table = np.zeros(sys.maxunicode + 1, dtype=dtype)  # code point -> token id
+    table = np.zeros(sys.maxunicode + 1, dtype=token_dtype(len(code_points)))  # code point -> id
     table[code_points] = np.arange(len(code_points))
-    for text in chunks:
-        table[code_points_of(text)].tofile(out)
+    with progress_bar(sources, "Encoding") as bar:
+        for text in read_text_chunks(sources, chunk_bytes, bar):
+            table[code_points_of(text)].tofile(out)
 
 
 def bpe_sample(sources, n_train_chars, sample_chars, chunk_bytes):
@@ -385,7 +382,7 @@ def bpe_sample(sources, n_train_chars, sample_chars, chunk_bytes):
         starts = [i * (n_train_chars - length) // max(1, n_stretches - 1)
                   for i in range(n_stretches)]
     stretches, position = [[] for _ in starts], 0
-    with progress_bar(sum(os.path.getsize(p) for p in sources), "Sampling for BPE") as bar:
+    with progress_bar(sources, "Sampling for BPE") as bar:
         for text in read_text_chunks(sources, chunk_bytes, bar):
             for stretch, start in zip(stretches, starts):
                 lo, hi = max(start, position), min(start + length, position + len(text))
@@ -397,16 +394,19 @@ def bpe_sample(sources, n_train_chars, sample_chars, chunk_bytes):
     return "\n".join("".join(pieces) for pieces in stretches)
 
 
-def write_bpe_tokens(chunks, n_train_chars, tokenizer, dtype, out, piece_chars, workers):
+def write_bpe_tokens(sources, n_train_chars, tokenizer, out, chunk_bytes, piece_chars, workers):
     """Encode the train split, then the val split, in pieces on `workers` processes, writing
     the ids in order; returns the number of train tokens."""
-    n_train = 0
+    n_train, dtype = 0, token_dtype(tokenizer.vocab_size)
     byte_lengths = np.array([len(b) for b in tokenizer.token_bytes])
-    pieces = fast_bpe.word_end_pieces(fast_bpe.split_at(chunks, n_train_chars), piece_chars)
-    for split, piece, ids in fast_bpe.encode_pieces(pieces, tokenizer.merges, dtype, workers):
-        # A cheap check that no byte was lost: every token's bytes add up to the piece's.
-        if byte_lengths[ids].sum() != len(piece.encode("utf-8")):
-            raise UsageError("the BPE tokenizer does not round-trip this text; please report it")
-        ids.tofile(out)
-        n_train += len(ids) if split == "train" else 0
+    with progress_bar(sources, "Encoding (BPE)") as bar:
+        chunks = fast_bpe.split_at(read_text_chunks(sources, chunk_bytes, bar), n_train_chars)
+        pieces = fast_bpe.word_end_pieces(chunks, piece_chars)
+        for split, piece, ids in fast_bpe.encode_pieces(pieces, tokenizer.merges, dtype, workers):
+            # A cheap check that no byte was lost: the tokens' bytes add up to the piece's.
+            if byte_lengths[ids].sum() != len(piece.encode("utf-8")):
+                raise UsageError("the BPE tokenizer does not round-trip this text; please "
+                                 "report it")
+            ids.tofile(out)
+            n_train += len(ids) if split == "train" else 0
     return n_train

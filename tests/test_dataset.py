@@ -120,8 +120,9 @@ def test_a_changed_text_is_prepared_again_a_touched_one_is_not(tmp_path, monkeyp
     os.utime(path, ns=(1, 1))  # as `touch` or a fresh checkout: a new time, the same bytes
     with monkeypatch.context() as patch:
         patch.setattr(dataset, "prepare", lambda *args, **kwargs: pytest.fail("prepared again"))
-        assert dataset.load_corpus(config).n_chars == 39 * 20
-        assert dataset.load_corpus(config).n_chars == 39 * 20  # not even hashed a second time
+        assert dataset.load_corpus(config).n_chars == 39 * 20  # hashed: the same bytes
+        patch.setattr(dataset, "text_sha256", lambda *args: pytest.fail("hashed again"))
+        assert dataset.load_corpus(config).n_chars == 39 * 20  # the new time was saved
     settings = dataset.corpus_settings(config)
     meta = dataset.read_meta(dataset.prepared_stem(str(path), settings))
     assert meta["sources"][0][2] == 1
@@ -238,3 +239,14 @@ def test_training_on_a_folder_says_how_the_val_loss_was_taken(tmp_path):
 def test_bad_data_flags_are_named(flags, message):
     with pytest.raises(UsageError, match=message):
         parse_config(flags)
+
+
+def test_bench_prepare_reports_preparing_and_a_second_run(tmp_path, tiny_data):
+    result = run_script("bench.py", "prepare", "--data", tiny_data, "--device", "cpu",
+                        "--steps", "1", timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[-3].startswith("prepare: ") and "peak RSS" in lines[-3]
+    assert f"{len(TINY_TEXT):,} tokens (char, 36 in the vocabulary, uint16)" in lines[-3]
+    assert lines[-2].startswith("second run: corpus mapped ")
+    assert lines[-1].startswith("training: peak RSS ") and lines[-1].endswith("(val loss exact)")
