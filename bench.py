@@ -4,9 +4,12 @@
     python bench.py generate --device cpu     # KV cache vs re-running the whole context
     python bench.py report --device cuda      # every figure of the GPU table (docs/gpu.md)
     python bench.py report --device cpu --quick   # the same rows, tiny, in under a minute
+    python bench.py prepare --size_mb 1024    # preparing a 1 GiB text (dataset.py), then
+                                              # a second run's start on it; --tokenizer bpe
 
 Each variant runs in a fresh process, so the peak memory printed is its own. The token ids are
-random: what the text says does not change how long the arithmetic takes.
+random: what the text says does not change how long the arithmetic takes. `prepare` writes its
+generated text (and the prepared token file) to a temporary folder and deletes it afterwards.
 """
 
 import collections
@@ -17,6 +20,7 @@ import platform
 import queue
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +37,7 @@ if __name__ == "__main__":
 import torch
 from tqdm import tqdm
 
+import dataset
 import train
 from config import PRESETS, ArgumentParser, parse_config
 from generate import for_sampling, pick_sampling_dtype
@@ -134,7 +139,7 @@ def in_fresh_process(function, *args):
 
 def main(argv=None):
     parser = ArgumentParser(prog="bench.py", description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["train", "generate", "report", "curve"])
+    parser.add_argument("what", choices=["train", "generate", "report", "curve", "prepare"])
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed training steps (default: 20 on a GPU, 3 on a CPU)")
@@ -155,11 +160,14 @@ def main(argv=None):
                         help="curve: the wall-time budget of each run")
     parser.add_argument("--points", type=int, default=6,
                         help="curve: about how many evaluations each run makes")
+    add_prepare_flags(parser)
     args = parser.parse_args(argv)
     for name in ("steps", "tokens", "seconds", "points"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
     device = pick_device(args.device)
+    if args.what == "prepare":
+        return prepare_benchmark(args, device)
     if args.what == "train":  # the default model at --batch_size: refused here if it cannot fit
         config, _ = parse_config(["--device", device, "--batch_size", str(args.batch_size)])
         train.check_model_fits(config, train.Run(device, "float32"))
@@ -194,6 +202,146 @@ def main(argv=None):
               f"speedup {cache[0] / no_cache[0]:.2f}x")
 
 
+# ---------------------------------------------------------------------------------------------
+# python bench.py prepare: a big text prepared into a token file, then a second run's start
+
+def add_prepare_flags(parser):
+    parser.add_argument("--size_mb", type=int, default=100,
+                        help="prepare: MiB of text to generate (1024 = 1 GiB)")
+    parser.add_argument("--text", default="synthetic", choices=["synthetic", "shakespeare"],
+                        help="prepare: Zipf-distributed made-up words (many distinct words, as "
+                             "a real corpus has), or Tiny Shakespeare repeated")
+    parser.add_argument("--data", help="prepare: this text file or folder instead (its token "
+                        "file is kept beside it, as train.py would)")
+    parser.add_argument("--tokenizer", default="char", choices=["char", "bpe"])
+    parser.add_argument("--vocab_size", type=int, default=4096, help="prepare: BPE vocabulary")
+    parser.add_argument("--bpe_sample_chars", type=int, default=None,
+                        help="prepare: as train.py's (default: config.py's)")
+
+
+def prepare_benchmark(args, device):
+    """Prepare a text in a fresh process (time, peak memory), then, as a second run would,
+    start training on it in another: time from launch to the first step, memory while training,
+    the cost of an evaluation."""
+    folder = None if args.data else tempfile.mkdtemp(prefix="mini-gpt-bench-")
+    try:
+        data = args.data or write_bench_text(folder, args.text, args.size_mb)
+        flags = ["--data", data, "--tokenizer", args.tokenizer, "--vocab_size",
+                 str(args.vocab_size), "--device", device, "--preset", "cpu"]
+        if args.bpe_sample_chars is not None:
+            flags += ["--bpe_sample_chars", str(args.bpe_sample_chars)]
+        size_mib = sum(os.path.getsize(p) for p in dataset.find_sources(data)) / 2**20
+        print(f"text: {data} ({size_mib:,.0f} MiB); machine: {os.cpu_count()} cores, load "
+              f"average {os.getloadavg()[0]:.1f} before")
+        seconds, mib, workers_mib, meta = in_fresh_process(timed_prepare, flags)
+        workers = f" (workers: at most {workers_mib:,.0f} MiB each)" if workers_mib else ""
+        print(f"prepare: {seconds:.1f} s ({size_mib / seconds:.1f} MiB/s), CPU time "
+              f"{meta['cpu_seconds']:.0f} s in all processes; peak RSS {mib:,.0f} MiB{workers}; "
+              f"{meta['n_train'] + meta['n_val']:,} tokens ({args.tokenizer}, "
+              f"{meta['tokenizer_vocab']:,} in the vocabulary, {meta['dtype']})")
+        result = in_fresh_process(second_run, flags, args.steps or 3, time.time())
+        print(f"second run: corpus mapped {result['load']:.2f} s after launch, first training "
+              f"step done at {result['first_step']:.1f} s (the step-0 evaluation left out)")
+        print(f"training: peak RSS {result['mib']:,.0f} MiB after {result['steps']} steps and "
+              f"one evaluation; the evaluation took {result['eval']:.1f} s (val loss "
+              f"{result['note']})")
+    finally:
+        if folder:
+            shutil.rmtree(folder)
+
+
+def write_bench_text(folder, kind, size_mb):
+    """A generated text of about size_mb MiB in folder; returns its path."""
+    path = os.path.join(folder, f"{kind}-{size_mb}mb.txt")
+    size = size_mb * 2**20
+    blocks = shakespeare_blocks() if kind == "shakespeare" else synthetic_blocks()
+    with open(path, "wb") as f, tqdm(total=size, desc=f"writing {kind} text", unit="B",
+                                     unit_scale=True, file=sys.stdout) as bar:
+        while f.tell() < size:
+            text = next(blocks)[:size - f.tell()]  # whole characters: valid UTF-8
+            f.write(text.encode("utf-8"))
+            bar.update(len(text))
+    return path
+
+
+def shakespeare_blocks():
+    with open(dataset.find_sources(DEFAULT_DATA)[0], encoding="utf-8") as f:
+        text = f.read()
+    while True:
+        yield text
+
+
+def synthetic_blocks(n_words=1_000_000, seed=0):
+    """Text in blocks of about 6 MB, the same every time: words drawn by Zipf's law from a
+    million made-up words (a few with accents or Chinese characters), with commas, full stops
+    and a new line every ten words or so. Unlike Tiny Shakespeare repeated, the distinct words
+    keep coming, as in a real corpus, which is what BPE's caches and vocabularies feel."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
+    frequency = np.array([12.7, 9.1, 8.2, 7.5, 7.0, 6.7, 6.3, 6.1, 6.0, 4.3, 4.0, 2.8, 2.8, 2.4,
+                          2.4, 2.2, 2.0, 2.0, 1.9, 1.5, 1.0, 0.8, 0.2, 0.2, 0.1, 0.1])
+    lengths = 1 + rng.poisson(4.0, n_words)
+    spelled = rng.choice(letters, size=lengths.sum(), p=frequency / frequency.sum())
+    words = np.array(["".join(w) for w in np.split(spelled, np.cumsum(lengths)[:-1])],
+                     dtype=object)
+    words[7::50] += "é"
+    words[11::400] = "中文" + words[11::400]
+    separators = np.array([" ", ", ", ". ", "\n"], dtype=object)
+    while True:
+        ranks = (rng.zipf(1.1, 1_000_000) - 1) % n_words
+        kinds = rng.choice(4, size=len(ranks), p=[0.82, 0.06, 0.04, 0.08])
+        yield "".join(words[ranks] + separators[kinds])
+
+
+def timed_prepare(flags):
+    """(seconds, peak MiB of this process, of its largest worker, metadata) of preparing the
+    text that flags name, as train.py's first run does."""
+    config, _ = parse_config(flags)
+    sources = dataset.find_sources(config.data)
+    settings = dataset.corpus_settings(config)
+    stem = dataset.prepared_stem(config.data, settings)
+    for path in (f"{stem}.tokens", f"{stem}.tokens.json"):  # measure a first run
+        if os.path.exists(path):
+            os.remove(path)
+    start = time.time()
+    meta = dataset.prepare(sources, settings, stem)
+    seconds = time.time() - start
+    meta["tokenizer_vocab"] = dataset.tokenizer_from_dict(meta["tokenizer"]).vocab_size
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    meta["cpu_seconds"] = sum(r.ru_utime + r.ru_stime for r in (
+        resource.getrusage(resource.RUSAGE_SELF), children))  # on a busy machine: > wall / cores
+    return seconds, peak_mib("cpu"), children.ru_maxrss / 2**10, meta
+
+
+def second_run(flags, steps, launched):
+    """As train.py on an already prepared text: seconds from launch (`launched`, taken before
+    this process started) to the corpus being mapped and to the first training step done, peak
+    MiB after `steps` more steps and one evaluation, and that evaluation's seconds."""
+    config, _ = parse_config(flags)
+    run = train.set_up(config)
+    corpus, val_data = train.load_tokens(config, run)
+    loaded = time.time() - launched
+    model = train.build_model(corpus.tokenizer.vocab_size, config, run)
+    optimizer = train.make_optimizer(model, config)
+    scaler = torch.amp.GradScaler(run.device_type, enabled=(run.dtype == "float16"))
+
+    def step():
+        batch = dataset.get_batch(corpus, config.batch_size, config.block_size, run.device)
+        train.train_step(model, optimizer, scaler, [batch], config, run)
+
+    step()
+    synchronize(run.device)
+    first_step = time.time() - launched
+    for _ in range(steps):
+        step()
+    start = time.time()
+    train.evaluate(model, corpus, val_data, config, run)
+    synchronize(run.device)
+    return dict(load=loaded, first_step=first_step, steps=steps + 1, mib=peak_mib("cpu"),
+                eval=time.time() - start, note=val_data.note)
+
+
 def print_table(rows):
     print(f"{'variant':<10} {'tok/s':>10} {'peak MiB':>10}")
     for name, tokens_per_sec, mib in rows:
@@ -212,7 +360,7 @@ QUICK_MODEL = dict(n_embd=64, n_layer=2, n_head=4, block_size=32)
 QUICK_FLAGS = [f"--{name}={value}" for name, value in QUICK_MODEL.items()] + [
     "--batch_size=32", "--dropout=0", "--learning_rate=1e-2", "--warmup_iters=5"]
 QUICK_TARGET = 3.2
-EVAL_LINE = re.compile(r"Step (\d+): .*val loss (\S+), .*\(([\d.]+)s\)")
+EVAL_LINE = re.compile(r"Step (\d+): .*val loss ([\d.naif]+)\b.*\(([\d.]+)s\)")
 
 
 def report(device, quick, json_path, n_tokens):

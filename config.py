@@ -19,10 +19,11 @@ from utils import DEVICE_NAME, UsageError
 @dataclass
 class Config:
     # data and files
-    data: str = "data/input.txt"       # UTF-8 text to train on (Tiny Shakespeare is fetched if missing)
+    data: str = "data/input.txt"       # UTF-8 text file or folder of .txt files (Tiny Shakespeare: fetched)
     checkpoint: str = "ckpt.pt"        # where the model is saved (atomically, at each eval and at the end)
     tokenizer: str = "char"            # char (one token per character) or bpe (byte-level BPE)
     vocab_size: int = 1024             # BPE only: tokens in the vocabulary, at least 256
+    bpe_sample_chars: int = 10_000_000  # BPE: merges learned on at most this many chars (0 = all)
     # model (the default model: 10,788,929 parameters with Tiny Shakespeare's 65 characters)
     n_embd: int = 384                  # width of the residual stream
     n_layer: int = 6                   # number of Transformer blocks
@@ -46,7 +47,8 @@ class Config:
     max_iters: int = 5000              # optimizer steps
     # evaluation and output
     eval_interval: int = 500           # evaluate (and save) every this many steps
-    eval_iters: int = 20               # batches for the train-loss estimate; val loss is exact
+    eval_iters: int = 20               # batches for the train-loss estimate
+    eval_tokens: int = 112_000         # val loss: exact up to this many tokens, else a fixed subset
     log_interval: int = 10             # steps between progress-bar updates and metrics lines
     sample_tokens: int = 500           # tokens (characters) sampled at the end of training (0 = none)
     eval_sample_tokens: int = 0        # tokens sampled at each evaluation (0 = none)
@@ -180,6 +182,13 @@ def check_config(config):
     if config.vocab_size < 256:  # BPE training stops by itself when nothing is left to merge
         raise UsageError(f"--vocab_size (for --tokenizer bpe) must be at least 256, the byte "
                          f"tokens, got {config.vocab_size}")
+    if config.eval_tokens <= config.block_size:
+        raise UsageError(f"--eval_tokens must be more than block_size ({config.block_size}): "
+                         f"the val subset is blocks of block_size + 1 tokens; got "
+                         f"{config.eval_tokens}")
+    if config.bpe_sample_chars < 0:
+        raise UsageError(f"--bpe_sample_chars must be 0 (the whole train split) or more, got "
+                         f"{config.bpe_sample_chars}")
     if config.optimizer not in ("adamw", "muon"):
         raise UsageError(f"--optimizer must be adamw or muon, got {config.optimizer!r}")
     if config.optimizer == "muon" and not hasattr(torch.optim, "Muon"):

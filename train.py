@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import speedups
 from config import parse_config
+from dataset import get_batch, load_corpus, val_set
 from model import GPTModel
 from tracking import log_paths, metrics_recorder
 from utils import (
@@ -44,15 +45,12 @@ from utils import (
     bits_per_char,
     check_fits_in_memory,
     check_output_path,
-    get_batch,
     load_checkpoint,
     pick_device,
     pick_dtype,
-    read_text,
     run_main,
     save_checkpoint,
     start_tokens,
-    tokenize,
     use_compile,
     write_failure,
 )
@@ -65,9 +63,9 @@ def main(argv=None):
     check_paths(config, run)  # the checkpoint to resume exists; the new one can be saved
     log = print if run.is_master else (lambda *args, **kwargs: None)
     log("Loading data...")
-    text = read_text(config.data)
-    tokenizer, train_data, val_data = load_tokens(text, config, run.device)
-    log(f"Dataset length: {len(text)} characters")
+    corpus, val_data = load_tokens(config, run)  # a token file, prepared once, memory-mapped
+    tokenizer = corpus.tokenizer
+    log(f"Dataset length: {corpus.n_chars} characters")
     log(f"Vocabulary size: {tokenizer.vocab_size}")
     model = build_model(tokenizer.vocab_size, config, run)
     log(f"Model parameters: {model.num_params():,}")
@@ -92,14 +90,14 @@ def main(argv=None):
         # A resumed run's checkpoint was saved just after evaluating this step: no need again.
         just_resumed = config.resume and step == start_step
         if (step % config.eval_interval == 0 or last_step) and not just_resumed:
-            val_loss = evaluate_and_save(step, model, optimizer, tokenizer, train_data,
-                                         val_data, config, run, progress, record, last_step)
+            val_loss = evaluate_and_save(step, model, optimizer, tokenizer, corpus, val_data,
+                                         config, run, progress, record, last_step)
             timer.restart()  # keep evaluation time out of tokens/s
         if last_step:
             break
 
         lr = set_learning_rate(optimizer, step, config)
-        micro_batches = [get_batch(train_data, config.batch_size, config.block_size)
+        micro_batches = [get_batch(corpus, config.batch_size, config.block_size, run.device)
                          for _ in range(config.gradient_accumulation_steps)]
         loss = train_step(train_model, optimizer, scaler, micro_batches, config, run)
         progress.update(1)
@@ -186,17 +184,16 @@ def check_paths(config, run):
     check_output_path(path, "--checkpoint", "ckpt.pt")
 
 
-def load_tokens(text, config, device):
-    """(tokenizer, train tokens, val tokens): 1-D tensors on the device, sampled there."""
-    tokenizer, train_ids, val_ids = tokenize(text, config.tokenizer, config.vocab_size,
-                                             cache_dir=os.path.dirname(config.data))
-    if len(train_ids) <= config.block_size or len(val_ids) < 2:
+def load_tokens(config, run):
+    """(corpus, val set): the text's tokens, prepared once into a file that every rank maps
+    (dataset.py), and the val tokens evaluate() scores, on the device."""
+    corpus = load_corpus(config, run.rank, run.world_size)
+    if corpus.n_train <= config.block_size or corpus.n_val < 2:
         need = math.ceil((config.block_size + 2) / 0.9)
-        raise UsageError(f"{config.data} has {len(text)} characters, too few for block_size "
+        raise UsageError(f"{config.data} has {corpus.n_chars} characters, too few for block_size "
                          f"{config.block_size}: need at least {need}; use a longer text or a "
                          f"smaller --block_size")
-    return (tokenizer, torch.tensor(train_ids, dtype=torch.long, device=device),
-            torch.tensor(val_ids, dtype=torch.long, device=device))
+    return corpus, val_set(corpus, config.eval_tokens, config.block_size, run.device)
 
 
 def model_args(vocab_size, config, run):
@@ -267,19 +264,18 @@ def make_scaler(run):
     return torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
 
 
-def evaluate_and_save(step, model, optimizer, tokenizer, train_data, val_data, config, run,
+def evaluate_and_save(step, model, optimizer, tokenizer, corpus, val_data, config, run,
                       progress, record, last_step):
     """Rank 0 evaluates and prints the eval line; every rank's random state goes into the
     checkpoint, which rank 0 saves (atomically) after step 0. Returns the val loss (NaN on the
     other ranks)."""
     val_loss = float("nan")
     if run.is_master:
-        train_loss, val_loss = evaluate(model, train_data, val_data, config, run)
-        val_chars = len(tokenizer.decode(val_data[1:].tolist()))  # what the predictions cover
-        val_bpc = bits_per_char(val_loss, len(val_data) - 1, val_chars)
+        train_loss, val_loss = evaluate(model, corpus, val_data, config, run)
+        val_bpc = bits_per_char(val_loss, val_data.n_predictions, val_data.n_chars)
         elapsed = time.time() - START_TIME
-        progress.write(f"Step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-                       f"val bpc {val_bpc:.4f} ({elapsed:.1f}s)")
+        progress.write(f"Step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
+                       f"({val_data.note}), val bpc {val_bpc:.4f} ({elapsed:.1f}s)")
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             stop_on_nan(progress, config.checkpoint)
         metrics = dict(step=step, train_loss=train_loss, val_loss=val_loss, val_bpc=val_bpc,
@@ -301,14 +297,19 @@ def evaluate_and_save(step, model, optimizer, tokenizer, train_data, val_data, c
     return val_loss
 
 
-def evaluate(model, train_data, val_data, config, run):
-    """(train loss estimated on eval_iters random batches, exact val loss over the whole split)."""
+def evaluate(model, corpus, val_data, config, run):
+    """(train loss estimated on eval_iters random batches, val loss: exact over the whole split
+    when it has at most eval_tokens tokens, else over a fixed subset of that size)."""
     model.eval()
     with torch.no_grad(), autocast(run.device, run.dtype):
-        train_losses = [model(*get_batch(train_data, config.batch_size, config.block_size))[1]
+        train_losses = [model(*get_batch(corpus, config.batch_size, config.block_size,
+                                         run.device))[1]
                         for _ in range(config.eval_iters)]
         train_loss = torch.stack(train_losses).mean().item()
-        val_loss = exact_loss(model, val_data, config.block_size, config.batch_size)
+        if val_data.exact:
+            val_loss = exact_loss(model, val_data.tokens, config.block_size, config.batch_size)
+        else:
+            val_loss = windows_loss(model, val_data.tokens, config.batch_size)
     model.train()
     return train_loss, val_loss
 
@@ -333,7 +334,7 @@ def exact_loss(model, data, block_size, batch_size):
     the split's true loss rather than a noisy estimate from random batches.
     """
     n_blocks = (len(data) - 1) // block_size
-    batch_size = max(batch_size, 16384 // block_size)  # no gradients to keep: bigger batches
+    batch_size = eval_rows(model, batch_size, block_size)
     inputs = data[:n_blocks * block_size].view(n_blocks, block_size)
     targets = data[1:n_blocks * block_size + 1].view(n_blocks, block_size)
     pieces = [(inputs[i:i + batch_size], targets[i:i + batch_size])
@@ -341,6 +342,26 @@ def exact_loss(model, data, block_size, batch_size):
     rest = data[n_blocks * block_size:]
     if len(rest) > 1:  # the last partial block
         pieces.append((rest[None, :-1], rest[None, 1:]))
+    return mean_loss(model, pieces)
+
+
+def windows_loss(model, windows, batch_size):
+    """Mean loss over every prediction in windows (N, T + 1): each row's last T tokens are
+    predicted from the ones before them, as in exact_loss's blocks."""
+    batch_size = eval_rows(model, batch_size, windows.shape[1] - 1)
+    return mean_loss(model, [(rows[:, :-1], rows[:, 1:]) for rows in windows.split(batch_size)])
+
+
+def eval_rows(model, batch_size, block_size):
+    """Sequences per forward pass when evaluating. No gradients are kept, so more than in
+    training: 16,384 tokens, fewer with a big vocabulary, whose logits (tokens x vocab) would
+    take most of the memory: at most 2**24 of them (64 MB in float32)."""
+    tokens = min(16384, 2**24 // model.lm_head.out_features)
+    return max(batch_size, tokens // block_size)
+
+
+def mean_loss(model, pieces):
+    """The mean loss over every target in the (x, y) pieces, whatever their sizes."""
     total_loss, n_tokens = 0.0, 0
     for x, y in pieces:
         _, loss = model(x, y)

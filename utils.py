@@ -92,11 +92,11 @@ class BPETokenizer:
     learned merges in the order they were learned.
 
     Pairs are never merged across word boundaries: the text is first split into chunks (a word
-    with its leading space, a run of punctuation, a run of spaces), which keeps tokens
-    meaningful and lets each distinct chunk be counted and encoded once.
+    with its leading space, a run of digits, of punctuation or of underscores, a run of spaces),
+    which keeps tokens meaningful and lets each distinct chunk be counted and encoded once.
     """
 
-    CHUNK = re.compile(r" ?[^\W\d_]+| ?\d+| ?[^\s\w]+|\s+(?!\S)|\s+")
+    CHUNK = re.compile(r" ?[^\W\d_]+| ?\d+| ?[^\s\w]+| ?_+|\s+(?!\S)|\s+")
 
     def __init__(self, merges):
         self.merges = [tuple(pair) for pair in merges]

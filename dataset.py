@@ -1,0 +1,418 @@
+"""Text of any size, prepared once into a token file, then memory-mapped: the data side of
+train.py, for corpora far larger than Tiny Shakespeare, in bounded memory.
+
+    corpus = load_corpus(config)                      # prepares on first use, then maps at once
+    x, y = get_batch(corpus, 64, 256, "cpu")          # (B, T) each, read from the map
+    val = val_set(corpus, config.eval_tokens, 256, "cpu")
+
+--data names a UTF-8 text file or a folder: a folder's .txt files (in its subfolders too) are
+read in the order of their paths inside it, sorted, and joined into one text, with a newline
+between two files where the first does not end in one. The first 90% of that text's characters
+is the train split and the last 10% the val split, as for one file (a split can fall inside a
+file).
+
+The first run reads the text in chunks (twice for characters: once for the vocabulary, once to
+encode) and writes every token to <data>.<char|bpeN>.tokens (uint16 if the vocabulary fits,
+else uint32: the train split's tokens, then the val split's), and what it takes to trust that
+file later to <data>.<char|bpeN>.tokens.json (tokenizer, counts, the sources' sizes, times and
+sha256). Both sit beside the data, or in ~/.cache/mini-gpt when the data's folder is read-only.
+A later run compares sizes and times (a file whose time changed is hashed: same bytes, same
+tokens) and maps the file at once. Nothing proportional to the corpus is held in memory: chunks
+while preparing, one batch while training.
+
+BPE learns its merges from a bounded sample of the train split (--bpe_sample_chars: the whole
+split when it is smaller, as for Tiny Shakespeare, else evenly spaced stretches of it) with
+utils.BPETokenizer, then encodes the text in pieces on every core with that same code. Pieces
+are cut only after a character that is not whitespace and before one that is: no BPE chunk
+spans such a place, so the tokens are exactly those of BPETokenizer.encode on the whole split.
+"""
+
+import codecs
+import datetime
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import fast_bpe
+from utils import (
+    DEFAULT_DATA,
+    CharTokenizer,
+    UsageError,
+    atomic_write,
+    download_tiny_shakespeare,
+    tokenizer_from_dict,
+)
+
+FORMAT = 1  # bump when the token file or its metadata changes meaning: old ones are re-prepared
+VAL_FRACTION = 0.1  # the last 10% of the characters, as utils.split_data
+CHUNK_BYTES = 16 << 20  # read this much at a time: memory per pass stays ~10x this
+SAMPLE_STRETCH_CHARS = 100_000  # BPE: the sample is stretches of this many characters
+
+
+@dataclass
+class Corpus:
+    """A prepared text: its tokenizer, and its token file, opened (the train split's tokens,
+    then the val split's), which get_batch maps afresh for every batch."""
+    tokenizer: object
+    tokens_file: object  # the open file: a later re-preparation cannot swap it under us
+    dtype: str  # "uint16" or "uint32"
+    n_train: int  # tokens
+    n_val: int
+    n_chars: int  # characters in the whole text
+
+
+@dataclass
+class ValSet:
+    """The val tokens that evaluate() scores: the whole split, or a fixed subset of it."""
+    tokens: torch.Tensor  # exact: the split (N,); else evenly spaced windows (n, T + 1)
+    exact: bool
+    n_predictions: int  # next-token predictions scored
+    n_chars: int  # characters those predictions cover (for bits per character)
+    note: str  # for the eval line: "exact", or "on 111,360 of 100,000,000 tokens"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: prepare once (rank 0 only), then map
+
+def load_corpus(config, rank=0, world_size=1):
+    """The Corpus for config.data, preparing it first if it is new or its text changed.
+
+    Under torchrun only rank 0 prepares; the others wait for it, then map the same files (the
+    operating system keeps one copy of their pages for all ranks)."""
+    settings = corpus_settings(config)
+    if rank == 0:
+        sources = find_sources(config.data)  # this fetches Tiny Shakespeare if it is missing
+        meta = prepare_if_needed(sources, settings, prepared_stem(config.data, settings))
+    if world_size > 1:
+        # Its own group with a long timeout: preparing a big corpus can outlast the default one.
+        waiting_room = torch.distributed.new_group(backend="gloo",
+                                                   timeout=datetime.timedelta(days=1))
+        torch.distributed.barrier(group=waiting_room)
+        torch.distributed.destroy_process_group(waiting_room)
+    stem = prepared_stem(config.data, settings)
+    if rank != 0:
+        meta = read_meta(stem)
+    return Corpus(tokenizer_from_dict(meta["tokenizer"]), open(f"{stem}.tokens", "rb"),
+                  meta["dtype"], meta["n_train"], meta["n_val"], meta["n_chars"])
+
+
+def corpus_settings(config):
+    """What the tokens depend on besides the text; a change means preparing anew."""
+    if config.tokenizer == "char":
+        return {"tokenizer": "char"}
+    return {"tokenizer": "bpe", "vocab_size": config.vocab_size,
+            "bpe_sample_chars": config.bpe_sample_chars}
+
+
+def find_sources(path):
+    """The text files --data names: the file itself, or a folder's .txt files, sorted."""
+    if not os.path.exists(path) and os.path.normpath(path) == DEFAULT_DATA:
+        download_tiny_shakespeare(path)
+    if os.path.isdir(path):
+        names = sorted(os.path.relpath(os.path.join(folder, name), path)
+                       for folder, _, files in os.walk(path) for name in files
+                       if name.endswith(".txt"))
+        if not names:
+            raise UsageError(f"no .txt files in the folder {path}; put the text in .txt files "
+                             f"or pass --data PATH to a text file")
+        sources = [os.path.join(path, name) for name in names]
+        if not any(os.path.getsize(p) for p in sources):
+            raise UsageError(f"the .txt files in {path} are empty; give them some text to learn "
+                             f"from")
+        return sources
+    if not os.path.isfile(path):
+        raise UsageError(f"data file not found: {path}; pass --data PATH to a UTF-8 text file "
+                         f"or a folder of .txt files")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"data file {path} is empty; give it some text to learn from")
+    return [path]
+
+
+def prepared_stem(data, settings):
+    """Where the token file and its metadata go, less their extensions: beside the data, or
+    in the cache folder if the data's folder is read-only."""
+    key = "char" if settings["tokenizer"] == "char" else f"bpe{settings['vocab_size']}"
+    data = os.path.abspath(data) if os.path.isdir(data) else data
+    if os.access(os.path.dirname(os.path.abspath(data)), os.W_OK):
+        return f"{data}.{key}"
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "mini-gpt")
+    os.makedirs(cache, exist_ok=True)
+    digest = hashlib.sha256(os.path.abspath(data).encode()).hexdigest()[:12]
+    return os.path.join(cache, f"{digest}-{os.path.basename(data)}.{key}")
+
+
+def prepare_if_needed(sources, settings, stem):
+    """The metadata of an up-to-date token file for sources, preparing one if needed."""
+    meta, stats = read_meta(stem), source_stats(sources)
+    tokens_path = f"{stem}.tokens"
+    if meta and meta.get("format") == FORMAT and meta["settings"] == settings and \
+            os.path.isfile(tokens_path) and os.path.getsize(tokens_path) == token_file_size(meta):
+        if meta["sources"] == stats:
+            return meta
+        # Touched or copied but maybe not changed (git checkout, cp): compare the bytes.
+        if [s[:2] for s in meta["sources"]] == [s[:2] for s in stats] and \
+                text_sha256(sources) == meta["sha256"]:
+            meta["sources"] = stats
+            write_meta(stem, meta)
+            return meta
+    return prepare(sources, settings, stem)
+
+
+def read_meta(stem):
+    try:
+        with open(f"{stem}.tokens.json") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None  # none yet, or damaged: prepare anew
+
+
+def write_meta(stem, meta):
+    atomic_write(f"{stem}.tokens.json", lambda tmp: write_json(tmp, meta))
+
+
+def write_json(path, value):
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
+
+
+def source_stats(sources):
+    """[name, bytes, modification time in ns] of each file: cheap to compare at every start."""
+    root = os.path.dirname(os.path.commonpath([os.path.abspath(p) for p in sources]))
+    return [[os.path.relpath(os.path.abspath(p), root), os.stat(p).st_size,
+             os.stat(p).st_mtime_ns] for p in sources]
+
+
+def token_file_size(meta):
+    return (meta["n_train"] + meta["n_val"]) * np.dtype(meta["dtype"]).itemsize
+
+
+def token_dtype(vocab_size):
+    """The smallest unsigned integer that holds every token id."""
+    return "uint16" if vocab_size <= 2 ** 16 else "uint32"
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches and the val set, read from the map
+
+def split_tokens(corpus, split):
+    """One split's tokens (N,) as a fresh read-only memory map of the token file."""
+    start, count = (0, corpus.n_train) if split == "train" else (corpus.n_train, corpus.n_val)
+    return np.memmap(corpus.tokens_file, dtype=corpus.dtype, mode="r", shape=(count,),
+                     offset=start * np.dtype(corpus.dtype).itemsize)
+
+
+def get_batch(corpus, batch_size, block_size, device, split="train"):
+    """Random (x, y) blocks of the split, as utils.get_batch: (B, T) each, y shifted by one.
+
+    Only these B * (T + 1) tokens are read and copied to the device. The map is made afresh
+    each time because the pages a map has read count as this process's memory until it is
+    closed: one map for a whole run would look like holding the whole file (nanoGPT does the
+    same). Mapping takes microseconds.
+    """
+    tokens = split_tokens(corpus, split)
+    starts = torch.randint(len(tokens) - block_size, (batch_size,))  # as utils.get_batch draws
+    windows = tokens[starts.numpy()[:, None] + np.arange(block_size + 1)]  # (B, T + 1)
+    windows = torch.from_numpy(windows.astype(np.int64))
+    if device.startswith("cuda"):  # from pinned memory the copy can overlap the GPU's work
+        windows = windows.pin_memory().to(device, non_blocking=True)
+    else:
+        windows = windows.to(device)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def val_set(corpus, eval_tokens, block_size, device):
+    """The whole val split if it has at most eval_tokens tokens (its loss is then exact), else
+    eval_tokens // (T + 1) windows of T + 1 tokens spread evenly over it: the same subset at
+    every evaluation, so the curve stays comparable, and a cost that does not grow with it."""
+    tokens, decode = split_tokens(corpus, "val"), corpus.tokenizer.decode
+    if len(tokens) <= eval_tokens:
+        exact = torch.from_numpy(tokens.astype(np.int64))
+        n_chars = len(decode(exact[1:].tolist()))  # what the predictions cover
+        return ValSet(exact.to(device), True, len(exact) - 1, n_chars, "exact")
+    n_windows = max(1, eval_tokens // (block_size + 1))
+    starts = np.linspace(0, len(tokens) - block_size - 1, n_windows).astype(np.int64)
+    windows = torch.from_numpy(tokens[starts[:, None] + np.arange(block_size + 1)]
+                               .astype(np.int64))  # (n, T + 1)
+    n_chars = sum(len(decode(window[1:].tolist())) for window in windows)
+    return ValSet(windows.to(device), False, n_windows * block_size, n_chars,
+                  f"on {n_windows * block_size:,} of {len(tokens):,} tokens")
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparing: read the text in chunks, learn the vocabulary, encode, write
+
+def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=fast_bpe.PIECE_CHARS,
+            workers=None):
+    """Tokenize the sources into <stem>.tokens, then write <stem>.tokens.json; returns the
+    metadata. chunk_bytes, piece_chars and workers are small in tests, to cut text anywhere."""
+    started = time.time()
+    sha256 = hashlib.sha256()
+    with progress_bar(sources, "Reading") as bar:
+        n_chars, code_points = scan(read_text_chunks(sources, chunk_bytes, bar, sha256),
+                                    want_vocab=settings["tokenizer"] == "char")
+    n_train_chars = int(n_chars * (1 - VAL_FRACTION))
+    tmp_path = f"{stem}.tokens.{os.getpid()}.tmp"
+    try:
+        with open(tmp_path, "wb") as out:
+            if settings["tokenizer"] == "char":
+                tokenizer = CharTokenizer("".join(map(chr, code_points)))
+                write_char_tokens(sources, code_points, out, chunk_bytes)
+                n_train = n_train_chars  # one token per character
+            else:
+                tokenizer = fast_bpe.train(bpe_sample(sources, n_train_chars,
+                                                      settings["bpe_sample_chars"], chunk_bytes),
+                                           settings["vocab_size"])
+                n_train = write_bpe_tokens(sources, n_train_chars, tokenizer, out, chunk_bytes,
+                                           piece_chars, workers or fast_bpe.cpu_count())
+            n_tokens = out.tell() // np.dtype(token_dtype(tokenizer.vocab_size)).itemsize
+        if os.path.exists(f"{stem}.tokens.json"):
+            os.remove(f"{stem}.tokens.json")  # the old metadata must never describe new tokens
+        os.replace(tmp_path, f"{stem}.tokens")
+    except OSError as err:  # a full disk, most likely
+        raise UsageError(f"cannot write the token file {stem}.tokens ({err.strerror}); free some "
+                         f"disk space, or set XDG_CACHE_HOME to a folder with room")
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+    meta = dict(format=FORMAT, settings=settings, sources=source_stats(sources),
+                sha256=sha256.hexdigest(), n_chars=n_chars, n_train_chars=n_train_chars,
+                tokenizer=tokenizer.to_dict(), dtype=token_dtype(tokenizer.vocab_size),
+                n_train=n_train, n_val=n_tokens - n_train,
+                seconds=round(time.time() - started, 1))
+    write_meta(stem, meta)
+    return meta
+
+
+def progress_bar(sources, what):
+    """Bytes done, MB/s and time left; shown only when a pass takes more than a second."""
+    return tqdm(total=sum(os.path.getsize(p) for p in sources), desc=what, unit="B",
+                unit_scale=True, delay=1, dynamic_ncols=True, file=sys.stderr)
+
+
+def read_text_chunks(sources, chunk_bytes, bar=None, sha256=None):
+    """The joined text of the sources, as str chunks of about chunk_bytes bytes each.
+
+    Each file gets its own UTF-8 decoder, which holds back a character cut by a chunk edge
+    until the next chunk completes it. A newline goes between two files where the first does
+    not end in one.
+    """
+    for i, path in enumerate(sources):
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        for offset, block in read_blocks(path, chunk_bytes, newline=i < len(sources) - 1):
+            text = decode(decoder, block, path, offset)
+            if sha256:
+                sha256.update(block)
+            if bar:
+                bar.update(len(block))
+            yield text
+        decode(decoder, b"", path, os.path.getsize(path), final=True)  # a cut-off last character
+
+
+def decode(decoder, block, path, offset, final=False):
+    held_back = len(decoder.getstate()[0])  # the start of a character from the last block
+    try:
+        return decoder.decode(block, final)
+    except UnicodeDecodeError as err:
+        raise UsageError(f"data file {path} is not UTF-8 text (bad byte at offset "
+                         f"{offset - held_back + err.start}); convert it to UTF-8 first")
+
+
+def read_blocks(path, chunk_bytes, newline):
+    """(offset, bytes) of the file, chunk by chunk, then b"\n" if newline and it lacks one."""
+    offset, last = 0, b"\n"
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(chunk_bytes):
+                yield offset, block
+                offset, last = offset + len(block), block[-1:]
+    except PermissionError:
+        raise UsageError(f"cannot read data file {path}: permission denied")
+    if newline and last != b"\n":
+        yield offset, b"\n"
+
+
+def text_sha256(sources):
+    """sha256 of the joined text, to tell a touched file from a changed one."""
+    sha256 = hashlib.sha256()
+    with progress_bar(sources, "Checking") as bar:
+        for i, path in enumerate(sources):
+            for _, block in read_blocks(path, CHUNK_BYTES, newline=i < len(sources) - 1):
+                sha256.update(block)
+                bar.update(len(block))
+    return sha256.hexdigest()
+
+
+def code_points_of(text):
+    """The text's characters as Unicode code points (N,), vectorised: no Python loop."""
+    if text.isascii():  # the common case, 4x less memory: one byte per character
+        return np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+def scan(chunks, want_vocab):
+    """(number of characters, sorted distinct code points or None) of the text in chunks."""
+    n_chars, seen = 0, np.zeros(sys.maxunicode + 1, dtype=bool) if want_vocab else None
+    for text in chunks:
+        n_chars += len(text)
+        if want_vocab:
+            seen[code_points_of(text)] = True
+    return n_chars, (np.flatnonzero(seen) if want_vocab else None)
+
+
+def write_char_tokens(sources, code_points, out, chunk_bytes):
+    """Write each character's id: its rank among the code points, looked up in a table."""
+    table = np.zeros(sys.maxunicode + 1, dtype=token_dtype(len(code_points)))  # code point -> id
+    table[code_points] = np.arange(len(code_points))
+    with progress_bar(sources, "Encoding") as bar:
+        for text in read_text_chunks(sources, chunk_bytes, bar):
+            table[code_points_of(text)].tofile(out)
+
+
+def bpe_sample(sources, n_train_chars, sample_chars, chunk_bytes):
+    """The text BPE learns its merges from: the whole train split if it has at most
+    sample_chars characters (or sample_chars is 0), else stretches of SAMPLE_STRETCH_CHARS
+    spread evenly over it, sample_chars in all, joined by newlines. Deterministic."""
+    if sample_chars == 0 or n_train_chars <= sample_chars:
+        starts, length = [0], n_train_chars
+    else:
+        n_stretches = max(1, sample_chars // SAMPLE_STRETCH_CHARS)
+        length = sample_chars // n_stretches
+        starts = [i * (n_train_chars - length) // max(1, n_stretches - 1)
+                  for i in range(n_stretches)]
+    stretches, position = [[] for _ in starts], 0
+    with progress_bar(sources, "Sampling for BPE") as bar:
+        for text in read_text_chunks(sources, chunk_bytes, bar):
+            for stretch, start in zip(stretches, starts):
+                lo, hi = max(start, position), min(start + length, position + len(text))
+                if lo < hi:
+                    stretch.append(text[lo - position:hi - position])
+            position += len(text)
+            if position >= starts[-1] + length:
+                break  # the rest is not in the sample
+    return "\n".join("".join(pieces) for pieces in stretches)
+
+
+def write_bpe_tokens(sources, n_train_chars, tokenizer, out, chunk_bytes, piece_chars, workers):
+    """Encode the train split, then the val split, in pieces on `workers` processes, writing
+    the ids in order; returns the number of train tokens."""
+    n_train, dtype = 0, token_dtype(tokenizer.vocab_size)
+    byte_lengths = np.array([len(b) for b in tokenizer.token_bytes])
+    with progress_bar(sources, "Encoding (BPE)") as bar:
+        chunks = fast_bpe.split_at(read_text_chunks(sources, chunk_bytes, bar), n_train_chars)
+        pieces = fast_bpe.word_end_pieces(chunks, piece_chars)
+        for split, piece, ids in fast_bpe.encode_pieces(pieces, tokenizer.merges, dtype, workers):
+            # A cheap check that no byte was lost: the tokens' bytes add up to the piece's.
+            if byte_lengths[ids].sum() != len(piece.encode("utf-8")):
+                raise UsageError("the BPE tokenizer does not round-trip this text; please "
+                                 "report it")
+            ids.tofile(out)
+            n_train += len(ids) if split == "train" else 0
+    return n_train

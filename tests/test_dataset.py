@@ -1,0 +1,252 @@
+"""What dataset.py promises: a text of any size prepared once into a token file with exactly the
+tokens utils.py's tokenizers give, re-prepared when the text changes, read from a folder in a
+stable order, sampled from the map, and a bounded, deterministic evaluation."""
+
+import os
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import dataset
+import fast_bpe
+import train
+import utils
+from config import Config, parse_config
+from conftest import ROOT, TINY_FLAGS, TINY_TEXT, run_script, tiny_model
+from utils import BPETokenizer, UsageError, tokenize
+
+MIXED = ("ROMEO: café, naïve — 床前明月光，疑是地上霜。 Emoji 🙂👍🏽 and tabs\tend\n"
+         "def __init__(self, max_len=2): return self._cache  # code_with_underscores\n"
+         "  indented   spaces\n\n\nand\r\nwindows lines 12345 67.89\n")
+
+
+def prepare_text(folder, text, tokenizer="char", vocab_size=300, **options):
+    """Prepare text written to folder/text.txt; returns (metadata, all tokens as a list)."""
+    path = folder / "text.txt"
+    path.write_text(text, encoding="utf-8")
+    return prepare_path(str(path), tokenizer, vocab_size, **options)
+
+
+def prepare_path(path, tokenizer="char", vocab_size=300, bpe_sample_chars=0, **options):
+    settings = dataset.corpus_settings(Config(tokenizer=tokenizer, vocab_size=vocab_size,
+                                              bpe_sample_chars=bpe_sample_chars))
+    stem = dataset.prepared_stem(path, settings)
+    meta = dataset.prepare(dataset.find_sources(path), settings, stem, **options)
+    return meta, np.fromfile(f"{stem}.tokens", dtype=meta["dtype"]).tolist()
+
+
+def reference(folder, text, kind, vocab_size=300):
+    """(tokenizer, train ids, val ids) from utils.tokenize, the readable reference."""
+    os.makedirs(folder / "reference", exist_ok=True)
+    return tokenize(text, kind, vocab_size, cache_dir=str(folder / "reference"))
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2, 3, 5, 64])
+def test_characters_cut_by_chunk_edges_give_the_same_tokens(tmp_path, chunk_bytes):
+    text = MIXED * 3
+    meta, tokens = prepare_text(tmp_path, text, chunk_bytes=chunk_bytes)
+    tokenizer, train_ids, val_ids = reference(tmp_path, text, "char")
+    assert meta["tokenizer"] == tokenizer.to_dict()
+    assert tokens == train_ids + val_ids and meta["n_train"] == len(train_ids)
+    assert meta["n_chars"] == len(text) and meta["dtype"] == "uint16"
+
+
+@pytest.mark.parametrize("chunk_bytes, piece_chars, workers",
+                         [(7, 40, 2), (1, 13, 1), (3, 3, 1), (1 << 20, 1 << 20, 2)])
+def test_bpe_in_pieces_and_workers_gives_the_reference_tokens(tmp_path, chunk_bytes,
+                                                              piece_chars, workers):
+    text = (MIXED + TINY_TEXT[:500]) * 4
+    meta, tokens = prepare_text(tmp_path, text, "bpe", 300, chunk_bytes=chunk_bytes,
+                                piece_chars=piece_chars, workers=workers)
+    tokenizer, train_ids, val_ids = reference(tmp_path, text, "bpe")
+    assert meta["tokenizer"] == tokenizer.to_dict()  # the same merges: the same sample
+    assert tokens == train_ids + val_ids and meta["n_train"] == len(train_ids)
+    assert tokenizer.decode(tokens) == text  # underscores too
+
+
+@pytest.mark.parametrize("vocab_size", [256, 257, 300, 700])
+def test_fast_bpe_learns_the_reference_merges_ties_included(vocab_size):
+    rng = random.Random(vocab_size)
+    texts = [TINY_TEXT, MIXED * 5, "ab ab ba ba aa bb " * 10, "aaaa", "", "a_b __c__ _" * 9,
+             "".join(rng.choice("ab \n.") for _ in range(3000))]  # ties, ties everywhere
+    for text in texts:
+        assert fast_bpe.train(text, vocab_size).merges == \
+            BPETokenizer.train(text, vocab_size).merges, text[:40]
+
+
+def test_pieces_cut_at_word_ends_split_into_the_same_bpe_chunks():
+    rng = random.Random(0)
+    alphabet = list("ab cd\n\t 1 2 _ .,!é中  \n\n\r")
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
+        n_train = rng.randint(0, len(text))
+        tagged = fast_bpe.split_at([text[i:i + 5] for i in range(0, len(text), 5)], n_train)
+        # Pieces of at least 1/8 of the text: never a forced cut (a "word" 8 pieces long).
+        pieces = list(fast_bpe.word_end_pieces(tagged, len(text) // 8 + rng.randint(1, 5)))
+        train_pieces = [p for split, p in pieces if split == "train"]
+        val_pieces = [p for split, p in pieces if split == "val"]
+        assert "".join(train_pieces) == text[:n_train] and "".join(val_pieces) == text[n_train:]
+        for whole, parts in ((text[:n_train], train_pieces), (text[n_train:], val_pieces)):
+            assert BPETokenizer.CHUNK.findall(whole) == \
+                [chunk for part in parts for chunk in BPETokenizer.CHUNK.findall(part)]
+
+
+def test_tiny_shakespeare_tokens_are_unchanged(tmp_path):
+    source = os.path.join(ROOT, "data", "input.txt")
+    if not os.path.exists(source):
+        pytest.skip("data/input.txt not present")
+    shutil.copy(source, tmp_path / "input.txt")
+    text = (tmp_path / "input.txt").read_text()
+    for kind in ("char", "bpe"):  # BPE as the README's run: 1,024 tokens
+        meta, tokens = prepare_path(str(tmp_path / "input.txt"), kind, 1024,
+                                    bpe_sample_chars=Config().bpe_sample_chars)
+        tokenizer, train_ids, val_ids = reference(tmp_path, text, kind, 1024)
+        assert meta["tokenizer"] == tokenizer.to_dict()
+        assert tokens == train_ids + val_ids and meta["n_train"] == len(train_ids)
+    assert (meta["n_chars"], meta["n_train_chars"]) == (1_115_394, 1_003_854)
+
+
+def test_a_changed_text_is_prepared_again_a_touched_one_is_not(tmp_path, monkeypatch):
+    path = tmp_path / "text.txt"
+    path.write_text("first version of the text\n" * 20)
+    config = Config(data=str(path), block_size=8)
+    assert dataset.load_corpus(config).n_chars == 26 * 20
+    path.write_text("the second, longer version of the text\n" * 20)
+    corpus = dataset.load_corpus(config)
+    assert corpus.n_chars == 39 * 20 and "," in corpus.tokenizer.chars
+    os.utime(path, ns=(1, 1))  # as `touch` or a fresh checkout: a new time, the same bytes
+    with monkeypatch.context() as patch:
+        patch.setattr(dataset, "prepare", lambda *args, **kwargs: pytest.fail("prepared again"))
+        assert dataset.load_corpus(config).n_chars == 39 * 20  # hashed: the same bytes
+        patch.setattr(dataset, "text_sha256", lambda *args: pytest.fail("hashed again"))
+        assert dataset.load_corpus(config).n_chars == 39 * 20  # the new time was saved
+    settings = dataset.corpus_settings(config)
+    meta = dataset.read_meta(dataset.prepared_stem(str(path), settings))
+    assert meta["sources"][0][2] == 1
+
+
+def test_a_folder_is_its_txt_files_in_sorted_order_each_ending_a_line(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "b.txt").write_text("second file, no newline at its end")
+    (folder / "a.txt").write_text("first file\n")
+    (folder / "sub" / "c.txt").write_text("third, in a subfolder\n" * 2 + "third")
+    (folder / "empty.txt").write_text("")
+    (folder / "notes.md").write_text("not a .txt file: left out\n")
+    meta, tokens = prepare_path(str(folder))
+    tokenizer = utils.tokenizer_from_dict(meta["tokenizer"])
+    assert tokenizer.decode(tokens) == ("first file\nsecond file, no newline at its end\n"
+                                        + "third, in a subfolder\n" * 2 + "third")
+    assert [name for name, _, _ in meta["sources"]] == [
+        "corpus/a.txt", "corpus/b.txt", "corpus/empty.txt", "corpus/sub/c.txt"]
+    assert os.path.exists(tmp_path / "corpus.char.tokens")  # beside the folder, not in it
+
+
+def test_folder_and_file_mistakes_are_named(tmp_path):
+    (tmp_path / "notes.md").write_text("no text files here")
+    with pytest.raises(UsageError, match="no .txt files in the folder"):
+        dataset.find_sources(str(tmp_path))
+    (tmp_path / "a.txt").write_text("")
+    with pytest.raises(UsageError, match="are empty"):
+        dataset.find_sources(str(tmp_path))
+    (tmp_path / "b.txt").write_bytes("ok\ncaf\u00e9".encode("utf-8")[:-1])  # cut mid-character
+    with pytest.raises(UsageError, match=r"b.txt is not UTF-8 text \(bad byte at offset 6\)"):
+        prepare_path(str(tmp_path), chunk_bytes=4)
+
+
+def test_token_ids_are_uint16_when_they_fit_else_uint32(tmp_path):
+    assert dataset.token_dtype(65) == dataset.token_dtype(65536) == "uint16"
+    assert dataset.token_dtype(65537) == "uint32"
+    text = "".join(map(chr, range(0x10000, 0x10000 + 70_000))) + "\n"  # 70,001 characters
+    meta, tokens = prepare_text(tmp_path, text, chunk_bytes=1000)
+    assert meta["dtype"] == "uint32" and max(tokens) == 70_000
+    assert os.path.getsize(tmp_path / "text.txt.char.tokens") == 4 * len(text)
+    assert utils.tokenizer_from_dict(meta["tokenizer"]).decode(tokens) == text
+    meta, _ = prepare_text(tmp_path, TINY_TEXT)
+    assert meta["dtype"] == "uint16"
+    assert os.path.getsize(tmp_path / "text.txt.char.tokens") == 2 * len(TINY_TEXT)
+
+
+def test_a_read_only_data_folder_prepares_into_the_cache_folder(tmp_path, monkeypatch):
+    data = tmp_path / "shared" / "text.txt"
+    data.parent.mkdir()
+    data.write_text(TINY_TEXT)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: mode != os.W_OK and
+                        real_access(path, mode))  # root may write anywhere, so pretend
+    corpus = dataset.load_corpus(Config(data=str(data)))
+    assert os.listdir(data.parent) == ["text.txt"]
+    [token_file] = [n for n in os.listdir(tmp_path / "cache" / "mini-gpt") if n.endswith("tokens")]
+    assert token_file.endswith("-text.txt.char.tokens") and corpus.n_chars == len(TINY_TEXT)
+
+
+def test_batches_read_from_the_map_are_those_utils_get_batch_draws(tmp_path):
+    _, tokens = prepare_text(tmp_path, TINY_TEXT)
+    corpus = dataset.load_corpus(Config(data=str(tmp_path / "text.txt")))
+    train_tokens = torch.tensor(tokens[:corpus.n_train])
+    torch.manual_seed(3)
+    x, y = dataset.get_batch(corpus, 8, 16, "cpu")
+    torch.manual_seed(3)  # the same random starts: Tiny Shakespeare runs train as before
+    expected_x, expected_y = utils.get_batch(train_tokens, 8, 16)
+    assert x.dtype == torch.long and x.shape == y.shape == (8, 16)
+    assert torch.equal(x, expected_x) and torch.equal(y, expected_y)
+
+
+def test_val_set_is_exact_when_small_else_a_fixed_even_subset(tmp_path):
+    _, tokens = prepare_text(tmp_path, TINY_TEXT * 10)  # 3,720 val tokens
+    corpus = dataset.load_corpus(Config(data=str(tmp_path / "text.txt")))
+    val_tokens = tokens[corpus.n_train:]
+    exact = dataset.val_set(corpus, len(val_tokens), 16, "cpu")
+    assert exact.exact and exact.note == "exact" and exact.tokens.tolist() == val_tokens
+    assert exact.n_predictions == exact.n_chars == len(val_tokens) - 1
+    subset = dataset.val_set(corpus, 100, 16, "cpu")
+    assert not subset.exact and subset.tokens.shape == (5, 17)  # 100 // 17 windows
+    assert subset.n_predictions == 80 <= 100 and subset.note == "on 80 of 3,720 tokens"
+    assert subset.tokens[0].tolist() == val_tokens[:17]  # spread from the start...
+    assert subset.tokens[-1].tolist() == val_tokens[-17:]  # ...to the end
+    again = dataset.val_set(corpus, 100, 16, "cpu")
+    assert torch.equal(subset.tokens, again.tokens)  # the same at every evaluation
+
+
+def test_windows_loss_counts_every_prediction_once():
+    model = tiny_model()
+    windows = torch.randint(0, 20, (5, 17))
+    total = sum(model(w[None, :-1], w[None, 1:])[1].item() * 16 for w in windows)
+    assert train.windows_loss(model, windows, 2) == pytest.approx(total / 80, rel=1e-5)
+
+
+def test_training_on_a_folder_says_how_the_val_loss_was_taken(tmp_path):
+    folder = tmp_path / "plays"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"part{i}.txt").write_text(TINY_TEXT)
+    result = run_script("train.py", "--data", folder, "--checkpoint", tmp_path / "c.pt",
+                        *TINY_FLAGS, "--max_iters", "2", "--eval_interval", "2",
+                        "--sample_tokens", "0", "--eval_tokens", "100")
+    assert result.returncode == 0, result.stderr
+    assert f"Dataset length: {3 * len(TINY_TEXT)} characters" in result.stdout
+    assert result.stdout.count(" (on 96 of 1,116 tokens), val bpc ") == 2  # steps 0 and 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval_tokens", "32", "--block_size", "32"], "--eval_tokens must be more than block_size"),
+    (["--bpe_sample_chars", "-1"], "--bpe_sample_chars must be 0"),
+])
+def test_bad_data_flags_are_named(flags, message):
+    with pytest.raises(UsageError, match=message):
+        parse_config(flags)
+
+
+def test_bench_prepare_reports_preparing_and_a_second_run(tmp_path, tiny_data):
+    result = run_script("bench.py", "prepare", "--data", tiny_data, "--device", "cpu",
+                        "--steps", "1", timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[-3].startswith("prepare: ") and "peak RSS" in lines[-3]
+    assert f"{len(TINY_TEXT):,} tokens (char, 36 in the vocabulary, uint16)" in lines[-3]
+    assert lines[-2].startswith("second run: corpus mapped ")
+    assert lines[-1].startswith("training: peak RSS ") and lines[-1].endswith("(val loss exact)")
