@@ -162,9 +162,16 @@ def main(argv=None):
                         help="curve: about how many evaluations each run makes")
     add_prepare_flags(parser)
     args = parser.parse_args(argv)
-    for name in ("steps", "tokens", "seconds", "points"):
+    for name in ("steps", "tokens", "seconds", "points", "size_mb"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.what == "prepare":  # the same checks as train.py's for these flags
+        if args.data is not None and not args.data.strip():
+            raise UsageError("--data must not be empty; leave it out to generate a text")
+        prepare_flags = ["--tokenizer", args.tokenizer, "--vocab_size", str(args.vocab_size)]
+        if args.bpe_sample_chars is not None:
+            prepare_flags += ["--bpe_sample_chars", str(args.bpe_sample_chars)]
+        parse_config(prepare_flags)
     device = pick_device(args.device)
     if args.what == "prepare":
         return prepare_benchmark(args, device)

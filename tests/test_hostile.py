@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import bench
+import dataset
 import generate
 import train
 from config import Config
@@ -49,6 +50,8 @@ TRAIN_INTS = {
     "lr_decay_iters": dict(zip(["-1", "0", HUGE], [2, 0, 0])),
     "sample_tokens": dict(zip(["-1", "0", "3"], [2, 0, 0])),  # huge would sample for ever
     "eval_sample_tokens": dict(zip(["-1", "0", "3"], [2, 0, 0])),
+    "eval_tokens": dict(zip(["-1", "0", "32", "33", HUGE], [2, 2, 2, 0, 0])),  # > block_size
+    "bpe_sample_chars": dict(zip(["-1", "0", "1", HUGE], [2, 0, 0, 0])),
     "vocab_size": dict(zip(["-1", "0", "255", HUGE], [2, 2, 2, 0])),  # unused by char
     "seed": dict(zip(["-1", "0", HUGE, str(2**63 - 1), str(2**63)], [2, 0, 2, 0, 2])),
 }
@@ -109,7 +112,8 @@ GENERATE_PARSE_ONLY = {"max_new_tokens": HUGE}
 
 BENCH = {  # bench.py generate (train for --steps/--batch_size, report for --quick/--json);
     # the timed work is stubbed out: the flags are checked before it starts
-    "what": {"": 2, "TRAIN": 2, "\u00fc": 2, "train": 0, "generate": 0, "report": 0, "curve": 0},
+    "what": {"": 2, "TRAIN": 2, "\u00fc": 2, "train": 0, "generate": 0, "report": 0, "curve": 0,
+             "prepare": 0},
     "steps": {"-1": 2, "0": 2, "1": 0, HUGE: 0},
     "tokens": {"-1": 2, "0": 2, "1": 0, HUGE: 0},
     "batch_size": {"-1": 2, "0": 2, HUGE: 2, "\uff18": 0},
@@ -120,11 +124,18 @@ BENCH = {  # bench.py generate (train for --steps/--batch_size, report for --qui
              "new/report.json": 0, "\u00fc \u2603.json": 0},
     "preset": {"": 2, "CPU": 2, "\u00fc": 2, "cpu": 0},
     "seconds": {"-1": 2, "0": 2, "1": 0, HUGE: 0},
+    "size_mb": {"-1": 2, "0": 2, "1": 0},
+    "text": {"": 2, "poems": 2, "shakespeare": 0},
+    "data": {"": 2, "missing.txt": 2, "{data}": 0},
+    "tokenizer": {"": 2, "BPE": 2, "bpe": 0},
+    "vocab_size": {"-1": 2, "255": 2, "256": 0},
+    "bpe_sample_chars": {"-1": 2, "0": 0},
     "points": {"-1": 2, "0": 2, "1": 0, HUGE: 0},
 }
 BENCH_SWITCHES = ["quick"]
 BENCH_NUMBERS = {"steps": NOT_NUMBERS, "tokens": NOT_NUMBERS, "batch_size": NOT_NUMBERS,
-                 "seconds": NOT_NUMBERS, "points": NOT_NUMBERS}
+                 "seconds": NOT_NUMBERS, "points": NOT_NUMBERS, "size_mb": NOT_NUMBERS,
+                 "vocab_size": NOT_NUMBERS, "bpe_sample_chars": NOT_NUMBERS}
 
 
 def cases():
@@ -231,10 +242,12 @@ def home_before(home):
 
 
 def assert_untouched(home, home_before):
-    """Nothing the user owns changed; the only new files there: the BPE cache beside the data."""
+    """Nothing the user owns changed; the only new files there: token files beside the data
+    (dataset.py prepares one per tokenizer setting)."""
     after = snapshot(home["folder"])
     assert {name: after.get(name) for name in home_before} == home_before
-    assert all(name.startswith(".bpe") for name in after.keys() - home_before.keys())
+    assert all(name.endswith((".tokens", ".tokens.json"))
+               for name in after.keys() - home_before.keys())
 
 
 def fill_in(value, home):
@@ -263,6 +276,11 @@ def fake_curve(preset, seconds, points, device):
     pass  # bench.py curve: minutes of training, not run here
 
 
+def fake_prepare(args, device):
+    if args.data:  # the text to prepare is found before the work starts
+        dataset.find_sources(args.data)
+
+
 def end_of_input(prompt=""):
     raise EOFError  # generate.py --interactive: the user pressed Ctrl-D
 
@@ -275,6 +293,7 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "in_fresh_process", fake_measurement)
     monkeypatch.setattr(bench, "report", fake_report)
     monkeypatch.setattr(bench, "curve", fake_curve)
+    monkeypatch.setattr(bench, "prepare_benchmark", fake_prepare)
     monkeypatch.setattr("builtins.input", end_of_input)
     return tmp_path
 
@@ -290,7 +309,9 @@ def argv_for(script, flag, value, home):
     if flag == "what":
         return [value]
     what = {"steps": "train", "batch_size": "train", "quick": "report", "json": "report",
-            "preset": "curve", "seconds": "curve", "points": "curve"}.get(flag, "generate")
+            "preset": "curve", "seconds": "curve", "points": "curve", "size_mb": "prepare",
+            "text": "prepare", "data": "prepare", "tokenizer": "prepare",
+            "vocab_size": "prepare", "bpe_sample_chars": "prepare"}.get(flag, "generate")
     return [what, "--device", "cpu", *flag_arg]
 
 
