@@ -561,8 +561,6 @@ def write_json(path, result):
         f.write("\n")
 
 
-if __name__ == "__main__":
-    run_main(main)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,3 +615,7 @@ def loss_curve(preset, seconds, points, device):
         process.kill()
         process.wait()
     return found
+
+
+if __name__ == "__main__":
+    run_main(main)
