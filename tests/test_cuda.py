@@ -50,6 +50,17 @@ def learn_one_batch(model, optimizer, config, run, steps=15):
 # ---------------------------------------------------------------------------------------------
 # Training steps
 
+
+@pytest.fixture(autouse=True)
+def keep_tf32():
+    """Put the TF32 switches back after each test. (Not monkeypatch: on some PyTorch versions
+    reading allow_tf32 can fail once the newer fp32_precision switch was used, and monkeypatch
+    then cannot restore it.)"""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (getattr(matmul, "allow_tf32", False), getattr(cudnn, "allow_tf32", False))
+    yield
+    matmul.allow_tf32, cudnn.allow_tf32 = before
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_training_steps_learn_in_every_number_format(device, dtype):
@@ -182,7 +193,7 @@ def test_compiled_decode_step_on_cuda_gives_the_eager_tokens(monkeypatch, capsys
     # test_speedups.py checks this on the CPU; on CUDA the step is also a replayed CUDA graph.
     if utils.compile_problem("cuda"):
         pytest.skip(utils.compile_problem("cuda"))
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # exact float32
+    torch.backends.cuda.matmul.allow_tf32 = False  # exact float32 (put back by keep_tf32)
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
@@ -290,9 +301,8 @@ def pretend_gpu(monkeypatch, name, capability, triton=True):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     monkeypatch.setattr("torch.utils._triton.has_triton", lambda: triton)
-    # set_up may switch TF32 on: start from off, and have monkeypatch restore both afterwards.
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    # set_up may switch TF32 on: start from off (keep_tf32 puts the settings back afterwards).
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 
 GPUS = [  # name, compute capability, the dtype train.py picks, TF32, compiles, peak for MFU
