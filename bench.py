@@ -435,12 +435,7 @@ def watch_training(flags, target, max_iters):
     """Run train.py with flags; stop it at the first val loss <= target, or after
     TARGET_TIME_LIMIT seconds. (elapsed, step, val loss) or None, the best (step, val loss)
     seen, train.py's exit code if it failed, and its last line."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # eval lines as they are printed
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *flags],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    lines = queue.Queue()
-    threading.Thread(target=read_lines, args=(process.stdout, lines), daemon=True).start()
+    process, lines = launch_train_py(flags)
     reached, best, tail = None, None, collections.deque(maxlen=1)
     deadline = time.time() + TARGET_TIME_LIMIT
     with tqdm(total=max_iters, unit="step", desc="train.py", file=sys.stdout) as progress:
@@ -466,6 +461,18 @@ def watch_training(flags, target, max_iters):
     exit_code = process.wait()
     failed = exit_code if reached is None and exit_code not in (0, -9) else 0
     return reached, best, failed, tail[0] if tail else ""
+
+
+def launch_train_py(flags):
+    """Start train.py with flags: (the process, a queue of its output lines, None at the end).
+    A thread reads the lines, so the caller can stop waiting at a deadline."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # eval lines as they are printed
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *flags],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    lines = queue.Queue()
+    threading.Thread(target=read_lines, args=(process.stdout, lines), daemon=True).start()
+    return process, lines
 
 
 def read_lines(stream, lines):
@@ -592,11 +599,7 @@ def loss_curve(preset, seconds, points, device):
     with tempfile.TemporaryDirectory() as folder:
         flags = ["--preset", preset, "--eval_interval", str(eval_interval), "--sample_tokens",
                  "0", "--checkpoint", os.path.join(folder, "ckpt.pt"), "--device", device]
-        process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *flags],
-                                   cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = queue.Queue()
-        threading.Thread(target=read_lines, args=(process.stdout, lines), daemon=True).start()
+        process, lines = launch_train_py(flags)
         found, deadline = [], time.time() + seconds + 10  # a little past: the last evaluation
         with tqdm(total=seconds, unit="s", desc=f"--preset {preset}", file=sys.stdout,
                   bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}]") as bar:
