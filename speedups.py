@@ -223,6 +223,8 @@ def compile_decode(model, device, setting="true"):
         nonlocal compiled
         if compiled is None or cache is None or idx.size(1) != 1:
             return eager(idx, positions, cache)
+        if not idx.is_inference():  # a one-token prompt made outside torch.inference_mode:
+            idx = idx.clone()  # copied in it, like every later token, or it compiles twice
         if on_cuda:
             torch.compiler.cudagraph_mark_step_begin()
         try:

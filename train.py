@@ -650,12 +650,14 @@ def rng_state():
 
 
 def restore_rng(state):
+    # .cpu(): a checkpoint resumed on a GPU is loaded onto it, but random states are CPU bytes.
     random.setstate(state["python"])
     name, keys, position, has_gauss, cached_gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
-    torch.set_rng_state(state["torch"])
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), position, has_gauss,
+                         cached_gauss))
+    torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([cuda_state.cpu() for cuda_state in state["cuda"]])
 
 
 if __name__ == "__main__":

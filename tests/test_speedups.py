@@ -118,14 +118,15 @@ def test_compiled_decode_step_matches_eager_and_compiles_once():
     torch._dynamo.reset()
     counters.clear()
     model = tiny_model()
-    prompts = [torch.tensor([[1, 2, 3]]), torch.tensor([[4, 5]])]
+    # A one-token prompt goes through the compiled step at once (generate.py's empty prompt).
+    prompts = [torch.tensor([[1, 2, 3]]), torch.tensor([[4, 5]]), torch.tensor([[6]])]
     eager = [model.generate(prompt, 40, temperature=0) for prompt in prompts]  # 40 > block 16
     assert not speedups.compile_decode(model, "cpu", "auto")  # auto: CUDA only
     assert speedups.compile_decode(model, "cpu", "true")
     compiled = [model.generate(prompt, 40, temperature=0) for prompt in prompts]
     for eager_tokens, compiled_tokens in zip(eager, compiled):
         assert torch.equal(eager_tokens, compiled_tokens)
-    # Every one-token step of both prompts, across window slides, ran the same compiled graph.
+    # Every one-token step of every prompt, across window slides, ran the same compiled graph.
     assert counters["stats"]["unique_graphs"] == 1
 
 
