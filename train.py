@@ -463,7 +463,7 @@ def finish(step, stopping, val_loss, model, tokenizer, config, run, record):
             sample = sample_text(model, tokenizer, config.sample_tokens, run.device)
             print("\nSample:\n" + sample)
             record(dict(step=step, sample=sample))
-    if run.world_size > 1:
+    if torch.distributed.is_initialized():  # under torchrun, even with one process
         torch.distributed.barrier()  # let rank 0 finish saving before any rank tears down
         torch.distributed.destroy_process_group()
 

@@ -226,3 +226,16 @@ def test_two_ranks_of_batch_b_average_to_the_gradients_of_one_rank_of_2b(tmp_pat
     # in its last bits between the two sums could move a weight by a visible amount.
     for name, param in model.named_parameters():
         assert torch.allclose(param.grad, ddp_grads[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_one_process_under_torchrun_closes_its_process_group(tmp_path, tiny_data, monkeypatch):
+    # torchrun --nproc_per_node 1 on a GPU: NCCL warns at exit about a group left open.
+    from conftest import run_in_process
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(name, value)
+    code, out, err = run_in_process(train.main, [
+        "--data", tiny_data, *TINY_FLAGS, "--checkpoint", tmp_path / "one.pt", "--max_iters", "2",
+        "--eval_interval", "2", "--sample_tokens", "0"])
+    assert code == 0, err
+    assert not dist.is_initialized()
