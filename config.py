@@ -48,7 +48,8 @@ class Config:
     # evaluation and output
     eval_interval: int = 500           # evaluate (and save) every this many steps
     eval_iters: int = 20               # batches for the train-loss estimate
-    eval_tokens: int = 112_000         # val loss: exact up to this many tokens, else a fixed subset
+    eval_tokens: int = 0               # val loss: exact up to this many tokens, else a fixed subset;
+                                       # 0 = as many as 112,000 characters of the val text make
     log_interval: int = 10             # steps between progress-bar updates and metrics lines
     sample_tokens: int = 500           # tokens (characters) sampled at the end of training (0 = none)
     eval_sample_tokens: int = 0        # tokens sampled at each evaluation (0 = none)
@@ -193,10 +194,10 @@ def check_config(config):
     if config.vocab_size < 256:  # BPE training stops by itself when nothing is left to merge
         raise UsageError(f"--vocab_size (for --tokenizer bpe) must be at least 256, the byte "
                          f"tokens, got {config.vocab_size}")
-    if config.eval_tokens <= config.block_size:
-        raise UsageError(f"--eval_tokens must be more than block_size ({config.block_size}): "
-                         f"the val subset is blocks of block_size + 1 tokens; got "
-                         f"{config.eval_tokens}")
+    if config.eval_tokens != 0 and config.eval_tokens <= config.block_size:
+        raise UsageError(f"--eval_tokens must be 0 (auto) or more than block_size "
+                         f"({config.block_size}): the val subset is blocks of block_size + 1 "
+                         f"tokens; got {config.eval_tokens}")
     if config.bpe_sample_chars < 0:
         raise UsageError(f"--bpe_sample_chars must be 0 (the whole train split) or more, got "
                          f"{config.bpe_sample_chars}")

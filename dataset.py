@@ -31,6 +31,7 @@ import codecs
 import datetime
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -53,6 +54,8 @@ from utils import (
 FORMAT = 1  # bump when the token file or its metadata changes meaning: old ones are re-prepared
 VAL_FRACTION = 0.1  # the last 10% of the characters, as utils.split_data
 CHUNK_BYTES = 16 << 20  # read this much at a time: memory per pass stays ~10x this
+# --eval_tokens 0: evaluate this much val text (Tiny Shakespeare's val split: 111,540 characters)
+EVAL_CHARS = 112_000
 SAMPLE_STRETCH_CHARS = 100_000  # BPE: the sample is stretches of this many characters
 
 
@@ -231,8 +234,10 @@ def get_batch(corpus, batch_size, block_size, device, split="train"):
 def val_set(corpus, eval_tokens, block_size, device):
     """The whole val split if it has at most eval_tokens tokens (its loss is then exact), else
     eval_tokens // (T + 1) windows of T + 1 tokens spread evenly over it: the same subset at
-    every evaluation, so the curve stays comparable, and a cost that does not grow with it."""
+    every evaluation, so the curve stays comparable, and a cost that does not grow with it.
+    eval_tokens 0: the tokens that EVAL_CHARS characters of the val text make."""
     tokens, decode = split_tokens(corpus, "val"), corpus.tokenizer.decode
+    eval_tokens = eval_tokens or auto_eval_tokens(corpus)
     if len(tokens) <= eval_tokens:
         exact = torch.from_numpy(tokens.astype(np.int64))
         n_chars = len(decode(exact[1:].tolist()))  # what the predictions cover
@@ -244,6 +249,14 @@ def val_set(corpus, eval_tokens, block_size, device):
     n_chars = sum(len(decode(window[1:].tolist())) for window in windows)
     return ValSet(windows.to(device), False, n_windows * block_size, n_chars,
                   f"on {n_windows * block_size:,} of {len(tokens):,} tokens")
+
+
+def auto_eval_tokens(corpus):
+    """The val tokens of EVAL_CHARS characters, at the val split's own characters per token: as
+    many as characters with the char tokenizer, about a third as many with BPE. Evaluating so
+    much text costs what evaluating Tiny Shakespeare does, with either tokenizer."""
+    val_chars = corpus.n_chars - int(corpus.n_chars * (1 - VAL_FRACTION))
+    return math.ceil(EVAL_CHARS * corpus.n_val / max(1, val_chars))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -212,6 +212,29 @@ def test_val_set_is_exact_when_small_else_a_fixed_even_subset(tmp_path):
     assert torch.equal(subset.tokens, again.tokens)  # the same at every evaluation
 
 
+def test_eval_tokens_0_scores_the_same_amount_of_text_with_either_tokenizer(tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setattr(dataset, "EVAL_CHARS", 2_000)  # 2,000 characters of val text
+    text = TINY_TEXT * 60  # 2,232 val characters: more than 2,000
+    for tokenizer in ("char", "bpe"):
+        folder = tmp_path / tokenizer
+        folder.mkdir()
+        prepare_text(folder, text, tokenizer)
+        corpus = dataset.load_corpus(Config(data=str(folder / "text.txt"), tokenizer=tokenizer,
+                                            vocab_size=300))
+        val = dataset.val_set(corpus, 0, 16, "cpu")
+        assert not val.exact
+        # Windows covering about 2,000 characters (less a window's rounding and the first
+        # token of each window), not 2,000 tokens: a BPE token is several characters.
+        assert 2_000 * 0.85 < val.n_chars < 2_000 * 1.05, (tokenizer, val.n_chars)
+        if tokenizer == "bpe":
+            assert val.n_predictions < 2_000 * 0.6  # fewer tokens for the same text
+        # All of a val split smaller than that is scored exactly (Tiny Shakespeare's case).
+        monkeypatch.setattr(dataset, "EVAL_CHARS", len(text) // 10 + 1)
+        assert dataset.val_set(corpus, 0, 16, "cpu").exact
+        monkeypatch.setattr(dataset, "EVAL_CHARS", 2_000)
+
+
 def test_windows_loss_counts_every_prediction_once():
     model = tiny_model()
     windows = torch.randint(0, 20, (5, 17))
@@ -233,7 +256,8 @@ def test_training_on_a_folder_says_how_the_val_loss_was_taken(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--eval_tokens", "32", "--block_size", "32"], "--eval_tokens must be more than block_size"),
+    (["--eval_tokens", "32", "--block_size", "32"],
+     r"--eval_tokens must be 0 \(auto\) or more than block_size"),
     (["--bpe_sample_chars", "-1"], "--bpe_sample_chars must be 0"),
 ])
 def test_bad_data_flags_are_named(flags, message):

@@ -50,7 +50,7 @@ TRAIN_INTS = {
     "lr_decay_iters": dict(zip(["-1", "0", HUGE], [2, 0, 0])),
     "sample_tokens": dict(zip(["-1", "0", "3"], [2, 0, 0])),  # huge would sample for ever
     "eval_sample_tokens": dict(zip(["-1", "0", "3"], [2, 0, 0])),
-    "eval_tokens": dict(zip(["-1", "0", "32", "33", HUGE], [2, 2, 2, 0, 0])),  # > block_size
+    "eval_tokens": dict(zip(["-1", "0", "32", "33", HUGE], [2, 0, 2, 0, 0])),  # 0 or > block
     "bpe_sample_chars": dict(zip(["-1", "0", "1", HUGE], [2, 0, 0, 0])),
     "vocab_size": dict(zip(["-1", "0", "255", HUGE], [2, 2, 2, 0])),  # unused by char
     "seed": dict(zip(["-1", "0", HUGE, str(2**63 - 1), str(2**63)], [2, 0, 2, 0, 2])),
