@@ -109,8 +109,8 @@ def generate_speed(device, use_cache, n_tokens, dtype, compile_setting, model_ar
     if use_cache:
         compile_decode(model, device, compile_setting)
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
-    # Warm-up: compilation, and every path the timed tokens take, a window slide included.
-    model.generate(prompt, model.block_size + 10, use_cache=use_cache)
+    # Warm-up: compilation, and every path the timed tokens take (with the cache: a window slide).
+    model.generate(prompt, model.block_size + 10 if use_cache else 10, use_cache=use_cache)
     synchronize(device)
     start = time.time()
     stream = model.stream(prompt, n_tokens, use_cache=use_cache)

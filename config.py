@@ -48,8 +48,7 @@ class Config:
     # evaluation and output
     eval_interval: int = 500           # evaluate (and save) every this many steps
     eval_iters: int = 20               # batches for the train-loss estimate
-    eval_tokens: int = 0               # val loss: exact up to this many tokens, else a fixed subset;
-                                       # 0 = as many as 112,000 characters of the val text make
+    eval_tokens: int = 0               # exact val loss up to this many tokens, else a subset; 0: 112k chars
     log_interval: int = 10             # steps between progress-bar updates and metrics lines
     sample_tokens: int = 500           # tokens (characters) sampled at the end of training (0 = none)
     eval_sample_tokens: int = 0        # tokens sampled at each evaluation (0 = none)
@@ -70,7 +69,7 @@ class Config:
 REFERENCE = dict(dtype="float32", flash="false", compile="false", optimizer="adamw")
 
 PRESETS = {
-    # A small model for a 2-core laptop CPU: val loss ~1.85 in about 28 s (docs/results.md).
+    # A small model for a 2-core laptop CPU: val loss ~1.85 in 24-30 s (docs/results.md).
     # Fewer, wider layers, a short context and a high learning rate learn the most per second
     # here (block 32 beat block 64 at the same tokens per step), and Muon reached val 1.85 in
     # 200 steps where AdamW needed 450 for 1.87. It evaluates only at the start and the end:

@@ -237,7 +237,8 @@ def val_set(corpus, eval_tokens, block_size, device):
     every evaluation, so the curve stays comparable, and a cost that does not grow with it.
     eval_tokens 0: the tokens that EVAL_CHARS characters of the val text make."""
     tokens, decode = split_tokens(corpus, "val"), corpus.tokenizer.decode
-    eval_tokens = eval_tokens or auto_eval_tokens(corpus)
+    # (At least one window: a huge block_size could outgrow the automatic bound.)
+    eval_tokens = max(eval_tokens or auto_eval_tokens(corpus), block_size + 1)
     if len(tokens) <= eval_tokens:
         exact = torch.from_numpy(tokens.astype(np.int64))
         n_chars = len(decode(exact[1:].tolist()))  # what the predictions cover

@@ -299,7 +299,7 @@ def evaluate_and_save(step, model, optimizer, tokenizer, corpus, val_data, confi
 
 def evaluate(model, corpus, val_data, config, run):
     """(train loss estimated on eval_iters random batches, val loss: exact over the whole split
-    when it has at most eval_tokens tokens, else over a fixed subset of that size)."""
+    when it is small, else over a fixed subset: dataset.val_set decides)."""
     model.eval()
     with torch.no_grad(), autocast(run.device, run.dtype):
         train_losses = [model(*get_batch(corpus, config.batch_size, config.block_size,

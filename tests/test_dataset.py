@@ -215,7 +215,7 @@ def test_val_set_is_exact_when_small_else_a_fixed_even_subset(tmp_path):
 def test_eval_tokens_0_scores_the_same_amount_of_text_with_either_tokenizer(tmp_path,
                                                                           monkeypatch):
     monkeypatch.setattr(dataset, "EVAL_CHARS", 2_000)  # 2,000 characters of val text
-    text = TINY_TEXT * 60  # 2,232 val characters: more than 2,000
+    text = TINY_TEXT * 60  # 22,320 val characters: more than 2,000
     for tokenizer in ("char", "bpe"):
         folder = tmp_path / tokenizer
         folder.mkdir()
@@ -229,6 +229,8 @@ def test_eval_tokens_0_scores_the_same_amount_of_text_with_either_tokenizer(tmp_
         assert 2_000 * 0.85 < val.n_chars < 2_000 * 1.05, (tokenizer, val.n_chars)
         if tokenizer == "bpe":
             assert val.n_predictions < 2_000 * 0.6  # fewer tokens for the same text
+        else:  # a block longer than that bound: the bound grows to one block
+            assert dataset.val_set(corpus, 0, 22_400, "cpu").exact  # 22,320 tokens <= 22,401
         # All of a val split smaller than that is scored exactly (Tiny Shakespeare's case).
         monkeypatch.setattr(dataset, "EVAL_CHARS", len(text) // 10 + 1)
         assert dataset.val_set(corpus, 0, 16, "cpu").exact

@@ -234,8 +234,12 @@ def test_one_process_under_torchrun_closes_its_process_group(tmp_path, tiny_data
     for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                             MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(name, value)
-    code, out, err = run_in_process(train.main, [
-        "--data", tiny_data, *TINY_FLAGS, "--checkpoint", tmp_path / "one.pt", "--max_iters", "2",
-        "--eval_interval", "2", "--sample_tokens", "0"])
-    assert code == 0, err
-    assert not dist.is_initialized()
+    try:
+        code, out, err = run_in_process(train.main, [
+            "--data", tiny_data, *TINY_FLAGS, "--checkpoint", tmp_path / "one.pt", "--max_iters",
+            "2", "--eval_interval", "2", "--sample_tokens", "0"])
+        assert code == 0, err
+        assert not dist.is_initialized()
+    finally:  # whatever happened, leave no group behind for the next tests
+        if dist.is_initialized():
+            dist.destroy_process_group()
