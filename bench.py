@@ -440,13 +440,7 @@ def watch_training(flags, target, max_iters):
     reached, best, tail = None, None, collections.deque(maxlen=1)
     deadline = time.time() + TARGET_TIME_LIMIT
     with tqdm(total=max_iters, unit="step", desc="train.py", file=sys.stdout) as progress:
-        while reached is None and time.time() < deadline:
-            try:
-                line = lines.get(timeout=1)
-            except queue.Empty:
-                continue
-            if line is None:  # train.py ended
-                break
+        for line in lines_until(lines, deadline):
             tail.extend(line.strip().splitlines()[-1:])
             match = EVAL_LINE.search(line)
             if not match:
@@ -458,6 +452,7 @@ def watch_training(flags, target, max_iters):
                 best = (step, val_loss)
             if val_loss <= target:
                 reached = (elapsed, step, val_loss)
+                break
     process.kill()
     exit_code = process.wait()
     failed = exit_code if reached is None and exit_code not in (0, -9) else 0
@@ -474,6 +469,19 @@ def launch_train_py(flags):
     lines = queue.Queue()
     threading.Thread(target=read_lines, args=(process.stdout, lines), daemon=True).start()
     return process, lines
+
+
+def lines_until(lines, deadline):
+    """The lines of launch_train_py's queue as they come, until train.py ends or the deadline
+    (time.time()) passes."""
+    while time.time() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            continue
+        if line is None:  # train.py ended
+            return
+        yield line
 
 
 def read_lines(stream, lines):
@@ -604,13 +612,7 @@ def loss_curve(preset, seconds, points, device):
         found, deadline = [], time.time() + seconds + 10  # a little past: the last evaluation
         with tqdm(total=seconds, unit="s", desc=f"--preset {preset}", file=sys.stdout,
                   bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}]") as bar:
-            while time.time() < deadline:
-                try:
-                    line = lines.get(timeout=1)
-                except queue.Empty:
-                    continue
-                if line is None:  # train.py ended
-                    break
+            for line in lines_until(lines, deadline):
                 for match in EVAL_LINE.finditer(line):
                     step, val_loss, elapsed = int(match[1]), float(match[2]), float(match[3])
                     found.append((elapsed, step, val_loss))
