@@ -40,6 +40,8 @@ def parse_args(argv=None):
                             "next-token table, attention maps, embeddings.")
     parser.add_argument("--checkpoint", default="ckpt.pt",
                         help="checkpoint saved by train.py (default: ckpt.pt)")
+    parser.add_argument("--weights", default="best", choices=["best", "last"],
+                        help="best: the weights of the run's lowest val loss; last: its last step's")
     parser.add_argument("--prompt", default="ROMEO:", help="the text to look at (default: ROMEO:)")
     parser.add_argument("--top_k", type=int, default=5,
                         help="guesses shown per position (default: 5)")
@@ -59,7 +61,9 @@ def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     # float32 and the written-out attention: the only path that materialises the weights.
-    model, tokenizer = load_model(args.checkpoint, device, "float32", flash=False)
+    model, tokenizer, which = load_model(args.checkpoint, device, "float32", flash=False,
+                                         weights=args.weights)
+    print(f"{args.checkpoint}, {args.weights} weights: {which}\n")
     prompt_ids = encode_prompt(args.prompt, tokenizer, model.block_size)
     probs, attention = look_inside(model, prompt_ids)
 

@@ -31,6 +31,7 @@ from speedups import compile_decode, int8_available, quantize_int8
 from utils import (
     UsageError,
     check_fits_in_memory,
+    chosen_weights,
     cpu_has_native_bf16,
     load_checkpoint,
     pick_device,
@@ -53,6 +54,8 @@ def parse_args(argv=None):
     parser.add_argument("--top_p", type=float, default=None,
                         help="nucleus: sample among the likeliest tokens covering this probability")
     parser.add_argument("--checkpoint", default="ckpt.pt", help="checkpoint saved by train.py")
+    parser.add_argument("--weights", default="best", choices=["best", "last"],
+                        help="best: the weights of the run's lowest val loss; last: its last step's")
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
     parser.add_argument("--dtype", default="auto",
                         choices=["auto", "float32", "bfloat16", "float16", "int8"],
@@ -99,19 +102,21 @@ def check_args(args):
         raise UsageError("--checkpoint must not be empty; pass the file train.py saved")
 
 
-def load_model(path, device, dtype="float32", flash=True):
-    """(model in eval mode on device, tokenizer) from a checkpoint written by train.py."""
+def load_model(path, device, dtype="float32", flash=True, weights="best"):
+    """(model in eval mode on device, tokenizer, which weights in words) from a checkpoint
+    written by train.py: by default the weights of its lowest val loss (utils.chosen_weights)."""
     checkpoint = load_checkpoint(path, device)
+    state_dict, which = chosen_weights(checkpoint, weights)
     # SDPA whatever the model trained with (unless --reference): for one new position at a
     # time it is the faster path.
     model = GPTModel(**{**checkpoint["model_args"], "flash": flash})
     try:
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(state_dict)
     except RuntimeError:
         raise UsageError(f"{path}: the weights do not match the model_args stored with them; "
                          f"the checkpoint is damaged or from another program")
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
-    return for_sampling(model, device, dtype), tokenizer
+    return for_sampling(model, device, dtype), tokenizer, which
 
 
 def check_samples_fit(model, num_samples, device):
@@ -191,8 +196,9 @@ def print_completion(model, tokenizer, prompt, args, device):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    model, tokenizer = load_model(args.checkpoint, device, pick_sampling_dtype(args.dtype, device),
-                                  flash=not args.reference)
+    model, tokenizer, which = load_model(args.checkpoint, device,
+                                         pick_sampling_dtype(args.dtype, device),
+                                         flash=not args.reference, weights=args.weights)
     check_samples_fit(model, args.num_samples, device)
     compile_decode(model, device, args.compile)
     torch.manual_seed(args.seed)
@@ -221,6 +227,7 @@ def main(argv=None):
     print(f"Top-k: {args.top_k}")
     if args.top_p is not None:
         print(f"Top-p: {args.top_p}")
+    print(f"Weights: {args.weights}, {which}")
     print(RULE)
     print()
     print_completion(model, tokenizer, args.prompt, args, device)

@@ -72,8 +72,9 @@ def main(argv=None):
     warn_if_gpu_sized(model, config, run, log)
     optimizer = make_optimizer(model, config)
     start_step, val_loss = 0, float("nan")
+    best = BestEvaluation()  # the weights generate.py samples: those of the lowest val loss
     if config.resume:
-        start_step, val_loss = resume(config, model, optimizer, tokenizer, run)
+        start_step, val_loss = resume(config, model, optimizer, tokenizer, run, best)
     train_model = wrap_for_training(model, config, run)  # torch.compile, DDP
     scaler = make_scaler(run)  # float16 only: scales the loss so small gradients survive
     record = metrics_recorder(config) if run.is_master else None
@@ -91,7 +92,7 @@ def main(argv=None):
         just_resumed = config.resume and step == start_step
         if (step % config.eval_interval == 0 or last_step) and not just_resumed:
             val_loss = evaluate_and_save(step, model, optimizer, tokenizer, corpus, val_data,
-                                         config, run, progress, record, last_step)
+                                         config, run, progress, record, last_step, best)
             timer.restart()  # keep evaluation time out of tokens/s
         if last_step:
             break
@@ -106,7 +107,7 @@ def main(argv=None):
             report_progress(step + 1, loss.item(), lr, timer, model, config, run, progress,
                             record)
     progress.close()
-    finish(step, stopping, val_loss, model, tokenizer, config, run, record)
+    finish(step, stopping, val_loss, best, model, tokenizer, config, run, record)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,17 +266,19 @@ def make_scaler(run):
 
 
 def evaluate_and_save(step, model, optimizer, tokenizer, corpus, val_data, config, run,
-                      progress, record, last_step):
-    """Rank 0 evaluates and prints the eval line; every rank's random state goes into the
-    checkpoint, which rank 0 saves (atomically) after step 0. Returns the val loss (NaN on the
-    other ranks)."""
+                      progress, record, last_step, best):
+    """Rank 0 evaluates and prints the eval line (marked when its val loss is the best yet);
+    every rank's random state goes into the checkpoint, which rank 0 saves (atomically) after
+    step 0, with the best evaluation's weights. Returns the val loss (NaN on the other ranks)."""
     val_loss = float("nan")
     if run.is_master:
         train_loss, val_loss = evaluate(model, corpus, val_data, config, run)
         val_bpc = bits_per_char(val_loss, val_data.n_predictions, val_data.n_chars)
         elapsed = time.time() - START_TIME
+        improved = best.update(step, val_loss, model)
         progress.write(f"Step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
-                       f"({val_data.note}), val bpc {val_bpc:.4f} ({elapsed:.1f}s)")
+                       f"({val_data.note}), val bpc {val_bpc:.4f} ({elapsed:.1f}s)"
+                       + (" new best" if improved else ""))
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             stop_on_nan(progress, config.checkpoint)
         metrics = dict(step=step, train_loss=train_loss, val_loss=val_loss, val_bpc=val_bpc,
@@ -290,11 +293,50 @@ def evaluate_and_save(step, model, optimizer, tokenizer, corpus, val_data, confi
                           model_args=model_args(tokenizer.vocab_size, config, run),
                           tokenizer=tokenizer.to_dict(), config=asdict(config),
                           optimizer=optimizer.state_dict(), step=step, val_loss=val_loss,
-                          val_bpc=val_bpc, rng=rng_states),
+                          val_bpc=val_bpc, rng=rng_states, **best.in_checkpoint(step)),
                      config.checkpoint, progress)
     if run.is_master:  # after saving: a fresh run's log replaces an earlier run's only then
         record(metrics, draw_curve=last_step, saved=step > 0)
     return val_loss
+
+
+@dataclass
+class BestEvaluation:
+    """The evaluation with the lowest val loss so far. A model trained too long on a small text
+    gets worse on the val split (it overfits): the checkpoint keeps these weights too, as
+    best_model, and generate.py samples them unless asked for --weights last."""
+    step: int = -1
+    val_loss: float = math.inf
+    weights: dict = None  # a copy on the CPU, taken when they became the best
+
+    def update(self, step, val_loss, model):
+        """Remember this evaluation if its val loss is the lowest yet; True if it beat an
+        earlier one."""
+        if not val_loss < self.val_loss:  # also False for NaN
+            return False
+        improved = self.step >= 0
+        self.step, self.val_loss = step, val_loss
+        self.weights = {name: w.detach().to("cpu", copy=True)
+                        for name, w in model.state_dict().items()}
+        return improved
+
+    def in_checkpoint(self, step):
+        """The checkpoint's entries: the best step and val loss, and its weights unless they
+        are those of this step (then they are the checkpoint's model already)."""
+        entries = dict(best=dict(step=self.step, val_loss=self.val_loss))
+        if self.step != step:
+            entries["best_model"] = self.weights
+        return entries
+
+    def restore(self, checkpoint):
+        """From a checkpoint being resumed; one saved before best weights were kept has only
+        its last weights, the best known then."""
+        last = dict(step=checkpoint["step"], val_loss=checkpoint["val_loss"])
+        record = checkpoint.get("best", last)
+        weights = checkpoint.get("best_model", checkpoint["model"])
+        self.step = record["step"]
+        self.val_loss = record["val_loss"] if math.isfinite(record["val_loss"]) else math.inf
+        self.weights = {name: w.to("cpu", copy=True) for name, w in weights.items()}
 
 
 def evaluate(model, corpus, val_data, config, run):
@@ -450,8 +492,9 @@ def report_progress(step, loss, lr, timer, model, config, run, progress, record)
                 elapsed=time.time() - START_TIME))
 
 
-def finish(step, stopping, val_loss, model, tokenizer, config, run, record):
-    """Say where the checkpoint is, print a sample, and let every rank leave together."""
+def finish(step, stopping, val_loss, best, model, tokenizer, config, run, record):
+    """Say where the checkpoint is and which weights in it are the best, print a sample, and
+    let every rank leave together."""
     if run.is_master:
         if stopping and step == 0:
             print("Stopped before the first step; no checkpoint saved")
@@ -459,6 +502,11 @@ def finish(step, stopping, val_loss, model, tokenizer, config, run, record):
             print(f"Stopped at step {step}; checkpoint saved to {config.checkpoint}")
         else:
             print(f"Saved checkpoint to {config.checkpoint} (val loss {val_loss:.4f})")
+        if step > 0 and best.step == step:
+            print(f"Best: val loss {best.val_loss:.4f} at step {best.step}, the last step")
+        elif step > 0:
+            print(f"Best: val loss {best.val_loss:.4f} at step {best.step}, kept in the checkpoint "
+                  f"too: generate.py samples it (--weights last: step {step}'s)")
         if config.sample_tokens > 0:
             sample = sample_text(model, tokenizer, config.sample_tokens, run.device)
             print("\nSample:\n" + sample)
@@ -592,9 +640,9 @@ def gather_from_all_ranks(value, run):
 # ---------------------------------------------------------------------------------------------
 # Exact resume: weights, optimizer, step and the random state that picks batches and dropout
 
-def resume(config, model, optimizer, tokenizer, run):
+def resume(config, model, optimizer, tokenizer, run, best):
     """Load the checkpoint named by --resume into model and optimizer, restore this rank's
-    random state: (step to go on from, its val loss)."""
+    random state and the best evaluation so far: (step to go on from, its val loss)."""
     path = config.checkpoint if config.resume == "true" else config.resume
     checkpoint = load_checkpoint(path, run.device)
     if checkpoint["tokenizer"] != tokenizer.to_dict():
@@ -622,6 +670,7 @@ def resume(config, model, optimizer, tokenizer, run):
         raise UsageError(f"{path} is at step {step}, past --max_iters {config.max_iters}; "
                          f"pass a larger --max_iters to train on")
     model.load_state_dict(checkpoint["model"])
+    best.restore(checkpoint)
     rng_states = checkpoint["rng"]  # one per rank of the run that saved it
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])

@@ -45,6 +45,9 @@ def run_main(main):
     except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # e.g. `python generate.py | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        sys.exit(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +384,7 @@ def load_checkpoint(path, device="cpu"):
     if not isinstance(checkpoint, dict) or not {"model", "model_args", "tokenizer"} <= checkpoint.keys():
         raise UsageError(f"{path} is not a Mini-GPT checkpoint (no model, model_args or "
                          f"tokenizer); pass one saved by train.py")
-    problem = checkpoint_problem(checkpoint)
+    problem = checkpoint_problem(checkpoint) or best_problem(checkpoint)
     if problem:
         raise UsageError(f"{path} is a damaged checkpoint: {problem}; retrain, or pass another "
                          f"--checkpoint")
@@ -391,6 +394,34 @@ def load_checkpoint(path, device="cpu"):
     check_fits_in_memory(4 * (sum(w.numel() for w in weights.values()) + masks), device,
                          f"the model in {path}", "sample on a machine with more memory")
     return checkpoint
+
+
+def chosen_weights(checkpoint, which="best"):
+    """(weights, what they are in words) of a loaded checkpoint. "last": the weights of the last
+    step, which --resume goes on from. "best": those of the evaluation with the lowest val loss,
+    which train.py keeps beside the last ones (as best_model) once a later step is worse; a
+    checkpoint whose last step is its best, or one written before this was kept, has only one
+    set. The words read as the eval lines print it: "val loss 1.4811 at step 1500"."""
+    best = checkpoint.get("best", {})
+    if which == "best" and "best_model" in checkpoint:
+        return checkpoint["best_model"], f"val loss {best['val_loss']:.4f} at step {best['step']}"
+    step, val_loss = checkpoint.get("step"), checkpoint.get("val_loss")
+    if type(step) is not int or not isinstance(val_loss, float):  # hand-made: no figures in it
+        return checkpoint["model"], "the only weights in it"
+    return checkpoint["model"], f"val loss {val_loss:.4f} at step {step}"
+
+
+def best_problem(checkpoint):
+    """What is wrong with the best evaluation's record and weights, or None."""
+    best = checkpoint.get("best", {})
+    if not (isinstance(best, dict) and type(best.get("step", 0)) is int
+            and isinstance(best.get("val_loss", 0.0), float)):
+        return "its best evaluation is not a step and a val loss"
+    if "best_model" in checkpoint:
+        if not {"step", "val_loss"} <= best.keys():
+            return "it has best weights but no step or val loss for them"
+        return weights_problem(checkpoint["best_model"], checkpoint["model_args"])
+    return None
 
 
 def unreadable_checkpoint(path, err):

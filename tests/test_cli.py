@@ -3,6 +3,7 @@ clear line on stderr, exit code 2, no traceback."""
 
 import importlib.util
 import math
+import os
 import re
 import signal
 import subprocess
@@ -61,9 +62,11 @@ def test_generate_prints_header_then_prompt_and_text(trained):
                         "--max_new_tokens", "50", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[:7] == ["GENERATING TEXT", "=" * 60, "Prompt: ROMEO:", "Max tokens: 50",
-                         "Temperature: 0.8", "Top-k: 200", "=" * 60]
-    body = "\n".join(lines[8:])
+    val_loss = torch.load(ckpt, weights_only=True)["best"]["val_loss"]
+    assert lines[:8] == ["GENERATING TEXT", "=" * 60, "Prompt: ROMEO:", "Max tokens: 50",
+                         "Temperature: 0.8", "Top-k: 200",
+                         f"Weights: best, val loss {val_loss:.4f} at step 30", "=" * 60]
+    body = "\n".join(lines[9:])
     assert body.startswith("ROMEO:") and len(body) == len("ROMEO:") + 50
 
 
@@ -217,3 +220,16 @@ def test_bench_generate_prints_the_summary_line():
     last_line = result.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"generate: cache [\d,]+ tok/s, no-cache [\d,]+ tok/s, speedup \d+\.\d\dx",
                         last_line), last_line
+
+
+def test_a_reader_that_stops_early_ends_generation_quietly(trained):
+    """`python generate.py | head -3`: when the pipe closes, generate.py stops without a
+    traceback."""
+    _, ckpt, _ = trained
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "generate.py"), "--checkpoint",
+                                ckpt, "--max_new_tokens", "100000", "--device", "cpu"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert process.stdout.readline() == b"GENERATING TEXT\n"
+    process.stdout.close()
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0 and b"Traceback" not in err, err

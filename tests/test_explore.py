@@ -113,10 +113,10 @@ def prompt_ids(tokenizer, prompt="ROMEO:\nBut soft"):
 
 
 def test_next_token_probabilities_are_the_softmax_of_the_logits(checkpoint):
-    model, tokenizer = load_model(str(checkpoint), "cpu", flash=False)
+    model, tokenizer, _ = load_model(str(checkpoint), "cpu", flash=False)
     ids = prompt_ids(tokenizer)
     probs, _ = explore.look_inside(model, ids)
-    sdpa_model, _ = load_model(str(checkpoint), "cpu", flash=True)  # the other attention path
+    sdpa_model, _, _ = load_model(str(checkpoint), "cpu", flash=True)  # the other attention path
     logits, _ = sdpa_model(torch.tensor([ids]))
     assert probs.shape == (len(ids), tokenizer.vocab_size)
     assert torch.allclose(probs, F.softmax(logits[0], dim=-1), atol=1e-6)
@@ -133,7 +133,7 @@ def test_next_token_probabilities_are_the_softmax_of_the_logits(checkpoint):
 
 
 def test_attention_maps_are_causal_rows_sum_to_one_and_are_the_real_weights(checkpoint):
-    model, tokenizer = load_model(str(checkpoint), "cpu", flash=False)
+    model, tokenizer, _ = load_model(str(checkpoint), "cpu", flash=False)
     ids = prompt_ids(tokenizer)
     T = len(ids)
     _, attention = explore.look_inside(model, ids)

@@ -17,10 +17,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import generate
 import tracking
 import train
 from config import Config
-from conftest import ROOT, TINY_FLAGS, needs_muon, run_script, tiny_model
+from conftest import ROOT, TINY_FLAGS, needs_muon, run_in_process, run_script, tiny_model
 from utils import get_batch, load_checkpoint
 
 
@@ -243,3 +244,90 @@ def test_one_process_under_torchrun_closes_its_process_group(tmp_path, tiny_data
     finally:  # whatever happened, leave no group behind for the next tests
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# The best weights: a run that overfits keeps the weights of its lowest val loss too
+
+def overfitting_text(path):
+    """Words in one spelling for the training split, half of them reversed in the val split
+    (its last tenth): a model soon learns what the two share, then only the training words, so
+    its val loss falls, then rises."""
+    rng = random.Random(0)
+    words = ["the", "king", "queen", "lord", "sweet", "night", "love", "death", "crown", "sword",
+             "heart", "blood", "fair", "good", "my", "thy"]
+    train_words = [rng.choice(words) for _ in range(630)]
+    val_words = [rng.choice(words)[::-1] if i % 2 else rng.choice(words) for i in range(70)]
+    path.write_text(" ".join(train_words + val_words), encoding="utf-8")
+    return str(path)
+
+
+def overfitting_run(tmp_path, checkpoint, max_iters, *extra):
+    flags = ["--data", overfitting_text(tmp_path / "words.txt"), "--checkpoint", checkpoint,
+             "--n_embd", "64", "--n_layer", "2", "--n_head", "4", "--block_size", "32",
+             "--batch_size", "32", "--dropout", "0", "--learning_rate", "1e-2",
+             "--warmup_iters", "5", "--lr_decay_iters", "40", "--eval_interval", "10",
+             "--eval_iters", "2", "--sample_tokens", "0", "--device", "cpu",
+             "--max_iters", max_iters, *extra]
+    code, out, err = run_in_process(train.main, flags)
+    assert code == 0, err
+    return out
+
+
+def sample(checkpoint, *flags):
+    code, out, err = run_in_process(generate.main, ["--checkpoint", checkpoint, "--seed", "7",
+                                                    "--max_new_tokens", "60", "--dtype",
+                                                    "float32", "--device", "cpu", *flags])
+    assert code == 0, err
+    return out
+
+
+def test_an_overfitting_run_keeps_and_samples_its_best_weights(tmp_path):
+    long_run = tmp_path / "long.pt"
+    out = overfitting_run(tmp_path, long_run, 40)
+    saved = torch.load(long_run, weights_only=True)
+    best = saved["best"]
+    assert 0 < best["step"] < 40 and best["val_loss"] < saved["val_loss"]  # it did overfit
+    assert f"val loss {best['val_loss']:.4f} (exact), val bpc" in out
+    assert f"Best: val loss {best['val_loss']:.4f} at step {best['step']}" in out
+    assert out.count(" new best") >= 1
+
+    # The same run stopped at its best step: its last weights are the long run's best ones.
+    stopped = tmp_path / "stopped.pt"
+    overfitting_run(tmp_path, stopped, best["step"])
+    stopped_weights = torch.load(stopped, weights_only=True)["model"]
+    assert all(torch.equal(stopped_weights[k], w) for k, w in saved["best_model"].items())
+    best_text = sample(long_run)
+    assert f"Weights: best, val loss {best['val_loss']:.4f} at step {best['step']}" in best_text
+    body = best_text.split("=" * 60)[-1]
+    assert body == sample(stopped, "--weights", "last").split("=" * 60)[-1]
+    last_text = sample(long_run, "--weights", "last")
+    assert f"Weights: last, val loss {saved['val_loss']:.4f} at step 40" in last_text
+    assert last_text.split("=" * 60)[-1] != body
+
+
+def test_resume_carries_the_best_weights_on(tmp_path):
+    straight = tmp_path / "straight.pt"
+    overfitting_run(tmp_path, straight, 40)
+    halves = tmp_path / "halves.pt"
+    overfitting_run(tmp_path, halves, 20)
+    overfitting_run(tmp_path, halves, 40, "--resume")
+    expected, resumed = (torch.load(p, weights_only=True) for p in (straight, halves))
+    assert resumed["best"] == expected["best"] and resumed["step"] == 40
+    for part in ("model", "best_model"):
+        assert all(torch.equal(resumed[part][k], w) for k, w in expected[part].items())
+
+
+def test_a_checkpoint_without_best_weights_still_loads(tmp_path, tiny_data):
+    path = tmp_path / "older.pt"
+    assert run_script("train.py", "--data", tiny_data, *TINY_FLAGS, "--checkpoint", path,
+                      "--max_iters", "4", "--eval_interval", "2").returncode == 0
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["best"]  # as train.py wrote them before it kept the best weights
+    checkpoint.pop("best_model", None)
+    torch.save(checkpoint, path)
+    assert f"val loss {checkpoint['val_loss']:.4f} at step 4" in sample(path)
+    resumed = run_script("train.py", "--data", tiny_data, *TINY_FLAGS, "--checkpoint", path,
+                         "--max_iters", "6", "--eval_interval", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(path, weights_only=True)["best"]["step"] in (4, 6)
