@@ -236,6 +236,12 @@ def damaged(change):
     (damaged(lambda c: c.update(tokenizer={"kind": "words"})), "neither char nor bpe"),
     (damaged(lambda c: c.update(tokenizer={"kind": "bpe", "merges": [[1, 2]]})),
      "tokenizer has 257 tokens, the model 3"),
+    (damaged(lambda c: c.update(best=[1500, 1.48])), "best evaluation is not a step and a val"),
+    (damaged(lambda c: c.update(best={"step": "1500", "val_loss": 1.48})), "not a step and a val"),
+    (damaged(lambda c: c.update(best_model=c["model"])), "best weights but no step or val loss"),
+    (damaged(lambda c: c.update(best={"step": 3, "val_loss": 1.5},
+                                best_model={"ln_f.bias": torch.zeros(8)})),
+     "do not match the model_args"),
 ])
 def test_a_damaged_checkpoint_is_named_before_anything_is_built(tmp_path, checkpoint, message):
     path = tmp_path / "ckpt.pt"
