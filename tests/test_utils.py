@@ -241,7 +241,7 @@ def damaged(change):
     (damaged(lambda c: c.update(best_model=c["model"])), "best weights but no step or val loss"),
     (damaged(lambda c: c.update(best={"step": 3, "val_loss": 1.5},
                                 best_model={"ln_f.bias": torch.zeros(8)})),
-     "do not match the model_args"),
+     "the weights hold 0 blocks"),
 ])
 def test_a_damaged_checkpoint_is_named_before_anything_is_built(tmp_path, checkpoint, message):
     path = tmp_path / "ckpt.pt"
