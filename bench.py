@@ -12,6 +12,7 @@ random: what the text says does not change how long the arithmetic takes. `prepa
 generated text (and the prepared token file) to a temporary folder and deletes it afterwards.
 """
 
+import argparse
 import collections
 import json
 import multiprocessing
@@ -40,11 +41,12 @@ from tqdm import tqdm
 import dataset
 import train
 from config import PRESETS, ArgumentParser, parse_config
-from generate import for_sampling, pick_sampling_dtype
+from generate import for_sampling, pick_sampling_dtype, stream_text
 from model import GPTModel
 from speedups import compile_decode
 from utils import (
     DEFAULT_DATA,
+    CharTokenizer,
     UsageError,
     atomic_write,
     check_output_path,
@@ -112,11 +114,18 @@ def generate_speed(device, use_cache, n_tokens, dtype, compile_setting, model_ar
     # Warm-up: compilation, and every path the timed tokens take (with the cache: a window slide).
     model.generate(prompt, model.block_size + 10 if use_cache else 10, use_cache=use_cache)
     synchronize(device)
+    # What a user runs: generate.py's streaming loop, which also brings the tokens to the host
+    # and decodes them (into a string here; a terminal's printing is not timed).
+    tokenizer = CharTokenizer([chr(ord("!") + i) for i in range(VOCAB_SIZE)])
+    options = argparse.Namespace(max_new_tokens=n_tokens, temperature=1.0, top_k=None,
+                                 top_p=None, no_cache=not use_cache)
     start = time.time()
-    stream = model.stream(prompt, n_tokens, use_cache=use_cache)
-    for _ in tqdm(stream, total=n_tokens, file=sys.stdout,
-                  desc=f"generate ({'cache' if use_cache else 'no cache'}, {dtype})"):
-        pass
+    text = ""
+    with tqdm(total=n_tokens, file=sys.stdout,
+              desc=f"generate ({'cache' if use_cache else 'no cache'}, {dtype})") as progress:
+        for piece in stream_text(model, tokenizer, [0], options, device):
+            text += piece
+            progress.update(len(piece))  # one character per token
     synchronize(device)
     return n_tokens / (time.time() - start), peak_mib(device)
 

@@ -150,18 +150,29 @@ def pick_sampling_dtype(name, device):
     return pick_dtype(name, device)
 
 
-def stream_text(model, tokenizer, prompt_ids, args, device):
-    """Yield the generated text piece by piece; the pieces join to the full decoded sample."""
+def stream_text(model, tokenizer, prompt_ids, args, device, chunk=None):
+    """Yield the generated text piece by piece; the pieces join to the full decoded sample.
+
+    Only the tokens not yet shown are decoded each time, so a long sample costs time in
+    proportion to its length. On a GPU the new tokens stay there and come to the host a few at
+    a time: reading each one as it comes would make every step wait for the copy.
+    """
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    new_tokens, shown = [], ""
+    chunk = chunk or (1 if device == "cpu" else 8)  # 8 tokens: milliseconds on a GPU: smooth
+    on_device, unshown = [], []
     for token in model.stream(idx, args.max_new_tokens, **sampling_options(args)):
-        new_tokens.append(token.item())
-        text = tokenizer.decode(new_tokens)
-        if text.endswith("\ufffd"):  # BPE: a character cut between tokens; wait for the rest
+        on_device.append(token)
+        if len(on_device) < chunk:
             continue
-        yield text[len(shown):]
-        shown = text
-    yield tokenizer.decode(new_tokens)[len(shown):]
+        unshown += torch.cat(on_device).tolist()
+        on_device = []
+        text = tokenizer.decode(unshown)
+        if not text.endswith("\ufffd"):  # BPE: a character cut between tokens; wait for the rest
+            yield text
+            unshown = []
+    if on_device:
+        unshown += torch.cat(on_device).tolist()
+    yield tokenizer.decode(unshown)
 
 
 def generate_batch(model, tokenizer, prompt_ids, args, device):

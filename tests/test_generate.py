@@ -2,6 +2,7 @@
 
 import argparse
 
+import pytest
 import torch
 
 import generate
@@ -51,13 +52,27 @@ def test_greedy_is_the_same_with_and_without_cache_through_generate_py():
     assert greedy[0] == greedy[1]
 
 
-def test_streamed_bpe_text_equals_returned_text_even_mid_character():
+@pytest.mark.parametrize("chunk", [1, 3, 8])  # tokens copied to the host at a time (8 on GPUs)
+def test_streamed_bpe_text_equals_returned_text_even_mid_character(chunk):
     from utils import BPETokenizer
     tokenizer = BPETokenizer.train("床前明月光，疑是地上霜。" * 5, vocab_size=270)
     model = tiny_model(vocab_size=tokenizer.vocab_size)  # random weights: random bytes too
     args = options(max_new_tokens=40)
     torch.manual_seed(1)
-    pieces = list(generate.stream_text(model, tokenizer, tokenizer.encode("床"), args, "cpu"))
+    pieces = list(generate.stream_text(model, tokenizer, tokenizer.encode("床"), args, "cpu",
+                                       chunk))
     torch.manual_seed(1)
     [returned] = generate.generate_batch(model, tokenizer, tokenizer.encode("床"), args, "cpu")
     assert "".join(pieces) == returned
+
+
+def test_streaming_decodes_each_token_once():
+    """A long sample costs time in proportion to its length: no re-decoding what was shown."""
+    model, tokenizer = tiny_model(), CharTokenizer("abcdefghijklmnopqrs\n")
+    decoded = []
+    decode = tokenizer.decode
+    tokenizer.decode = lambda ids: decoded.append(len(ids)) or decode(ids)
+    text = "".join(generate.stream_text(model, tokenizer, [0], options(max_new_tokens=300), "cpu"))
+    assert len(text) == 300 and sum(decoded) == 300
+    pieces = list(generate.stream_text(model, tokenizer, [0], options(max_new_tokens=40), "cpu", 8))
+    assert [len(piece) for piece in pieces] == [8] * 5 + [0]  # 8 at a time, as on a GPU
