@@ -41,7 +41,7 @@ from tqdm import tqdm
 import dataset
 import train
 from config import PRESETS, ArgumentParser, parse_config
-from generate import for_sampling, pick_sampling_dtype, stream_text
+from generate import for_sampling, stream_text
 from model import GPTModel
 from speedups import compile_decode
 from utils import (
@@ -53,6 +53,7 @@ from utils import (
     compile_problem,
     get_batch,
     pick_device,
+    pick_dtype,
     read_text,
     run_main,
 )
@@ -106,7 +107,7 @@ def generate_speed(device, use_cache, n_tokens, dtype, compile_setting, model_ar
     """(tokens/s, peak MiB) of generating n_tokens, batch 1, from a one-character prompt; the
     cached run compiles its decode step as generate.py does (--compile). model_args: another
     shape than the default model's."""
-    dtype = pick_sampling_dtype(dtype, device)
+    dtype = pick_dtype(dtype, device)
     model = for_sampling(GPTModel(VOCAB_SIZE, **(model_args or {})), device, dtype)
     if use_cache:
         compile_decode(model, device, compile_setting)
@@ -524,7 +525,7 @@ def generation_row(device, use_cache, compile_setting, quick, n_tokens):
     asked = use_cache and compile_setting == "true"
     skip_compile = quick and not device.startswith("cuda")
     setting = "true" if asked and not skip_compile else "false"
-    dtype = pick_sampling_dtype("auto", device)
+    dtype = pick_dtype("auto", device)
     tokens_per_sec, peak = generate_speed(device, use_cache, n_tokens, dtype, setting,
                                           QUICK_MODEL if quick else None)
     compiled = setting == "true" and not compile_problem(device)

@@ -10,8 +10,8 @@
 main() reads the flags, loads the checkpoint, and prints the text as it is generated. A KV
 cache (model.py) makes each new token cost one position instead of the whole context;
 --no_cache runs the plain re-run-everything loop. Two speed-ups from speedups.py sit on top,
-each a flag: int8 weights on CPUs (--dtype, the default there when the CPU has native bf16)
-and, on CUDA, a compiled one-token step replayed as a CUDA graph (--compile).
+each a flag: int8 weights on CPUs (--dtype int8) and, on CUDA, a compiled one-token step
+replayed as a CUDA graph (--compile, on by default there).
 """
 
 import math
@@ -27,12 +27,11 @@ import torch
 
 from config import ArgumentParser
 from model import GPTModel
-from speedups import compile_decode, int8_available, quantize_int8
+from speedups import compile_decode, quantize_int8
 from utils import (
     UsageError,
     check_fits_in_memory,
     chosen_weights,
-    cpu_has_native_bf16,
     load_checkpoint,
     pick_device,
     pick_dtype,
@@ -59,9 +58,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
     parser.add_argument("--dtype", default="auto",
                         choices=["auto", "float32", "bfloat16", "float16", "int8"],
-                        help="number format of the weights while sampling; auto = int8 on CPUs "
-                             "with native bf16 (the fastest there), bfloat16 on GPUs, else "
-                             "float32; int8 is CPU only")
+                        help="number format of the weights while sampling; auto = as in "
+                             "training (bfloat16 where the chip has it, else float32); int8 "
+                             "(CPU only, speedups.py) is the fastest on CPUs with native bf16")
     parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                         help="torch.compile the one-token decode step (CUDA graphs on GPUs); "
                              "auto = on for CUDA, where it pays back its start-up time")
@@ -107,8 +106,7 @@ def load_model(path, device, dtype="float32", flash=True, weights="best"):
     written by train.py: by default the weights of its lowest val loss (utils.chosen_weights)."""
     checkpoint = load_checkpoint(path, device)
     state_dict, which = chosen_weights(checkpoint, weights)
-    # SDPA whatever the model trained with (unless --reference): for one new position at a
-    # time it is the faster path.
+    # flash picks the attention path (SDPA or written out), whatever the model trained with.
     model = GPTModel(**{**checkpoint["model_args"], "flash": flash})
     try:
         model.load_state_dict(state_dict)
@@ -140,14 +138,6 @@ def for_sampling(model, device, dtype):
                              f"or --dtype bfloat16 on {device}")
         return quantize_int8(model).eval()
     return model.to(device=device, dtype=getattr(torch, dtype)).eval()
-
-
-def pick_sampling_dtype(name, device):
-    """'auto' -> int8 weights on CPUs with native bf16 instructions, which sample about twice as
-    fast as bfloat16 there (docs/results.md); elsewhere the same choice as training."""
-    if name == "auto" and device == "cpu" and cpu_has_native_bf16() and int8_available():
-        return "int8"
-    return pick_dtype(name, device)
 
 
 def stream_text(model, tokenizer, prompt_ids, args, device, chunk=None):
@@ -207,9 +197,10 @@ def print_completion(model, tokenizer, prompt, args, device):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    model, tokenizer, which = load_model(args.checkpoint, device,
-                                         pick_sampling_dtype(args.dtype, device),
-                                         flash=not args.reference, weights=args.weights)
+    # As in training: SDPA attention on GPUs, the written-out one (the code on the page) on CPUs.
+    flash = device != "cpu" and not args.reference
+    model, tokenizer, which = load_model(args.checkpoint, device, pick_dtype(args.dtype, device),
+                                         flash=flash, weights=args.weights)
     check_samples_fit(model, args.num_samples, device)
     compile_decode(model, device, args.compile)
     torch.manual_seed(args.seed)

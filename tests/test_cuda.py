@@ -21,7 +21,6 @@ import torch
 from test_runs import losses_by_step
 
 import bench
-import generate
 import speedups
 import train
 import utils
@@ -328,7 +327,7 @@ def test_what_train_py_picks_on_each_gpu(monkeypatch, capsys, name, capability, 
     assert train.make_scaler(run).is_enabled() == (dtype == "float16")
     assert torch.backends.cuda.matmul.allow_tf32 == tf32
     assert torch.backends.cudnn.allow_tf32 == tf32
-    assert generate.pick_sampling_dtype("auto", "cuda") == dtype
+    assert utils.pick_dtype("auto", "cuda") == dtype
     assert utils.use_compile(config.compile, run.device, "running") == compiles
     if not compiles:
         assert f"compute capability {capability[0]}.{capability[1]}" in capsys.readouterr().out
@@ -373,7 +372,7 @@ model = train.build_model(65, config, run)
 train.make_optimizer(model, config)
 train.wrap_for_training(model, config, run)
 train.make_scaler(run)
-generate.pick_sampling_dtype("auto", run.device)
+utils.pick_dtype("auto", run.device)
 bench.environment(run.device)
 print("started on", run.device, run.dtype)
 """

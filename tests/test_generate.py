@@ -28,13 +28,21 @@ def test_streamed_text_equals_returned_text():
         assert streamed == returned and len(streamed) == 50
 
 
-def test_auto_sampling_dtype_is_int8_on_cpus_with_native_bf16(monkeypatch):
-    monkeypatch.setattr(generate, "cpu_has_native_bf16", lambda: True)
-    assert generate.pick_sampling_dtype("auto", "cpu") == "int8"
-    assert generate.pick_sampling_dtype("float32", "cpu") == "float32"
-    monkeypatch.setattr(generate, "cpu_has_native_bf16", lambda: False)
-    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: False)
-    assert generate.pick_sampling_dtype("auto", "cpu") == "float32"
+def test_generation_runs_the_code_on_the_page_by_default(tmp_path, monkeypatch):
+    """On a CPU: the written-out attention and the model's own nn.Linear layers, whatever the
+    CPU; int8 weights only when asked for."""
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: True)
+    model = tiny_model(flash=True)
+    path = tmp_path / "ckpt.pt"
+    torch.save(dict(model=model.state_dict(), model_args=dict(
+        vocab_size=20, n_embd=32, n_layer=2, n_head=4, block_size=16, dropout=0.0, flash=True),
+        tokenizer=dict(kind="char", chars="abcdefghijklmnopqrs\n")), path)
+    loaded = []
+    monkeypatch.setattr(generate, "compile_decode", lambda model, *args: loaded.append(model))
+    generate.main(["--checkpoint", str(path), "--max_new_tokens", "5", "--device", "cpu"])
+    [sampled] = loaded
+    assert not sampled.blocks[0].attn.flash
+    assert type(sampled.blocks[0].ffn.up) is torch.nn.Linear  # not speedups.Int8Linear
 
 
 def test_num_samples_gives_different_samples():
