@@ -262,11 +262,11 @@ def wrap_for_training(model, config, run):
     if use_compile(config.compile, run.device, "running"):
         model = torch.compile(model)
     if run.world_size > 1:  # DDP: averages the gradients of all ranks during backward
-        # broadcast_buffers=False: the only buffers, the causal masks, never change, so rank 0
-        # need not send them to every rank before every forward (DDP's default).
         model = DistributedDataParallel(
-            model, device_ids=[run.local_rank] if run.device_type == "cuda" else None,
-            broadcast_buffers=False)
+            model, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
+        # The only buffers, the causal masks, never change: rank 0 need not send them to every
+        # rank before every forward, DDP's default. (Set here: PyTorch 2.13 renamed the flag.)
+        model.broadcast_buffers = False
     return model
 
 
@@ -614,7 +614,8 @@ def stop_with_rank_0(rank, world_size):
     inside a collective that never returns, until torchrun kills them (with a traceback).
     Instead they listen, on a thread, at torchrun's key-value store: rank 0, leaving while the
     process group is still open (finish() closes it), posts "stop" there and waits a few
-    seconds for them; they leave at once, quietly, with exit code 2."""
+    seconds for them; they leave at once, quietly, with exit code 2. (torchrun then reports
+    the failed run in its own words, and exits with 1.)"""
     store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
     if rank == 0:
         def tell_the_others():
