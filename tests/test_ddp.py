@@ -95,3 +95,69 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_saves(tmp_path, 
     assert len(stopped) == 1, out[-2000:] + err[-2000:]
     step = int(stopped[0].split()[3].rstrip(";"))
     assert torch.load(checkpoint, weights_only=True)["step"] == step
+
+
+# --- Each process on its own GPU; MFU against all of them; resume on fewer GPUs ---------------
+
+@pytest.fixture
+def under_torchrun(monkeypatch):
+    """As torchrun starts local rank 1 of 2, on a machine pretending to have two CUDA GPUs;
+    the process group is not really started (init_process_group records its backend)."""
+    for name, value in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    backends = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: backends.append(backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)  # no second process to listen to
+    return backends
+
+
+def test_each_process_takes_the_gpu_of_its_local_rank(under_torchrun):
+    assert train.start_distributed("cuda") == (1, 1, 1, "cuda:1")
+    assert under_torchrun == ["nccl"]
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda:0", "--device cuda:0 under torchrun would put every process on one GPU; pass "
+               "--device cuda"),
+    ("mps", "torchrun cannot train on an Apple GPU (MPS)")])
+def test_torchrun_refuses_one_gpu_for_all_and_apple_gpus(under_torchrun, device, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train.start_distributed(device)
+    assert under_torchrun == []  # before any process group
+
+
+def test_torchrun_refuses_more_processes_than_gpus(under_torchrun, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UsageError, match="more processes than the 1 GPU"):
+        train.start_distributed("cuda")
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA L4", 121e12), ("NVIDIA L40S", 362e12),
+                                        ("NVIDIA L40", 181e12), ("NVIDIA H100 PCIe", 756e12)])
+def test_mfu_peak_counts_every_gpu_of_the_run_and_tells_the_l40s_from_the_l4(monkeypatch, name,
+                                                                            peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert train.gpu_peak_flops(Run("cuda", "bfloat16")) == peak
+    # 4 processes: tokens/s counts all 4 GPUs' tokens, so the peak is 4 GPUs' peak.
+    assert train.gpu_peak_flops(Run("cuda:0", "bfloat16", world_size=4)) == 4 * peak
+
+
+def test_resume_restores_this_gpus_random_state_from_a_machine_with_more_gpus(monkeypatch):
+    set_states = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: set_states.append(state))
+    saved = train.rng_state()
+    # As written before: one state per GPU of the saving machine (8 here), this GPU's second.
+    eight_gpus = {**saved, "cuda": [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]}
+    del eight_gpus["gpu"]
+    assert train.restore_rng(eight_gpus)
+    assert [state[0].item() for state in set_states] == [1]
+    # Saved on a machine with one GPU: none for GPU 1 here; noted, not called damaged.
+    assert not train.restore_rng({**eight_gpus, "cuda": eight_gpus["cuda"][:1]})
+    # As written now: the state of the one GPU the saving process drew on.
+    assert train.restore_rng({**saved, "gpu": ("cuda", torch.full((16,), 7, dtype=torch.uint8))})
+    assert set_states[-1][0].item() == 7
