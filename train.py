@@ -23,10 +23,14 @@ START_TIME = time.time()  # "elapsed" in the eval lines counts from launch, impo
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
+import atexit
 import contextlib
+import datetime
 import math
 import random
+import re
 import sys
+import threading
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -46,6 +50,7 @@ from utils import (
     check_fits_in_memory,
     check_output_path,
     load_checkpoint,
+    mps_has_bf16,
     pick_device,
     pick_dtype,
     run_main,
@@ -78,15 +83,14 @@ def main(argv=None):
     train_model = wrap_for_training(model, config, run)  # torch.compile, DDP
     scaler = make_scaler(run)  # float16 only: scales the loss so small gradients survive
     record = metrics_recorder(config) if run.is_master else None
-    stop_requested = catch_ctrl_c()
+    stop_requested = catch_ctrl_c(run)  # under torchrun: asked of every rank, answered a step later
 
     log(f"\nStarting training for {config.max_iters} iterations...")
     progress = tqdm(total=config.max_iters, initial=start_step, unit="step", dynamic_ncols=True,
                     file=sys.stdout, disable=not run.is_master)
     timer = StepTimer()
     for step in range(start_step, config.max_iters + 1):  # + 1: evaluate after the last step
-        # Ctrl-C on any process stops every one at this step (a no-op on one process).
-        stopping = on_any_rank(stop_requested(), run)
+        stopping = stop_requested()  # Ctrl-C; under torchrun, every rank stops at the same step
         last_step = step == config.max_iters or stopping
         # A resumed run's checkpoint was saved just after evaluating this step: no need again.
         just_resumed = config.resume and step == start_step
@@ -132,14 +136,20 @@ class Run:
 
 
 def set_up(config):
-    """Start DDP if torchrun launched us, seed, pick device and dtype, switch on CPU speed-ups."""
-    rank, local_rank, world_size = start_distributed(config.device)  # (0, 0, 1) by default
-    torch.manual_seed(config.seed + rank)  # each rank draws its own batches and dropout masks
+    """Pick the device, start DDP if torchrun launched us, seed, pick the number format,
+    switch on CPU speed-ups."""
     device = pick_device(config.device)
-    if device == "cuda" and world_size > 1:
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
+    rank, local_rank, world_size, device = start_distributed(device)  # (0, 0, 1, device) alone
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(device)  # the current GPU: whose random state rng_state saves
+    torch.manual_seed(config.seed + rank)  # each rank draws its own batches and dropout masks
     dtype = pick_dtype(config.dtype, device)  # --reference: float32
+    # torch.optim.Muon runs its iteration in bfloat16, whatever --dtype says.
+    if device == "mps" and (dtype == "bfloat16" or config.optimizer == "muon") \
+            and not mps_has_bf16():
+        raise UsageError("bfloat16 (--dtype bfloat16, or Muon's iteration) needs macOS 14 or "
+                         "newer on an Apple GPU; update macOS, or pass --dtype float32 and "
+                         "--optimizer adamw")
     if device == "cpu" and not config.reference:
         speedups.keep_freed_memory()  # reuse freed activations' memory: ~20% faster steps
     if device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (8, 0):
@@ -255,6 +265,9 @@ def wrap_for_training(model, config, run):
     if run.world_size > 1:  # DDP: averages the gradients of all ranks during backward
         model = DistributedDataParallel(
             model, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
+        # The only buffers, the causal masks, never change: rank 0 need not send them to every
+        # rank before every forward, DDP's default. (Set here: PyTorch 2.13 renamed the flag.)
+        model.broadcast_buffers = False
     return model
 
 
@@ -523,18 +536,23 @@ def sample_text(model, tokenizer, n_tokens, device, generator=None):
     return tokenizer.decode(tokens[0].tolist())
 
 
-def catch_ctrl_c():
-    """First Ctrl-C: finish the current step, save, stop. A second one stops at once."""
-    requested = []
+def catch_ctrl_c(run):
+    """First Ctrl-C: finish the current step, save, stop. A second one, a second or more later,
+    stops at once (torchrun passes the terminal's Ctrl-C on to its processes, which so get it
+    twice). Returns whether to stop, asked once a step; under torchrun the same on every rank."""
+    first_at = []
 
     def on_sigint(signum, frame):
-        requested.append(True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nCtrl-C: stopping after this step and saving (Ctrl-C again to quit now)",
-              flush=True)
+        if first_at and time.time() - first_at[0] > 1:
+            raise KeyboardInterrupt
+        if not first_at:
+            first_at.append(time.time())
+            if run.is_master:
+                print("\nCtrl-C: stopping after this step and saving (Ctrl-C again to quit now)",
+                      flush=True)
 
     signal.signal(signal.SIGINT, on_sigint)
-    return lambda: bool(requested)
+    return on_any_rank(lambda: bool(first_at), run)
 
 
 def stop_on_nan(progress, checkpoint_path):
@@ -571,7 +589,8 @@ def checkpoint_on_disk(path):
 # where the GPU has them (A100 and newer), plain float32 on the V100 and T4).
 GPU_PEAK_FLOPS = {
     "H100 PCIe": (756e12, 378e12), "H100": (989e12, 495e12), "H200": (989e12, 495e12),
-    "A100": (312e12, 156e12), "L4": (121e12, 60e12), "RTX 4090": (165e12, 83e12),
+    "A100": (312e12, 156e12), "L40S": (362e12, 183e12), "L40": (181e12, 90.5e12),
+    "L4": (121e12, 60e12), "RTX 4090": (165e12, 83e12),
     "RTX 3090": (71e12, 36e12), "V100": (125e12, 16e12), "T4": (65e12, 8e12),
 }
 
@@ -597,12 +616,15 @@ def param_count(vocab_size, n_embd, n_layer, block_size):
 
 
 def gpu_peak_flops(run):
+    """The peak FLOP/s of all the run's GPUs together (one per process), which the run's
+    tokens/s (every process's tokens) is measured against; None for GPUs not in the table.
+    Names match as whole words: "L4" is not the L40 of "NVIDIA L40S"."""
     if run.device_type != "cuda":
         return None
     name = torch.cuda.get_device_name(run.device)
     for gpu, (half_peak, float32_peak) in GPU_PEAK_FLOPS.items():
-        if gpu in name:
-            return float32_peak if run.dtype == "float32" else half_peak
+        if re.search(rf"\b{gpu}\b", name):
+            return run.world_size * (float32_peak if run.dtype == "float32" else half_peak)
     return None
 
 
@@ -610,22 +632,86 @@ def gpu_peak_flops(run):
 # Several GPUs (or CPU processes): PyTorch DDP, launched by torchrun
 
 def start_distributed(device):
-    """(rank, local_rank, world_size). torchrun sets RANK and friends; without it: (0, 0, 1)."""
+    """(rank, local_rank, world_size, device): torchrun sets RANK and friends, and each process
+    takes the GPU numbered by its LOCAL_RANK. Without torchrun: (0, 0, 1, device)."""
     if "RANK" not in os.environ:
-        return 0, 0, 1
-    backend = "gloo" if device in ("cpu", "mps") or not torch.cuda.is_available() else "nccl"
-    torch.distributed.init_process_group(backend=backend)
-    return (torch.distributed.get_rank(), int(os.environ.get("LOCAL_RANK", 0)),
-            torch.distributed.get_world_size())
+        return 0, 0, 1, device
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "mps":  # gloo, torchrun's only backend on a Mac, moves CPU and CUDA tensors
+        raise UsageError("torchrun cannot train on an Apple GPU (MPS): run python train.py, "
+                         "one process, or pass --device cpu for several CPU processes")
+    if device.startswith("cuda:"):
+        raise UsageError(f"--device {device} under torchrun would put every process on one "
+                         f"GPU; pass --device cuda (each process takes GPU LOCAL_RANK; choose "
+                         f"the GPUs with CUDA_VISIBLE_DEVICES)")
+    if device == "cuda" and local_rank >= torch.cuda.device_count():
+        raise UsageError(f"torchrun started more processes than the {torch.cuda.device_count()} "
+                         f"GPU(s) here; pass --nproc_per_node {torch.cuda.device_count()}")
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+    torch.distributed.init_process_group(backend="nccl" if device != "cpu" else "gloo")
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if world_size > 1:
+        stop_with_rank_0(rank, world_size)
+    return rank, local_rank, world_size, device
+
+
+def stop_with_rank_0(rank, world_size):
+    """Only rank 0 evaluates and saves, so only it can meet a NaN loss or a failed save, and
+    stop with its one-line error (exit code 2). The other ranks may then be waiting for it
+    inside a collective that never returns, until torchrun kills them (with a traceback).
+    Instead they listen, on a thread, at torchrun's key-value store: rank 0, leaving while the
+    process group is still open (finish() closes it), posts "stop" there and waits a few
+    seconds for them; they leave at once, quietly, with exit code 2. (torchrun then reports
+    the failed run in its own words, and exits with 1.)"""
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    if rank == 0:
+        def tell_the_others():
+            if torch.distributed.is_initialized():
+                store.set("mini-gpt/stop", "1")
+                with contextlib.suppress(Exception):  # a rank already gone cannot answer
+                    store.wait([f"mini-gpt/stopped/{r}" for r in range(1, world_size)],
+                               datetime.timedelta(seconds=10))
+
+        atexit.register(tell_the_others)
+        return
+
+    def listen():
+        while torch.distributed.is_initialized():
+            if store.check(["mini-gpt/stop"]):
+                store.set(f"mini-gpt/stopped/{rank}", "1")
+                os._exit(2)
+            time.sleep(0.5)
+
+    threading.Thread(target=listen, daemon=True).start()
 
 
 def on_any_rank(flag, run):
-    """True on every rank if flag is True on any rank; every rank must call it at the same step."""
+    """flag() asked on every rank, as a function whose answer is the same on every rank: was
+    flag() True on any rank at the call before? Every rank calls it once a step.
+
+    Asking the others is a collective, and waiting for its answer would hold up every step
+    (on GPUs: a sync). So each call sends this step's question without waiting (over gloo, CPU
+    to CPU: the GPU never waits) and reads the answer to the one sent a step earlier, long
+    arrived by now. Ctrl-C so stops every rank at the same step, one step later than alone.
+    """
     if run.world_size == 1:
         return flag
-    flag = torch.tensor(float(flag), device=run.device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return flag.item() > 0
+    group = torch.distributed.new_group(backend="gloo")  # its own: DDP's traffic is apart
+    sent = []  # (the all-reduce under way, the tensor it fills)
+
+    def any_rank_said_yes():
+        answer = False
+        if sent:
+            all_reduce, flags = sent.pop()
+            all_reduce.wait()
+            answer = flags.item() > 0
+        flags = torch.tensor(float(flag()))
+        sent.append((torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MAX,
+                                                  group=group, async_op=True), flags))
+        return answer
+
+    return any_rank_said_yes
 
 
 def gather_from_all_ranks(value, run):
@@ -675,38 +761,59 @@ def resume(config, model, optimizer, tokenizer, run, best):
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
         if len(rng_states) == run.world_size:
-            restore_rng(rng_states[run.rank])
+            restored = restore_rng(rng_states[run.rank])
         elif run.rank == 0:  # another number of processes: only rank 0 can go on where it was
-            restore_rng(rng_states[0])
+            restored = restore_rng(rng_states[0])
         else:
             torch.manual_seed(torch.initial_seed() + step)  # seeded per rank in set_up
+            restored = True
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
         raise UsageError(f"cannot resume {path}: its optimizer or random state is damaged "
                          f"({type(err).__name__}: {str(err)[:80]}); start a fresh run") from None
+    if not restored:
+        print(f"Note: {path} holds no random state for this GPU (saved on another machine): "
+              f"dropout goes on from a fresh one, so the run is not exactly the one it resumes")
     if run.is_master:
         print(f"Resuming from step {step} of {path}")
     return step, checkpoint["val_loss"]
 
 
 def rng_state():
-    """Every random state that decides what comes next, as tensors and plain values."""
+    """Every random state that decides what comes next, as tensors and plain values: Python's,
+    NumPy's, the CPU's, and the GPU's this process draws on (CUDA's current one, or MPS)."""
     name, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    gpu = (("cuda", torch.cuda.get_rng_state()) if torch.cuda.is_initialized() else
+           ("mps", torch.mps.get_rng_state()) if torch.backends.mps.is_available() else None)
     return dict(python=random.getstate(),
                 numpy=(name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss,
                        cached_gauss),
-                torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+                torch=torch.get_rng_state(), gpu=gpu)
 
 
 def restore_rng(state):
+    """Put back rng_state()'s states; returns False where the GPU's could not be: saved on
+    another kind of device, or (an older checkpoint's list, one per GPU of the machine that
+    saved it) for a GPU this machine lacks."""
     # .cpu(): a checkpoint resumed on a GPU is loaded onto it, but random states are CPU bytes.
     random.setstate(state["python"])
     name, keys, position, has_gauss, cached_gauss = state["numpy"]
     np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), position, has_gauss,
                          cached_gauss))
     torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([cuda_state.cpu() for cuda_state in state["cuda"]])
+    gpu = state.get("gpu")
+    if state.get("cuda"):  # the older list: this process's GPU is the current one
+        index = torch.cuda.current_device() if torch.cuda.is_available() else len(state["cuda"])
+        gpu = ("cuda", state["cuda"][index]) if index < len(state["cuda"]) else ("", None)
+    if gpu is None:
+        return True
+    kind, gpu_state = gpu
+    if kind == "cuda" and torch.cuda.is_available():
+        torch.cuda.set_rng_state(gpu_state.cpu())
+    elif kind == "mps" and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(gpu_state.cpu())
+    else:
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -579,16 +579,35 @@ def gibibytes(n_bytes):
     return f"{n_gib:,.1f} GiB" if n_gib < 1e6 else f"{n_gib:.1e} GiB"
 
 
+# Apple GPUs (MPS: --device auto picks it on a Mac). What they get, from PyTorch's documented
+# MPS support; none of it has been run on a Mac by this project yet (README, "Apple GPUs"):
+# - float32 (MPS_DTYPE). MPS has bfloat16 from macOS 14 only, and not every Apple GPU computes
+#   in it natively; float16 would need loss scaling. --dtype bfloat16 is accepted from macOS
+#   14 (mps_has_bf16), as is --optimizer muon, whose iteration runs in bfloat16.
+# - no torch.compile: its MPS backend is a prototype (compile_problem).
+# - fused AdamW: PyTorch has an MPS kernel for it (train.make_optimizer, as everywhere).
+# - SDPA attention: PyTorch has an MPS kernel for it (train.use_flash, as on CUDA GPUs).
+# - its random state is saved for exact resume (train.rng_state); torchrun is refused (gloo,
+#   its only backend there, moves CPU and CUDA tensors only: train.start_distributed).
+MPS_DTYPE = "float32"
+
+
+def mps_has_bf16():
+    """bfloat16 on an Apple GPU: macOS 14 and newer."""
+    return torch.backends.mps.is_macos_or_newer(14, 0)
+
+
 def pick_dtype(name, device):
     """'auto' -> bfloat16 on GPUs that support it, float16 on older GPUs, bfloat16 on CPUs
-    with native bf16 instructions, else float32 (docs/results.md has the measured speed-ups)."""
+    with native bf16 instructions, float32 on Apple GPUs and other CPUs (docs/results.md has
+    the measured speed-ups)."""
     if name != "auto":
         return name
     if device.startswith("cuda"):
         return "bfloat16" if gpu_has_native_bf16(device) else "float16"
     if device == "cpu" and cpu_has_native_bf16():
         return "bfloat16"
-    return "float32"
+    return MPS_DTYPE if device == "mps" else "float32"
 
 
 def gpu_has_native_bf16(device):
@@ -628,7 +647,7 @@ def compile_problem(device):
     elif device == "cpu" and not (shutil.which("g++") or shutil.which("clang++")):
         return "no C++ compiler found"
     elif device == "mps":
-        return "this project has not tried it on MPS"
+        return "its Apple GPU (MPS) backend is a prototype, not tried by this project"
     return None
 
 

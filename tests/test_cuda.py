@@ -384,3 +384,47 @@ def test_every_script_imports_and_starts_without_cuda():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "started on" in result.stdout and "cuda" not in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Apple GPUs (MPS), by pretending too: the choices utils.py's "Apple GPUs" comment explains
+
+def pretend_mac(monkeypatch, macos):
+    """Make torch answer as if this were a Mac with an Apple GPU, running macOS `macos`."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer",
+                        lambda major, minor: macos >= (major, minor))
+
+
+def test_what_train_py_picks_on_an_apple_gpu(monkeypatch, capsys):
+    pretend_mac(monkeypatch, (15, 0))
+    config, _ = parse_config(["--device", "auto"])
+    run = train.set_up(config)
+    assert (run.device, run.dtype) == ("mps", "float32")
+    assert not train.make_scaler(run).is_enabled()
+    assert generate.pick_sampling_dtype("auto", "mps") == "float32"
+    assert train.use_flash(config.flash, "mps")  # SDPA
+    for setting in ("auto", "true"):
+        assert not utils.use_compile(setting, "mps", "running")
+    assert "its Apple GPU (MPS) backend is a prototype" in capsys.readouterr().out
+
+
+@needs_muon
+@pytest.mark.parametrize("flags", [["--dtype", "bfloat16"], ["--optimizer", "muon"]])
+def test_bfloat16_on_an_apple_gpu_needs_macos_14(monkeypatch, flags):
+    pretend_mac(monkeypatch, (14, 0))
+    assert train.set_up(parse_config(["--device", "mps", *flags])[0]).device == "mps"
+    pretend_mac(monkeypatch, (13, 5))
+    with pytest.raises(utils.UsageError, match="needs macOS 14 or newer on an Apple GPU"):
+        train.set_up(parse_config(["--device", "mps", *flags])[0])
+
+
+def test_an_apple_gpus_random_state_is_saved_and_restored(monkeypatch):
+    pretend_mac(monkeypatch, (15, 0))
+    mps_state, restored = torch.arange(16, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda device="mps": mps_state)
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state, device="mps": restored.append(state))
+    state = train.rng_state()
+    assert state["gpu"][0] == "mps" and torch.equal(state["gpu"][1], mps_state)
+    assert train.restore_rng(state) and torch.equal(restored[0], mps_state)

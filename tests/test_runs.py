@@ -174,36 +174,19 @@ def test_torchrun_resume_continues_every_rank_exactly(tmp_path, tiny_data):
     assert losses_by_step(tmp_path / "halves.metrics.jsonl") == expected
 
 
-def stop_flags_of_two_ranks(rank, world_size, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    run = train.Run("cpu", "float32", rank, rank, world_size)
-    only_rank_1 = train.on_any_rank(rank == 1, run)  # Ctrl-C seen by rank 1 only
-    none = train.on_any_rank(False, run)
-    torch.save(torch.tensor([only_rank_1, none]), f"{out_path}.{rank}")
-    dist.barrier()  # as in train.py: no rank tears down while another still works
-    dist.destroy_process_group()
-
-
-def test_ranks_agree_to_stop_when_any_rank_got_ctrl_c(tmp_path):
-    out_path = str(tmp_path / "flags")
-    mp.spawn(stop_flags_of_two_ranks, args=(2, free_port(), out_path), nprocs=2)
-    for rank in range(2):
-        assert torch.load(f"{out_path}.{rank}", weights_only=True).tolist() == [True, False]
-
-
 def one_ddp_step(rank, world_size, port, x, y, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     model = tiny_model().train()
     config = Config(grad_clip=1.0, learning_rate=1e-2)
     optimizer = train.make_optimizer(model, config)
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+    run = train.Run("cpu", "float32", rank, rank, world_size)
+    ddp_model = train.wrap_for_training(model, config, run)
+    assert not ddp_model.broadcast_buffers  # the causal masks are not sent before each forward
     half = len(x) // world_size
     mine = slice(rank * half, (rank + 1) * half)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train.train_step(ddp_model, optimizer, scaler, [(x[mine], y[mine])], config,
-                     train.Run("cpu", "float32", rank, rank, world_size))
+    train.train_step(ddp_model, optimizer, scaler, [(x[mine], y[mine])], config, run)
     if rank == 0:
         torch.save({name: p.grad for name, p in model.named_parameters()}, out_path)
     dist.barrier()
