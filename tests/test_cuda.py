@@ -403,7 +403,7 @@ def test_what_train_py_picks_on_an_apple_gpu(monkeypatch, capsys):
     run = train.set_up(config)
     assert (run.device, run.dtype) == ("mps", "float32")
     assert not train.make_scaler(run).is_enabled()
-    assert generate.pick_sampling_dtype("auto", "mps") == "float32"
+    assert utils.pick_dtype("auto", "mps") == "float32"
     assert train.use_flash(config.flash, "mps")  # SDPA
     for setting in ("auto", "true"):
         assert not utils.use_compile(setting, "mps", "running")
