@@ -26,7 +26,7 @@ if __name__ == "__main__":
 import torch
 
 from config import ArgumentParser
-from model import GPTModel
+from model import GPTConfig, GPTModel
 from speedups import compile_decode, int8_available, quantize_int8
 from utils import (
     UsageError,
@@ -104,7 +104,7 @@ def load_model(path, device, dtype="float32", flash=True):
     checkpoint = load_checkpoint(path, device)
     # SDPA whatever the model trained with (unless --reference): for one new position at a
     # time it is the faster path.
-    model = GPTModel(**{**checkpoint["model_args"], "flash": flash})
+    model = GPTModel(GPTConfig(**{**checkpoint["model_args"], "flash": flash}))
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError:

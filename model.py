@@ -28,69 +28,81 @@ that train.py and generate.py may switch on (speedups.py) are not needed to read
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
+@dataclass
+class GPTConfig:
+    """The model's shape: everything GPTModel is built from. Checkpoints store it as a plain
+    dict (dataclasses.asdict) under "model_args", from which generate.py rebuilds the model."""
+    vocab_size: int  # V: tokens the model knows (65 characters for Tiny Shakespeare)
+    n_embd: int = 384  # C: the width of the residual stream
+    n_layer: int = 6  # Transformer blocks
+    n_head: int = 6  # attention heads per block, each on n_embd // n_head of the width
+    block_size: int = 256  # the longest context, in tokens
+    dropout: float = 0.2  # while training; eval() turns it off
+    flash: bool = True  # attention through F.scaled_dot_product_attention (same maths, fused)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention in which position t sees only positions 0..t."""
 
-    def __init__(self, n_embd, n_head, block_size, dropout, flash):
+    def __init__(self, config):
         super().__init__()
-        self.n_head = n_head
-        self.flash = flash  # F.scaled_dot_product_attention instead of the written-out maths
-        self.dropout = dropout
+        self.n_head = config.n_head
+        self.flash = config.flash  # SDPA instead of the written-out maths
+        self.dropout = config.dropout
         # Q, K, V projections as one matmul: a (C, 3C) weight instead of three (C, C) ones.
-        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
-        self.proj = nn.Linear(n_embd, n_embd)
-        self.attn_dropout = nn.Dropout(dropout)
-        self.resid_dropout = nn.Dropout(dropout)
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
         # causal_mask[i, j] is added to the score of query position i for key position j: 0
         # where i may look at j (j <= i, the lower triangle), -inf where it may not, so that
         # the softmax gives every future key the weight exp(-inf) = 0.
-        may_look = torch.tril(torch.ones(block_size, block_size, dtype=torch.bool))
-        causal_mask = torch.zeros(block_size, block_size).masked_fill(~may_look, float("-inf"))
+        T = config.block_size
+        may_look = torch.tril(torch.ones(T, T, dtype=torch.bool))
+        causal_mask = torch.zeros(T, T).masked_fill(~may_look, float("-inf"))
         self.register_buffer("causal_mask", causal_mask, persistent=False)
-        # explore.py sets keep_attn_weights to look at the attention (written-out path only).
-        self.keep_attn_weights = False
-        self.attn_weights = None
 
     def forward(self, x, positions, layer_cache=None):
         # x: (B, T, C). positions: (T,), where x's tokens sit in the sequence: 0..T-1 in
         # training; they start later only when generating with a KV cache (layer_cache).
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_size): each head attends on its own slice of C.
-        q = q.view(B, T, self.n_head, -1).transpose(1, 2)
-        k = k.view(B, T, self.n_head, -1).transpose(1, 2)
-        v = v.view(B, T, self.n_head, -1).transpose(1, 2)
+        q, k, v = self.split_heads(self.qkv(x))  # (B, n_head, T, head_size) each
         if layer_cache is not None:  # generating: keys and values of earlier tokens (KVCache)
             k, v = layer_cache.remember(positions, k, v)  # (B, n_head, Tk, head_size)
-
-        dropout_p = self.dropout if self.training else 0.0
-        if self.flash and layer_cache is None:
-            # Fused kernel (FlashAttention on GPUs): the same maths, without materialising the
-            # (T, T) weights; is_causal applies the causal mask without a tensor for it.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        elif self.flash:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask_for(positions, k),
-                                               dropout_p=dropout_p)
+        if not self.flash:
+            attn_weights = self.attention_weights(q, k, positions)  # (B, nh, T, Tk)
+            y = self.attn_dropout(attn_weights) @ v  # (B, nh, T, head_size): a weighted mean
         else:
-            # Scale by 1/sqrt(head_size) so the dot products keep unit variance and the
-            # softmax does not saturate into a one-hot as head_size grows. (Scaling q (T, hs)
-            # rather than the scores (T, Tk) is the same maths on fewer numbers.)
-            scores = (q / math.sqrt(k.size(-1))) @ k.transpose(-2, -1)  # (B, nh, T, Tk)
-            scores = scores + self.mask_for(positions, k)  # future keys' scores become -inf
-            attn_weights = F.softmax(scores, dim=-1)  # each row sums to 1
-            if self.keep_attn_weights:
-                self.attn_weights = attn_weights.detach()
-            attn_weights = self.attn_dropout(attn_weights)
-            y = attn_weights @ v  # (B, nh, T, head_size): a weighted mean of the values
-
+            # The same maths in one fused kernel (FlashAttention on GPUs), which never
+            # materialises the (T, Tk) weights; in training is_causal stands in for the mask.
+            mask = self.mask_for(positions, k) if layer_cache is not None else None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.proj(y))
+
+    def split_heads(self, qkv):
+        """The qkv projection's output (B, T, 3C) -> q, k, v, each (B, n_head, T, head_size):
+        each head attends on its own slice of C."""
+        B, T, _ = qkv.shape
+        return [t.view(B, T, self.n_head, -1).transpose(1, 2) for t in qkv.chunk(3, dim=2)]
+
+    def attention_weights(self, q, k, positions):
+        """softmax(q k^T / sqrt(head_size) + causal mask): (B, nh, T, Tk). Row i says how much
+        query i takes from each key; each row sums to 1, future keys get 0."""
+        # Scale by 1/sqrt(head_size) so the dot products keep unit variance and the softmax
+        # does not saturate into a one-hot as head_size grows. (Scaling q (T, hs) rather than
+        # the scores (T, Tk) is the same maths on fewer numbers.)
+        scores = (q / math.sqrt(k.size(-1))) @ k.transpose(-2, -1)  # (B, nh, T, Tk)
+        scores = scores + self.mask_for(positions, k)  # future keys' scores become -inf
+        return F.softmax(scores, dim=-1)
 
     def mask_for(self, positions, keys):
         """The causal mask's rows for the queries' positions, over every key there is: (T, Tk);
@@ -101,11 +113,11 @@ class CausalSelfAttention(nn.Module):
 class FeedForward(nn.Module):
     """Position-wise MLP: n_embd -> 4*n_embd -> n_embd, applied to each token on its own."""
 
-    def __init__(self, n_embd, dropout):
+    def __init__(self, config):
         super().__init__()
-        self.up = nn.Linear(n_embd, 4 * n_embd)
-        self.down = nn.Linear(4 * n_embd, n_embd)
-        self.dropout = nn.Dropout(dropout)
+        self.up = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.down = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         return self.dropout(self.down(F.gelu(self.up(x))))
@@ -114,12 +126,12 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """One Transformer block, Pre-LN: normalise *before* each sub-layer, add its output back."""
 
-    def __init__(self, n_embd, n_head, block_size, dropout, flash):
+    def __init__(self, config):
         super().__init__()
-        self.ln1 = nn.LayerNorm(n_embd)
-        self.attn = CausalSelfAttention(n_embd, n_head, block_size, dropout, flash)
-        self.ln2 = nn.LayerNorm(n_embd)
-        self.ffn = FeedForward(n_embd, dropout)
+        self.ln1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln2 = nn.LayerNorm(config.n_embd)
+        self.ffn = FeedForward(config)
 
     def forward(self, x, positions, layer_cache=None):
         # The residual stream x passes through untouched; each sub-layer only adds to it,
@@ -132,26 +144,25 @@ class Block(nn.Module):
 class GPTModel(nn.Module):
     """Token ids in, next-token logits out: the tree in this file's docstring, top to bottom."""
 
-    def __init__(self, vocab_size, n_embd=384, n_layer=6, n_head=6, block_size=256,
-                 dropout=0.2, flash=True):
+    def __init__(self, config):
         super().__init__()
-        if n_embd % n_head != 0:
-            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
-        self.block_size = block_size
-        self.n_head = n_head
-        self.tok_emb = nn.Embedding(vocab_size, n_embd)
-        self.pos_emb = nn.Embedding(block_size, n_embd)
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            [Block(n_embd, n_head, block_size, dropout, flash) for _ in range(n_layer)])
-        self.ln_f = nn.LayerNorm(n_embd)
-        self.lm_head = nn.Linear(n_embd, vocab_size)
+        if config.n_embd % config.n_head != 0:
+            raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head "
+                             f"({config.n_head})")
+        self.config = config
+        self.block_size = config.block_size
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
         self.apply(_init_weights)
         # GPT-2: scale the layers that write into the residual stream by 1/sqrt(2 * n_layer),
         # so the stream's variance does not grow with depth (two such writes per block).
         for name, param in self.named_parameters():
             if name.endswith(("attn.proj.weight", "ffn.down.weight")):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -221,10 +232,10 @@ class GPTModel(nn.Module):
 
     def new_cache(self, batch_size):
         """An empty KVCache on the model's device, for batch_size sequences."""
-        weight = self.tok_emb.weight  # (V, C): tells the width, device and dtype
-        head_size = weight.size(1) // self.n_head
-        return KVCache(len(self.blocks), batch_size, self.n_head, self.block_size, head_size,
-                       weight.device, weight.dtype)
+        weight = self.tok_emb.weight  # (V, C): tells the device and dtype
+        head_size = self.config.n_embd // self.config.n_head
+        return KVCache(len(self.blocks), batch_size, self.config.n_head, self.block_size,
+                       head_size, weight.device, weight.dtype)
 
 
 def _init_weights(module):
@@ -371,6 +382,6 @@ if __name__ == "__main__":
                           ("batch_size", 64)):
         parser.add_argument(f"--{name}", type=int, default=default)
     args = parser.parse_args()
-    tree_model = GPTModel(args.vocab_size, args.n_embd, args.n_layer, args.n_head,
-                          args.block_size, dropout=0.0).eval()
+    tree_model = GPTModel(GPTConfig(args.vocab_size, args.n_embd, args.n_layer, args.n_head,
+                                    args.block_size, dropout=0.0)).eval()
     print("\n".join(describe(tree_model, args.batch_size)))

@@ -37,9 +37,10 @@ from tqdm import tqdm
 import speedups
 from config import parse_config
 from dataset import get_batch, load_corpus, val_set
-from model import GPTModel
+from model import GPTConfig, GPTModel
 from tracking import log_paths, metrics_recorder
 from utils import (
+    MODEL_SHAPE,
     UsageError,
     autocast,
     bits_per_char,
@@ -196,15 +197,11 @@ def load_tokens(config, run):
     return corpus, val_set(corpus, config.eval_tokens, config.block_size, run.device)
 
 
-def model_args(vocab_size, config, run):
-    """What GPTModel is built from; saved in the checkpoint so generate.py can rebuild it."""
-    return dict(vocab_size=vocab_size, n_embd=config.n_embd, n_layer=config.n_layer,
-                n_head=config.n_head, block_size=config.block_size, dropout=config.dropout,
-                flash=use_flash(config.flash, run.device))
-
-
 def build_model(vocab_size, config, run):
-    model = GPTModel(**model_args(vocab_size, config, run)).to(run.device)
+    """The model of the shape config asks for; its GPTConfig goes into every checkpoint."""
+    model = GPTModel(GPTConfig(vocab_size, config.n_embd, config.n_layer, config.n_head,
+                               config.block_size, config.dropout,
+                               use_flash(config.flash, run.device))).to(run.device)
     if run.device == "cpu" and not config.reference:
         speedups.use_fast_cpu_dropout(model)  # a quarter of the random numbers per mask
     return model
@@ -287,7 +284,7 @@ def evaluate_and_save(step, model, optimizer, tokenizer, corpus, val_data, confi
     rng_states = gather_from_all_ranks(rng_state(), run)
     if run.is_master and step > 0:
         save_or_stop(dict(model=model.state_dict(),
-                          model_args=model_args(tokenizer.vocab_size, config, run),
+                          model_args=asdict(model.config),
                           tokenizer=tokenizer.to_dict(), config=asdict(config),
                           optimizer=optimizer.state_dict(), step=step, val_loss=val_loss,
                           val_bpc=val_bpc, rng=rng_states),
@@ -600,11 +597,9 @@ def resume(config, model, optimizer, tokenizer, run):
     if checkpoint["tokenizer"] != tokenizer.to_dict():
         raise UsageError(f"cannot resume {path}: it was trained on text with another vocabulary; "
                          f"pass the same --data it was trained on")
-    shape = ("vocab_size", "n_embd", "n_layer", "n_head", "block_size")
-    saved = {k: checkpoint["model_args"].get(k) for k in shape}
-    wanted = {k: v for k, v in model_args(tokenizer.vocab_size, config, run).items() if k in shape}
-    if saved != wanted:
-        changed = ", ".join(f"{k} {saved[k]} -> {wanted[k]}" for k in shape if saved[k] != wanted[k])
+    saved, wanted = checkpoint["model_args"], asdict(model.config)
+    changed = ", ".join(f"{k} {saved[k]} -> {wanted[k]}" for k in MODEL_SHAPE if saved[k] != wanted[k])
+    if changed:
         raise UsageError(f"cannot resume {path}: the model shape differs ({changed}); "
                          f"drop those flags or start a fresh run")
     if not ({"optimizer", "rng", "step", "config", "val_loss"} <= checkpoint.keys()

@@ -182,8 +182,8 @@ def test_mfu_peak_matches_the_gpu_in_use(monkeypatch):
 @pytest.mark.parametrize("sizes", [dict(vocab_size=65), dict(vocab_size=20, n_embd=32, n_layer=2,
                                                              n_head=4, block_size=16)])
 def test_param_count_without_building_equals_the_models(sizes):
-    from model import GPTModel
-    model = GPTModel(**sizes)
+    from model import GPTConfig, GPTModel
+    model = GPTModel(GPTConfig(**sizes))
     expected = model.num_params()
     args = {**dict(n_embd=384, n_layer=6, block_size=256), **sizes}
     assert train.param_count(args["vocab_size"], args["n_embd"], args["n_layer"],
