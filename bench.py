@@ -357,7 +357,7 @@ def print_table(rows):
 
 
 # ---------------------------------------------------------------------------------------------
-# python bench.py report: every figure of the GPU table (docs/gpu.md) in one run, ~8 minutes
+# python bench.py report: every figure of the GPU table (docs/gpu.md) in one run, minutes
 # on an H100. --quick runs each row on a tiny model, so that a test can run the whole command.
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

@@ -1,7 +1,7 @@
 """Train Mini-GPT on a text file, token by token (characters, or BPE with --tokenizer bpe).
 
     python train.py                      # the default model on data/input.txt (a GPU run)
-    python train.py --preset cpu         # a small model that trains on a laptop CPU in ~30 s
+    python train.py --preset cpu         # a small model for a laptop CPU: about half a minute
     python train.py --max_iters 2000 --dropout 0.1   # any config.py field as --name value
     python train.py --reference          # every speed-up off: the plain code, for a debugger
 
@@ -141,7 +141,7 @@ def set_up(config):
         torch.cuda.set_device(device)
     dtype = pick_dtype(config.dtype, device)  # --reference: float32
     if device == "cpu" and not config.reference:
-        speedups.keep_freed_memory()  # reuse freed activations' memory: ~20% faster steps
+        speedups.keep_freed_memory()  # reuse freed activations' memory: no page faults
     if device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (8, 0):
         # TF32: float32 matmuls on the tensor cores of Ampere and newer GPUs (A100, RTX 30xx,
         # H100); older ones (T4, V100) have no TF32 and would ignore the switch anyway.
@@ -208,9 +208,9 @@ def build_model(vocab_size, config, run):
 
 
 def use_flash(setting, device):
-    """SDPA or the written-out attention. On CPUs the written-out one trains faster (measured in
-    bf16 on a 2-core EPYC: 1.4x for the CPU preset, 1.8x for the default model with dropout,
-    whose SDPA falls back to a slower path); on GPUs SDPA's fused kernels win."""
+    """SDPA or the written-out attention. On CPUs the written-out one trains faster (SDPA's
+    CPU kernels, with dropout a slower fallback, lose to plain matmuls; docs/results.md); on
+    GPUs SDPA's fused kernels win."""
     if setting == "auto":
         return device != "cpu"
     return setting == "true"
@@ -380,11 +380,10 @@ def learning_rate_at(step, config):
 
 
 def set_learning_rate(optimizer, step, config):
-    """Set every parameter group's rate for this step; returns AdamW's (the one printed).
-    Muon's groups follow the same schedule scaled to peak at muon_lr."""
+    """Set every parameter group's rate for this step, and return it."""
     lr = learning_rate_at(step, config)
     for group in optimizer.param_groups:
-        group["lr"] = lr * config.muon_lr / config.learning_rate if group.get("muon") else lr
+        group["lr"] = lr
     return lr
 
 

@@ -89,8 +89,9 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
                        if p.dim() == 2 and name.startswith("blocks.")}
     assert in_muon | in_adamw == set(names.values()) and not in_muon & in_adamw
     assert {"tok_emb.weight", "pos_emb.weight", "lm_head.weight"} <= in_adamw
-    # Muon follows the same schedule up to its own peak, read from the config at every step.
+    # One schedule: the step gives Muon the same curve, scaled to peak at muon_lr.
     assert train.set_learning_rate(optimizer, 4, config) == pytest.approx(5e-4)  # warming up
+    optimizer.step()
     assert muon.param_groups[0]["lr"] == pytest.approx(0.01)
     assert all(group["lr"] == pytest.approx(5e-4) for group in adamw.param_groups)
 
