@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import speedups
-from config import parse_config
+from config import PRESETS, parse_config
 from dataset import get_batch, load_corpus, val_set
 from model import GPTConfig, GPTModel
 from tracking import log_paths, metrics_recorder
@@ -58,11 +58,12 @@ from utils import (
 
 
 def main(argv=None):
-    config, _ = parse_config(argv)
+    config, preset = parse_config(argv)
     run = set_up(config)  # device, number format, this process's rank; seeds; CPU speed-ups
     check_model_fits(config, run)  # before any work: a model too big for this machine
     check_paths(config, run)  # the checkpoint to resume exists; the new one can be saved
     log = print if run.is_master else (lambda *args, **kwargs: None)
+    log(what_runs(config, run, preset))  # which number format, attention, optimizer, and why
     log("Loading data...")
     corpus, val_data = load_tokens(config, run)  # a token file, prepared once, memory-mapped
     tokenizer = corpus.tokenizer
@@ -148,6 +149,34 @@ def set_up(config):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Run(device, dtype, rank, local_rank, world_size)
+
+
+def what_runs(config, run, preset):
+    """The first lines train.py prints: the number format, attention and optimizer that run,
+    each with why (the flag that chose it, or the default's reason) and how to change it."""
+    if config.reference:
+        return "--reference: float32, written-out attention and AdamW: the code on the page"
+    chip = "CPU" if run.device == "cpu" else "GPU"
+    number = dict(float32="float32", bfloat16="bf16 autocast", float16="fp16 autocast")[run.dtype]
+    if config.dtype != "auto":
+        number += f": --dtype {config.dtype}"
+    elif run.dtype == "float32":
+        number += f": no native bf16 on this {chip}"
+    else:  # utils.pick_dtype: bf16 where the chip has it, else fp16 with loss scaling
+        has = "has" if run.dtype == "bfloat16" else "has no"
+        number += f": this {chip} {has} native bf16 (--dtype float32 to turn off)"
+    flash = use_flash(config.flash, run.device)
+    attention = "SDPA attention" if flash else "written-out attention"
+    if config.flash != "auto":
+        attention += f": --flash {config.flash}"
+    else:
+        attention += f": faster on {chip}s (--flash {str(not flash).lower()} for the other)"
+    optimizer = "AdamW (--optimizer muon: Muon, which learns more per step)"
+    if config.optimizer == "muon":
+        chosen_by = f"--preset {preset}" if PRESETS.get(preset, {}).get("optimizer") else \
+            "--optimizer muon"
+        optimizer = f"Muon for the blocks' matrices, AdamW for the rest: {chosen_by}"
+    return f"{number}\n{attention}\n{optimizer}"
 
 
 def check_model_fits(config, run):

@@ -9,7 +9,7 @@ import torch
 
 import train
 import utils
-from config import Config
+from config import Config, parse_config
 from conftest import needs_muon, tiny_model
 from train import Run
 from utils import get_batch
@@ -73,6 +73,30 @@ def test_weight_decay_only_on_matrices():
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decayed["params"])
     assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])
+
+
+@pytest.mark.parametrize("flags, device, dtype, expected", [
+    (["--preset", "cpu"], "cpu", "bfloat16", [
+        "bf16 autocast: this CPU has native bf16 (--dtype float32 to turn off)",
+        "written-out attention: faster on CPUs (--flash true for the other)",
+        "Muon for the blocks' matrices, AdamW for the rest: --preset cpu"]),
+    (["--optimizer", "muon"], "cpu", "float32", [
+        "float32: no native bf16 on this CPU",
+        "written-out attention: faster on CPUs (--flash true for the other)",
+        "Muon for the blocks' matrices, AdamW for the rest: --optimizer muon"]),
+    ([], "cuda", "float16", [
+        "fp16 autocast: this GPU has no native bf16 (--dtype float32 to turn off)",
+        "SDPA attention: faster on GPUs (--flash false for the other)",
+        "AdamW (--optimizer muon: Muon, which learns more per step)"]),
+    (["--dtype", "bfloat16", "--flash", "true"], "cpu", "bfloat16", [
+        "bf16 autocast: --dtype bfloat16", "SDPA attention: --flash true",
+        "AdamW (--optimizer muon: Muon, which learns more per step)"]),
+    (["--reference"], "cpu", "float32",
+     ["--reference: float32, written-out attention and AdamW: the code on the page"]),
+])
+def test_the_first_lines_say_what_runs_and_why(flags, device, dtype, expected):
+    config, preset = parse_config(flags)
+    assert train.what_runs(config, Run(device, dtype), preset).splitlines() == expected
 
 
 @needs_muon
