@@ -175,7 +175,7 @@ def what_runs(config, run, preset):
     if config.optimizer == "muon":
         chosen_by = f"--preset {preset}" if PRESETS.get(preset, {}).get("optimizer") else \
             "--optimizer muon"
-        optimizer = f"Muon for the blocks' matrices, AdamW for the rest: {chosen_by}"
+        optimizer = f"Muon for the matrices in the blocks, AdamW for the rest: {chosen_by}"
     return f"{number}\n{attention}\n{optimizer}"
 
 

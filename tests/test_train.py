@@ -79,11 +79,11 @@ def test_weight_decay_only_on_matrices():
     (["--preset", "cpu"], "cpu", "bfloat16", [
         "bf16 autocast: this CPU has native bf16 (--dtype float32 to turn off)",
         "written-out attention: faster on CPUs (--flash true for the other)",
-        "Muon for the blocks' matrices, AdamW for the rest: --preset cpu"]),
+        "Muon for the matrices in the blocks, AdamW for the rest: --preset cpu"]),
     (["--optimizer", "muon"], "cpu", "float32", [
         "float32: no native bf16 on this CPU",
         "written-out attention: faster on CPUs (--flash true for the other)",
-        "Muon for the blocks' matrices, AdamW for the rest: --optimizer muon"]),
+        "Muon for the matrices in the blocks, AdamW for the rest: --optimizer muon"]),
     ([], "cuda", "float16", [
         "fp16 autocast: this GPU has no native bf16 (--dtype float32 to turn off)",
         "SDPA attention: faster on GPUs (--flash false for the other)",
