@@ -91,23 +91,22 @@ def look_inside(model, prompt_ids):
     """Run the prompt (T tokens) through the model once: (next-token probabilities (T, V),
     attention weights (n_layer, n_head, T, T)), both on the CPU.
 
-    The model is not changed to keep its attention: a hook catches what each attention layer
-    is given (the ln1 output and the positions), and the weights are recomputed from it with
-    the layer's own qkv projection and attention_weights. So SDPA (flash) models work too.
+    The model is not changed to keep its attention: on the written-out path (flash=False) the
+    softmax weights go through each layer's attn_dropout, and a hook catches them there.
     """
-    inputs = []  # (x (1, T, C), positions (T,)) of each attention layer, in order
-    hooks = [block.attn.register_forward_pre_hook(lambda attn, args: inputs.append(args[:2]))
-             for block in model.blocks]
+    caught = []  # each layer's attention weights (1, n_head, T, T), in order
+    hooks = [block.attn.attn_dropout.register_forward_pre_hook(
+        lambda dropout, args: caught.append(args[0])) for block in model.blocks]
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=model.tok_emb.weight.device)
     try:
         with torch.no_grad():
             logits, _ = model(idx)  # (1, T, V)
-            weights = [attn.attention_weights(*attn.split_heads(attn.qkv(x))[:2], positions)
-                       for attn, (x, positions) in zip((b.attn for b in model.blocks), inputs)]
     finally:
         for hook in hooks:
             hook.remove()
-    attention = torch.cat(weights).cpu()  # (L, nh, T, T): one sequence per layer
+    if len(caught) != len(model.blocks):
+        raise ValueError("no attention weights were caught: build the model with flash=False")
+    attention = torch.cat(caught).cpu()  # (L, nh, T, T)
     probs = F.softmax(logits[0].float(), dim=-1).cpu()  # each row sums to 1
     return probs, attention
 

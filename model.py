@@ -73,11 +73,20 @@ class CausalSelfAttention(nn.Module):
         # x: (B, T, C). positions: (T,), where x's tokens sit in the sequence: 0..T-1 in
         # training; they start later only when generating with a KV cache (layer_cache).
         B, T, C = x.shape
-        q, k, v = self.split_heads(self.qkv(x))  # (B, n_head, T, head_size) each
+        q, k, v = self.qkv(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_size): each head attends on its own slice of C.
+        q = q.view(B, T, self.n_head, -1).transpose(1, 2)
+        k = k.view(B, T, self.n_head, -1).transpose(1, 2)
+        v = v.view(B, T, self.n_head, -1).transpose(1, 2)
         if layer_cache is not None:  # generating: keys and values of earlier tokens (KVCache)
             k, v = layer_cache.remember(positions, k, v)  # (B, n_head, Tk, head_size)
         if not self.flash:
-            attn_weights = self.attention_weights(q, k, positions)  # (B, nh, T, Tk)
+            # Scale by 1/sqrt(head_size) so the dot products keep unit variance and the
+            # softmax does not saturate into a one-hot as head_size grows. (Scaling q (T, hs)
+            # rather than the scores (T, Tk) is the same maths on fewer numbers.)
+            scores = (q / math.sqrt(k.size(-1))) @ k.transpose(-2, -1)  # (B, nh, T, Tk)
+            scores = scores + self.mask_for(positions, k)  # future keys' scores become -inf
+            attn_weights = F.softmax(scores, dim=-1)  # row i: how much query i takes from each key
             y = self.attn_dropout(attn_weights) @ v  # (B, nh, T, head_size): a weighted mean
         else:
             # The same maths in one fused kernel (FlashAttention on GPUs), which never
@@ -87,22 +96,6 @@ class CausalSelfAttention(nn.Module):
                                                dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.proj(y))
-
-    def split_heads(self, qkv):
-        """The qkv projection's output (B, T, 3C) -> q, k, v, each (B, n_head, T, head_size):
-        each head attends on its own slice of C."""
-        B, T, _ = qkv.shape
-        return [t.view(B, T, self.n_head, -1).transpose(1, 2) for t in qkv.chunk(3, dim=2)]
-
-    def attention_weights(self, q, k, positions):
-        """softmax(q k^T / sqrt(head_size) + causal mask): (B, nh, T, Tk). Row i says how much
-        query i takes from each key; each row sums to 1, future keys get 0."""
-        # Scale by 1/sqrt(head_size) so the dot products keep unit variance and the softmax
-        # does not saturate into a one-hot as head_size grows. (Scaling q (T, hs) rather than
-        # the scores (T, Tk) is the same maths on fewer numbers.)
-        scores = (q / math.sqrt(k.size(-1))) @ k.transpose(-2, -1)  # (B, nh, T, Tk)
-        scores = scores + self.mask_for(positions, k)  # future keys' scores become -inf
-        return F.softmax(scores, dim=-1)
 
     def mask_for(self, positions, keys):
         """The causal mask's rows for the queries' positions, over every key there is: (T, Tk);
@@ -147,8 +140,7 @@ class GPTModel(nn.Module):
     def __init__(self, config):
         super().__init__()
         if config.n_embd % config.n_head != 0:
-            raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head "
-                             f"({config.n_head})")
+            raise ValueError(f"n_embd {config.n_embd} must be divisible by n_head {config.n_head}")
         self.config = config
         self.block_size = config.block_size
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
@@ -332,44 +324,37 @@ def describe(model, batch_size=64):
         logits, _ = model(idx)
     for hook in hooks:
         hook.remove()
+    shapes[""] = tuple(logits.shape)
+    shapes["causal_mask (buffer)"] = tuple(model.blocks[0].attn.causal_mask.shape)
+    n_embd, n_layer = model.config.n_embd, model.config.n_layer
+    boxes = [  # (box of the tree, the module it is, the module whose output it shows)
+        ("GPTModel", "", ""),
+        ("├── Token Embedding (vocab_size → n_embd)", "tok_emb", "tok_emb"),
+        ("├── Position Embedding (block_size → n_embd)", "pos_emb", "pos_emb"),
+        (f"├── Transformer Blocks (× {n_layer})", "blocks", f"blocks.{n_layer - 1}"),
+        ("│   ├── LayerNorm", "blocks.0.ln1", "blocks.0.ln1"),
+        ("│   ├── Multi-Head Self-Attention", "blocks.0.attn", "blocks.0.attn"),
+        ("│   │   ├── Q, K, V Projections", "blocks.0.attn.qkv", "blocks.0.attn.qkv"),
+        ("│   │   ├── Causal Masking (torch.tril)", "causal_mask (buffer)", "causal_mask (buffer)"),
+        ("│   │   └── Output Projection", "blocks.0.attn.proj", "blocks.0.attn.proj"),
+        ("│   ├── Residual Connection", "x + attn(ln1(x))", "blocks.0.attn"),
+        ("│   ├── LayerNorm", "blocks.0.ln2", "blocks.0.ln2"),
+        (f"│   ├── Feed-Forward Network ({n_embd} → {4 * n_embd} → {n_embd})", "blocks.0.ffn",
+         "blocks.0.ffn"),
+        ("│   └── Residual Connection", "x + ffn(ln2(x))", "blocks.0"),
+        ("├── Final LayerNorm", "ln_f", "ln_f"),
+        ("└── Language Model Head (n_embd → vocab_size)", "lm_head", "lm_head")]
+    modules = dict(model.named_modules())
 
-    def count(module):
-        return sum(p.numel() for p in module.parameters())
+    def count(name):  # 0 for the boxes that are no module: the mask, the residual additions
+        return sum(p.numel() for p in modules[name].parameters()) if name in modules else 0
 
-    def row(tree, module_name, params, shape):
-        return f"{tree:<54} {module_name:<22} {params:>12,}  {str(shape)}"
-
-    block, attn = model.blocks[0], model.blocks[0].attn
-    top_level_total = sum(count(m) for m in (model.tok_emb, model.pos_emb, model.blocks,
-                                              model.ln_f, model.lm_head))
-    n_embd, n_layer = model.tok_emb.weight.shape[1], len(model.blocks)
-    lines = [f"{'box':<54} {'module':<22} {'parameters':>12}  output shape",
-             row("GPTModel", "", model.num_params(), tuple(logits.shape)),
-             row("├── Token Embedding (vocab_size → n_embd)", "tok_emb", count(model.tok_emb),
-                 shapes["tok_emb"]),
-             row("├── Position Embedding (block_size → n_embd)", "pos_emb", count(model.pos_emb),
-                 shapes["pos_emb"]),
-             row(f"├── Transformer Blocks (× {n_layer})", "blocks", count(model.blocks),
-                 shapes[f"blocks.{n_layer - 1}"]),
-             row("│   ├── LayerNorm", "blocks.0.ln1", count(block.ln1), shapes["blocks.0.ln1"]),
-             row("│   ├── Multi-Head Self-Attention", "blocks.0.attn", count(attn),
-                 shapes["blocks.0.attn"]),
-             row("│   │   ├── Q, K, V Projections", "blocks.0.attn.qkv", count(attn.qkv),
-                 shapes["blocks.0.attn.qkv"]),
-             row("│   │   ├── Causal Masking (torch.tril)", "causal_mask (buffer)", 0,
-                 tuple(attn.causal_mask.shape)),
-             row("│   │   └── Output Projection", "blocks.0.attn.proj", count(attn.proj),
-                 shapes["blocks.0.attn.proj"]),
-             row("│   ├── Residual Connection", "x + attn(ln1(x))", 0, shapes["blocks.0.attn"]),
-             row("│   ├── LayerNorm", "blocks.0.ln2", count(block.ln2), shapes["blocks.0.ln2"]),
-             row(f"│   ├── Feed-Forward Network ({n_embd} → {4 * n_embd} → {n_embd})",
-                 "blocks.0.ffn", count(block.ffn), shapes["blocks.0.ffn"]),
-             row("│   └── Residual Connection", "x + ffn(ln2(x))", 0, shapes["blocks.0"]),
-             row("├── Final LayerNorm", "ln_f", count(model.ln_f), shapes["ln_f"]),
-             row("└── Language Model Head (n_embd → vocab_size)", "lm_head", count(model.lm_head),
-                 shapes["lm_head"]),
-             f"total of the five top-level boxes: {top_level_total:,} parameters "
-             f"(each of the {n_layer} blocks: {count(block):,})"]
+    lines = [f"{'box':<54} {'module':<22} {'parameters':>12}  output shape"]
+    lines += [f"{box:<54} {name:<22} {count(name):>12,}  {str(shapes[shown])}"
+              for box, name, shown in boxes]
+    top_level = sum(count(name) for name in ("tok_emb", "pos_emb", "blocks", "ln_f", "lm_head"))
+    lines.append(f"total of the five top-level boxes: {top_level:,} parameters "
+                 f"(each of the {n_layer} blocks: {count('blocks.0'):,})")
     return lines
 
 

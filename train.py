@@ -167,10 +167,8 @@ def what_runs(config, run, preset):
         number += f": this {chip} {has} native bf16 (--dtype float32 to turn off)"
     flash = use_flash(config.flash, run.device)
     attention = "SDPA attention" if flash else "written-out attention"
-    if config.flash != "auto":
-        attention += f": --flash {config.flash}"
-    else:
-        attention += f": faster on {chip}s (--flash {str(not flash).lower()} for the other)"
+    attention += (f": --flash {config.flash}" if config.flash != "auto" else
+                  f": faster on {chip}s (--flash {str(not flash).lower()} for the other)")
     optimizer = "AdamW (--optimizer muon: Muon, which learns more per step)"
     if config.optimizer == "muon":
         chosen_by = f"--preset {preset}" if PRESETS.get(preset, {}).get("optimizer") else \
