@@ -28,7 +28,7 @@ that train.py and generate.py may switch on (speedups.py) are not needed to read
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -225,9 +225,7 @@ class GPTModel(nn.Module):
     def new_cache(self, batch_size):
         """An empty KVCache on the model's device, for batch_size sequences."""
         weight = self.tok_emb.weight  # (V, C): tells the device and dtype
-        head_size = self.config.n_embd // self.config.n_head
-        return KVCache(len(self.blocks), batch_size, self.config.n_head, self.block_size,
-                       head_size, weight.device, weight.dtype)
+        return KVCache(self.config, batch_size, weight.device, weight.dtype)
 
 
 def _init_weights(module):
@@ -278,8 +276,9 @@ class KVCache:
     (speedups.compile_decode, and a CUDA graph on GPUs).
     """
 
-    def __init__(self, n_layer, batch_size, n_head, block_size, head_size, device, dtype):
-        shape = (n_layer, batch_size, n_head, block_size, head_size)
+    def __init__(self, config, batch_size, device, dtype):
+        head_size = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, head_size)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # how many positions are filled
@@ -361,12 +360,10 @@ def describe(model, batch_size=64):
 if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description="Print the architecture tree with parameter "
-                                     "counts and output shapes.")
-    parser.add_argument("--vocab_size", type=int, default=65, help="65: Tiny Shakespeare's")
-    for name, default in (("n_embd", 384), ("n_layer", 6), ("n_head", 6), ("block_size", 256),
-                          ("batch_size", 64)):
-        parser.add_argument(f"--{name}", type=int, default=default)
-    args = parser.parse_args()
-    tree_model = GPTModel(GPTConfig(args.vocab_size, args.n_embd, args.n_layer, args.n_head,
-                                    args.block_size, dropout=0.0)).eval()
-    print("\n".join(describe(tree_model, args.batch_size)))
+                                     "counts and output shapes (vocab_size 65: Tiny Shakespeare's).")
+    shape = GPTConfig(vocab_size=65, dropout=0.0)  # the default model
+    for name in ("vocab_size", "n_embd", "n_layer", "n_head", "block_size", "batch_size"):
+        parser.add_argument(f"--{name}", type=int, default=getattr(shape, name, 64))  # batch: 64
+    args = vars(parser.parse_args())
+    batch_size = args.pop("batch_size")
+    print("\n".join(describe(GPTModel(replace(shape, **args)).eval(), batch_size)))

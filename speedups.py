@@ -3,17 +3,11 @@ int8 weights and Muon, changing it a little, measurably). model.py, train.py and
 are the whole GPT without them, and `--reference` runs them with every speed-up switched off.
 Skip this file on a first read, but for its Muon section: the CPU presets train with Muon.
 
-Each trick below says why it pays; what it gained, and the command that measures it, is in
-docs/results.md (CPU) and docs/gpu.md (GPU):
-
-    keep_freed_memory     CPU training: no page faults for big activations
-    use_fast_cpu_dropout  CPU training: a quarter of the random numbers
-    MuonAdamW             Muon for the blocks' matrices: fewer steps to the same loss
-    quantize_int8         CPU sampling: int8 weights, a quarter of the bytes
-    compile_decode        GPU sampling: one compiled step, a CUDA graph
-
-Mixed precision (bf16 autocast), SDPA attention and torch.compile of training are plain
-PyTorch switches and are set in train.py.
+In order: keep_freed_memory and FastCPUDropout (CPU training), MuonAdamW (fewer steps to the
+same loss), quantize_int8 (CPU sampling), compile_decode (GPU sampling). Each says why it pays;
+docs/results.md (CPU) and docs/gpu.md (GPU) have what it gained and the command that measures
+it. Mixed precision, SDPA attention and torch.compile of training are PyTorch switches, set in
+train.py.
 """
 
 import ctypes

@@ -156,22 +156,20 @@ def what_runs(config, run, preset):
     each with why (the flag that chose it, or the default's reason) and how to change it."""
     if config.reference:
         return "--reference: float32, written-out attention and AdamW: the code on the page"
-    chip = "CPU" if run.device == "cpu" else "GPU"
+    chip, flash = ("CPU" if run.device == "cpu" else "GPU"), use_flash(config.flash, run.device)
     number = dict(float32="float32", bfloat16="bf16 autocast", float16="fp16 autocast")[run.dtype]
     if config.dtype != "auto":
         number += f": --dtype {config.dtype}"
-    elif run.dtype == "float32":
-        number += f": no native bf16 on this {chip}"
-    else:  # utils.pick_dtype: bf16 where the chip has it, else fp16 with loss scaling
+    else:  # utils.pick_dtype: bf16 where the chip has it, else fp16 on GPUs, float32 on CPUs
         has = "has" if run.dtype == "bfloat16" else "has no"
-        number += f": this {chip} {has} native bf16 (--dtype float32 to turn off)"
-    flash = use_flash(config.flash, run.device)
-    attention = "SDPA attention" if flash else "written-out attention"
-    attention += (f": --flash {config.flash}" if config.flash != "auto" else
-                  f": faster on {chip}s (--flash {str(not flash).lower()} for the other)")
+        number += f": this {chip} {has} native bf16" + (
+            "" if run.dtype == "float32" else " (--dtype float32 to turn off)")
+    attention = ("SDPA" if flash else "written-out") + " attention: " + (
+        f"--flash {config.flash}" if config.flash != "auto" else
+        f"faster on {chip}s (--flash {str(not flash).lower()} for the other)")
     optimizer = "AdamW (--optimizer muon: Muon, which learns more per step)"
     if config.optimizer == "muon":
-        chosen_by = f"--preset {preset}" if PRESETS.get(preset, {}).get("optimizer") else \
+        chosen_by = f"--preset {preset}" if "optimizer" in PRESETS.get(preset, {}) else \
             "--optimizer muon"
         optimizer = f"Muon for the matrices in the blocks, AdamW for the rest: {chosen_by}"
     return f"{number}\n{attention}\n{optimizer}"

@@ -81,7 +81,7 @@ def test_weight_decay_only_on_matrices():
         "written-out attention: faster on CPUs (--flash true for the other)",
         "Muon for the matrices in the blocks, AdamW for the rest: --preset cpu"]),
     (["--optimizer", "muon"], "cpu", "float32", [
-        "float32: no native bf16 on this CPU",
+        "float32: this CPU has no native bf16",
         "written-out attention: faster on CPUs (--flash true for the other)",
         "Muon for the matrices in the blocks, AdamW for the rest: --optimizer muon"]),
     ([], "cuda", "float16", [
