@@ -1,5 +1,6 @@
-"""The GPT model: a decoder-only Transformer. The pieces come first (attention, feed-forward,
-block), then GPTModel, which puts them together in the order data flows through the tree:
+"""The GPT model: a decoder-only Transformer. Its shape (GPTConfig) comes first, then the
+pieces built from it (attention, feed-forward, block), then GPTModel, which puts them together
+in the order data flows through the tree:
 
     GPTModel                                           in this file
     ├── Token Embedding (vocab_size → n_embd)          GPTModel.tok_emb
