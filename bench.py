@@ -42,7 +42,7 @@ import dataset
 import train
 from config import PRESETS, ArgumentParser, parse_config
 from generate import for_sampling, stream_text
-from model import GPTModel
+from model import GPTConfig, GPTModel
 from speedups import compile_decode
 from utils import (
     DEFAULT_DATA,
@@ -108,7 +108,7 @@ def generate_speed(device, use_cache, n_tokens, dtype, compile_setting, model_ar
     cached run compiles its decode step as generate.py does (--compile). model_args: another
     shape than the default model's."""
     dtype = pick_dtype(dtype, device)
-    model = for_sampling(GPTModel(VOCAB_SIZE, **(model_args or {})), device, dtype)
+    model = for_sampling(GPTModel(GPTConfig(VOCAB_SIZE, **(model_args or {}))), device, dtype)
     if use_cache:
         compile_decode(model, device, compile_setting)
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
@@ -367,7 +367,7 @@ def print_table(rows):
 
 
 # ---------------------------------------------------------------------------------------------
-# python bench.py report: every figure of the GPU table (docs/gpu.md) in one run, ~8 minutes
+# python bench.py report: every figure of the GPU table (docs/gpu.md) in one run, minutes
 # on an H100. --quick runs each row on a tiny model, so that a test can run the whole command.
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

@@ -69,11 +69,10 @@ class Config:
 REFERENCE = dict(dtype="float32", flash="false", compile="false", optimizer="adamw")
 
 PRESETS = {
-    # A small model for a 2-core laptop CPU: val loss ~1.85 in 24-30 s (docs/results.md).
+    # A small model for about 30 s on a 2-core laptop CPU (docs/results.md has the runs).
     # Fewer, wider layers, a short context and a high learning rate learn the most per second
-    # here (block 32 beat block 64 at the same tokens per step), and Muon reached val 1.85 in
-    # 200 steps where AdamW needed 450 for 1.87. It evaluates only at the start and the end:
-    # each evaluation costs ~2 s.
+    # here (block 32 beat block 64 at the same tokens per step), and Muon needs fewer than half
+    # of AdamW's steps. It evaluates only at the start and the end: evaluating is not free.
     "cpu": dict(n_embd=192, n_layer=3, n_head=6, block_size=32, dropout=0.0, batch_size=64,
                 optimizer="muon", learning_rate=4e-3, muon_lr=0.05, warmup_iters=25,
                 max_iters=200, eval_interval=200, sample_tokens=300),
@@ -97,8 +96,8 @@ PRESETS = {
     # For one modern GPU: the default model (same shape, 10,788,929 parameters) aimed at the
     # least time to val loss 1.47: a higher learning rate and less dropout over fewer steps,
     # and no torch.compile, whose start-up (tens of seconds) is about all that so short a run
-    # could save. On an H200 it reached val 1.4894 at step 1250 (31 s), then overfit: not yet
-    # tuned on a GPU (docs/gpu.md, FUTURE_WORK.md).
+    # could save. On an H200 it overfits just short of 1.47: not yet tuned on a GPU (docs/gpu.md
+    # has the run, FUTURE_WORK.md).
     "fast": dict(learning_rate=2e-3, min_lr=2e-4, warmup_iters=200, max_iters=2500,
                  eval_interval=250, dropout=0.1, compile="false"),
 }

@@ -95,20 +95,22 @@ def look_inside(model, prompt_ids):
     """Run the prompt (T tokens) through the model once: (next-token probabilities (T, V),
     attention weights (n_layer, n_head, T, T)), both on the CPU.
 
-    The attention blocks keep their softmax weights only while keep_attn_weights is set (and
-    only on the written-out path, flash=False); training and generation never pay for it.
+    The model is not changed to keep its attention: on the written-out path (flash=False) the
+    softmax weights go through each layer's attn_dropout, and a hook catches them there.
     """
-    blocks = [block.attn for block in model.blocks]
-    for attn in blocks:
-        attn.keep_attn_weights = True
+    caught = []  # each layer's attention weights (1, n_head, T, T), in order
+    hooks = [block.attn.attn_dropout.register_forward_pre_hook(
+        lambda dropout, args: caught.append(args[0])) for block in model.blocks]
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=model.tok_emb.weight.device)
-    with torch.no_grad():
-        logits, _ = model(idx)  # (1, T, V)
-    if any(attn.attn_weights is None for attn in blocks):
-        raise ValueError("no attention weights were kept: build the model with flash=False")
-    attention = torch.stack([attn.attn_weights[0] for attn in blocks]).cpu()  # (L, nh, T, T)
-    for attn in blocks:
-        attn.keep_attn_weights, attn.attn_weights = False, None
+    try:
+        with torch.no_grad():
+            logits, _ = model(idx)  # (1, T, V)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if len(caught) != len(model.blocks):
+        raise ValueError("no attention weights were caught: build the model with flash=False")
+    attention = torch.cat(caught).cpu()  # (L, nh, T, T)
     probs = F.softmax(logits[0].float(), dim=-1).cpu()  # each row sums to 1
     return probs, attention
 

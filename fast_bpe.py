@@ -1,9 +1,9 @@
 """BPE at scale: the merges and the tokens of utils.BPETokenizer, the readable reference,
 but faster, for dataset.py. tests/test_dataset.py checks that both are the reference's.
 
-- train() learns the same merges as BPETokenizer.train, faster on a big sample (7.5x on 1M
-  characters of many distinct words, 4,096 tokens: 8 s instead of 60): the reference finds each
-  merge with max() over every pair it counts, three quarters of its time; this keeps a heap.
+- train() learns the same merges as BPETokenizer.train, faster on a big sample (docs/data.md):
+  the reference finds each merge with max() over every pair it counts, most of its time; this
+  keeps a heap.
 - encode_pieces() encodes a text in pieces on every core, each worker with the reference's
   encode() and its chunk cache. Pieces are cut where no BPE chunk can span (word_end_pieces),
   so the tokens are those of encoding the whole text at once.
@@ -25,7 +25,7 @@ from utils import BPETokenizer, UsageError, merge_pair
 
 PIECE_CHARS = 1 << 20  # characters per piece a worker encodes
 # A worker's chunk -> ids cache is emptied past this many entries (~170 bytes each, so ~350 MB):
-# on a 1 GB text, 500,000 made a worker re-encode its frequent words every ~20 MB, 2x slower.
+# fewer made a worker re-encode its frequent words again and again (docs/results.md).
 CACHE_ENTRIES = 2_000_000
 WORD_END = re.compile(r"\S(?=\s)")  # a character that is not whitespace, with whitespace next
 

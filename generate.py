@@ -26,7 +26,7 @@ if __name__ == "__main__":
 import torch
 
 from config import ArgumentParser
-from model import GPTModel
+from model import GPTConfig, GPTModel
 from speedups import compile_decode, quantize_int8
 from utils import (
     UsageError,
@@ -107,7 +107,7 @@ def load_model(path, device, dtype="float32", flash=True, weights="best"):
     checkpoint = load_checkpoint(path, device)
     state_dict, which = chosen_weights(checkpoint, weights)
     # flash picks the attention path (SDPA or written out), whatever the model trained with.
-    model = GPTModel(**{**checkpoint["model_args"], "flash": flash})
+    model = GPTModel(GPTConfig(**{**checkpoint["model_args"], "flash": flash}))
     try:
         model.load_state_dict(state_dict)
     except RuntimeError:

@@ -1,5 +1,6 @@
-"""The GPT model: a decoder-only Transformer. The pieces come first (attention, feed-forward,
-block), then GPTModel, which puts them together in the order data flows through the tree:
+"""The GPT model: a decoder-only Transformer. Its shape (GPTConfig) comes first, then the
+pieces built from it (attention, feed-forward, block), then GPTModel, which puts them together
+in the order data flows through the tree:
 
     GPTModel                                           in this file
     ├── Token Embedding (vocab_size → n_embd)          GPTModel.tok_emb
@@ -28,34 +29,46 @@ that train.py and generate.py may switch on (speedups.py) are not needed to read
 """
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
+@dataclass
+class GPTConfig:
+    """The model's shape: everything GPTModel is built from. Checkpoints store it as a plain
+    dict (dataclasses.asdict) under "model_args", from which generate.py rebuilds the model."""
+    vocab_size: int  # V: tokens the model knows (65 characters for Tiny Shakespeare)
+    n_embd: int = 384  # C: the width of the residual stream
+    n_layer: int = 6  # Transformer blocks
+    n_head: int = 6  # attention heads per block, each on n_embd // n_head of the width
+    block_size: int = 256  # the longest context, in tokens
+    dropout: float = 0.2  # while training; eval() turns it off
+    flash: bool = True  # attention through F.scaled_dot_product_attention (same maths, fused)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention in which position t sees only positions 0..t."""
 
-    def __init__(self, n_embd, n_head, block_size, dropout, flash):
+    def __init__(self, config):
         super().__init__()
-        self.n_head = n_head
-        self.flash = flash  # F.scaled_dot_product_attention instead of the written-out maths
-        self.dropout = dropout
+        self.n_head = config.n_head
+        self.flash = config.flash  # SDPA instead of the written-out maths
+        self.dropout = config.dropout
         # Q, K, V projections as one matmul: a (C, 3C) weight instead of three (C, C) ones.
-        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
-        self.proj = nn.Linear(n_embd, n_embd)
-        self.attn_dropout = nn.Dropout(dropout)
-        self.resid_dropout = nn.Dropout(dropout)
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
         # causal_mask[i, j] is added to the score of query position i for key position j: 0
         # where i may look at j (j <= i, the lower triangle), -inf where it may not, so that
         # the softmax gives every future key the weight exp(-inf) = 0.
-        may_look = torch.tril(torch.ones(block_size, block_size, dtype=torch.bool))
-        causal_mask = torch.zeros(block_size, block_size).masked_fill(~may_look, float("-inf"))
+        T = config.block_size
+        may_look = torch.tril(torch.ones(T, T, dtype=torch.bool))
+        causal_mask = torch.zeros(T, T).masked_fill(~may_look, float("-inf"))
         self.register_buffer("causal_mask", causal_mask, persistent=False)
-        # explore.py sets keep_attn_weights to look at the attention (written-out path only).
-        self.keep_attn_weights = False
-        self.attn_weights = None
 
     def forward(self, x, positions, layer_cache=None):
         # x: (B, T, C). positions: (T,), where x's tokens sit in the sequence: 0..T-1 in
@@ -68,27 +81,20 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, -1).transpose(1, 2)
         if layer_cache is not None:  # generating: keys and values of earlier tokens (KVCache)
             k, v = layer_cache.remember(positions, k, v)  # (B, n_head, Tk, head_size)
-
-        dropout_p = self.dropout if self.training else 0.0
-        if self.flash and layer_cache is None:
-            # Fused kernel (FlashAttention on GPUs): the same maths, without materialising the
-            # (T, T) weights; is_causal applies the causal mask without a tensor for it.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        elif self.flash:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask_for(positions, k),
-                                               dropout_p=dropout_p)
-        else:
+        if not self.flash:
             # Scale by 1/sqrt(head_size) so the dot products keep unit variance and the
             # softmax does not saturate into a one-hot as head_size grows. (Scaling q (T, hs)
             # rather than the scores (T, Tk) is the same maths on fewer numbers.)
             scores = (q / math.sqrt(k.size(-1))) @ k.transpose(-2, -1)  # (B, nh, T, Tk)
             scores = scores + self.mask_for(positions, k)  # future keys' scores become -inf
-            attn_weights = F.softmax(scores, dim=-1)  # each row sums to 1
-            if self.keep_attn_weights:
-                self.attn_weights = attn_weights.detach()
-            attn_weights = self.attn_dropout(attn_weights)
-            y = attn_weights @ v  # (B, nh, T, head_size): a weighted mean of the values
-
+            attn_weights = F.softmax(scores, dim=-1)  # row i: how much query i takes from each key
+            y = self.attn_dropout(attn_weights) @ v  # (B, nh, T, head_size): a weighted mean
+        else:
+            # The same maths in one fused kernel (FlashAttention on GPUs), which never
+            # materialises the (T, Tk) weights; in training is_causal stands in for the mask.
+            mask = self.mask_for(positions, k) if layer_cache is not None else None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.proj(y))
 
@@ -101,11 +107,11 @@ class CausalSelfAttention(nn.Module):
 class FeedForward(nn.Module):
     """Position-wise MLP: n_embd -> 4*n_embd -> n_embd, applied to each token on its own."""
 
-    def __init__(self, n_embd, dropout):
+    def __init__(self, config):
         super().__init__()
-        self.up = nn.Linear(n_embd, 4 * n_embd)
-        self.down = nn.Linear(4 * n_embd, n_embd)
-        self.dropout = nn.Dropout(dropout)
+        self.up = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.down = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         return self.dropout(self.down(F.gelu(self.up(x))))
@@ -114,12 +120,12 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """One Transformer block, Pre-LN: normalise *before* each sub-layer, add its output back."""
 
-    def __init__(self, n_embd, n_head, block_size, dropout, flash):
+    def __init__(self, config):
         super().__init__()
-        self.ln1 = nn.LayerNorm(n_embd)
-        self.attn = CausalSelfAttention(n_embd, n_head, block_size, dropout, flash)
-        self.ln2 = nn.LayerNorm(n_embd)
-        self.ffn = FeedForward(n_embd, dropout)
+        self.ln1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln2 = nn.LayerNorm(config.n_embd)
+        self.ffn = FeedForward(config)
 
     def forward(self, x, positions, layer_cache=None):
         # The residual stream x passes through untouched; each sub-layer only adds to it,
@@ -132,26 +138,24 @@ class Block(nn.Module):
 class GPTModel(nn.Module):
     """Token ids in, next-token logits out: the tree in this file's docstring, top to bottom."""
 
-    def __init__(self, vocab_size, n_embd=384, n_layer=6, n_head=6, block_size=256,
-                 dropout=0.2, flash=True):
+    def __init__(self, config):
         super().__init__()
-        if n_embd % n_head != 0:
-            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
-        self.block_size = block_size
-        self.n_head = n_head
-        self.tok_emb = nn.Embedding(vocab_size, n_embd)
-        self.pos_emb = nn.Embedding(block_size, n_embd)
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            [Block(n_embd, n_head, block_size, dropout, flash) for _ in range(n_layer)])
-        self.ln_f = nn.LayerNorm(n_embd)
-        self.lm_head = nn.Linear(n_embd, vocab_size)
+        if config.n_embd % config.n_head != 0:
+            raise ValueError(f"n_embd {config.n_embd} must be divisible by n_head {config.n_head}")
+        self.config = config
+        self.block_size = config.block_size
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
         self.apply(_init_weights)
         # GPT-2: scale the layers that write into the residual stream by 1/sqrt(2 * n_layer),
         # so the stream's variance does not grow with depth (two such writes per block).
         for name, param in self.named_parameters():
             if name.endswith(("attn.proj.weight", "ffn.down.weight")):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -221,10 +225,8 @@ class GPTModel(nn.Module):
 
     def new_cache(self, batch_size):
         """An empty KVCache on the model's device, for batch_size sequences."""
-        weight = self.tok_emb.weight  # (V, C): tells the width, device and dtype
-        head_size = weight.size(1) // self.n_head
-        return KVCache(len(self.blocks), batch_size, self.n_head, self.block_size, head_size,
-                       weight.device, weight.dtype)
+        weight = self.tok_emb.weight  # (V, C): tells the device and dtype
+        return KVCache(self.config, batch_size, weight.device, weight.dtype)
 
 
 def _init_weights(module):
@@ -275,8 +277,9 @@ class KVCache:
     (speedups.compile_decode, and a CUDA graph on GPUs).
     """
 
-    def __init__(self, n_layer, batch_size, n_head, block_size, head_size, device, dtype):
-        shape = (n_layer, batch_size, n_head, block_size, head_size)
+    def __init__(self, config, batch_size, device, dtype):
+        head_size = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, head_size)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # how many positions are filled
@@ -321,56 +324,47 @@ def describe(model, batch_size=64):
         logits, _ = model(idx)
     for hook in hooks:
         hook.remove()
+    shapes[""] = tuple(logits.shape)
+    shapes["causal_mask (buffer)"] = tuple(model.blocks[0].attn.causal_mask.shape)
+    n_embd, n_layer = model.config.n_embd, model.config.n_layer
+    boxes = [  # (box of the tree, the module it is, the module whose output it shows)
+        ("GPTModel", "", ""),
+        ("├── Token Embedding (vocab_size → n_embd)", "tok_emb", "tok_emb"),
+        ("├── Position Embedding (block_size → n_embd)", "pos_emb", "pos_emb"),
+        (f"├── Transformer Blocks (× {n_layer})", "blocks", f"blocks.{n_layer - 1}"),
+        ("│   ├── LayerNorm", "blocks.0.ln1", "blocks.0.ln1"),
+        ("│   ├── Multi-Head Self-Attention", "blocks.0.attn", "blocks.0.attn"),
+        ("│   │   ├── Q, K, V Projections", "blocks.0.attn.qkv", "blocks.0.attn.qkv"),
+        ("│   │   ├── Causal Masking (torch.tril)", "causal_mask (buffer)", "causal_mask (buffer)"),
+        ("│   │   └── Output Projection", "blocks.0.attn.proj", "blocks.0.attn.proj"),
+        ("│   ├── Residual Connection", "x + attn(ln1(x))", "blocks.0.attn"),
+        ("│   ├── LayerNorm", "blocks.0.ln2", "blocks.0.ln2"),
+        (f"│   ├── Feed-Forward Network ({n_embd} → {4 * n_embd} → {n_embd})", "blocks.0.ffn",
+         "blocks.0.ffn"),
+        ("│   └── Residual Connection", "x + ffn(ln2(x))", "blocks.0"),
+        ("├── Final LayerNorm", "ln_f", "ln_f"),
+        ("└── Language Model Head (n_embd → vocab_size)", "lm_head", "lm_head")]
+    modules = dict(model.named_modules())
 
-    def count(module):
-        return sum(p.numel() for p in module.parameters())
+    def count(name):  # 0 for the boxes that are no module: the mask, the residual additions
+        return sum(p.numel() for p in modules[name].parameters()) if name in modules else 0
 
-    def row(tree, module_name, params, shape):
-        return f"{tree:<54} {module_name:<22} {params:>12,}  {str(shape)}"
-
-    block, attn = model.blocks[0], model.blocks[0].attn
-    top_level_total = sum(count(m) for m in (model.tok_emb, model.pos_emb, model.blocks,
-                                              model.ln_f, model.lm_head))
-    n_embd, n_layer = model.tok_emb.weight.shape[1], len(model.blocks)
-    lines = [f"{'box':<54} {'module':<22} {'parameters':>12}  output shape",
-             row("GPTModel", "", model.num_params(), tuple(logits.shape)),
-             row("├── Token Embedding (vocab_size → n_embd)", "tok_emb", count(model.tok_emb),
-                 shapes["tok_emb"]),
-             row("├── Position Embedding (block_size → n_embd)", "pos_emb", count(model.pos_emb),
-                 shapes["pos_emb"]),
-             row(f"├── Transformer Blocks (× {n_layer})", "blocks", count(model.blocks),
-                 shapes[f"blocks.{n_layer - 1}"]),
-             row("│   ├── LayerNorm", "blocks.0.ln1", count(block.ln1), shapes["blocks.0.ln1"]),
-             row("│   ├── Multi-Head Self-Attention", "blocks.0.attn", count(attn),
-                 shapes["blocks.0.attn"]),
-             row("│   │   ├── Q, K, V Projections", "blocks.0.attn.qkv", count(attn.qkv),
-                 shapes["blocks.0.attn.qkv"]),
-             row("│   │   ├── Causal Masking (torch.tril)", "causal_mask (buffer)", 0,
-                 tuple(attn.causal_mask.shape)),
-             row("│   │   └── Output Projection", "blocks.0.attn.proj", count(attn.proj),
-                 shapes["blocks.0.attn.proj"]),
-             row("│   ├── Residual Connection", "x + attn(ln1(x))", 0, shapes["blocks.0.attn"]),
-             row("│   ├── LayerNorm", "blocks.0.ln2", count(block.ln2), shapes["blocks.0.ln2"]),
-             row(f"│   ├── Feed-Forward Network ({n_embd} → {4 * n_embd} → {n_embd})",
-                 "blocks.0.ffn", count(block.ffn), shapes["blocks.0.ffn"]),
-             row("│   └── Residual Connection", "x + ffn(ln2(x))", 0, shapes["blocks.0"]),
-             row("├── Final LayerNorm", "ln_f", count(model.ln_f), shapes["ln_f"]),
-             row("└── Language Model Head (n_embd → vocab_size)", "lm_head", count(model.lm_head),
-                 shapes["lm_head"]),
-             f"total of the five top-level boxes: {top_level_total:,} parameters "
-             f"(each of the {n_layer} blocks: {count(block):,})"]
+    lines = [f"{'box':<54} {'module':<22} {'parameters':>12}  output shape"]
+    lines += [f"{box:<54} {name:<22} {count(name):>12,}  {str(shapes[shown])}"
+              for box, name, shown in boxes]
+    top_level = sum(count(name) for name in ("tok_emb", "pos_emb", "blocks", "ln_f", "lm_head"))
+    lines.append(f"total of the five top-level boxes: {top_level:,} parameters "
+                 f"(each of the {n_layer} blocks: {count('blocks.0'):,})")
     return lines
 
 
 if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description="Print the architecture tree with parameter "
-                                     "counts and output shapes.")
-    parser.add_argument("--vocab_size", type=int, default=65, help="65: Tiny Shakespeare's")
-    for name, default in (("n_embd", 384), ("n_layer", 6), ("n_head", 6), ("block_size", 256),
-                          ("batch_size", 64)):
-        parser.add_argument(f"--{name}", type=int, default=default)
-    args = parser.parse_args()
-    tree_model = GPTModel(args.vocab_size, args.n_embd, args.n_layer, args.n_head,
-                          args.block_size, dropout=0.0).eval()
-    print("\n".join(describe(tree_model, args.batch_size)))
+                                     "counts and output shapes (vocab_size 65: Tiny Shakespeare's).")
+    shape = GPTConfig(vocab_size=65, dropout=0.0)  # the default model
+    for name in ("vocab_size", "n_embd", "n_layer", "n_head", "block_size", "batch_size"):
+        parser.add_argument(f"--{name}", type=int, default=getattr(shape, name, 64))  # batch: 64
+    args = vars(parser.parse_args())
+    batch_size = args.pop("batch_size")
+    print("\n".join(describe(GPTModel(replace(shape, **args)).eval(), batch_size)))

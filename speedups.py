@@ -1,19 +1,13 @@
 """The speed-ups: tricks that make Mini-GPT faster without changing what it computes (or, for
-int8 weights and Muon, changing it a little, measurably). Skip this file on a first read:
-model.py, train.py and generate.py are the whole GPT without it, and `--reference` runs them
-with every speed-up here switched off.
+int8 weights and Muon, changing it a little, measurably). model.py, train.py and generate.py
+are the whole GPT without them, and `--reference` runs them with every speed-up switched off.
+Skip this file on a first read, but for its Muon section: the CPU presets train with Muon.
 
-Each trick below says why it pays and what it gained where it was measured (the development
-machine: a 2-core AMD EPYC VM with AVX512-BF16, no GPU; docs/results.md has the commands):
-
-    keep_freed_memory     CPU training: no page faults for big activations     ~20% per step
-    use_fast_cpu_dropout  CPU training: a quarter of the random numbers        ~2x per mask
-    MuonAdamW             Muon for the blocks' matrices: fewer steps           200 vs 450 steps
-    quantize_int8         CPU sampling: int8 weights, a quarter of the bytes   ~2x tokens/s
-    compile_decode        GPU sampling: one compiled step, a CUDA graph        737 vs 314 tok/s (H200)
-
-Mixed precision (bf16 autocast), SDPA attention and torch.compile of training are plain
-PyTorch switches and are set in train.py.
+In order: keep_freed_memory and FastCPUDropout (CPU training), MuonAdamW (fewer steps to the
+same loss), quantize_int8 (CPU sampling), compile_decode (GPU sampling). Each says why it pays;
+docs/results.md (CPU) and docs/gpu.md (GPU) have what it gained and the command that measures
+it. Mixed precision, SDPA attention and torch.compile of training are PyTorch switches, set in
+train.py.
 """
 
 import ctypes
@@ -35,9 +29,9 @@ def keep_freed_memory():
     Why: glibc gives every allocation over 32 MB (most activations of the default model at
     batch 64: the attention weights alone are 50 MB a layer) freshly mapped pages and unmaps
     them on free, so at every training step the kernel has to map and zero gigabytes of pages
-    again. Measured: ~600,000 page faults a step, and bench.py train ran at 3,179 tok/s without
-    this, 3,858 with it. The cost: the process keeps its peak memory until it exits, and a
-    little more, as freed blocks do not always fit the next request (peak 3,513 vs 3,963 MiB).
+    again, hundreds of thousands of page faults a step. The cost: the process keeps its peak
+    memory until it exits, and a little more, as freed blocks do not always fit the next
+    request.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -55,12 +49,11 @@ class FastCPUDropout(nn.Dropout):
     cheaper on CPUs.
 
     Why: on a CPU, torch's dropout draws one random number per element, and with the default
-    dropout 0.2 those draws took about a third of a training step of the default model (the
+    dropout 0.2 those draws took a large part of a training step of the default model (the
     attention weights alone are (B, n_head, T, T): 25M elements per layer at batch 64). Here
     one 64-bit random integer is split into four 16-bit ones, and an element is dropped when its
-    16-bit number falls in the lowest p * 65536 of the 65536 possible values: about twice as
-    fast as torch's dropout (1.9 s of a 5.7 s step before). On GPUs, torch's own fused kernel
-    is already cheap and is used.
+    16-bit number falls in the lowest p * 65536 of the 65536 possible values. On GPUs, torch's
+    own fused kernel is already cheap and is used.
     """
 
     def forward(self, x):
@@ -85,26 +78,35 @@ def use_fast_cpu_dropout(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# Muon: an optimizer that learns more per step
+# Muon: an optimizer that learns more per step (the CPU presets train with it; read this part)
+#
+# What it does. For each weight matrix W (C_out, C_in) of the blocks, Muon keeps a momentum M
+# of the gradient, as SGD with momentum does. But it does not step along M itself: it steps
+# along the orthogonal matrix closest to M. Write M = U S V^T (its singular value
+# decomposition: U and V rotations, S the strengths of its directions); Muon's update is U V^T,
+# every strength set to 1. A few Newton-Schulz iterations (a handful of matmuls) get close
+# enough to U V^T without computing an SVD.
+#
+# Why it learns more per step. A weight matrix's gradient is dominated by a few directions:
+# its largest singular values are far above the rest. AdamW's update, element by element, keeps
+# that imbalance, so the learning rate must stay small enough for the strongest direction, and
+# the weak directions, which also lower the loss, barely move. Muon's update moves every
+# direction equally, so each step makes progress on all of them. A step costs a little more
+# (the Newton-Schulz matmuls); in short runs the steps saved repay it (docs/results.md).
+# It suits the hidden matrices only (an embedding's rows are not directions of a linear map):
+# the embeddings, the output head, biases and LayerNorm gains stay with AdamW.
 
 class MuonAdamW:
-    """Muon for the Transformer blocks' weight matrices, AdamW for everything else (embeddings,
-    output head, biases, LayerNorm gains), used as one optimizer: zero_grad, step, state_dict.
+    """Muon for the Transformer blocks' weight matrices, AdamW for everything else, used as one
+    optimizer: zero_grad, step, state_dict, and param_groups for the learning-rate schedule.
 
-    Why: Muon (torch.optim.Muon, PyTorch 2.9+) takes momentum, then orthogonalises each matrix's
-    update with a few Newton-Schulz iterations, so every direction of the matrix moves about as
-    much. It learns far more per step in short runs: the CPU preset reaches val 1.85 in 200
-    steps, where AdamW needed 450 for 1.87, though a step costs more (~110 vs 65-85 ms there).
-    It is made for hidden matrices only, hence AdamW for the rest.
-
-    Muon's parameter group is marked "muon": True, so that train.set_learning_rate can scale
-    the schedule to peak at muon_lr for it and at learning_rate for AdamW's groups.
+    train.set_learning_rate sets AdamW's rate on every group; step() gives Muon's group the same
+    curve scaled to peak at muon_lr (Muon's updates have another size, so another peak rate).
     """
 
     def __init__(self, adamw, muon_params, muon_lr, weight_decay):
-        self.adamw = adamw
-        self.muon = torch.optim.Muon([{"params": muon_params, "muon": True}], lr=muon_lr,
-                                     weight_decay=weight_decay)
+        self.adamw = adamw  # built with lr = learning_rate, AdamW's peak rate
+        self.muon = torch.optim.Muon(muon_params, lr=muon_lr, weight_decay=weight_decay)
 
     @property
     def param_groups(self):  # GradScaler.unscale_ and the learning-rate schedule read these
@@ -115,6 +117,9 @@ class MuonAdamW:
         self.muon.zero_grad(set_to_none=set_to_none)
 
     def step(self):
+        lr = self.adamw.param_groups[0]["lr"]  # this step's rate on AdamW's schedule
+        for group in self.muon.param_groups:
+            group["lr"] = lr * self.muon.defaults["lr"] / self.adamw.defaults["lr"]
         self.adamw.step()
         self.muon.step()
 
@@ -124,10 +129,6 @@ class MuonAdamW:
     def load_state_dict(self, state):
         self.adamw.load_state_dict(state["adamw"])
         self.muon.load_state_dict(state["muon"])
-
-
-def muon_available():
-    return hasattr(torch.optim, "Muon")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,9 +144,8 @@ def quantize_int8(model):
 
     Why: sampling one sequence multiplies a single vector by every weight matrix per token, so
     its time goes into reading the weights from memory: 43 MB a token in float32 for the
-    default model, 11 MB in int8. Measured: ~420-500 tokens/s with int8 vs ~170-240 with
-    bfloat16 weights. Weight-only: activations are not quantized; the CPU preset's val loss
-    moved from 1.8713 (float32) to 1.8718.
+    default model, 11 MB in int8. Weight-only: activations are not quantized, and the val
+    loss barely moves.
     """
     if not int8_available():
         raise UsageError(f"this PyTorch ({torch.__version__}) has no int8 weight-only matmul; "

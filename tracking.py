@@ -22,8 +22,8 @@ def metrics_recorder(config):
     """Return record(dict): appends to <checkpoint>.metrics.jsonl and logs to W&B with --wandb;
     record(dict, draw_curve=True) also draws <checkpoint>.loss.png (if matplotlib is installed).
 
-    The curve is drawn once, after the last evaluation: drawing takes ~0.5 s, which at every
-    evaluation would slow short runs measurably.
+    The curve is drawn once, after the last evaluation: drawing at every evaluation would slow
+    short runs measurably (docs/results.md).
 
     A fresh run with the same --checkpoint as an earlier run overwrites that run's checkpoint
     at its first save, and only then its log: until record(dict, saved=True) the new rows wait

@@ -1,7 +1,7 @@
 """Train Mini-GPT on a text file, token by token (characters, or BPE with --tokenizer bpe).
 
     python train.py                      # the default model on data/input.txt (a GPU run)
-    python train.py --preset cpu         # a small model that trains on a laptop CPU in ~30 s
+    python train.py --preset cpu         # a small model for a laptop CPU: about half a minute
     python train.py --max_iters 2000 --dropout 0.1   # any config.py field as --name value
     python train.py --reference          # every speed-up off: the plain code, for a debugger
 
@@ -39,11 +39,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import speedups
-from config import parse_config
+from config import PRESETS, parse_config
 from dataset import get_batch, load_corpus, val_set
-from model import GPTModel
+from model import GPTConfig, GPTModel
 from tracking import log_paths, metrics_recorder
 from utils import (
+    MODEL_SHAPE,
     UsageError,
     autocast,
     bits_per_char,
@@ -62,11 +63,12 @@ from utils import (
 
 
 def main(argv=None):
-    config, _ = parse_config(argv)
+    config, preset = parse_config(argv)
     run = set_up(config)  # device, number format, this process's rank; seeds; CPU speed-ups
     check_model_fits(config, run)  # before any work: a model too big for this machine
     check_paths(config, run)  # the checkpoint to resume exists; the new one can be saved
     log = print if run.is_master else (lambda *args, **kwargs: None)
+    log(what_runs(config, run, preset))  # which number format, attention, optimizer, and why
     log("Loading data...")
     corpus, val_data = load_tokens(config, run)  # a token file, prepared once, memory-mapped
     tokenizer = corpus.tokenizer
@@ -151,13 +153,37 @@ def set_up(config):
                          "newer on an Apple GPU; update macOS, or pass --dtype float32 and "
                          "--optimizer adamw")
     if device == "cpu" and not config.reference:
-        speedups.keep_freed_memory()  # reuse freed activations' memory: ~20% faster steps
+        speedups.keep_freed_memory()  # reuse freed activations' memory: no page faults
     if device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (8, 0):
         # TF32: float32 matmuls on the tensor cores of Ampere and newer GPUs (A100, RTX 30xx,
         # H100); older ones (T4, V100) have no TF32 and would ignore the switch anyway.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Run(device, dtype, rank, local_rank, world_size)
+
+
+def what_runs(config, run, preset):
+    """The first lines train.py prints: the number format, attention and optimizer that run,
+    each with why (the flag that chose it, or the default's reason) and how to change it."""
+    if config.reference:
+        return "--reference: float32, written-out attention and AdamW: the code on the page"
+    chip, flash = ("CPU" if run.device == "cpu" else "GPU"), use_flash(config.flash, run.device)
+    number = dict(float32="float32", bfloat16="bf16 autocast", float16="fp16 autocast")[run.dtype]
+    if config.dtype != "auto":
+        number += f": --dtype {config.dtype}"
+    else:  # utils.pick_dtype: bf16 where the chip has it, else fp16 on GPUs, float32 on CPUs
+        has = "has" if run.dtype == "bfloat16" else "has no"
+        number += f": this {chip} {has} native bf16" + (
+            "" if run.dtype == "float32" else " (--dtype float32 to turn off)")
+    attention = ("SDPA" if flash else "written-out") + " attention: " + (
+        f"--flash {config.flash}" if config.flash != "auto" else
+        f"faster on {chip}s (--flash {str(not flash).lower()} for the other)")
+    optimizer = "AdamW (--optimizer muon: Muon, which learns more per step)"
+    if config.optimizer == "muon":
+        chosen_by = f"--preset {preset}" if "optimizer" in PRESETS.get(preset, {}) else \
+            "--optimizer muon"
+        optimizer = f"Muon for the matrices in the blocks, AdamW for the rest: {chosen_by}"
+    return f"{number}\n{attention}\n{optimizer}"
 
 
 def check_model_fits(config, run):
@@ -207,24 +233,20 @@ def load_tokens(config, run):
     return corpus, val_set(corpus, config.eval_tokens, config.block_size, run.device)
 
 
-def model_args(vocab_size, config, run):
-    """What GPTModel is built from; saved in the checkpoint so generate.py can rebuild it."""
-    return dict(vocab_size=vocab_size, n_embd=config.n_embd, n_layer=config.n_layer,
-                n_head=config.n_head, block_size=config.block_size, dropout=config.dropout,
-                flash=use_flash(config.flash, run.device))
-
-
 def build_model(vocab_size, config, run):
-    model = GPTModel(**model_args(vocab_size, config, run)).to(run.device)
+    """The model of the shape config asks for; its GPTConfig goes into every checkpoint."""
+    model = GPTModel(GPTConfig(vocab_size, config.n_embd, config.n_layer, config.n_head,
+                               config.block_size, config.dropout,
+                               use_flash(config.flash, run.device))).to(run.device)
     if run.device == "cpu" and not config.reference:
         speedups.use_fast_cpu_dropout(model)  # a quarter of the random numbers per mask
     return model
 
 
 def use_flash(setting, device):
-    """SDPA or the written-out attention. On CPUs the written-out one trains faster (measured in
-    bf16 on a 2-core EPYC: 1.4x for the CPU preset, 1.8x for the default model with dropout,
-    whose SDPA falls back to a slower path); on GPUs SDPA's fused kernels win."""
+    """SDPA or the written-out attention. On CPUs the written-out one trains faster (SDPA's
+    CPU kernels, with dropout a slower fallback, lose to plain matmuls; docs/results.md); on
+    GPUs SDPA's fused kernels win."""
     if setting == "auto":
         return device != "cpu"
     return setting == "true"
@@ -303,7 +325,7 @@ def evaluate_and_save(step, model, optimizer, tokenizer, corpus, val_data, confi
     rng_states = gather_from_all_ranks(rng_state(), run)
     if run.is_master and step > 0:
         save_or_stop(dict(model=model.state_dict(),
-                          model_args=model_args(tokenizer.vocab_size, config, run),
+                          model_args=asdict(model.config),
                           tokenizer=tokenizer.to_dict(), config=asdict(config),
                           optimizer=optimizer.state_dict(), step=step, val_loss=val_loss,
                           val_bpc=val_bpc, rng=rng_states, **best.in_checkpoint(step)),
@@ -438,11 +460,10 @@ def learning_rate_at(step, config):
 
 
 def set_learning_rate(optimizer, step, config):
-    """Set every parameter group's rate for this step; returns AdamW's (the one printed).
-    Muon's groups follow the same schedule scaled to peak at muon_lr."""
+    """Set every parameter group's rate for this step, and return it."""
     lr = learning_rate_at(step, config)
     for group in optimizer.param_groups:
-        group["lr"] = lr * config.muon_lr / config.learning_rate if group.get("muon") else lr
+        group["lr"] = lr
     return lr
 
 
@@ -734,11 +755,9 @@ def resume(config, model, optimizer, tokenizer, run, best):
     if checkpoint["tokenizer"] != tokenizer.to_dict():
         raise UsageError(f"cannot resume {path}: it was trained on text with another vocabulary; "
                          f"pass the same --data it was trained on")
-    shape = ("vocab_size", "n_embd", "n_layer", "n_head", "block_size")
-    saved = {k: checkpoint["model_args"].get(k) for k in shape}
-    wanted = {k: v for k, v in model_args(tokenizer.vocab_size, config, run).items() if k in shape}
-    if saved != wanted:
-        changed = ", ".join(f"{k} {saved[k]} -> {wanted[k]}" for k in shape if saved[k] != wanted[k])
+    saved, wanted = checkpoint["model_args"], asdict(model.config)
+    changed = ", ".join(f"{k} {saved[k]} -> {wanted[k]}" for k in MODEL_SHAPE if saved[k] != wanted[k])
+    if changed:
         raise UsageError(f"cannot resume {path}: the model shape differs ({changed}); "
                          f"drop those flags or start a fresh run")
     if not ({"optimizer", "rng", "step", "config", "val_loss"} <= checkpoint.keys()

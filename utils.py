@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from model import GPTModel
+from model import GPTConfig, GPTModel
 
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -490,7 +490,7 @@ def weights_problem(weights, model_args):
             found = tuple(weights[name].shape) if name in weights else "missing"
             return f"weight {name} is {found}, the model_args say {shape}"
     with torch.device("meta"):
-        expected = GPTModel(**{k: model_args[k] for k in MODEL_SHAPE}).state_dict()
+        expected = GPTModel(GPTConfig(**{k: model_args[k] for k in MODEL_SHAPE})).state_dict()
     if weights.keys() != expected.keys():
         odd = sorted(weights.keys() ^ expected.keys())
         return f"the weights do not match the model_args ({', '.join(odd[:3])} ...)"

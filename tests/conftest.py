@@ -73,7 +73,7 @@ def run_in_process(main, argv):
 
 
 def tiny_model(**overrides):
-    from model import GPTModel
+    from model import GPTConfig, GPTModel
     torch.manual_seed(0)
     args = dict(vocab_size=20, n_embd=32, n_layer=2, n_head=4, block_size=16, dropout=0.0)
-    return GPTModel(**{**args, **overrides}).eval()
+    return GPTModel(GPTConfig(**{**args, **overrides})).eval()

@@ -17,7 +17,7 @@ import train
 from config import Config
 from conftest import TINY_FLAGS, TINY_TEXT, run_script, tiny_model
 from generate import load_model
-from model import GPTModel, describe
+from model import GPTConfig, GPTModel, describe
 from utils import CharTokenizer, run_main, save_checkpoint
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -42,7 +42,7 @@ def tree_rows(lines):
 
 
 def test_tree_of_the_default_model_adds_up_to_its_parameter_count():
-    model = GPTModel(vocab_size=65, dropout=0.0).eval()
+    model = GPTModel(GPTConfig(vocab_size=65, dropout=0.0)).eval()
     rows, total = tree_rows(describe(model, batch_size=1))
     top_level = ["tok_emb", "pos_emb", "blocks", "ln_f", "lm_head"]
     assert sum(rows[name][0] for name in top_level) == total == model.num_params() == 10_788_929
@@ -101,7 +101,7 @@ def checkpoint(tmp_path_factory):
     model_args = dict(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=4,
                       block_size=16, dropout=0.0, flash=True)
     torch.manual_seed(0)
-    model = GPTModel(**model_args)
+    model = GPTModel(GPTConfig(**model_args))
     path = tmp_path_factory.mktemp("explore") / "small.pt"
     save_checkpoint(dict(model=model.state_dict(), model_args=model_args,
                          tokenizer=tokenizer.to_dict()), str(path))
@@ -149,9 +149,12 @@ def test_attention_maps_are_causal_rows_sum_to_one_and_are_the_real_weights(chec
         scores = q @ k.transpose(-2, -1) / math.sqrt(8)
         scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     assert torch.allclose(attention[0], F.softmax(scores, dim=-1)[0], atol=1e-5)
-    # The model keeps weights only while asked: look_inside switched it off again.
-    model(idx)
-    assert all(not b.attn.keep_attn_weights and b.attn.attn_weights is None for b in model.blocks)
+    # Caught by hooks that look_inside removes again; the SDPA path never forms the weights.
+    assert not any(b.attn.attn_dropout._forward_pre_hooks for b in model.blocks)
+    sdpa_model, _ = load_model(str(checkpoint), "cpu", flash=True)
+    with pytest.raises(ValueError, match="flash=False"):
+        explore.look_inside(sdpa_model, ids)
+    assert not any(b.attn.attn_dropout._forward_pre_hooks for b in sdpa_model.blocks)
 
 
 def test_embedding_pca_keeps_the_two_largest_directions():

@@ -2,16 +2,17 @@
 a KV cache that changes nothing but speed, and sampling that does what its flags say."""
 
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from conftest import tiny_model
-from model import GPTModel, sample_next_token
+from model import GPTConfig, GPTModel, sample_next_token
 
 
 def test_default_model_has_10_788_929_parameters():
-    model = GPTModel(vocab_size=65)  # n_embd 384, n_layer 6, n_head 6, block_size 256
+    model = GPTModel(GPTConfig(vocab_size=65))  # n_embd 384, n_layer 6, n_head 6, block_size 256
     assert model.num_params() == 10_788_929
 
 
@@ -46,9 +47,36 @@ def test_changing_future_tokens_never_changes_past_logits(flash):
         assert not torch.allclose(logits[0, t + 1:], changed_logits[0, t + 1:], atol=1e-6)
 
 
+@pytest.mark.parametrize("flash", [True, False])
+def test_same_weights_give_the_logits_they_always_gave(flash):
+    # Numbers written down from the model before GPTConfig existed (seed 0's tiny model): a
+    # change to the maths, the init or the order of the weights would move them.
+    model = tiny_model(flash=flash)
+    with torch.no_grad():
+        logits, _ = model((torch.arange(16) * 7 % 20)[None])
+    expected_last = [0.1490285, -0.0443734, 0.1190606, 0.0067018, 0.0666626]
+    assert logits[0, -1, :5].tolist() == pytest.approx(expected_last, abs=1e-5)
+    assert logits.abs().sum().item() == pytest.approx(30.95103, abs=1e-3)
+    # Old checkpoints hold the weights under these names.
+    assert list(model.state_dict())[:7] == [
+        "tok_emb.weight", "pos_emb.weight", "blocks.0.ln1.weight", "blocks.0.ln1.bias",
+        "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight", "blocks.0.attn.proj.bias"]
+
+
+def test_the_config_is_saved_as_plain_values_and_rebuilds_the_same_model():
+    model = tiny_model()
+    args = asdict(model.config)  # what a checkpoint stores under "model_args"
+    assert args == dict(vocab_size=20, n_embd=32, n_layer=2, n_head=4, block_size=16,
+                        dropout=0.0, flash=True)
+    rebuilt = GPTModel(GPTConfig(**args)).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 20, (2, 16))
+    assert torch.equal(rebuilt(idx)[0], model(idx)[0])
+
+
 def test_n_embd_must_divide_by_n_head():
     with pytest.raises(ValueError, match="divisible"):
-        GPTModel(vocab_size=10, n_embd=30, n_head=4)
+        GPTModel(GPTConfig(vocab_size=10, n_embd=30, n_head=4))
 
 
 def test_sequence_longer_than_block_size_is_refused():
@@ -58,7 +86,8 @@ def test_sequence_longer_than_block_size_is_refused():
 
 def test_overfits_a_single_batch():
     torch.manual_seed(0)
-    model = GPTModel(vocab_size=20, n_embd=64, n_layer=2, n_head=4, block_size=16, dropout=0.0)
+    model = GPTModel(GPTConfig(vocab_size=20, n_embd=64, n_layer=2, n_head=4, block_size=16,
+                               dropout=0.0))
     x = torch.randint(0, 20, (4, 16))
     y = torch.randint(0, 20, (4, 16))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

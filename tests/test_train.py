@@ -9,7 +9,7 @@ import torch
 
 import train
 import utils
-from config import Config
+from config import Config, parse_config
 from conftest import needs_muon, tiny_model
 from train import Run
 from utils import get_batch
@@ -75,6 +75,30 @@ def test_weight_decay_only_on_matrices():
     assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])
 
 
+@pytest.mark.parametrize("flags, device, dtype, expected", [
+    (["--preset", "cpu"], "cpu", "bfloat16", [
+        "bf16 autocast: this CPU has native bf16 (--dtype float32 to turn off)",
+        "written-out attention: faster on CPUs (--flash true for the other)",
+        "Muon for the matrices in the blocks, AdamW for the rest: --preset cpu"]),
+    (["--optimizer", "muon"], "cpu", "float32", [
+        "float32: this CPU has no native bf16",
+        "written-out attention: faster on CPUs (--flash true for the other)",
+        "Muon for the matrices in the blocks, AdamW for the rest: --optimizer muon"]),
+    ([], "cuda", "float16", [
+        "fp16 autocast: this GPU has no native bf16 (--dtype float32 to turn off)",
+        "SDPA attention: faster on GPUs (--flash false for the other)",
+        "AdamW (--optimizer muon: Muon, which learns more per step)"]),
+    (["--dtype", "bfloat16", "--flash", "true"], "cpu", "bfloat16", [
+        "bf16 autocast: --dtype bfloat16", "SDPA attention: --flash true",
+        "AdamW (--optimizer muon: Muon, which learns more per step)"]),
+    (["--reference"], "cpu", "float32",
+     ["--reference: float32, written-out attention and AdamW: the code on the page"]),
+])
+def test_the_first_lines_say_what_runs_and_why(flags, device, dtype, expected):
+    config, preset = parse_config(flags)
+    assert train.what_runs(config, Run(device, dtype), preset).splitlines() == expected
+
+
 @needs_muon
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model = tiny_model()
@@ -89,8 +113,9 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
                        if p.dim() == 2 and name.startswith("blocks.")}
     assert in_muon | in_adamw == set(names.values()) and not in_muon & in_adamw
     assert {"tok_emb.weight", "pos_emb.weight", "lm_head.weight"} <= in_adamw
-    # Muon follows the same schedule up to its own peak, read from the config at every step.
+    # One schedule: the step gives Muon the same curve, scaled to peak at muon_lr.
     assert train.set_learning_rate(optimizer, 4, config) == pytest.approx(5e-4)  # warming up
+    optimizer.step()
     assert muon.param_groups[0]["lr"] == pytest.approx(0.01)
     assert all(group["lr"] == pytest.approx(5e-4) for group in adamw.param_groups)
 
@@ -182,8 +207,8 @@ def test_mfu_peak_matches_the_gpu_in_use(monkeypatch):
 @pytest.mark.parametrize("sizes", [dict(vocab_size=65), dict(vocab_size=20, n_embd=32, n_layer=2,
                                                              n_head=4, block_size=16)])
 def test_param_count_without_building_equals_the_models(sizes):
-    from model import GPTModel
-    model = GPTModel(**sizes)
+    from model import GPTConfig, GPTModel
+    model = GPTModel(GPTConfig(**sizes))
     expected = model.num_params()
     args = {**dict(n_embd=384, n_layer=6, block_size=256), **sizes}
     assert train.param_count(args["vocab_size"], args["n_embd"], args["n_layer"],

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import utils
-from model import GPTModel
+from model import GPTConfig, GPTModel
 from utils import (
     CharTokenizer,
     UsageError,
@@ -201,7 +201,7 @@ def tiny_checkpoint(**model_args):
     """What train.py saves, for a tiny model of the characters 'ab\n'."""
     args = {**dict(vocab_size=3, n_embd=8, n_layer=2, n_head=2, block_size=4, dropout=0.0,
                    flash=False), **model_args}
-    model = GPTModel(**args)
+    model = GPTModel(GPTConfig(**args))
     return dict(model=model.state_dict(), model_args=args, tokenizer={"kind": "char",
                                                                       "chars": "ab\n"})
 
@@ -266,7 +266,7 @@ def test_a_model_whose_causal_masks_cannot_fit_is_refused(tmp_path):
     # Weights of a few MB, but block_size 10**6: each block's (T, T) mask would take 4 TB.
     args = dict(vocab_size=3, n_embd=4, n_layer=1, n_head=1, block_size=10**6)
     with torch.device("meta"):  # the shapes, without the memory
-        shapes = GPTModel(**args).state_dict()
+        shapes = GPTModel(GPTConfig(**args)).state_dict()
     checkpoint = dict(model={name: torch.zeros(t.shape) for name, t in shapes.items()},
                       model_args=args, tokenizer={"kind": "char", "chars": "ab\n"})
     torch.save(checkpoint, tmp_path / "ckpt.pt")
