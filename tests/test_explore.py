@@ -151,7 +151,7 @@ def test_attention_maps_are_causal_rows_sum_to_one_and_are_the_real_weights(chec
     assert torch.allclose(attention[0], F.softmax(scores, dim=-1)[0], atol=1e-5)
     # Caught by hooks that look_inside removes again; the SDPA path never forms the weights.
     assert not any(b.attn.attn_dropout._forward_pre_hooks for b in model.blocks)
-    sdpa_model, _ = load_model(str(checkpoint), "cpu", flash=True)
+    sdpa_model, _, _ = load_model(str(checkpoint), "cpu", flash=True)
     with pytest.raises(ValueError, match="flash=False"):
         explore.look_inside(sdpa_model, ids)
     assert not any(b.attn.attn_dropout._forward_pre_hooks for b in sdpa_model.blocks)
