@@ -60,8 +60,8 @@ def test_the_data_file_as_checkpoint_is_refused_and_the_text_kept(tmp_path, tiny
     for checkpoint in (tiny_data, alias):
         one_error_line(train_run(tiny_data, checkpoint), "would overwrite the --data file")
     assert open(tiny_data, encoding="utf-8").read() == TINY_TEXT
-    # run.pt's metrics log is run.metrics.jsonl: not that either, if it is the data.
-    text_named_like_a_log = tmp_path / "run.metrics.jsonl"
+    # run.pt's metrics log is run.pt.metrics.jsonl: not that either, if it is the data.
+    text_named_like_a_log = tmp_path / "run.pt.metrics.jsonl"
     text_named_like_a_log.write_text(TINY_TEXT)
     one_error_line(train_run(text_named_like_a_log, tmp_path / "run.pt"),
                    "would overwrite the --data file")
@@ -134,7 +134,7 @@ def test_a_failed_first_save_says_no_checkpoint_was_saved(tmp_path, tiny_data, m
 # --- convenience files warn once; the run goes on --------------------------------------------
 
 def test_an_unwritable_metrics_log_warns_once_and_training_goes_on(tmp_path, tiny_data):
-    (tmp_path / "run.metrics.jsonl").mkdir()  # opening it for writing fails
+    (tmp_path / "run.pt.metrics.jsonl").mkdir()  # opening it for writing fails
     code, out, err = train_run(tiny_data, tmp_path / "run.pt", "--log_interval", "1")
     assert code == 0, err
     assert out.count("Note: writing the metrics log") == 1
@@ -143,11 +143,11 @@ def test_an_unwritable_metrics_log_warns_once_and_training_goes_on(tmp_path, tin
 
 def test_an_unwritable_loss_curve_warns_once_and_training_goes_on(tmp_path, tiny_data):
     pytest.importorskip("matplotlib")
-    (tmp_path / "run.loss.png").mkdir()
+    (tmp_path / "run.pt.loss.png").mkdir()
     code, out, err = train_run(tiny_data, tmp_path / "run.pt")
     assert code == 0, err
     assert out.count("Note: drawing the loss curve") == 1
-    assert (tmp_path / "run.metrics.jsonl").exists()
+    assert (tmp_path / "run.pt.metrics.jsonl").exists()
 
 
 def test_an_unwritable_bpe_cache_warns_and_tokenizes_anyway(tmp_path, monkeypatch, capsys):
@@ -192,7 +192,7 @@ def val_steps(jsonl_path):
 
 
 def test_a_fresh_run_keeps_the_earlier_log_until_it_has_saved(tmp_path, tiny_data):
-    checkpoint, log = tmp_path / "run.pt", tmp_path / "run.metrics.jsonl"
+    checkpoint, log = tmp_path / "run.pt", tmp_path / "run.pt.metrics.jsonl"
     assert train_run(tiny_data, checkpoint)[0] == 0
     assert val_steps(log) == [0, 1, 2]
     before = files_in(tmp_path)
