@@ -202,7 +202,8 @@ def main(argv=None):
         while True:
             try:
                 prompt = input("> ")
-            except EOFError:
+            except EOFError:  # Ctrl-D, or no input left: end the prompt's line, quietly
+                print()
                 break
             if not prompt:
                 break

@@ -194,7 +194,7 @@ def test_explore_prints_the_table_and_writes_valid_pngs(checkpoint):
 
 def test_pictures_go_beside_the_checkpoint_by_default(checkpoint, capsys):
     explore.main(["--checkpoint", str(checkpoint), "--prompt", "JULIET:"])
-    folder = checkpoint.parent / "small.explore"
+    folder = checkpoint.parent / "small.pt.explore"
     assert is_png(folder / "attention.png") and is_png(folder / "embeddings.png")
     assert str(folder / "attention.png") in capsys.readouterr().out
 
