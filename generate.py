@@ -202,8 +202,8 @@ def main(argv=None):
         while True:
             try:
                 prompt = input("> ")
-            except EOFError:  # Ctrl-D, or no input left: end the prompt's line, quietly
-                print()
+            except (EOFError, RuntimeError):  # Ctrl-D, no input left, or stdin closed
+                print()  # end the prompt's line, quietly
                 break
             if not prompt:
                 break

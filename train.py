@@ -50,6 +50,7 @@ from utils import (
     load_checkpoint,
     pick_device,
     pick_dtype,
+    regular_file_problem,
     remove_leftover_tmp,
     run_main,
     same_file,
@@ -176,9 +177,13 @@ def check_paths(config, run):
     run is saving to it. Saving can then fail only for lack of space."""
     if config.resume:
         source = config.checkpoint if config.resume == "true" else config.resume
-        if not os.path.isfile(source):
+        problem = regular_file_problem(source)
+        if problem == "does not exist":
             raise UsageError(f"--resume: no checkpoint at {source}; train one first, or drop "
                              f"--resume")
+        if problem:
+            raise UsageError(f"--resume {source} {problem}; pass the checkpoint file to go on "
+                             f"from")
     if not run.is_master:
         return
     path = config.checkpoint

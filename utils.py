@@ -431,7 +431,8 @@ def take_lock(path, wait):
 def release_lock(path, f):
     if f is not None:
         with contextlib.suppress(OSError):
-            os.remove(path)  # while still locked: a process waiting for it sees it is gone
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:  # still ours, not a file
+                os.remove(path)  # put there since; while locked: a waiting run sees it gone
         f.close()
 
 
@@ -496,12 +497,13 @@ def load_checkpoint(path, device="cpu"):
     built from them."""
     if os.path.isdir(path):
         raise UsageError(f"--checkpoint {path} is a folder; pass the checkpoint file in it")
-    if os.path.exists(path) and not os.path.isfile(path):
-        raise UsageError(f"--checkpoint {path} is not a file (a device or a pipe?); pass the "
-                         f"checkpoint file train.py saved")
-    if not os.path.isfile(path):
+    problem = regular_file_problem(path)
+    if problem == "does not exist":
         raise UsageError(f"checkpoint not found: {path}; train one with `python train.py` "
                          f"or pass --checkpoint PATH")
+    if problem:
+        raise UsageError(f"--checkpoint {path} {problem}; pass the checkpoint file train.py "
+                         f"saved")
     try:
         with warnings.catch_warnings():  # a file that is not a checkpoint: our line says so
             warnings.simplefilter("ignore")

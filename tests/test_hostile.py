@@ -501,9 +501,12 @@ def test_bench_curve_fails_with_train_py_s_reason(monkeypatch):
     assert "train.py --preset cpu failed (exit 2): error: n_embd (192) must be divisible" in line
 
 
-def test_interactive_with_no_input_left_ends_quietly(home):
+@pytest.mark.parametrize("stdin", ["empty", "closed"])
+def test_interactive_with_no_input_left_ends_quietly(home, stdin):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--checkpoint",
                              home["earlier"], "--device", "cpu", "--interactive"], cwd=ROOT,
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+                            preexec_fn=(lambda: os.close(0)) if stdin == "closed" else None)
     assert result.returncode == 0 and not result.stderr, result.stderr
-    assert result.stdout.endswith("> \n")  # the prompt's line ended, nothing else said
+    # The prompt's line ended (a closed stdin fails before the prompt shows), nothing else said.
+    assert result.stdout.endswith("> \n" if stdin == "empty" else "quits.\n\n"), result.stdout

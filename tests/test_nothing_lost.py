@@ -408,3 +408,22 @@ def test_explore_draws_a_checkpoint_with_a_vocabulary_of_one(tmp_path):
                                                    "--prompt", "aaa"])
     assert code == 0, err
     assert (tmp_path / "one.pt.explore" / "embeddings.png").exists()
+
+
+def test_releasing_a_lock_never_deletes_a_file_put_in_its_place(tmp_path):
+    lock_path = str(tmp_path / "run.pt.lock")
+    lock = utils.take_lock(lock_path, wait=False)
+    (tmp_path / "checkpoint").write_text("another run's checkpoint, saved under that name")
+    os.replace(tmp_path / "checkpoint", lock_path)
+    utils.release_lock(lock_path, lock)
+    assert open(lock_path).read().startswith("another run's checkpoint")
+
+
+def test_a_checkpoint_that_is_a_dead_link_or_a_fifo_is_named_as_such(tmp_path, tiny_data):
+    import generate
+    os.symlink(tmp_path / "nowhere.pt", tmp_path / "dead.pt")
+    os.mkfifo(tmp_path / "pipe.pt")
+    one_error_line(run_in_process(generate.main, ["--checkpoint", tmp_path / "dead.pt"]),
+                   "is a symlink to nothing")
+    one_error_line(train_run(tiny_data, tmp_path / "run.pt", "--resume", tmp_path / "pipe.pt"),
+                   "is a FIFO or a socket, not a regular file")
