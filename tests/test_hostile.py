@@ -27,6 +27,7 @@ import bench
 import dataset
 import generate
 import train
+import utils
 from config import Config
 from conftest import ROOT, TINY_FLAGS, TINY_TEXT, run_in_process, run_script
 
@@ -200,6 +201,7 @@ def home(tmp_path_factory):
     quietly(train.main, [*common, "--checkpoint", paths["earlier.pt"]])
     quietly(train.main, [*common, "--checkpoint", paths["bpe.pt"], "--tokenizer", "bpe",
                          "--vocab_size", "300"])
+    utils.release_locks()  # as run_main does when a script's main() ends
     with open(paths["random.pt"], "wb") as f:
         f.write(os.urandom(2000))
     with open(paths["text.pt"], "w") as f:
