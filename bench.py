@@ -14,6 +14,7 @@ generated text (and the prepared token file) to a temporary folder and deletes i
 
 import argparse
 import collections
+import contextlib
 import json
 import multiprocessing
 import os
@@ -50,6 +51,7 @@ from utils import (
     UsageError,
     atomic_write,
     check_output_path,
+    check_outputs_spare_inputs,
     compile_problem,
     get_batch,
     pick_device,
@@ -190,7 +192,7 @@ def main(argv=None):
         config, _ = parse_config(["--device", device, "--batch_size", str(args.batch_size)])
         train.check_model_fits(config, train.Run(device, "float32"))
     elif args.what == "report":  # minutes of work: prove first that the JSON can be saved
-        check_output_path(args.json, "--json", "bench_report.json")
+        check_report_path(args.json)
     elif args.dtype == "int8" and device != "cpu":
         raise UsageError(f"--dtype int8 runs on the CPU only; use --device cpu, or --dtype "
                          f"bfloat16 on {device}")
@@ -402,6 +404,23 @@ def report(device, quick, json_path, n_tokens):
     replacing = os.path.exists(json_path)
     atomic_write(json_path, lambda tmp: write_json(tmp, result))
     print(f"\nWrote {json_path}" + (" (replacing the report that was there)" if replacing else ""))
+
+
+def check_report_path(path):
+    """--json can be written, is not the text the report trains on, and holds no file but an
+    earlier report (which it replaces)."""
+    check_outputs_spare_inputs({path: "--json"}, {DEFAULT_DATA: "the --data file"},
+                               "pick another --json")
+    check_output_path(path, "--json", "bench_report.json")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                earlier = json.load(f)
+        except (OSError, ValueError):
+            earlier = None
+        if not (isinstance(earlier, dict) and {"environment", "rows"} <= earlier.keys()):
+            raise UsageError(f"--json {path} is a file that bench.py did not write; pick "
+                             f"another --json, or move that file away")
 
 
 def announce(part, what):
@@ -620,16 +639,24 @@ def loss_curve(preset, seconds, points, device):
                  "0", "--checkpoint", os.path.join(folder, "ckpt.pt"), "--device", device]
         process, lines = launch_train_py(flags)
         found, deadline = [], time.time() + seconds + 10  # a little past: the last evaluation
+        tail = collections.deque(maxlen=1)
         with tqdm(total=seconds, unit="s", desc=f"--preset {preset}", file=sys.stdout,
                   bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}]") as bar:
             for line in lines_until(lines, deadline):
+                tail.extend(line.strip().splitlines()[-1:])
                 for match in EVAL_LINE.finditer(line):
                     step, val_loss, elapsed = int(match[1]), float(match[2]), float(match[3])
                     found.append((elapsed, step, val_loss))
                     bar.update(min(elapsed, seconds) - bar.n)
                     bar.set_postfix_str(f"val {val_loss:.4f} at step {step}")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=1)  # when the output ended, train.py did
+        failed = process.returncode not in (None, 0)
         process.kill()
         process.wait()
+    if failed:
+        raise UsageError(f"train.py --preset {preset} failed (exit {process.returncode}): "
+                         f"{tail[0] if tail else 'no output'}")
     return found
 
 

@@ -29,6 +29,7 @@ spans such a place, so the tokens are exactly those of BPETokenizer.encode on th
 
 import codecs
 import datetime
+import errno
 import hashlib
 import json
 import math
@@ -48,7 +49,12 @@ from utils import (
     UsageError,
     atomic_write,
     download_tiny_shakespeare,
+    regular_file_problem,
+    release_lock,
+    remove_leftover_tmp,
+    take_lock,
     tokenizer_from_dict,
+    tokenizer_problem,
 )
 
 FORMAT = 1  # bump when the token file or its metadata changes meaning: old ones are re-prepared
@@ -69,6 +75,7 @@ class Corpus:
     n_train: int  # tokens
     n_val: int
     n_chars: int  # characters in the whole text
+    sha256: str  # of the text: a checkpoint records it, so --resume can tell another text
 
 
 @dataclass
@@ -103,7 +110,7 @@ def load_corpus(config, rank=0, world_size=1):
     if rank != 0:
         meta = read_meta(stem)
     return Corpus(tokenizer_from_dict(meta["tokenizer"]), open(f"{stem}.tokens", "rb"),
-                  meta["dtype"], meta["n_train"], meta["n_val"], meta["n_chars"])
+                  meta["dtype"], meta["n_train"], meta["n_val"], meta["n_chars"], meta["sha256"])
 
 
 def corpus_settings(config):
@@ -126,13 +133,22 @@ def find_sources(path):
             raise UsageError(f"no .txt files in the folder {path}; put the text in .txt files "
                              f"or pass --data PATH to a text file")
         sources = [os.path.join(path, name) for name in names]
+        for source in sources:  # a FIFO would wait for a writer for ever; a dead link, crash
+            problem = regular_file_problem(source)
+            if problem:
+                raise UsageError(f"{source} in the --data folder {problem}; remove it, or make "
+                                 f"it a text file")
         if not any(os.path.getsize(p) for p in sources):
             raise UsageError(f"the .txt files in {path} are empty; give them some text to learn "
                              f"from")
         return sources
-    if not os.path.isfile(path):
+    problem = regular_file_problem(path)
+    if problem == "does not exist":
         raise UsageError(f"data file not found: {path}; pass --data PATH to a UTF-8 text file "
                          f"or a folder of .txt files")
+    if problem:
+        raise UsageError(f"--data {path} {problem}; pass --data PATH to a UTF-8 text file or a "
+                         f"folder of .txt files")
     if os.path.getsize(path) == 0:
         raise UsageError(f"data file {path} is empty; give it some text to learn from")
     return [path]
@@ -147,17 +163,33 @@ def prepared_stem(data, settings):
         return f"{data}.{key}"
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
                          "mini-gpt")
-    os.makedirs(cache, exist_ok=True)
+    try:
+        os.makedirs(cache, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"the folder of {data} is read-only, so its token files go to the "
+                         f"cache folder {cache}, which cannot be written ({err.strerror}); set "
+                         f"XDG_CACHE_HOME to a folder you can write") from None
     digest = hashlib.sha256(os.path.abspath(data).encode()).hexdigest()[:12]
     return os.path.join(cache, f"{digest}-{os.path.basename(data)}.{key}")
 
 
 def prepare_if_needed(sources, settings, stem):
-    """The metadata of an up-to-date token file for sources, preparing one if needed."""
+    """The metadata of an up-to-date token file for sources, preparing one if needed. Runs
+    that start together on the same text take turns (a lock file): the first prepares, the
+    others then find its token file ready."""
+    lock = take_lock(f"{stem}.lock", wait=True)
+    try:
+        remove_leftover_tmp(f"{stem}.tokens")  # of a run killed while preparing
+        return check_or_prepare(sources, settings, stem)
+    finally:
+        release_lock(f"{stem}.lock", lock)
+
+
+def check_or_prepare(sources, settings, stem):
     meta, stats = read_meta(stem), source_stats(sources)
     tokens_path = f"{stem}.tokens"
-    if meta and meta.get("format") == FORMAT and meta["settings"] == settings and \
-            os.path.isfile(tokens_path) and os.path.getsize(tokens_path) == token_file_size(meta):
+    if meta_problem(meta, settings) is None and os.path.isfile(tokens_path) and \
+            os.path.getsize(tokens_path) == token_file_size(meta):
         if meta["sources"] == stats:
             return meta
         # Touched or copied but maybe not changed (git checkout, cp): compare the bytes.
@@ -167,6 +199,23 @@ def prepare_if_needed(sources, settings, stem):
             write_meta(stem, meta)
             return meta
     return prepare(sources, settings, stem)
+
+
+def meta_problem(meta, settings):
+    """What makes token metadata unusable (damaged, or of another format or setting), or None."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or \
+            meta.get("settings") != settings:
+        return "not this format or these settings"
+    counts = [meta.get(name) for name in ("n_chars", "n_train", "n_val")]
+    if not all(type(n) is int and n >= 0 for n in counts) or meta.get("dtype") not in (
+            "uint16", "uint32") or not isinstance(meta.get("sha256"), str) or \
+            not isinstance(meta.get("sources"), list):
+        return "damaged counts, sources or number format"
+    problem = tokenizer_problem(meta.get("tokenizer"), None)
+    if problem is None and token_dtype(tokenizer_from_dict(meta["tokenizer"]).vocab_size) != \
+            meta["dtype"]:
+        return "a number format that does not fit the vocabulary"
+    return problem
 
 
 def read_meta(stem):
@@ -222,13 +271,22 @@ def get_batch(corpus, batch_size, block_size, device, split="train"):
     """
     tokens = split_tokens(corpus, split)
     starts = torch.randint(len(tokens) - block_size, (batch_size,))  # as utils.get_batch draws
-    windows = tokens[starts.numpy()[:, None] + np.arange(block_size + 1)]  # (B, T + 1)
+    windows = check_ids(tokens[starts.numpy()[:, None] + np.arange(block_size + 1)], corpus)
     windows = torch.from_numpy(windows.astype(np.int64))
     if device.startswith("cuda"):  # from pinned memory the copy can overlap the GPU's work
         windows = windows.pin_memory().to(device, non_blocking=True)
     else:
         windows = windows.to(device)
     return windows[:, :-1], windows[:, 1:]
+
+
+def check_ids(ids, corpus):
+    """ids, if each is in the vocabulary; one that is not means the token file was changed
+    after it was prepared (its size and the text's are checked at every start, not each id)."""
+    if ids.size and ids.max() >= corpus.tokenizer.vocab_size:
+        raise UsageError(f"the token file {corpus.tokens_file.name} is damaged (an id beyond the "
+                         f"vocabulary); delete it and run again to prepare it anew")
+    return ids
 
 
 def val_set(corpus, eval_tokens, block_size, device):
@@ -240,13 +298,13 @@ def val_set(corpus, eval_tokens, block_size, device):
     # (At least one window: a huge block_size could outgrow the automatic bound.)
     eval_tokens = max(eval_tokens or auto_eval_tokens(corpus), block_size + 1)
     if len(tokens) <= eval_tokens:
-        exact = torch.from_numpy(tokens.astype(np.int64))
+        exact = torch.from_numpy(check_ids(tokens, corpus).astype(np.int64))
         n_chars = len(decode(exact[1:].tolist()))  # what the predictions cover
         return ValSet(exact.to(device), True, len(exact) - 1, n_chars, "exact")
     n_windows = max(1, eval_tokens // (block_size + 1))
     starts = np.linspace(0, len(tokens) - block_size - 1, n_windows).astype(np.int64)
-    windows = torch.from_numpy(tokens[starts[:, None] + np.arange(block_size + 1)]
-                               .astype(np.int64))  # (n, T + 1)
+    windows = torch.from_numpy(check_ids(tokens[starts[:, None] + np.arange(block_size + 1)],
+                                         corpus).astype(np.int64))  # (n, T + 1)
     n_chars = sum(len(decode(window[1:].tolist())) for window in windows)
     return ValSet(windows.to(device), False, n_windows * block_size, n_chars,
                   f"on {n_windows * block_size:,} of {len(tokens):,} tokens")
@@ -267,7 +325,7 @@ def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=fast_b
             workers=None):
     """Tokenize the sources into <stem>.tokens, then write <stem>.tokens.json; returns the
     metadata. chunk_bytes, piece_chars and workers are small in tests, to cut text anywhere."""
-    started = time.time()
+    started, stats = time.time(), source_stats(sources)
     sha256 = hashlib.sha256()
     with progress_bar(sources, "Reading") as bar:
         n_chars, code_points = scan(read_text_chunks(sources, chunk_bytes, bar, sha256),
@@ -287,22 +345,42 @@ def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=fast_b
                 n_train = write_bpe_tokens(sources, n_train_chars, tokenizer, out, chunk_bytes,
                                            piece_chars, workers or fast_bpe.cpu_count())
             n_tokens = out.tell() // np.dtype(token_dtype(tokenizer.vocab_size)).itemsize
-        if os.path.exists(f"{stem}.tokens.json"):
+        check_unchanged(sources, stats)
+        if os.path.lexists(f"{stem}.tokens.json"):
             os.remove(f"{stem}.tokens.json")  # the old metadata must never describe new tokens
         os.replace(tmp_path, f"{stem}.tokens")
-    except OSError as err:  # a full disk, most likely
-        raise UsageError(f"cannot write the token file {stem}.tokens ({err.strerror}); free some "
-                         f"disk space, or set XDG_CACHE_HOME to a folder with room")
+        meta = dict(format=FORMAT, settings=settings, sources=stats, sha256=sha256.hexdigest(),
+                    n_chars=n_chars, n_train_chars=n_train_chars, tokenizer=tokenizer.to_dict(),
+                    dtype=token_dtype(tokenizer.vocab_size), n_train=n_train,
+                    n_val=n_tokens - n_train, seconds=round(time.time() - started, 1))
+        write_meta(stem, meta)
+    except OSError as err:
+        raise UsageError(cannot_write_tokens(stem, err)) from None
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
-    meta = dict(format=FORMAT, settings=settings, sources=source_stats(sources),
-                sha256=sha256.hexdigest(), n_chars=n_chars, n_train_chars=n_train_chars,
-                tokenizer=tokenizer.to_dict(), dtype=token_dtype(tokenizer.vocab_size),
-                n_train=n_train, n_val=n_tokens - n_train,
-                seconds=round(time.time() - started, 1))
-    write_meta(stem, meta)
     return meta
+
+
+def check_unchanged(sources, stats):
+    """Refuse tokens of a text that changed while it was read (an append, an editor's save):
+    they would mix the old text and the new."""
+    for before, after in zip(stats, source_stats(sources)):
+        if before != after:
+            raise UsageError(f"the data file {after[0]} changed while it was being prepared; "
+                             f"run again once nothing is writing to it")
+
+
+def cannot_write_tokens(stem, err):
+    """Why the token files could not be written, and the fix for that cause."""
+    if err.errno == errno.ENOSPC:
+        fix = "free some disk space, or set XDG_CACHE_HOME to a folder with room"
+    elif os.path.isdir(f"{stem}.tokens") or os.path.isdir(f"{stem}.tokens.json"):
+        fix = f"a folder named {stem}.tokens or {stem}.tokens.json is in the way: move it"
+    else:
+        fix = ("make that folder writable, or set XDG_CACHE_HOME to one you can write (token "
+               "files go there when the data's folder is read-only)")
+    return f"cannot write the token file {stem}.tokens ({err.strerror}); {fix}"
 
 
 def progress_bar(sources, what):

@@ -14,7 +14,7 @@ One forward pass over the prompt gives three views:
 - embeddings.png: the token embedding table (vocab_size, n_embd) projected onto its two
   principal components (PCA), each point labelled with its token.
 
-The pictures go to --out (default: a folder beside the checkpoint, <checkpoint stem>.explore/)
+The pictures go to --out (default: a folder beside the checkpoint, <checkpoint>.explore/)
 and need matplotlib (pip install matplotlib); without it the table is still printed.
 In the pictures and the table, ␣ is a space and ↵ a newline.
 """
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from config import ArgumentParser
 from generate import load_model
-from utils import UsageError, pick_device, run_main
+from utils import UsageError, check_outputs_spare_inputs, pick_device, run_main, tmp_path_for
 
 SHOWN = {" ": "␣", "\n": "↵", "\t": "⇥"}  # whitespace, drawn so that it can be seen
 DPI = 100  # pictures sharp enough to read, small enough to commit
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--top_k", type=int, default=5,
                         help="guesses shown per position (default: 5)")
     parser.add_argument("--out", default=None,
-                        help="folder for the PNGs (default: <checkpoint stem>.explore/)")
+                        help="folder for the PNGs (default: <checkpoint>.explore/)")
     parser.add_argument("--device", default="cpu",
                         help="cpu (the default: enough for one prompt), cuda, mps")
     args = parser.parse_args(argv)
@@ -160,12 +160,27 @@ def print_next_token_table(probs, prompt_ids, token_text, top_k):
 # The pictures (matplotlib is imported only here, as an optional extra)
 
 def output_folder(out, checkpoint):
-    folder = out or os.path.splitext(checkpoint)[0] + ".explore"
+    """The folder for the pictures, created, once it is proven that both can be written there
+    and that neither would overwrite the checkpoint."""
+    folder = out or checkpoint + ".explore"
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as err:
         raise UsageError(f"cannot create the output folder {folder} ({err.strerror}); "
                          f"pass --out DIR to a folder you can write")
+    pictures = [os.path.join(folder, name) for name in ("attention.png", "embeddings.png")]
+    check_outputs_spare_inputs(dict.fromkeys(pictures, "the picture"),
+                               {checkpoint: "the --checkpoint"}, "pass another --out")
+    for picture in pictures:
+        try:
+            with open(tmp_path_for(picture), "wb"):  # a file can be written in the folder
+                pass
+            os.remove(tmp_path_for(picture))
+            if os.path.isdir(picture):
+                raise IsADirectoryError(21, "a folder of that name is in the way")
+        except OSError as err:
+            raise UsageError(f"cannot write {picture} ({err.strerror}); pass --out DIR to a "
+                             f"folder you can write") from None
     return folder
 
 
@@ -214,7 +229,10 @@ def embedding_pca(weight):
     centred = weight.float() - weight.float().mean(dim=0)
     _, singular_values, directions = torch.linalg.svd(centred, full_matrices=False)
     variance = singular_values ** 2
-    return centred @ directions[:2].T, variance[:2] / variance.sum()
+    # A vocabulary of one token, or n_embd 1, has fewer than two components: pad with zeros.
+    missing = 2 - len(variance[:2])
+    return (F.pad(centred @ directions[:2].T, (0, missing)),
+            F.pad(variance[:2] / variance.sum().clamp_min(1e-30), (0, missing)))
 
 
 def kind_of(text):

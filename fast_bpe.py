@@ -16,6 +16,8 @@ import multiprocessing
 import os
 import re
 import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -155,7 +157,7 @@ def encode_pieces(pieces, merges, dtype, workers):
         return
     # fork: workers start at once with the merges; they use no threads, torch or GPU.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker,
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=start_pool_worker,
                              initargs=(merges,)) as pool:
         in_flight = collections.deque()
         for split, piece in pieces:
@@ -173,6 +175,19 @@ WORKER_TOKENIZER = None  # each worker process's own BPETokenizer, with its own 
 def start_worker(merges):
     global WORKER_TOKENIZER
     WORKER_TOKENIZER = BPETokenizer(merges)
+
+
+def start_pool_worker(merges):
+    start_worker(merges)
+    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def exit_with_parent(parent):
+    """A worker whose parent was killed (kill -9, out of memory) would wait for work for ever:
+    once the parent is gone (the worker is handed to another), the worker exits too."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 
 def encode_piece(piece, dtype):

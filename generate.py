@@ -210,7 +210,8 @@ def main(argv=None):
         while True:
             try:
                 prompt = input("> ")
-            except EOFError:
+            except (EOFError, RuntimeError):  # Ctrl-D, no input left, or stdin closed
+                print()  # end the prompt's line, quietly
                 break
             if not prompt:
                 break

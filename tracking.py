@@ -13,9 +13,10 @@ from utils import UsageError
 
 
 def log_paths(checkpoint):
-    """(metrics log, loss-curve PNG) beside a checkpoint: run.pt -> run.metrics.jsonl, run.loss.png."""
-    stem = os.path.splitext(checkpoint)[0]
-    return f"{stem}.metrics.jsonl", f"{stem}.loss.png"
+    """(metrics log, loss-curve PNG) beside a checkpoint: run.pt -> run.pt.metrics.jsonl,
+    run.pt.loss.png. Named after the whole name, so that no two checkpoints (run.pt, run.pth,
+    run) share a log."""
+    return f"{checkpoint}.metrics.jsonl", f"{checkpoint}.loss.png"
 
 
 def metrics_recorder(config):

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 import speedups
 from config import PRESETS, parse_config
-from dataset import get_batch, load_corpus, val_set
+from dataset import corpus_settings, find_sources, get_batch, load_corpus, prepared_stem, val_set
 from model import GPTConfig, GPTModel
 from tracking import log_paths, metrics_recorder
 from utils import (
@@ -50,11 +50,16 @@ from utils import (
     bits_per_char,
     check_fits_in_memory,
     check_output_path,
+    check_outputs_spare_inputs,
+    hold_lock,
     load_checkpoint,
     mps_has_bf16,
     pick_device,
     pick_dtype,
+    regular_file_problem,
+    remove_leftover_tmp,
     run_main,
+    same_file,
     save_checkpoint,
     start_tokens,
     use_compile,
@@ -81,11 +86,11 @@ def main(argv=None):
     start_step, val_loss = 0, float("nan")
     best = BestEvaluation()  # the weights generate.py samples: those of the lowest val loss
     if config.resume:
-        start_step, val_loss = resume(config, model, optimizer, tokenizer, run, best)
+        start_step, val_loss = resume(config, model, optimizer, corpus, run, best)
     train_model = wrap_for_training(model, config, run)  # torch.compile, DDP
     scaler = make_scaler(run)  # float16 only: scales the loss so small gradients survive
     record = metrics_recorder(config) if run.is_master else None
-    stop_requested = catch_ctrl_c(run)  # under torchrun: asked of every rank, answered a step later
+    stop_requested = catch_ctrl_c(run)  # and SIGTERM; under torchrun: every rank, a step later
 
     log(f"\nStarting training for {config.max_iters} iterations...")
     progress = tqdm(total=config.max_iters, initial=start_step, unit="step", dynamic_ncols=True,
@@ -204,21 +209,51 @@ def check_model_fits(config, run):
 
 def check_paths(config, run):
     """Before any work: the checkpoint to resume from exists, and the new one can be saved (by
-    rank 0, which saves): not a folder, not over the --data file, in a folder that exists (it
-    is created) where a file can be written. Saving can then fail only for lack of space."""
+    rank 0, which saves): no file the run writes is one it reads, the checkpoint is not a
+    folder, its folder exists (it is created) and a file can be written there, and no other
+    run is saving to it. Saving can then fail only for lack of space."""
     if config.resume:
         source = config.checkpoint if config.resume == "true" else config.resume
-        if not os.path.isfile(source):
+        problem = regular_file_problem(source)
+        if problem == "does not exist":
             raise UsageError(f"--resume: no checkpoint at {source}; train one first, or drop "
                              f"--resume")
+        if problem:
+            raise UsageError(f"--resume {source} {problem}; pass the checkpoint file to go on "
+                             f"from")
     if not run.is_master:
         return
     path = config.checkpoint
-    for output in (path, f"{path}.tmp", *log_paths(path)):
-        if os.path.realpath(output) == os.path.realpath(config.data):
-            raise UsageError(f"--checkpoint {path} would overwrite the --data file "
-                             f"{config.data}; pick another --checkpoint")
+    metrics_log, loss_curve = log_paths(path)
+    outputs = {path: "--checkpoint", f"{path}.lock": "its lock file",
+               metrics_log: "its metrics log", loss_curve: "its loss curve"}
+    check_outputs_spare_inputs(outputs, run_inputs(config), "pick another --checkpoint")
     check_output_path(path, "--checkpoint", "ckpt.pt")
+    claim_checkpoint(path)
+
+
+def run_inputs(config):
+    """{path: what it is} of every file the run reads: the text, its token files, and the
+    checkpoint to resume, unless that is the one to save (which is meant to be replaced)."""
+    inputs = {source: "a file of the --data folder" for source in find_sources(config.data)}
+    inputs[config.data] = "the --data folder" if os.path.isdir(config.data) else "the --data file"
+    stem = prepared_stem(config.data, corpus_settings(config))
+    inputs.update({f"{stem}.tokens": "the token file", f"{stem}.tokens.json": "the token file"})
+    resumed = config.checkpoint if config.resume == "true" else config.resume
+    if resumed and not same_file(resumed, config.checkpoint):
+        inputs[resumed] = "the checkpoint to resume"
+    return inputs
+
+
+def claim_checkpoint(path):
+    """Lock the checkpoint for this run, so that a second run saving to the same file at the
+    same time is refused (the lock goes when this run ends, however it ends), then remove the
+    temporary files that killed runs left beside it."""
+    holder = hold_lock(f"{path}.lock")
+    if holder:
+        raise UsageError(f"another run ({holder}) is saving to --checkpoint {path}; wait for "
+                         f"it to end, or pick another --checkpoint")
+    remove_leftover_tmp(path)
 
 
 def load_tokens(config, run):
@@ -283,7 +318,7 @@ def wrap_for_training(model, config, run):
     """The model that train_step calls: compiled (--compile), and wrapped in DDP under
     torchrun. Evaluation and saving use the plain model, which shares its weights."""
     if use_compile(config.compile, run.device, "running"):
-        model = torch.compile(model)
+        model = compiled_or_eager(model)
     if run.world_size > 1:  # DDP: averages the gradients of all ranks during backward
         model = DistributedDataParallel(
             model, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
@@ -291,6 +326,25 @@ def wrap_for_training(model, config, run):
         # rank before every forward, DDP's default. (Set here: PyTorch 2.13 renamed the flag.)
         model.broadcast_buffers = False
     return model
+
+
+def compiled_or_eager(model):
+    """torch.compile(model), which compiles at its first call; if compiling fails there (a
+    compiler that will not run, an unsupported GPU), a note says so and it runs eager."""
+    compiled = torch.compile(model)
+    compiled_forward = compiled.forward
+
+    def forward(*args, **kwargs):
+        try:
+            return compiled_forward(*args, **kwargs)
+        except Exception as error:
+            print(f"\nNote: running without torch.compile: it failed with "
+                  f"{type(error).__name__} (see TROUBLESHOOTING.md)", flush=True)
+            compiled.forward = model.__call__  # every later step: eager
+            return model(*args, **kwargs)
+
+    compiled.forward = forward
+    return compiled
 
 
 def make_scaler(run):
@@ -328,7 +382,8 @@ def evaluate_and_save(step, model, optimizer, tokenizer, corpus, val_data, confi
                           model_args=asdict(model.config),
                           tokenizer=tokenizer.to_dict(), config=asdict(config),
                           optimizer=optimizer.state_dict(), step=step, val_loss=val_loss,
-                          val_bpc=val_bpc, rng=rng_states, **best.in_checkpoint(step)),
+                          val_bpc=val_bpc, rng=rng_states, text_sha256=corpus.sha256,
+                          **best.in_checkpoint(step)),
                      config.checkpoint, progress)
     if run.is_master:  # after saving: a fresh run's log replaces an earlier run's only then
         record(metrics, draw_curve=last_step, saved=step > 0)
@@ -560,19 +615,23 @@ def sample_text(model, tokenizer, n_tokens, device, generator=None):
 def catch_ctrl_c(run):
     """First Ctrl-C: finish the current step, save, stop. A second one, a second or more later,
     stops at once (torchrun passes the terminal's Ctrl-C on to its processes, which so get it
-    twice). Returns whether to stop, asked once a step; under torchrun the same on every rank."""
+    twice). SIGTERM, which a cluster's scheduler or `timeout` sends some time before killing,
+    does the same. Returns whether to stop, asked once a step; under torchrun the same on every
+    rank."""
     first_at = []
 
-    def on_sigint(signum, frame):
+    def on_signal(signum, frame):
         if first_at and time.time() - first_at[0] > 1:
             raise KeyboardInterrupt
         if not first_at:
             first_at.append(time.time())
+            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
             if run.is_master:
-                print("\nCtrl-C: stopping after this step and saving (Ctrl-C again to quit now)",
+                print(f"\n{name}: stopping after this step and saving ({name} again to quit now)",
                       flush=True)
 
-    signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     return on_any_rank(lambda: bool(first_at), run)
 
 
@@ -747,14 +806,12 @@ def gather_from_all_ranks(value, run):
 # ---------------------------------------------------------------------------------------------
 # Exact resume: weights, optimizer, step and the random state that picks batches and dropout
 
-def resume(config, model, optimizer, tokenizer, run, best):
+def resume(config, model, optimizer, corpus, run, best):
     """Load the checkpoint named by --resume into model and optimizer, restore this rank's
     random state and the best evaluation so far: (step to go on from, its val loss)."""
     path = config.checkpoint if config.resume == "true" else config.resume
     checkpoint = load_checkpoint(path, run.device)
-    if checkpoint["tokenizer"] != tokenizer.to_dict():
-        raise UsageError(f"cannot resume {path}: it was trained on text with another vocabulary; "
-                         f"pass the same --data it was trained on")
+    check_same_tokens(checkpoint, corpus, config, path)
     saved, wanted = checkpoint["model_args"], asdict(model.config)
     changed = ", ".join(f"{k} {saved[k]} -> {wanted[k]}" for k in MODEL_SHAPE if saved[k] != wanted[k])
     if changed:
@@ -771,9 +828,9 @@ def resume(config, model, optimizer, tokenizer, run, best):
         raise UsageError(f"cannot resume {path}: it was trained with --optimizer "
                          f"{saved_optimizer}; pass --optimizer {saved_optimizer}")
     step = checkpoint["step"]
-    if step > config.max_iters:
-        raise UsageError(f"{path} is at step {step}, past --max_iters {config.max_iters}; "
-                         f"pass a larger --max_iters to train on")
+    if step >= config.max_iters:  # nothing to train, nothing to save
+        raise UsageError(f"{path} is at step {step}, {'past' if step > config.max_iters else 'at'} "
+                         f"--max_iters {config.max_iters}; pass a larger --max_iters to train on")
     model.load_state_dict(checkpoint["model"])
     best.restore(checkpoint)
     rng_states = checkpoint["rng"]  # one per rank of the run that saved it
@@ -795,6 +852,26 @@ def resume(config, model, optimizer, tokenizer, run, best):
     if run.is_master:
         print(f"Resuming from step {step} of {path}")
     return step, checkpoint["val_loss"]
+
+
+def check_same_tokens(checkpoint, corpus, config, path):
+    """Refuse to go on with other tokens than the checkpoint learned from, naming the cause:
+    another --tokenizer or --vocab_size, or another text (its sha256, recorded at each save:
+    the same characters in another text would give the same vocabulary)."""
+    saved = checkpoint["tokenizer"]
+    if saved.get("kind") != config.tokenizer:
+        raise UsageError(f"cannot resume {path}: it was trained with --tokenizer "
+                         f"{saved.get('kind')}; pass --tokenizer {saved.get('kind')}")
+    saved_vocab = checkpoint.get("config", {}).get("vocab_size") if isinstance(
+        checkpoint.get("config"), dict) else None
+    if config.tokenizer == "bpe" and saved_vocab not in (None, config.vocab_size):
+        raise UsageError(f"cannot resume {path}: it was trained with --vocab_size "
+                         f"{saved_vocab}; pass --vocab_size {saved_vocab}")
+    if checkpoint.get("text_sha256", corpus.sha256) != corpus.sha256 or \
+            saved != corpus.tokenizer.to_dict():
+        raise UsageError(f"cannot resume {path}: it was trained on another text than --data "
+                         f"{config.data}; pass the --data it was trained on, or start a fresh "
+                         f"run")
 
 
 def rng_state():

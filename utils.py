@@ -6,17 +6,24 @@ raises UsageError; the scripts print its message as one line and exit with code 
 
 import collections
 import contextlib
+import glob
 import hashlib
 import math
 import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import urllib.request
 import warnings
 
 import torch
+
+try:
+    import fcntl  # file locks; POSIX only
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
 
 from model import GPTConfig, GPTModel
 
@@ -31,8 +38,11 @@ class UsageError(Exception):
 
 def run_main(main):
     """Run a script's main(): a UsageError becomes one line on stderr and exit code 2, and
-    Ctrl-C (one that main does not handle itself) exits with 130, without a traceback."""
+    Ctrl-C (one that main does not handle itself) exits with 130, without a traceback. SIGTERM
+    (what `timeout` or a cluster's scheduler sends before a kill) is taken as a Ctrl-C: files
+    half written are cleaned up on the way out. Under torchrun only rank 0 prints the error."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the scripts quiet it while importing
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if hasattr(sys.stdout, "reconfigure"):
         # A path or prompt that is not valid UTF-8 (a terminal's lone byte arrives as a lone
         # surrogate, "\udcff") prints escaped instead of ending the run.
@@ -40,7 +50,8 @@ def run_main(main):
     try:
         main()
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank meets the same error: say it once
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -48,6 +59,8 @@ def run_main(main):
     except BrokenPipeError:  # e.g. `python generate.py | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         sys.exit(0)
+    finally:
+        release_locks()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,6 +85,7 @@ class CharTokenizer:
     def encode(self, text):
         unknown = sorted(set(text) - self.stoi.keys())
         if unknown:
+            check_decodable("".join(unknown))
             raise UsageError(f"characters not in the model's vocabulary: {''.join(unknown)!r}; "
                              f"use only characters from the training text")
         return [self.stoi[ch] for ch in text]
@@ -148,6 +162,7 @@ class BPETokenizer:
         return len(self.token_bytes)
 
     def encode(self, text):
+        check_decodable(text)
         ids = []
         for chunk in self.CHUNK.findall(text):
             if chunk not in self.cache:
@@ -156,12 +171,7 @@ class BPETokenizer:
         return ids
 
     def encode_chunk(self, chunk):
-        try:
-            tokens = list(chunk.encode("utf-8"))
-        except UnicodeEncodeError as err:  # a lone surrogate, e.g. a terminal's invalid byte
-            raise UsageError(f"the text has a character that is not valid Unicode "
-                             f"({chunk[err.start:err.end]!r}), which BPE cannot encode as "
-                             f"UTF-8; remove it or fix the terminal's encoding") from None
+        tokens = list(chunk.encode("utf-8"))
         while len(tokens) > 1:
             # Apply the earliest-learned merge present; later merges build on earlier ones.
             pair = min(zip(tokens, tokens[1:]), key=lambda p: self.rank.get(p, float("inf")))
@@ -176,6 +186,16 @@ class BPETokenizer:
 
     def to_dict(self):
         return {"kind": "bpe", "merges": [list(pair) for pair in self.merges]}
+
+
+def check_decodable(text):
+    """Refuse lone surrogates: how Python passes on the bytes of an argument that the terminal's
+    locale could not decode (U+DC80 to U+DCFF). They are not characters at all."""
+    undecodable = re.search("[\ud800-\udfff]", text)
+    if undecodable:
+        raise UsageError(f"the text has a character that is not valid Unicode "
+                         f"({undecodable[0]!r}): bytes the terminal's locale could not decode; "
+                         f"use a UTF-8 locale (e.g. LANG=C.UTF-8) or remove them")
 
 
 def merge_pair(tokens, pair, new_token):
@@ -212,6 +232,9 @@ def read_text(path):
     """Read a UTF-8 text file, fetching Tiny Shakespeare first if it is the default path."""
     if not os.path.exists(path) and os.path.normpath(path) == DEFAULT_DATA:
         download_tiny_shakespeare(path)
+    problem = regular_file_problem(path)
+    if problem and os.path.lexists(path) and not os.path.isdir(path):
+        raise UsageError(f"data file {path} {problem}; pass --data PATH to a UTF-8 text file")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -230,6 +253,25 @@ def read_text(path):
     if not text:
         raise UsageError(f"data file {path} is empty; give it some text to learn from")
     return text
+
+
+def regular_file_problem(path):
+    """Why path is not a plain file that can be read, in words, or None: it does not exist, is
+    a dangling or looping symlink, a folder, or a FIFO, device or socket (opening a FIFO would
+    wait for a writer for ever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "is a symlink to nothing" if os.path.islink(path) else "does not exist"
+    except OSError as err:  # a symlink loop, a name too long, ...
+        return f"cannot be read ({err.strerror or err})"
+    if stat.S_ISDIR(mode):
+        return "is a folder"
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        return "is a FIFO or a socket, not a regular file"
+    if not stat.S_ISREG(mode):
+        return "is a device, not a regular file"
+    return None
 
 
 def download_tiny_shakespeare(path):
@@ -317,8 +359,9 @@ def get_batch(data, batch_size, block_size, generator=None):
 # Checkpoints: only tensors and plain Python values, so loading can never run code
 
 def atomic_write(path, write):
-    """Call write(tmp_path), then rename over path: a crash leaves the old file or the new one."""
-    tmp_path = f"{path}.tmp"
+    """Call write(tmp_path), then rename over path: a crash leaves the old file or the new one.
+    The temporary file is this process's own (its id in the name): two runs never share one."""
+    tmp_path = tmp_path_for(path)
     try:
         write(tmp_path)
         os.replace(tmp_path, path)
@@ -328,17 +371,105 @@ def atomic_write(path, write):
                 os.remove(tmp_path)
 
 
+def tmp_path_for(path):
+    return f"{path}.{os.getpid()}.tmp"
+
+
+def remove_leftover_tmp(path):
+    """Delete the temporary files of path that killed processes left behind (path.PID.tmp).
+    Call it only while holding path's lock: no other process can be writing one then."""
+    for leftover in glob.glob(f"{glob.escape(path)}.*.tmp"):
+        if re.fullmatch(r"\d+", leftover[len(path) + 1:-4]):
+            with contextlib.suppress(OSError):
+                os.remove(leftover)
+
+
+HELD_LOCKS = {}  # path -> its lock file, held until the script's main() ends (run_main)
+
+
+def hold_lock(path):
+    """Lock path for this process until main() ends: None, or where another process holds it,
+    what that process wrote in the file (its id), for the message."""
+    path = os.path.abspath(path)
+    if path not in HELD_LOCKS:
+        lock = take_lock(path, wait=False)
+        if isinstance(lock, str):
+            return lock
+        HELD_LOCKS[path] = lock
+    return None
+
+
+def release_locks():
+    while HELD_LOCKS:
+        release_lock(*HELD_LOCKS.popitem())
+
+
+def take_lock(path, wait):
+    """The open lock file at path, locked; or, where another process holds it and wait is
+    False, what that process wrote in it. The lock is the operating system's (flock): it goes
+    with the process however it ends, so a crashed run leaves no stale lock, only a file that
+    the next run takes over. Without fcntl (Windows) nothing is locked: None."""
+    if fcntl is None:
+        return None
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            return holder
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break  # else the holder deleted the file while we waited: take the new one
+        f.close()
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()}")
+    f.flush()
+    return f
+
+
+def release_lock(path, f):
+    if f is not None:
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:  # still ours, not a file
+                os.remove(path)  # put there since; while locked: a waiting run sees it gone
+        f.close()
+
+
+def check_outputs_spare_inputs(outputs, inputs, fix):
+    """Prove, before any work, that no file a run writes is, or lies inside, one it reads.
+    outputs and inputs: {path: what it is, in words}. Paths are compared as the files they
+    lead to, through symlinks and hard links."""
+    for output, output_name in outputs.items():
+        for source, source_name in inputs.items():
+            inside = os.path.isdir(source) and os.path.realpath(output).startswith(
+                os.path.join(os.path.realpath(source), ""))
+            if inside or same_file(output, source):
+                raise UsageError(f"{output_name} {output} would "
+                                 f"{'write inside' if inside else 'overwrite'} {source_name} "
+                                 f"{source}, which this run reads; {fix}")
+
+
+def same_file(a, b):
+    with contextlib.suppress(OSError):
+        return os.path.samefile(a, b)  # both exist
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def check_output_path(path, flag, example_name):
     """Prove, before any work, that a file can be saved at path (named by flag in the errors):
     it is not a folder, its folder exists (created here if need be), and a file can be written
-    there: the very path.tmp that atomic_write writes first. Saving can then fail only for
+    there: the very path.PID.tmp that atomic_write writes first. Saving can then fail only for
     lack of space."""
     if not path.strip():
         raise UsageError(f"{flag} must not be empty")
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a folder; name a file in it, e.g. "
                          f"{flag} {os.path.join(path, example_name)}")
-    probe = f"{path}.tmp"
+    probe = tmp_path_for(path)
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(probe, "wb"):
@@ -369,12 +500,13 @@ def load_checkpoint(path, device="cpu"):
     built from them."""
     if os.path.isdir(path):
         raise UsageError(f"--checkpoint {path} is a folder; pass the checkpoint file in it")
-    if os.path.exists(path) and not os.path.isfile(path):
-        raise UsageError(f"--checkpoint {path} is not a file (a device or a pipe?); pass the "
-                         f"checkpoint file train.py saved")
-    if not os.path.isfile(path):
+    problem = regular_file_problem(path)
+    if problem == "does not exist":
         raise UsageError(f"checkpoint not found: {path}; train one with `python train.py` "
                          f"or pass --checkpoint PATH")
+    if problem:
+        raise UsageError(f"--checkpoint {path} {problem}; pass the checkpoint file train.py "
+                         f"saved")
     try:
         with warnings.catch_warnings():  # a file that is not a checkpoint: our line says so
             warnings.simplefilter("ignore")
@@ -506,7 +638,8 @@ def weights_problem(weights, model_args):
 
 
 def tokenizer_problem(state, vocab_size):
-    """Plain data that tokenizer_from_dict can rebuild, with as many tokens as the model has."""
+    """Plain data that tokenizer_from_dict can rebuild, with as many tokens as the model has
+    (vocab_size; None: any number)."""
     kind = state.get("kind") if isinstance(state, dict) else None
     if kind == "char":
         chars = state.get("chars")
@@ -524,7 +657,7 @@ def tokenizer_problem(state, vocab_size):
         n_tokens = 256 + len(merges)
     else:
         return "its tokenizer is neither char nor bpe"
-    if n_tokens != vocab_size:
+    if vocab_size is not None and n_tokens != vocab_size:
         return f"its tokenizer has {n_tokens} tokens, the model {vocab_size}"
     return None
 

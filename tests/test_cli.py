@@ -215,7 +215,7 @@ def test_ctrl_c_saves_and_stops_cleanly_with_cpu_warning(tmp_path, tiny_data):
     assert f"checkpoint saved to {ckpt}" in output
     assert torch.load(ckpt, weights_only=True)["step"] >= 1
     if importlib.util.find_spec("matplotlib"):
-        assert (tmp_path / "ckpt.loss.png").exists()  # drawn at the stop, the last evaluation
+        assert (tmp_path / "ckpt.pt.loss.png").exists()  # drawn at the stop, the last evaluation
 
 
 def test_bench_generate_prints_the_summary_line():

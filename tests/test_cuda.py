@@ -149,9 +149,9 @@ def test_resume_on_cuda_continues_where_it_stopped(tmp_path, tiny_data, optimize
                          "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming from step 6" in resumed.stdout
-    expected = losses_by_step(tmp_path / "straight.metrics.jsonl")
+    expected = losses_by_step(tmp_path / "straight.pt.metrics.jsonl")
     assert sorted(expected) == list(range(1, 13))
-    got = losses_by_step(tmp_path / "halves.metrics.jsonl")
+    got = losses_by_step(tmp_path / "halves.pt.metrics.jsonl")
     assert sorted(got) == sorted(expected)
     # Some GPU kernels add up in a different order from run to run, so equal to the last bit
     # is not promised; another batch or dropout mask would move these losses by ~1e-2.

@@ -197,7 +197,7 @@ def test_explore_prints_the_table_and_writes_valid_pngs(checkpoint):
 
 def test_pictures_go_beside_the_checkpoint_by_default(checkpoint, capsys):
     explore.main(["--checkpoint", str(checkpoint), "--prompt", "JULIET:"])
-    folder = checkpoint.parent / "small.explore"
+    folder = checkpoint.parent / "small.pt.explore"
     assert is_png(folder / "attention.png") and is_png(folder / "embeddings.png")
     assert str(folder / "attention.png") in capsys.readouterr().out
 
@@ -256,7 +256,7 @@ def test_eval_samples_are_printed_and_logged_and_change_nothing_else(tmp_path, t
                        "--max_iters", "12")
     assert plain.returncode == 0, plain.stderr
     assert "Sample at step" not in plain.stdout
-    assert all("sample" not in r for r in eval_records(tmp_path / "plain.metrics.jsonl").values())
+    assert all("sample" not in r for r in eval_records(tmp_path / "plain.pt.metrics.jsonl").values())
     # The same run with samples, stopped after step 6 and resumed.
     sampled = ["--checkpoint", tmp_path / "sampled.pt", "--eval_sample_tokens", "30"]
     first_half = run_script("train.py", *flags, *sampled, "--max_iters", "6")
@@ -264,15 +264,15 @@ def test_eval_samples_are_printed_and_logged_and_change_nothing_else(tmp_path, t
     assert first_half.returncode == 0 and resumed.returncode == 0, resumed.stderr
     assert "Sample at step 0:\n" in first_half.stdout and "Sample at step 6:\n" in first_half.stdout
     assert "Sample at step 12:\n" in resumed.stdout
-    records = eval_records(tmp_path / "sampled.metrics.jsonl")
+    records = eval_records(tmp_path / "sampled.pt.metrics.jsonl")
     assert sorted(records) == [0, 6, 12]
     for record in records.values():  # a newline to start from, then 30 characters
         assert len(record["sample"]) == 31 and record["sample"][0] == "\n"
         assert record["sample"][1:].strip() in first_half.stdout + resumed.stdout
     # Sampling draws from its own generator: training goes on bit for bit as without it,
     # and --resume still continues exactly.
-    assert losses_by_step(tmp_path / "sampled.metrics.jsonl") == \
-        losses_by_step(tmp_path / "plain.metrics.jsonl")
+    assert losses_by_step(tmp_path / "sampled.pt.metrics.jsonl") == \
+        losses_by_step(tmp_path / "plain.pt.metrics.jsonl")
 
 
 def test_negative_eval_sample_tokens_is_refused(tmp_path, tiny_data, capsys):

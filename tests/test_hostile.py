@@ -14,6 +14,7 @@ import io
 import itertools
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import bench
 import dataset
 import generate
 import train
+import utils
 from config import Config
 from conftest import ROOT, TINY_FLAGS, TINY_TEXT, run_in_process, run_script
 
@@ -199,6 +201,7 @@ def home(tmp_path_factory):
     quietly(train.main, [*common, "--checkpoint", paths["earlier.pt"]])
     quietly(train.main, [*common, "--checkpoint", paths["bpe.pt"], "--tokenizer", "bpe",
                          "--vocab_size", "300"])
+    utils.release_locks()  # as run_main does when a script's main() ends
     with open(paths["random.pt"], "wb") as f:
         f.write(os.urandom(2000))
     with open(paths["text.pt"], "w") as f:
@@ -391,3 +394,121 @@ def test_ctrl_c_while_torch_loads_exits_quietly(script):
     if process.returncode == 0:
         pytest.skip("the imports finished before the Ctrl-C landed")
     assert process.returncode == 130 and "Traceback" not in err and not err.strip(), err
+
+
+# --- under attack: other processes, signals, files that are not files -----------------------
+
+def start_training(data, checkpoint, *extra):
+    """train.py in a real process that trains until stopped; returns once it is training."""
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--data", data, "--checkpoint",
+         checkpoint, *TINY_FLAGS, "--max_iters", "100000", "--eval_interval", "5",
+         "--sample_tokens", "0", *extra], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:
+        if line.startswith("Starting training"):
+            return process
+    raise AssertionError(process.communicate())
+
+
+def test_a_second_run_on_the_same_checkpoint_is_refused_and_sigterm_saves(tmp_path,
+                                                                           tiny_data):
+    checkpoint = tmp_path / "run.pt"
+    leftover = tmp_path / "run.pt.99999999.tmp"  # what a killed run left behind
+    leftover.write_bytes(b"half a checkpoint")
+    first = start_training(tiny_data, checkpoint)
+    time.sleep(3)  # a save or two
+    assert not leftover.exists()  # the run holding the lock removed it
+    second = run_script("train.py", "--data", tiny_data, *TINY_FLAGS, "--max_iters", "2",
+                        "--checkpoint", checkpoint)
+    expect_one_error_line(second, f"another run (process {first.pid}) is saving to "
+                                  f"--checkpoint {checkpoint}")
+    first.send_signal(signal.SIGTERM)  # what `timeout` or a cluster's scheduler sends
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0 and "Traceback" not in err, err
+    assert "SIGTERM: stopping after this step and saving" in out
+    step = int(re.search(r"Stopped at step (\d+); checkpoint saved", out)[1])
+    assert torch.load(checkpoint, weights_only=True)["step"] == step
+    assert not [name for name in os.listdir(tmp_path) if name.endswith((".tmp", ".lock"))]
+    again = run_script("train.py", "--data", tiny_data, *TINY_FLAGS, "--max_iters", "2",
+                       "--checkpoint", checkpoint)  # the lock went with the first run
+    assert again.returncode == 0, again.stderr
+
+
+def test_a_killed_preparation_leaves_no_worker_behind(tmp_path):
+    script = tmp_path / "prepare.py"  # encodes for ever in two workers, until killed
+    script.write_text(
+        f"import sys, time\nsys.path.insert(0, {ROOT!r})\nimport fast_bpe\n"
+        "def slow(piece, dtype):\n    time.sleep(1000)\n"
+        "fast_bpe.encode_piece = slow\n"
+        "pieces = ((\"train\", \"word \" * 10) for _ in range(100))\n"
+        "print('encoding', flush=True)\n"
+        "for _ in fast_bpe.encode_pieces(pieces, [], 'uint16', 2):\n    pass\n")
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "encoding\n"
+    workers = []
+    for _ in range(100):
+        workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                                 text=True).stdout.split()
+        if len(workers) == 2:
+            break
+        time.sleep(0.1)
+    assert len(workers) == 2
+    process.kill()  # kill -9: no clean-up runs in it
+    process.wait()
+    time.sleep(3)
+    alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}")
+             and "zombie" not in open(f"/proc/{pid}/status").read()]
+    for pid in alive:
+        os.kill(int(pid), signal.SIGKILL)
+    assert not alive
+
+
+def test_things_that_are_not_regular_files_are_named_at_once(tmp_path, tiny_data):
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)  # opening it would wait for a writer for ever
+    expect_one_error_line(run_script("train.py", "--data", fifo, timeout=60),
+                          f"--data {fifo} is a FIFO or a socket, not a regular file")
+    for strange in ("pipe.txt", "dead.txt"):
+        folder = tmp_path / strange.replace(".", "-")
+        folder.mkdir()
+        (folder / "good.txt").write_text(TINY_TEXT)
+        if strange == "pipe.txt":
+            os.mkfifo(folder / strange)
+        else:
+            os.symlink(tmp_path / "nowhere.txt", folder / strange)
+        expect_one_error_line(
+            run_script("train.py", "--data", folder, "--device", "cpu", timeout=60),
+            f"{folder / strange} in the --data folder is a " +
+            ("FIFO" if strange == "pipe.txt" else "symlink to nothing"))
+
+
+def test_under_torchrun_an_error_is_printed_once(tmp_path):
+    torchrun = (shutil.which("torchrun", path=os.path.dirname(sys.executable))
+                or shutil.which("torchrun") or pytest.skip("torchrun not found"))
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "train.py",
+                             "--n_head", "5", "--device", "cpu"],  # every rank refuses it
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert (result.stdout + result.stderr).count("error: n_embd (384) must be divisible") == 1
+
+
+def test_bench_curve_fails_with_train_py_s_reason(monkeypatch):
+    real_launch = bench.launch_train_py
+    monkeypatch.setattr(bench, "launch_train_py",
+                        lambda flags: real_launch([*flags, "--n_head", "5"]))  # 192 % 5 != 0
+    code, out, err = run_in_process(bench.main, ["curve", "--device", "cpu", "--seconds", "30"])
+    assert code == 2, (out[-2000:], err)
+    [line] = err.strip().splitlines()
+    assert "train.py --preset cpu failed (exit 2): error: n_embd (192) must be divisible" in line
+
+
+@pytest.mark.parametrize("stdin", ["empty", "closed"])
+def test_interactive_with_no_input_left_ends_quietly(home, stdin):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--checkpoint",
+                             home["earlier"], "--device", "cpu", "--interactive"], cwd=ROOT,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+                            preexec_fn=(lambda: os.close(0)) if stdin == "closed" else None)
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    # The prompt's line ended (a closed stdin fails before the prompt shows), nothing else said.
+    assert result.stdout.endswith("> \n" if stdin == "empty" else "quits.\n\n"), result.stdout

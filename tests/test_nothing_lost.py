@@ -60,8 +60,8 @@ def test_the_data_file_as_checkpoint_is_refused_and_the_text_kept(tmp_path, tiny
     for checkpoint in (tiny_data, alias):
         one_error_line(train_run(tiny_data, checkpoint), "would overwrite the --data file")
     assert open(tiny_data, encoding="utf-8").read() == TINY_TEXT
-    # run.pt's metrics log is run.metrics.jsonl: not that either, if it is the data.
-    text_named_like_a_log = tmp_path / "run.metrics.jsonl"
+    # run.pt's metrics log is run.pt.metrics.jsonl: not that either, if it is the data.
+    text_named_like_a_log = tmp_path / "run.pt.metrics.jsonl"
     text_named_like_a_log.write_text(TINY_TEXT)
     one_error_line(train_run(text_named_like_a_log, tmp_path / "run.pt"),
                    "would overwrite the --data file")
@@ -134,7 +134,7 @@ def test_a_failed_first_save_says_no_checkpoint_was_saved(tmp_path, tiny_data, m
 # --- convenience files warn once; the run goes on --------------------------------------------
 
 def test_an_unwritable_metrics_log_warns_once_and_training_goes_on(tmp_path, tiny_data):
-    (tmp_path / "run.metrics.jsonl").mkdir()  # opening it for writing fails
+    (tmp_path / "run.pt.metrics.jsonl").mkdir()  # opening it for writing fails
     code, out, err = train_run(tiny_data, tmp_path / "run.pt", "--log_interval", "1")
     assert code == 0, err
     assert out.count("Note: writing the metrics log") == 1
@@ -143,11 +143,11 @@ def test_an_unwritable_metrics_log_warns_once_and_training_goes_on(tmp_path, tin
 
 def test_an_unwritable_loss_curve_warns_once_and_training_goes_on(tmp_path, tiny_data):
     pytest.importorskip("matplotlib")
-    (tmp_path / "run.loss.png").mkdir()
+    (tmp_path / "run.pt.loss.png").mkdir()
     code, out, err = train_run(tiny_data, tmp_path / "run.pt")
     assert code == 0, err
     assert out.count("Note: drawing the loss curve") == 1
-    assert (tmp_path / "run.metrics.jsonl").exists()
+    assert (tmp_path / "run.pt.metrics.jsonl").exists()
 
 
 def test_an_unwritable_bpe_cache_warns_and_tokenizes_anyway(tmp_path, monkeypatch, capsys):
@@ -192,7 +192,7 @@ def val_steps(jsonl_path):
 
 
 def test_a_fresh_run_keeps_the_earlier_log_until_it_has_saved(tmp_path, tiny_data):
-    checkpoint, log = tmp_path / "run.pt", tmp_path / "run.metrics.jsonl"
+    checkpoint, log = tmp_path / "run.pt", tmp_path / "run.pt.metrics.jsonl"
     assert train_run(tiny_data, checkpoint)[0] == 0
     assert val_steps(log) == [0, 1, 2]
     before = files_in(tmp_path)
@@ -216,3 +216,214 @@ def test_resuming_a_checkpoint_with_damaged_optimizer_state_is_a_clear_error(tmp
         torch.save({**saved, **damage}, tmp_path / "damaged.pt")
         one_error_line(train_run(tiny_data, tmp_path / "new.pt", "--max_iters", "4",
                                  "--resume", tmp_path / "damaged.pt"), "cannot resume")
+
+
+# --- an output that is an input; two outputs that share a name ------------------------------
+
+def test_no_output_is_or_lies_inside_an_input(tmp_path, tiny_data):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (folder / name).write_text(TINY_TEXT)
+    before = files_in(folder)
+    for checkpoint, fragment in ((folder / "b.txt", "would overwrite a file of the --data folder"),
+                                 (folder / "runs" / "x.pt", "would write inside the --data folder")):
+        one_error_line(train_run(folder, checkpoint), fragment)
+    assert files_in(folder) == before and not (folder / "runs").exists()
+    assert train_run(tiny_data, tmp_path / "first.pt")[0] == 0
+    token_file = f"{tiny_data}.char.tokens"  # its own token file, which the run maps
+    one_error_line(train_run(tiny_data, token_file), "would overwrite the token file")
+    # The checkpoint to resume is read: a new run's metrics log must not be written over it.
+    os.replace(tmp_path / "first.pt", tmp_path / "x.pt.metrics.jsonl")
+    one_error_line(train_run(tiny_data, tmp_path / "x.pt", "--max_iters", "4", "--resume",
+                             tmp_path / "x.pt.metrics.jsonl"), "would overwrite the checkpoint")
+    assert torch.load(tmp_path / "x.pt.metrics.jsonl", weights_only=True)["step"] == 2
+
+
+def test_two_checkpoints_never_share_a_log(tmp_path, tiny_data):
+    for name in ("x.pt", "x.pth", "x"):
+        assert train_run(tiny_data, tmp_path / name)[0] == 0
+    for name in ("x.pt", "x.pth", "x"):
+        assert val_steps(tmp_path / f"{name}.metrics.jsonl") == [0, 1, 2]  # each its own
+
+
+# --- files that change under a run ------------------------------------------------------------
+
+def test_a_text_that_changes_while_it_is_prepared_is_refused(tmp_path, monkeypatch):
+    import dataset
+    data = tmp_path / "growing.txt"
+    data.write_text(TINY_TEXT)
+    real_scan = dataset.scan
+
+    def scan_then_append(chunks, want_vocab):
+        result = real_scan(chunks, want_vocab)
+        with open(data, "a") as f:  # another program appends while this run prepares
+            f.write("Zounds! A new line.\n")
+        return result
+
+    monkeypatch.setattr(dataset, "scan", scan_then_append)
+    with pytest.raises(utils.UsageError, match="changed while it was being prepared"):
+        dataset.load_corpus(Config(data=str(data)))
+    assert not [name for name in os.listdir(tmp_path) if name.endswith((".tokens", ".tmp"))]
+
+
+@pytest.mark.parametrize("damage", [[1, 2], {"format": 1}, "n_train", "dtype", "tokenizer"])
+def test_damaged_token_metadata_is_prepared_anew(tmp_path, tiny_data, damage):
+    import dataset
+    first = dataset.load_corpus(Config(data=tiny_data))
+    meta_path = f"{tiny_data}.char.tokens.json"
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if isinstance(damage, str):
+        meta[damage] = {"n_train": "many", "dtype": "float64", "tokenizer": [1]}[damage]
+    else:
+        meta = damage
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    again = dataset.load_corpus(Config(data=tiny_data))
+    assert (again.n_train, again.n_val, again.sha256) == (first.n_train, first.n_val, first.sha256)
+
+
+def test_token_ids_beyond_the_vocabulary_are_a_clear_error(tmp_path, tiny_data):
+    assert train_run(tiny_data, tmp_path / "run.pt")[0] == 0
+    token_file = f"{tiny_data}.char.tokens"
+    size = os.path.getsize(token_file)
+    with open(token_file, "wb") as f:  # same size, so it passes the cheap checks at start
+        f.write(b"\xff" * size)
+    one_error_line(train_run(tiny_data, tmp_path / "new.pt"), "is damaged (an id beyond")
+
+
+def test_resume_on_another_text_with_the_same_characters_is_refused(tmp_path, tiny_data):
+    assert train_run(tiny_data, tmp_path / "run.pt")[0] == 0
+    shuffled = tmp_path / "shuffled.txt"  # the same characters, another text
+    shuffled.write_text("".join(reversed(TINY_TEXT.splitlines(keepends=True))))
+    one_error_line(train_run(shuffled, tmp_path / "run.pt", "--max_iters", "4", "--resume"),
+                   "it was trained on another text")
+
+
+# --- where caches go --------------------------------------------------------------------------
+
+def test_an_unwritable_cache_folder_names_it_and_the_variable(tmp_path, tiny_data, monkeypatch):
+    import dataset
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: mode != os.W_OK and
+                        real_access(path, mode))  # a read-only data folder (root writes anyway)
+    with pytest.raises(utils.UsageError, match=f"cache folder {blocker}/mini-gpt.*set "
+                                               f"XDG_CACHE_HOME"):
+        dataset.load_corpus(Config(data=tiny_data))
+
+
+# --- honest last lines; the right cause ---------------------------------------------------------
+
+def test_resume_at_its_last_step_says_there_is_nothing_to_train(tmp_path, tiny_data):
+    assert train_run(tiny_data, tmp_path / "run.pt")[0] == 0
+    before = files_in(tmp_path)
+    one_error_line(train_run(tiny_data, tmp_path / "run.pt", "--resume"),
+                   "is at step 2, at --max_iters 2; pass a larger --max_iters")
+    assert files_in(tmp_path) == before
+
+
+def test_a_failing_torch_compile_falls_back_with_a_note(tmp_path, tiny_data, monkeypatch):
+    if utils.compile_problem("cpu"):
+        pytest.skip(utils.compile_problem("cpu"))
+    real_compile = torch.compile
+
+    def broken_backend(graph, inputs):
+        raise RuntimeError("the C++ compiler crashed")
+
+    monkeypatch.setattr(train.torch, "compile",
+                        lambda model: real_compile(model, backend=broken_backend))
+    code, out, err = train_run(tiny_data, tmp_path / "run.pt", "--compile", "true")
+    assert code == 0, err
+    assert out.count("Note: running without torch.compile: it failed with") == 1
+    assert torch.load(tmp_path / "run.pt", weights_only=True)["step"] == 2
+
+
+def test_resume_with_another_tokenizer_or_vocabulary_names_it(tmp_path, tiny_data):
+    assert train_run(tiny_data, tmp_path / "run.pt")[0] == 0
+    one_error_line(train_run(tiny_data, tmp_path / "run.pt", "--max_iters", "4", "--resume",
+                             "--tokenizer", "bpe", "--vocab_size", "300"),
+                   "it was trained with --tokenizer char; pass --tokenizer char")
+    bpe = ["--tokenizer", "bpe", "--vocab_size", "300"]
+    assert train_run(tiny_data, tmp_path / "bpe.pt", *bpe)[0] == 0
+    one_error_line(train_run(tiny_data, tmp_path / "bpe.pt", "--max_iters", "4", "--resume",
+                             "--tokenizer", "bpe", "--vocab_size", "280"),
+                   "--vocab_size 300; pass --vocab_size 300")
+
+
+def test_a_folder_where_the_token_file_goes_is_named_as_such(tmp_path, tiny_data):
+    os.mkdir(f"{tiny_data}.char.tokens")
+    line = one_error_line(train_run(tiny_data, tmp_path / "run.pt"), "is in the way: move it")
+    assert "disk space" not in line
+
+
+def test_a_prompt_the_locale_could_not_decode_says_so(tmp_path, tiny_data):
+    import generate
+    assert train_run(tiny_data, tmp_path / "run.pt")[0] == 0
+    line = one_error_line(run_in_process(generate.main, [
+        "--checkpoint", tmp_path / "run.pt", "--device", "cpu", "--prompt", "Romeo \udcc3"]),
+        "the terminal's locale could not decode")
+    assert "not in the model's vocabulary" not in line
+
+
+# --- explore.py's outputs ---------------------------------------------------------------------
+
+def test_explore_refuses_an_occupied_or_unwritable_out_and_its_own_checkpoint(tmp_path,
+                                                                              tiny_data,
+                                                                              monkeypatch):
+    pytest.importorskip("matplotlib")
+    import explore
+    checkpoint = tmp_path / "run.pt"
+    assert train_run(tiny_data, checkpoint)[0] == 0
+    look = tmp_path / "look"
+    (look / "attention.png").mkdir(parents=True)
+    explore_args = ["--checkpoint", checkpoint, "--prompt", "ROMEO:", "--out"]
+    one_error_line(run_in_process(explore.main, [*explore_args, look]),
+                   f"cannot write {look}/attention.png")
+    os.rmdir(look / "attention.png")
+    os.replace(checkpoint, look / "embeddings.png")  # a checkpoint named like a picture
+    one_error_line(run_in_process(explore.main, ["--checkpoint", look / "embeddings.png",
+                                                 "--prompt", "ROMEO:", "--out", look]),
+                   "would overwrite the --checkpoint")
+    assert torch.load(look / "embeddings.png", weights_only=True)["step"] == 2
+    os.replace(look / "embeddings.png", checkpoint)
+
+    def read_only(path, *args, **kwargs):  # root may write anywhere, so pretend
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(explore, "open", read_only, raising=False)
+    one_error_line(run_in_process(explore.main, [*explore_args, look]), "(Read-only file system)")
+
+
+def test_explore_draws_a_checkpoint_with_a_vocabulary_of_one(tmp_path):
+    pytest.importorskip("matplotlib")
+    import explore
+    data = tmp_path / "one.txt"
+    data.write_text("a" * 400)
+    assert train_run(data, tmp_path / "one.pt", "--n_embd", "8", "--n_head", "1")[0] == 0
+    code, out, err = run_in_process(explore.main, ["--checkpoint", tmp_path / "one.pt",
+                                                   "--prompt", "aaa"])
+    assert code == 0, err
+    assert (tmp_path / "one.pt.explore" / "embeddings.png").exists()
+
+
+def test_releasing_a_lock_never_deletes_a_file_put_in_its_place(tmp_path):
+    lock_path = str(tmp_path / "run.pt.lock")
+    lock = utils.take_lock(lock_path, wait=False)
+    (tmp_path / "checkpoint").write_text("another run's checkpoint, saved under that name")
+    os.replace(tmp_path / "checkpoint", lock_path)
+    utils.release_lock(lock_path, lock)
+    assert open(lock_path).read().startswith("another run's checkpoint")
+
+
+def test_a_checkpoint_that_is_a_dead_link_or_a_fifo_is_named_as_such(tmp_path, tiny_data):
+    import generate
+    os.symlink(tmp_path / "nowhere.pt", tmp_path / "dead.pt")
+    os.mkfifo(tmp_path / "pipe.pt")
+    one_error_line(run_in_process(generate.main, ["--checkpoint", tmp_path / "dead.pt"]),
+                   "is a symlink to nothing")
+    one_error_line(train_run(tiny_data, tmp_path / "run.pt", "--resume", tmp_path / "pipe.pt"),
+                   "is a FIFO or a socket, not a regular file")

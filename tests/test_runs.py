@@ -42,9 +42,9 @@ def test_resume_continues_exactly(tmp_path, tiny_data, optimizer):
     resumed = run_script("train.py", *flags, "--checkpoint", halves, "--max_iters", "12", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming from step 6" in resumed.stdout
-    expected = losses_by_step(tmp_path / "straight.metrics.jsonl")
+    expected = losses_by_step(tmp_path / "straight.pt.metrics.jsonl")
     assert sorted(expected) == list(range(1, 13))
-    assert losses_by_step(tmp_path / "halves.metrics.jsonl") == expected  # bit for bit
+    assert losses_by_step(tmp_path / "halves.pt.metrics.jsonl") == expected  # bit for bit
     assert torch.load(halves, weights_only=True)["step"] == 12
 
 
@@ -60,7 +60,7 @@ def test_resume_with_another_shape_or_text_is_refused(tmp_path, tiny_data):
     other_text = tmp_path / "other.txt"
     other_text.write_text("completely different words, zebra quiz! " * 40)
     result = run_script("train.py", *flags, "--max_iters", "4", "--resume", "--data", other_text)
-    assert result.returncode == 2 and "another vocabulary" in result.stderr
+    assert result.returncode == 2 and "trained on another text" in result.stderr
     if hasattr(torch.optim, "Muon"):
         result = run_script("train.py", *flags, "--max_iters", "4", "--resume",
                             "--optimizer", "muon")
@@ -93,7 +93,7 @@ def test_metrics_log_and_loss_curve(tmp_path, tiny_data):
     result = run_script("train.py", "--data", tiny_data, *TINY_FLAGS, "--checkpoint", ckpt,
                         "--max_iters", "20", "--eval_interval", "10", "--log_interval", "5")
     assert result.returncode == 0, result.stderr
-    with open(tmp_path / "run.metrics.jsonl") as f:
+    with open(tmp_path / "run.pt.metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 10, 20]
     progress = [r for r in rows if "loss" in r]
@@ -105,7 +105,7 @@ def test_metrics_log_and_loss_curve(tmp_path, tiny_data):
     except ImportError:
         assert "matplotlib is not installed" in result.stdout
     else:
-        png = tmp_path / "run.loss.png"
+        png = tmp_path / "run.pt.loss.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -169,9 +169,9 @@ def test_torchrun_resume_continues_every_rank_exactly(tmp_path, tiny_data):
         assert result.returncode == 0, result.stderr[-3000:]
     # Rank 0's losses after the resume depend on rank 1's batches and dropout masks too (the
     # gradients are averaged), so they match only if both ranks continued exactly.
-    expected = losses_by_step(tmp_path / "straight.metrics.jsonl")
+    expected = losses_by_step(tmp_path / "straight.pt.metrics.jsonl")
     assert sorted(expected) == list(range(1, 13))
-    assert losses_by_step(tmp_path / "halves.metrics.jsonl") == expected
+    assert losses_by_step(tmp_path / "halves.pt.metrics.jsonl") == expected
 
 
 def one_ddp_step(rank, world_size, port, x, y, out_path):
