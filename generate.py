@@ -145,11 +145,13 @@ def pick_sampling_dtype(name, device):
     return pick_dtype(name, device)
 
 
-def stream_text(model, tokenizer, prompt_ids, args, device):
-    """Yield the generated text piece by piece; the pieces join to the full decoded sample."""
+def stream_text(model, tokenizer, prompt_ids, args, device, generator=None):
+    """Yield the generated text piece by piece; the pieces join to the full decoded sample.
+    Random draws come from generator (torch.Generator), else from torch's global one."""
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     new_tokens, shown = [], ""
-    for token in model.stream(idx, args.max_new_tokens, **sampling_options(args)):
+    for token in model.stream(idx, args.max_new_tokens, **sampling_options(args),
+                              generator=generator):
         new_tokens.append(token.item())
         text = tokenizer.decode(new_tokens)
         if text.endswith("\ufffd"):  # BPE: a character cut between tokens; wait for the rest
