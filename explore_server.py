@@ -226,6 +226,8 @@ def make_handler(explorer, other):
     """The request handler class, for explorer and the optional second model (--compare)."""
 
     class Handler(BaseHTTPRequestHandler):
+        default_request_version = "HTTP/1.0"  # so that even a garbled request gets a status line
+
         def do_GET(self):
             self.answer(self.get)
 
