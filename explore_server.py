@@ -131,11 +131,11 @@ def run_prompt(explorer, ids, known):
     the positions after what both it and the page already have: at most `known`.
     """
     kept = max(explorer.prompts, key=lambda p: shared_length(p.ids, ids), default=None)
-    if kept is None or (shared_length(kept.ids, ids) == 0 and len(explorer.prompts) < KEPT_PROMPTS):
+    if kept and (shared_length(kept.ids, ids) > 0 or len(explorer.prompts) == KEPT_PROMPTS):
+        explorer.prompts.remove(kept)  # the best match or, when none matches, the oldest
+    else:
         kept = types.SimpleNamespace(ids=[], probs=torch.zeros(0, explorer.tokenizer.vocab_size),
                                      cache=explorer.model.new_cache(batch_size=1))
-    else:
-        explorer.prompts.remove(kept)
     start = min(shared_length(kept.ids, ids), known)
     probs, attention = run_positions(explorer.model, kept.cache, ids[start:], start)
     kept.ids, kept.probs = ids, torch.cat([kept.probs[:start], probs])

@@ -366,10 +366,7 @@ def test_the_page_draws_the_table_and_attention_and_follows_hover_and_typing(bro
         last_position = browser.js(shading)
         assert all(s.startswith("rgba(31, 119, 180") for s in last_position)
         # Hover the first column: position 0 can only look at itself (weight 1).
-        box = browser.js("JSON.stringify(document.querySelector('#table .column')"
-                         ".getBoundingClientRect())")
-        box = json.loads(box)
-        browser.move_mouse(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        hover_column(browser, 0)
         browser.wait_for("document.getElementById('attention-note').textContent"
                          ".startsWith('Position 0')")
         assert browser.js(shading)[0] == "rgb(31, 119, 180)" and browser.js(shading)[1] == ""
@@ -380,6 +377,14 @@ def test_the_page_draws_the_table_and_attention_and_follows_hover_and_typing(bro
         browser.wait_for(f"{columns} === 15", timeout=120)
         assert browser.js("location.search").startswith("?prompt=ROMEO%3A%0ABut+soft")
         assert browser.js("document.getElementById('message').textContent") == ""
+        hover_column(browser, 13)  # the "f" of "soft"
+        browser.wait_for("document.getElementById('attention-note').textContent"
+                         ".startsWith('Position 13 (f)')")
+        assert sum(s != "" for s in browser.js(shading)) == 14  # positions 0..13 have weights
+        # "continue" streams a sample into the page.
+        browser.js("document.getElementById('length').value = 120; "
+                   "document.getElementById('continue').click()")
+        browser.wait_for("document.getElementById('sample').textContent.length === 120")
         height = browser.js("document.documentElement.scrollHeight")
         browser.send("Emulation.setDeviceMetricsOverride", width=1280, height=height,
                      deviceScaleFactor=1, mobile=False)
@@ -395,3 +400,10 @@ def test_the_page_draws_the_table_and_attention_and_follows_hover_and_typing(bro
         server.shutdown()
         server.server_close()
 
+
+def hover_column(browser, t):
+    """Move the mouse over the middle of the table's column t (scrolled into view first)."""
+    box = json.loads(browser.js(f"(() => {{ const c = document.querySelectorAll('#table .column')[{t}]; "
+                                "c.scrollIntoView({block: 'center'}); "
+                                "return JSON.stringify(c.getBoundingClientRect()); })()"))
+    browser.move_mouse(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
