@@ -240,7 +240,7 @@ def test_garbled_http_gets_a_4xx_and_the_server_goes_on(url):
                     b"POST /api/look HTTP/1.1\r\nContent-Length: many\r\n\r\n"):
         with socket.create_connection((host, int(port)), timeout=30) as connection:
             connection.sendall(garbage)
-            reply = connection.recv(4096)
+            reply = b"".join(iter(lambda: connection.recv(4096), b""))  # to the server's close
         assert reply.startswith(b"HTTP/1.0 4"), reply
         assert b'{"error": ' in reply
     status, _ = request(url, "/")
@@ -313,6 +313,15 @@ def test_startup_problems_are_one_line_and_exit_2(checkpoint, tmp_path):
             assert code == 2 and words in err and err.strip().count("\n") == 0, (argv, err)
     code, _, err = run_in_process(explore.main, ["--checkpoint", checkpoint, "--port", "8000"])
     assert code == 2 and "belong to --serve" in err
+
+
+def test_without_port_the_first_free_one_from_8000_is_taken(checkpoint):
+    servers = [explore_server.start_server(serve_args(checkpoint, port=None), "cpu")
+               for _ in range(2)]
+    ports = [server.server_address[1] for server in servers]
+    for server in servers:
+        server.server_close()
+    assert 8000 <= ports[0] < ports[1] < 8100  # the second found the first's port taken
 
 
 def test_serve_in_a_real_process_prints_the_url_and_stops_quietly_on_ctrl_c(checkpoint):

@@ -97,6 +97,8 @@ async function look() {
       drawAttention();
       drawEmbedding();
     }
+  } catch (error) {  // no answer at all: the server was stopped, or the network is down
+    $("message").textContent = `No answer from the server (${error.message}); is it running?`;
   } finally {
     busy = false;
     if (again) { again = false; look(); }
