@@ -2,6 +2,7 @@
 
     python bench.py train --device cpu        # train.py's defaults vs train.py --reference
     python bench.py generate --device cpu     # KV cache vs re-running the whole context
+    python bench.py explore --device cpu      # explore.py --serve: a keystroke, a paste
     python bench.py report --device cuda      # every figure of the GPU table (docs/gpu.md)
     python bench.py report --device cpu --quick   # the same rows, tiny, in under a minute
     python bench.py prepare --size_mb 1024    # preparing a 1 GiB text (dataset.py), then
@@ -152,10 +153,12 @@ def in_fresh_process(function, *args):
 
 def main(argv=None):
     parser = ArgumentParser(prog="bench.py", description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["train", "generate", "report", "curve", "prepare"])
+    parser.add_argument("what", choices=["train", "generate", "report", "curve", "prepare",
+                                              "explore"])
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
     parser.add_argument("--steps", type=int, default=None,
-                        help="timed training steps (default: 20 on a GPU, 3 on a CPU)")
+                        help="timed training steps (default: 20 on a GPU, 3 on a CPU); explore: "
+                             "rounds (default: 20)")
     parser.add_argument("--batch_size", type=int, default=64, help="training batch size")
     parser.add_argument("--tokens", type=int, default=1000, help="tokens to generate")
     parser.add_argument("--dtype", default="auto",
@@ -202,6 +205,8 @@ def main(argv=None):
         return report(device, args.quick, args.json, 50 if args.quick else args.tokens)
     if args.what == "curve":
         return curve(args.preset, args.seconds, args.points, device)
+    if args.what == "explore":
+        return explore_speed(device, args.steps or 20)
 
     if args.what == "train":
         on_gpu = device.startswith("cuda")
@@ -220,6 +225,40 @@ def main(argv=None):
         print_table([("cache", *cache), ("no-cache", *no_cache)])
         print(f"generate: cache {cache[0]:,.0f} tok/s, no-cache {no_cache[0]:,.0f} tok/s, "
               f"speedup {cache[0] / no_cache[0]:.2f}x")
+
+
+# ---------------------------------------------------------------------------------------------
+# python bench.py explore: the live page's server time for a keystroke and for a paste
+
+def explore_speed(device, repeats):
+    """Median server time (the model's work and the JSON answer) of the live page with the
+    default model: one character typed at the end of a 255-character prompt (only the new
+    position runs, through the KV cache), and a whole 256-character prompt pasted at once."""
+    import explore_server
+    from utils import CharTokenizer, save_checkpoint
+    tokenizer = CharTokenizer([chr(c) for c in range(32, 32 + VOCAB_SIZE - 1)] + ["\n"])
+    model_args = dict(vocab_size=VOCAB_SIZE, n_embd=384, n_layer=6, n_head=6, block_size=256,
+                      dropout=0.2)
+    generator = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "default.pt")
+        save_checkpoint(dict(model=GPTModel(GPTConfig(**model_args)).state_dict(), model_args=model_args,
+                             tokenizer=tokenizer.to_dict()), path)
+        explorer = explore_server.load_explorer(path, device)
+    print(f"the default model ({explorer.model.num_params():,} parameters), "
+          f"{torch.get_num_threads()} threads")
+    timings = {"keystroke (255 -> 256 characters)": [], "paste (256 characters)": []}
+    for _ in tqdm(range(repeats), desc="explore", unit="round"):
+        ids = torch.randint(VOCAB_SIZE, (256,), generator=generator).tolist()
+        prompt = tokenizer.decode(ids)
+        before = explore_server.look(explorer, prompt[:255], [])["ids"]
+        for name, known in zip(timings, (before, [])):
+            start = time.perf_counter()
+            json.dumps(explore_server.look(explorer, prompt, known))
+            timings[name].append(time.perf_counter() - start)
+    for name, seconds in timings.items():
+        print(f"{name}: median {1000 * sorted(seconds)[len(seconds) // 2]:.0f} ms of server "
+              f"time over {repeats} rounds")
 
 
 # ---------------------------------------------------------------------------------------------

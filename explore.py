@@ -3,6 +3,7 @@ characters arrange themselves in embedding space.
 
     python explore.py --checkpoint ckpt.pt --prompt "ROMEO:"
     python explore.py --checkpoint ckpt.pt --prompt "To be, or not to be" --top_k 3 --out look/
+    python explore.py --serve      # the same views live in a browser, as you type (explore_server.py)
 
 One forward pass over the prompt gives three views:
 - the next-token table (printed): after each position of the prompt, the model's top-k
@@ -49,7 +50,20 @@ def parse_args(argv=None):
                         help="folder for the PNGs (default: <checkpoint>.explore/)")
     parser.add_argument("--device", default="cpu",
                         help="cpu (the default: enough for one prompt), cuda, mps")
+    parser.add_argument("--serve", action="store_true",
+                        help="start a local web page that shows all of this live as you type")
+    parser.add_argument("--port", type=int, default=None,
+                        help="--serve: the port (default: the first free one from 8000)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="--serve: the address to listen on (default: 127.0.0.1, this "
+                             "machine only; 0.0.0.0 lets other machines in)")
+    parser.add_argument("--compare", default=None, metavar="OTHER.pt",
+                        help="--serve: a second checkpoint (same tokenizer) shown side by side")
     args = parser.parse_args(argv)
+    if not args.serve and (args.port is not None or args.compare or args.host != "127.0.0.1"):
+        raise UsageError("--port, --host and --compare belong to --serve; add --serve")
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be from 1 to 65535 (0: any free port), got {args.port}")
     if not args.prompt:
         raise UsageError('--prompt is empty; give the text to look at, e.g. --prompt "ROMEO:"')
     if args.top_k < 1:
@@ -60,6 +74,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
+    if args.serve:  # the live page: explore_server.py
+        from explore_server import serve
+        return serve(args, device)
     # float32 and the written-out attention: the only path that materialises the weights.
     model, tokenizer, which = load_model(args.checkpoint, device, "float32", flash=False,
                                          weights=args.weights)

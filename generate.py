@@ -140,8 +140,9 @@ def for_sampling(model, device, dtype):
     return model.to(device=device, dtype=getattr(torch, dtype)).eval()
 
 
-def stream_text(model, tokenizer, prompt_ids, args, device, chunk=None):
+def stream_text(model, tokenizer, prompt_ids, args, device, chunk=None, generator=None):
     """Yield the generated text piece by piece; the pieces join to the full decoded sample.
+    Random draws come from generator (torch.Generator), else from torch's global one.
 
     Only the tokens not yet shown are decoded each time, so a long sample costs time in
     proportion to its length. On a GPU the new tokens stay there and come to the host a few at
@@ -150,7 +151,8 @@ def stream_text(model, tokenizer, prompt_ids, args, device, chunk=None):
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     chunk = chunk or (1 if device == "cpu" else 8)  # 8 tokens: milliseconds on a GPU: smooth
     on_device, unshown = [], []
-    for token in model.stream(idx, args.max_new_tokens, **sampling_options(args)):
+    for token in model.stream(idx, args.max_new_tokens, **sampling_options(args),
+                              generator=generator):
         on_device.append(token)
         if len(on_device) < chunk:
             continue

@@ -237,3 +237,13 @@ def test_a_reader_that_stops_early_ends_generation_quietly(trained):
     process.stdout.close()
     _, err = process.communicate(timeout=120)
     assert process.returncode == 0 and b"Traceback" not in err, err
+
+
+def test_bench_explore_prints_the_live_pages_server_times():
+    result = run_script("bench.py", "explore", "--device", "cpu", "--steps", "1", timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert "the default model (10,788,929 parameters)" in result.stdout
+    assert re.fullmatch(r"keystroke \(255 -> 256 characters\): median \d+ ms of server time over "
+                        r"1 rounds", lines[-2]), lines[-2]
+    assert lines[-1].startswith("paste (256 characters): median ")

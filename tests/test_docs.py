@@ -53,7 +53,7 @@ def commands(text):
 
 def test_every_flag_the_readme_names_exists_in_some_script():
     known = set()
-    for script in ("train.py", "generate.py", "bench.py", "model.py"):
+    for script in ("train.py", "generate.py", "bench.py", "model.py", "explore.py"):
         known |= flags_of(script)
     torchrun_flags = {"--standalone", "--nproc_per_node"}  # torchrun's own, not ours
     named = set(re.findall(r"(?<![\w-])(--[a-z]\w*)", readme())) - torchrun_flags

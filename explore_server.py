@@ -1,0 +1,363 @@
+"""The live page behind `python explore.py --serve`: watch your own checkpoint think as you type.
+
+    python explore.py --serve                        # then open the printed URL
+    python explore.py --serve --compare other.pt     # two checkpoints side by side
+
+A small web server from Python's standard library. It serves the page's own files (web/, a fixed
+list: no path from the URL ever reaches the file system) and answers three JSON requests:
+
+    GET  /api/model      the checkpoint's facts and the 2-D map of its token embeddings
+    POST /api/look       {"prompt", "known"}: the next-token table and the new attention rows
+    POST /api/continue   {"prompt", "temperature", "top_k", "top_p", "seed", "length"}: the
+                         sampled text, one JSON line per piece, sent as it is generated
+
+Why typing stays fast: in a causal model, the prediction and the attention row of position t
+depend only on tokens 0..t. When a character is added at the end, every earlier row stays as it
+was. So the server keeps the KV cache (model.py: KVCache) of the last few prompts it has seen and
+runs only the positions after the part they share, and the page keeps the rows it already has
+and asks only for the new ones ("known": the token ids it holds rows for). The numbers are those
+of explore.look_inside, which runs the whole prompt at once (tests/test_explore_server.py).
+"""
+
+import base64
+import json
+import math
+import socket
+import sys
+import threading
+import types
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import torch
+import torch.nn.functional as F
+
+import explore
+from generate import check_args, load_model, prompt_ids_for, stream_text
+from utils import UsageError, load_checkpoint
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+# URL path -> (file in web/, content type): everything the server will ever read from disk.
+PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
+              "/index.html": ("index.html", "text/html; charset=utf-8"),
+              "/explore.css": ("explore.css", "text/css; charset=utf-8"),
+              "/explore.js": ("explore.js", "text/javascript; charset=utf-8")}
+MAX_BODY = 64 * 1024  # bytes in a request: a prompt of a few thousand characters, and more
+MAX_PROMPT_CHARS = 20_000  # longer prompts are refused; up to it, the last block_size tokens count
+MAX_LENGTH = 2000  # tokens one "continue" may ask for
+TOP_K = 5  # guesses shown per position
+KEPT_PROMPTS = 4  # KV caches kept per model: a few tabs typing at once each find theirs
+FIRST_PORT = 8000  # without --port: the first free port from here on
+
+
+class RequestError(Exception):
+    """A bad request: the message goes back to the page, with an HTTP status (400, 404, 413)."""
+
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: the model(s) the page looks into
+
+def load_explorer(path, device):
+    """A model with everything the page asks of it: the model, its tokenizer, its facts, a lock
+    (one forward pass at a time: the KV caches and the hooks below are shared) and its caches."""
+    facts = load_checkpoint(path)  # read once more for the step and losses load_model drops
+    model, tokenizer, _ = load_model(path, device)  # the best weights, as generate.py samples
+    step, val_loss, val_bpc = (facts.get(name) for name in ("step", "val_loss", "val_bpc"))
+    if "best_model" in facts:  # bits per char scale with the loss on the same val split
+        step, val_loss, val_bpc = (facts["best"]["step"], facts["best"]["val_loss"],
+                                   val_bpc and val_bpc * facts["best"]["val_loss"] / val_loss)
+    return types.SimpleNamespace(
+        model=model, tokenizer=tokenizer, device=device, lock=threading.Lock(), prompts=[],
+        facts=dict(checkpoint=path, parameters=model.num_params(), step=step,
+                   val_loss=val_loss, val_bpc=val_bpc,
+                   tokenizer=facts["tokenizer"]["kind"], vocab_size=tokenizer.vocab_size,
+                   **{name: facts["model_args"][name]
+                      for name in ("n_layer", "n_head", "n_embd", "block_size")}))
+
+
+def model_answer(explorer, other):
+    """GET /api/model: the facts, every token's text, and the embedding map (explore.py's PCA)."""
+    token_text = [explore.readable(explorer.tokenizer.decode([i]))
+                  for i in range(explorer.tokenizer.vocab_size)]
+    coords, explained = explore.embedding_pca(explorer.model.tok_emb.weight.detach().cpu())
+    return dict(facts=explorer.facts, compare=other.facts if other else None, tokens=token_text,
+                kinds=[explore.kind_of(text) for text in token_text],
+                embedding=coords.tolist(), explained=explained.tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# Looking inside, one new position at a time
+
+def look(explorer, prompt, known=None):
+    """POST /api/look for one model: the prompt's tokens (the last block_size of them), the
+    next-token table of every position, and the attention rows of the positions from `start`
+    on: those the page does not hold yet (it holds rows for the token ids `known`; None: it
+    needs no attention rows)."""
+    ids = encode(explorer.tokenizer, prompt)
+    cut = max(0, len(ids) - explorer.model.block_size)
+    ids = ids[cut:]
+    with explorer.lock:
+        known_length = len(ids) if known is None else shared_length(known, ids)
+        probs, start, attention = run_prompt(explorer, ids, known_length)
+    rows = explore.next_token_rows(probs, ids, min(TOP_K, explorer.tokenizer.vocab_size))
+    return dict(ids=ids, cut=cut, start=start, rows=rows,
+                attention=base64.b64encode(attention.numpy().astype("<f4").tobytes()).decode())
+
+
+def encode(tokenizer, prompt):
+    if not isinstance(prompt, str):
+        raise RequestError("prompt must be a string")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise RequestError(f"the prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
+    try:
+        return tokenizer.encode(prompt)
+    except UsageError as err:  # characters the model never saw: the message names them
+        raise RequestError(str(err)) from None
+
+
+def shared_length(a, b):
+    """How many tokens the lists a and b share at their start."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def run_prompt(explorer, ids, known):
+    """(probabilities (T, V), start, attention rows (T - start, n_layer, n_head, T)) of ids.
+
+    Takes the kept prompt that shares the longest start with ids, and runs through the model only
+    the positions after what both it and the page already have: at most `known`.
+    """
+    kept = max(explorer.prompts, key=lambda p: shared_length(p.ids, ids), default=None)
+    if kept and (shared_length(kept.ids, ids) > 0 or len(explorer.prompts) == KEPT_PROMPTS):
+        explorer.prompts.remove(kept)  # the best match or, when none matches, the oldest
+    else:
+        kept = types.SimpleNamespace(ids=[], probs=torch.zeros(0, explorer.tokenizer.vocab_size),
+                                     cache=explorer.model.new_cache(batch_size=1))
+    start = min(shared_length(kept.ids, ids), known)
+    probs, attention = run_positions(explorer.model, kept.cache, ids[start:], start)
+    kept.ids, kept.probs = ids, torch.cat([kept.probs[:start], probs])
+    explorer.prompts.append(kept)  # the most recently used last
+    return kept.probs, start, attention
+
+
+@torch.inference_mode()
+def run_positions(model, cache, new_ids, start):
+    """Run new_ids at positions start, start+1, ... with the cache holding the keys and values
+    of positions 0..start-1: (probabilities (T_new, V), attention rows (T_new, n_layer, n_head,
+    start + T_new)), both on the CPU.
+
+    The attention weights are recomputed from what the model computed anyway: each layer's
+    queries (caught by a hook on its Q, K, V projection) against the keys in the cache.
+    """
+    end, (n_layer, _, n_head, _, head_size) = start + len(new_ids), cache.keys.shape
+    if not new_ids:  # the prompt was cut short at the end: nothing new to run
+        return torch.zeros(0, model.lm_head.out_features), torch.zeros(0, n_layer, n_head, end)
+    cache.length = start  # the positions after start are overwritten: the cache is exact to here
+    qkv_outputs = []
+    hooks = [block.attn.qkv.register_forward_hook(lambda module, args, out: qkv_outputs.append(out))
+             for block in model.blocks]
+    try:
+        idx = torch.tensor([new_ids], dtype=torch.long, device=cache.keys.device)
+        logits, _ = model(idx, cache=cache)  # (1, T_new, V)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    may_look = torch.ones(len(new_ids), end, dtype=torch.bool, device=idx.device).tril(start)
+    attention = []
+    for layer, qkv in enumerate(qkv_outputs):
+        q = qkv[0, :, :n_head * head_size].view(-1, n_head, head_size).transpose(0, 1)
+        keys = cache.keys[layer, 0, :, :end]  # (nh, end, hs): the earlier positions' and the new
+        scores = (q @ keys.transpose(-2, -1)).float() / math.sqrt(head_size)  # (nh, T_new, end)
+        attention.append(F.softmax(scores.masked_fill(~may_look, float("-inf")), dim=-1))
+    probs = F.softmax(logits[0].float(), dim=-1)
+    return probs.cpu(), torch.stack(attention).permute(2, 0, 1, 3).cpu()  # (T_new, L, nh, end)
+
+
+# ---------------------------------------------------------------------------------------------
+# Continuing the prompt, as generate.py does
+
+def sampling_args(body):
+    """The sampling settings of a /api/continue request, checked as generate.py checks its flags."""
+    args = types.SimpleNamespace(
+        temperature=number(body, "temperature", 0.8, float),
+        top_k=number(body, "top_k", 200, int), top_p=number(body, "top_p", None, float),
+        seed=number(body, "seed", 1337, int), max_new_tokens=number(body, "length", 200, int),
+        num_samples=1, no_cache=False, checkpoint="-")
+    if not 1 <= args.max_new_tokens <= MAX_LENGTH:
+        raise RequestError(f"length must be from 1 to {MAX_LENGTH}, got {args.max_new_tokens}")
+    try:
+        check_args(args)
+    except UsageError as err:
+        raise RequestError(str(err).replace("--max_new_tokens", "length")) from None
+    return args
+
+
+def number(body, name, default, kind):
+    value = body.get(name, default)
+    if value is None and default is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (kind is int and value != int(value)) or abs(value) > 2**64:
+        raise RequestError(f"{name} must be a{' whole' if kind is int else ''} number, got "
+                           f"{json.dumps(value)[:40]}")
+    return kind(value)
+
+
+def continuation(explorer, prompt, args):
+    """Yield the sampled text piece by piece (generate.stream_text), each step under the lock."""
+    ids = prompt_ids_for(prompt, explorer.tokenizer)  # an empty prompt starts from a newline
+    generator = torch.Generator(explorer.device).manual_seed(args.seed)
+    pieces = stream_text(explorer.model, explorer.tokenizer, ids, args, explorer.device,
+                         generator=generator)
+    while True:
+        with explorer.lock:
+            piece = next(pieces, None)
+        if piece is None:
+            return
+        yield piece
+
+
+# ---------------------------------------------------------------------------------------------
+# The web server
+
+def make_handler(explorer, other):
+    """The request handler class, for explorer and the optional second model (--compare)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        default_request_version = "HTTP/1.0"  # so that even a garbled request gets a status line
+
+        def do_GET(self):
+            self.answer(self.get)
+
+        def do_POST(self):
+            self.answer(self.post)
+
+        def answer(self, respond):
+            """Run respond(); any error becomes a JSON error answer, never a dead server."""
+            try:
+                respond()
+            except RequestError as err:
+                self.send_json({"error": str(err)}, err.status)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the page went away (a new keystroke, a closed tab)
+            except Exception as err:  # a bug: say so in one line and keep serving
+                print(f"error: {self.path}: {type(err).__name__}: {err}", file=sys.stderr)
+                self.send_json({"error": f"internal error: {type(err).__name__}: {err}"}, 500)
+
+        def get(self):
+            path = urlsplit(self.path).path
+            if path == "/api/model":
+                return self.send_json(model_answer(explorer, other))
+            if path not in PAGE_FILES:
+                raise RequestError(f"no such page: {path[:100]}", 404)
+            name, content_type = PAGE_FILES[path]
+            self.send_bytes((WEB_DIR / name).read_bytes(), content_type)
+
+        def post(self):
+            path, body = urlsplit(self.path).path, self.read_json()
+            if path == "/api/look":
+                known = body.get("known", [])
+                if not (isinstance(known, list) and all(type(i) is int for i in known)):
+                    raise RequestError("known must be a list of token ids")
+                answer = look(explorer, body.get("prompt"), known)
+                if other:  # the second model's table for the same prompt (its rows only)
+                    answer["compare"] = look(other, body.get("prompt"))["rows"]
+                return self.send_json(answer)
+            if path == "/api/continue":
+                args = sampling_args(body)
+                prompt = body.get("prompt", "")
+                encode(explorer.tokenizer, prompt)  # refuse bad characters before streaming
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-ndjson")
+                self.end_headers()  # HTTP/1.0: the answer ends when the connection closes
+                for piece in continuation(explorer, prompt, args):
+                    self.wfile.write((json.dumps({"text": piece}) + "\n").encode())
+                return
+            raise RequestError(f"no such request: POST {path[:100]}", 404)
+
+        def read_json(self):
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                raise RequestError("a POST needs a Content-Length header", 411) from None
+            if not 0 <= length <= MAX_BODY:
+                raise RequestError(f"the request body is {length} bytes; at most {MAX_BODY}", 413)
+            try:
+                body = json.loads(self.rfile.read(length))
+            except ValueError as err:  # bad JSON or bad UTF-8
+                raise RequestError(f"the request body is not JSON: {err}") from None
+            if not isinstance(body, dict):
+                raise RequestError("the request body must be a JSON object")
+            return body
+
+        def send_json(self, value, status=200):
+            self.send_bytes(json.dumps(value).encode(), "application/json", status)
+
+        def send_bytes(self, data, content_type, status=200):
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def send_error(self, code, message=None, explain=None):
+            """http.server's own refusals (a garbled request line, an unknown method), as JSON."""
+            if code == 501:
+                code, message = 405, "only GET and POST are answered"
+            self.send_json({"error": message or self.responses.get(code, ("error",))[0]}, code)
+
+        def log_message(self, format, *args):
+            pass  # no line per request: the terminal stays readable
+
+    return Handler
+
+
+def start_server(args, device):
+    """Load the checkpoint(s) and bind the port: a server ready to serve_forever. Every problem
+    (no checkpoint, a damaged one, a port in use, two tokenizers) is a UsageError."""
+    explorer = load_explorer(args.checkpoint, device)
+    other = load_explorer(args.compare, device) if args.compare else None
+    if other and other.tokenizer.to_dict() != explorer.tokenizer.to_dict():
+        raise UsageError(f"--compare {args.compare} has another tokenizer than {args.checkpoint}; "
+                         f"compare checkpoints trained on the same text with the same --tokenizer")
+    handler = make_handler(explorer, other)
+    ports = [args.port] if args.port is not None else range(FIRST_PORT, FIRST_PORT + 100)
+    for port in ports:
+        try:
+            server = ThreadingHTTPServer((args.host, port), handler)
+            server.daemon_threads = True  # Ctrl-C does not wait for open connections
+            server.handle_error = lambda request, client_address: None  # never a traceback
+            return server
+        except socket.gaierror:
+            raise UsageError(f"--host {args.host}: no such address; use 127.0.0.1 (this machine "
+                             f"only) or 0.0.0.0 (every network it is on)") from None
+        except OSError as err:
+            if args.port is not None or port == ports[-1]:
+                raise UsageError(f"cannot listen on {args.host}:{port} ({err.strerror}); pass "
+                                 f"another --port, or stop the program using it") from None
+
+
+def serve(args, device):
+    """python explore.py --serve: start the server, print the URL, serve until Ctrl-C."""
+    server = start_server(args, device)
+    host, port = server.server_address[:2]
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: --host {args.host} lets other machines reach this page and run the model "
+              f"on this computer; there is no password. Use it only on a network you trust.")
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    print(f"Looking inside {args.checkpoint}" + (f" (and {args.compare})" if args.compare else ""))
+    print(f"Open http://{shown_host}:{port}/ in a browser; Ctrl-C stops the server.", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("\nStopped.")
+    finally:
+        server.server_close()

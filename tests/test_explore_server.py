@@ -1,0 +1,418 @@
+"""`python explore.py --serve`: the live page's JSON answers are explore.py's numbers (also when
+only the new positions run, through the KV cache), every bad request gets a 4xx JSON error and
+the server goes on, startup problems are one line, and the page really draws in Chromium."""
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import types
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+import explore
+import explore_server
+from chromium import Browser, find_chromium
+from conftest import ROOT, TINY_TEXT, run_in_process
+from generate import load_model
+from model import GPTConfig, GPTModel
+from utils import CharTokenizer, save_checkpoint
+
+
+def tiny_checkpoint(path, seed=0):
+    """A small character model as train.py saves it (untrained: what is tested holds for any
+    weights), with the facts the page shows."""
+    tokenizer = CharTokenizer.from_text(TINY_TEXT)
+    model_args = dict(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=4,
+                      block_size=16, dropout=0.0, flash=True)
+    torch.manual_seed(seed)
+    model = GPTModel(GPTConfig(**model_args))
+    save_checkpoint(dict(model=model.state_dict(), model_args=model_args, step=200,
+                         val_loss=2.5, val_bpc=3.6, tokenizer=tokenizer.to_dict()), str(path))
+    return str(path)
+
+
+def serve_args(checkpoint, **overrides):
+    return types.SimpleNamespace(**{**dict(checkpoint=checkpoint, compare=None, port=0,
+                                           host="127.0.0.1"), **overrides})
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("serve") / "small.pt")
+
+
+def running(args):
+    """Start the server in a thread of this process; returns (base URL, server)."""
+    server = explore_server.start_server(args, "cpu")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server
+
+
+@pytest.fixture(scope="module")
+def url(checkpoint):
+    base, server = running(serve_args(checkpoint))
+    yield base
+    server.shutdown()
+    server.server_close()
+
+
+def request(url, path, body=None, raw=None, method=None, headers=None):
+    """(HTTP status, answer as bytes) of a GET (no body) or a POST."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url + path, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def look(url, prompt, known=()):
+    status, answer = request(url, "/api/look", dict(prompt=prompt, known=list(known)))
+    assert status == 200, answer
+    return json.loads(answer)
+
+
+def attention_rows(answer, n_layer=2, n_head=4):
+    """The answer's attention rows as an array (T - start, n_layer, n_head, T)."""
+    T = len(answer["ids"])
+    flat = np.frombuffer(base64.b64decode(answer["attention"]), dtype="<f4")
+    return flat.reshape(T - answer["start"], n_layer, n_head, T)
+
+
+def reference(checkpoint, ids):
+    """explore.py's numbers for the whole prompt at once: (probabilities (T, V), next-token
+    rows, attention (T, n_layer, n_head, T))."""
+    model, _, _ = load_model(checkpoint, "cpu", flash=False)
+    probs, attention = explore.look_inside(model, ids)
+    return probs, explore.next_token_rows(probs, ids, 5), attention.permute(2, 0, 1, 3).numpy()
+
+
+# --- the JSON answers --------------------------------------------------------------------------
+
+def test_model_answer_has_the_facts_and_the_embedding_map(url, checkpoint):
+    status, answer = request(url, "/api/model")
+    model = json.loads(answer)
+    assert status == 200
+    assert model["facts"] == dict(checkpoint=checkpoint, parameters=28132, step=200, val_loss=2.5,
+                                  val_bpc=3.6, tokenizer="char", vocab_size=36, n_layer=2,
+                                  n_head=4, n_embd=32, block_size=16)
+    assert len(model["tokens"]) == len(model["kinds"]) == len(model["embedding"]) == 36
+    assert "␣" in model["tokens"] and "↵" in model["tokens"] and model["kinds"][0] == "space, newline"
+    weight = torch.load(checkpoint, weights_only=True)["model"]["tok_emb.weight"]
+    coords, _ = explore.embedding_pca(weight)
+    assert np.allclose(model["embedding"], coords.numpy(), atol=1e-5)
+
+
+def test_look_gives_explore_pys_table_and_causal_attention_rows(url, checkpoint):
+    answer = look(url, "ROMEO:\nBut")
+    ids = answer["ids"]
+    probs, rows, attention = reference(checkpoint, ids)
+    assert probs.sum(dim=-1).allclose(torch.ones(len(ids)))
+    assert answer["start"] == 0 and answer["cut"] == 0
+    assert [(r[0], r[1]) for r in answer["rows"]] == [(r[0], r[1]) for r in rows]
+    for got, want in zip(answer["rows"], rows):
+        assert got[2] == pytest.approx(want[2], abs=1e-5)  # p(next), None at the end
+        assert [i for i, _ in got[3]] == [i for i, _ in want[3]]
+        assert np.allclose([p for _, p in got[3]], [p for _, p in want[3]], atol=1e-5)
+    weights = attention_rows(answer)
+    assert weights.shape == (10, 2, 4, 10)
+    assert np.allclose(weights.sum(axis=-1), 1, atol=1e-5)  # each row sums to 1
+    for t in range(10):  # 0 above the diagonal: position t sees nothing after it
+        assert np.all(weights[t, :, :, t + 1:] == 0)
+    assert np.allclose(weights, attention, atol=1e-5)
+
+
+def test_typing_runs_only_the_new_positions_and_gives_the_same_numbers(url, checkpoint):
+    first = look(url, "ROMEO:\nBut so")
+    typed = look(url, "ROMEO:\nBut sof", known=first["ids"])  # one more character
+    assert typed["start"] == len(first["ids"])  # only the new position ran
+    _, rows, attention = reference(checkpoint, typed["ids"])
+    assert attention_rows(typed).shape == (1, 2, 4, 14)
+    assert np.allclose(attention_rows(typed), attention[-1:], atol=1e-5)
+    assert typed["rows"][-2][1] == typed["ids"][-1]  # the row before now knows what came next
+    assert typed["rows"][-2][2] == pytest.approx(rows[-2][2], abs=1e-5)
+    # A correction in the middle: from there on everything runs again, and still agrees.
+    edited = look(url, "ROMEO:\nbut sof", known=typed["ids"])
+    assert edited["start"] == 7
+    assert np.allclose(attention_rows(edited), reference(checkpoint, edited["ids"])[2][7:],
+                       atol=1e-5)
+    # Deleting at the end: nothing new to run. A page that holds nothing gets every row.
+    assert look(url, "ROMEO:\nbut", known=edited["ids"])["start"] == 10
+    assert look(url, "ROMEO:\nbut", known=[])["start"] == 0
+
+
+def test_an_over_long_prompt_keeps_the_last_block_size_tokens(url):
+    answer = look(url, "ROMEO:\nBut soft, what light")  # 27 characters, block_size 16
+    assert answer["cut"] == 11 and len(answer["ids"]) == 16 and len(answer["rows"]) == 16
+    assert attention_rows(answer).shape == (16, 2, 4, 16)
+
+
+def sample(url, **body):
+    status, answer = request(url, "/api/continue", dict(prompt="ROMEO:", **body))
+    assert status == 200, answer
+    return "".join(json.loads(line)["text"] for line in answer.decode().splitlines())
+
+
+def test_continue_streams_generate_pys_sample_for_the_seed(url, checkpoint):
+    text = sample(url, temperature=1.0, top_k=10, seed=7, length=40)
+    assert len(text) == 40 and text == sample(url, temperature=1.0, top_k=10, seed=7, length=40)
+    assert text != sample(url, temperature=1.0, top_k=10, seed=8, length=40)
+    model, tokenizer, _ = load_model(checkpoint, "cpu")
+    generator = torch.Generator().manual_seed(7)
+    tokens = model.generate(torch.tensor([tokenizer.encode("ROMEO:")]), 40, temperature=1.0,
+                            top_k=10, generator=generator)
+    assert text == tokenizer.decode(tokens[0, 6:].tolist())
+    assert len(sample(url, temperature=0, length=3, top_p=0.5)) == 3
+
+
+def test_compare_shows_the_second_models_table_for_the_same_prompt(checkpoint, tmp_path):
+    other = tiny_checkpoint(tmp_path / "other.pt", seed=1)
+    base, server = running(serve_args(checkpoint, compare=other))
+    try:
+        answer = look(base, "ROMEO")
+        assert answer["compare"] == look(base, "ROMEO")["compare"]
+        want = reference(other, answer["ids"])[1]
+        assert [[i for i, _ in r[3]] for r in answer["compare"]] == [[i for i, _ in r[3]] for r in want]
+        assert np.allclose([p for r in answer["compare"] for _, p in r[3]],
+                           [p for r in want for _, p in r[3]], atol=1e-5)
+        assert answer["rows"] != answer["compare"]
+        assert json.loads(request(base, "/api/model")[1])["compare"]["checkpoint"] == other
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# --- hostile requests ---------------------------------------------------------------------------
+
+BAD_REQUESTS = [  # (path, JSON body or raw bytes, expected status, words in the error)
+    ("/api/look", dict(prompt="ROMEO\u00e9"), 400, "not in the model's vocabulary"),
+    ("/api/look", dict(prompt="x" * 30_000), 400, "at most 20000"),
+    ("/api/look", dict(prompt=17), 400, "prompt must be a string"),
+    ("/api/look", dict(prompt="ROMEO", known="all"), 400, "known must be a list"),
+    ("/api/continue", dict(temperature="hot"), 400, "temperature must be a number"),
+    ("/api/continue", dict(temperature=-1), 400, "temperature must be 0"),
+    ("/api/continue", dict(temperature=1e400), 400, "temperature must be a number"),
+    ("/api/continue", dict(top_k=0), 400, "top_k must be at least 1"),
+    ("/api/continue", dict(top_k=2.5), 400, "top_k must be a whole number"),
+    ("/api/continue", dict(top_p=1.5), 400, "top_p must be from 1e-6 to 1"),
+    ("/api/continue", dict(top_p=True), 400, "top_p must be a number"),
+    ("/api/continue", dict(seed=-1), 400, "seed must be from 0"),
+    ("/api/continue", dict(seed=10**30), 400, "seed must be a whole number"),
+    ("/api/continue", dict(length=0), 400, "length must be from 1 to 2000"),
+    ("/api/continue", dict(length=10**6), 400, "length must be from 1 to 2000"),
+    ("/api/continue", dict(length="ten"), 400, "length must be a whole number"),
+    ("/api/continue", dict(prompt="ROMEO\u00e9"), 400, "not in the model's vocabulary"),
+    ("/api/look", b"{not json", 400, "not JSON"),
+    ("/api/look", b"\xff\xfe", 400, "not JSON"),
+    ("/api/look", b"[1, 2]", 400, "must be a JSON object"),
+    ("/api/look", b"x" * (explore_server.MAX_BODY + 1), 413, "at most 65536"),
+    ("/api/nothing", dict(prompt="a"), 404, "no such request"),
+    ("/../model.py", None, 404, "no such page"),
+    ("/%2e%2e/model.py", None, 404, "no such page"),
+    ("/web/explore.js", None, 404, "no such page"),
+    ("/explore_server.py", None, 404, "no such page"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, words", BAD_REQUESTS)
+def test_a_bad_request_gets_a_json_error_and_the_server_goes_on(url, path, body, status, words):
+    raw = body if isinstance(body, bytes) else None
+    got, answer = request(url, path, body=None if raw else body, raw=raw)
+    assert got == status
+    assert words in json.loads(answer)["error"]
+    assert look(url, "ROMEO")["ids"]  # still answering
+
+
+def test_garbled_http_gets_a_4xx_and_the_server_goes_on(url):
+    host, port = url[len("http://"):].split(":")
+    for garbage in (b"NONSENSE\r\n\r\n", b"PUT / HTTP/1.1\r\n\r\n",
+                    b"POST /api/look HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+                    b"POST /api/look HTTP/1.1\r\nContent-Length: many\r\n\r\n"):
+        with socket.create_connection((host, int(port)), timeout=30) as connection:
+            connection.sendall(garbage)
+            reply = b"".join(iter(lambda: connection.recv(4096), b""))  # to the server's close
+        assert reply.startswith(b"HTTP/1.0 4"), reply
+        assert b'{"error": ' in reply
+    status, _ = request(url, "/")
+    assert status == 200
+
+
+def test_two_tabs_at_once(url):
+    results = {}
+
+    def tab(name, prompt):
+        known = []
+        for end in range(1, len(prompt) + 1):  # typing, one character at a time
+            answer = look(url, prompt[:end], known)
+            known = answer["ids"]
+        results[name] = (answer, sample(url, seed=3, length=20))
+
+    threads = [threading.Thread(target=tab, args=(name, prompt))
+               for name, prompt in (("a", "ROMEO:\nBut"), ("b", "JULIET:\nO"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name, prompt in (("a", "ROMEO:\nBut"), ("b", "JULIET:\nO")):
+        answer, text = results[name]
+        full = look(url, prompt)
+        assert [row[:2] for row in answer["rows"]] == [row[:2] for row in full["rows"]]
+        assert np.allclose([p for row in answer["rows"] for _, p in row[3]],
+                           [p for row in full["rows"] for _, p in row[3]], atol=1e-5)
+        assert len(text) == 20 and text == sample(url, seed=3, length=20)
+
+
+def test_the_page_files_are_served(url):
+    for path, kind in (("/", b"<!DOCTYPE html>"), ("/explore.js", b"// The page"),
+                       ("/explore.css", b"/* The look")):
+        status, answer = request(url, path)
+        assert status == 200 and answer.startswith(kind)
+    # Everything the page loads comes from the server itself: no CDN, no web font.
+    page = b"".join(request(url, path)[1] for path in ("/", "/explore.js", "/explore.css"))
+    assert b"http://" not in page.replace(b"http://127.0.0.1", b"") and b"https://" not in page
+
+
+# --- starting and stopping ------------------------------------------------------------------------
+
+def serve(argv):
+    from explore import main
+    return run_in_process(main, ["--serve", *argv])
+
+
+def test_startup_problems_are_one_line_and_exit_2(checkpoint, tmp_path):
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(open(checkpoint, "rb").read()[:3000])
+    other_text = tmp_path / "other_text.pt"
+    model_args = dict(vocab_size=3, n_embd=32, n_layer=2, n_head=4, block_size=16)
+    save_checkpoint(dict(model=GPTModel(GPTConfig(**model_args)).state_dict(), model_args=model_args,
+                         tokenizer=CharTokenizer("abc").to_dict()), str(other_text))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for argv, words in [(["--checkpoint", tmp_path / "none.pt"], "checkpoint not found"),
+                            (["--checkpoint", damaged], "damaged checkpoint"),
+                            (["--checkpoint", checkpoint, "--port", port], "cannot listen on"),
+                            (["--checkpoint", checkpoint, "--port", "70000"], "--port must be"),
+                            (["--checkpoint", checkpoint, "--port", "http"], "invalid int"),
+                            (["--checkpoint", checkpoint, "--host", "no.such.host.invalid"],
+                             "no such address"),
+                            (["--checkpoint", checkpoint, "--compare", other_text],
+                             "another tokenizer")]:
+            code, out, err = serve(argv)
+            assert code == 2 and words in err and err.strip().count("\n") == 0, (argv, err)
+    code, _, err = run_in_process(explore.main, ["--checkpoint", checkpoint, "--port", "8000"])
+    assert code == 2 and "belong to --serve" in err
+
+
+def test_without_port_the_first_free_one_from_8000_is_taken(checkpoint):
+    servers = [explore_server.start_server(serve_args(checkpoint, port=None), "cpu")
+               for _ in range(2)]
+    ports = [server.server_address[1] for server in servers]
+    for server in servers:
+        server.server_close()
+    assert 8000 <= ports[0] < ports[1] < 8100  # the second found the first's port taken
+
+
+def test_serve_in_a_real_process_prints_the_url_and_stops_quietly_on_ctrl_c(checkpoint):
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "explore.py"), "--serve",
+                                "--checkpoint", checkpoint, "--port", "0", "--host", "0.0.0.0"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [process.stdout.readline() for _ in range(3)]
+        assert lines[0].startswith("warning: --host 0.0.0.0 lets other machines reach this page")
+        url = lines[2].split()[1]
+        assert url.startswith("http://127.0.0.1:") and lines[2].startswith("Open http")
+        status, answer = request(url.rstrip("/"), "/api/model")
+        assert status == 200 and json.loads(answer)["facts"]["n_layer"] == 2
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 0 and "Traceback" not in err and "Stopped." in out
+
+
+# --- the page in a real browser ---------------------------------------------------------------------
+
+@pytest.fixture
+def browser():
+    executable = find_chromium()
+    if executable is None:
+        pytest.skip("no Chromium found (on Debian: apt-get install chromium); the page is not "
+                    "tested in a browser here")
+    browser = Browser(executable)
+    yield browser
+    browser.close()
+
+
+def test_the_page_draws_the_table_and_attention_and_follows_hover_and_typing(browser, tmp_path):
+    """On a tiny checkpoint, or on EXPLORE_CHECKPOINT; the screenshot goes to $TEST_ARTIFACTS
+    (default: the test's temporary folder) as explore_page.png."""
+    checkpoint = os.environ.get("EXPLORE_CHECKPOINT") or tiny_checkpoint(tmp_path / "page.pt")
+    base, server = running(serve_args(checkpoint))
+    try:
+        browser.open(base + "/?prompt=ROMEO&head=all")
+        browser.wait_for("document.body && document.body.dataset.ready === 'yes'")
+        columns = "document.querySelectorAll('#table .column').length"
+        assert browser.js(columns) == 5
+        assert browser.js("document.querySelector('#table .column .token').textContent") == "R"
+        n_head = browser.js("document.querySelectorAll('#attention-maps canvas').length")
+        assert n_head == json.loads(request(base, "/api/model")[1])["facts"]["n_head"]
+        inked = """[...document.querySelectorAll('#attention-maps canvas')].map((c) => {
+            const pixels = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let n = 0; for (let i = 0; i < pixels.length; i += 4) n += pixels[i] < 250; return n; })"""
+        assert all(n > 100 for n in browser.js(inked))  # every head's map is drawn
+        shading = "[...document.querySelectorAll('#attention-text span')].map(s => s.style.background)"
+        last_position = browser.js(shading)
+        assert all(s.startswith("rgba(31, 119, 180") for s in last_position)
+        # Hover the first column: position 0 can only look at itself (weight 1).
+        hover_column(browser, 0)
+        browser.wait_for("document.getElementById('attention-note').textContent"
+                         ".startsWith('Position 0')")
+        assert browser.js(shading)[0] == "rgb(31, 119, 180)" and browser.js(shading)[1] == ""
+        # Typing: the table and the maps grow with the prompt.
+        browser.js("(() => { const p = document.getElementById('prompt'); p.focus(); "
+                   "p.setSelectionRange(p.value.length, p.value.length); })()")
+        browser.type_text(":\nBut soft")
+        browser.wait_for(f"{columns} === 15", timeout=120)
+        assert browser.js("location.search").startswith("?prompt=ROMEO%3A%0ABut+soft")
+        assert browser.js("document.getElementById('message').textContent") == ""
+        hover_column(browser, 13)  # the "f" of "soft"
+        browser.wait_for("document.getElementById('attention-note').textContent"
+                         ".startsWith('Position 13 (f)')")
+        assert sum(s != "" for s in browser.js(shading)) == 14  # positions 0..13 have weights
+        # "continue" streams a sample into the page.
+        browser.js("document.getElementById('length').value = 120; "
+                   "document.getElementById('continue').click()")
+        browser.wait_for("document.getElementById('sample').textContent.length === 120")
+        height = browser.js("document.documentElement.scrollHeight")
+        browser.send("Emulation.setDeviceMetricsOverride", width=1280, height=height,
+                     deviceScaleFactor=1, mobile=False)
+        folder = os.environ.get("TEST_ARTIFACTS") or str(tmp_path)
+        os.makedirs(folder, exist_ok=True)
+        browser.screenshot(os.path.join(folder, "explore_page.png"))
+        with open(os.path.join(folder, "explore_page.png"), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        # A character the model never saw: the message says which.
+        browser.type_text("é")
+        browser.wait_for("document.getElementById('message').textContent.includes('é')")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def hover_column(browser, t):
+    """Move the mouse over the middle of the table's column t (scrolled into view first)."""
+    box = json.loads(browser.js(f"(() => {{ const c = document.querySelectorAll('#table .column')[{t}]; "
+                                "c.scrollIntoView({block: 'center'}); "
+                                "return JSON.stringify(c.getBoundingClientRect()); })()"))
+    browser.move_mouse(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
