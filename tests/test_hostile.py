@@ -105,6 +105,7 @@ GENERATE = {
     "compile": {"": 2, "maybe": 2, "false": 0},
     "seed": {"-1": 2, "0": 0, HUGE: 2, str(2**63 - 1): 0, "\uff11": 0},
     "num_samples": {"-1": 2, "0": 2, HUGE: 2, "\uff13": 0},
+    "weights": {"": 2, "BEST": 2, "middle": 2, "best": 0, "last": 0},
 }
 GENERATE_NUMBERS = {"max_new_tokens": NOT_NUMBERS, "temperature": NOT_FLOATS,
                     "top_k": NOT_NUMBERS, "top_p": NOT_FLOATS, "seed": NOT_NUMBERS,
