@@ -7,7 +7,6 @@ raises UsageError; the scripts print its message as one line and exit with code 
 import collections
 import contextlib
 import glob
-import hashlib
 import math
 import os
 import re
@@ -15,7 +14,6 @@ import shutil
 import signal
 import stat
 import sys
-import urllib.request
 import warnings
 
 import torch
@@ -26,10 +24,6 @@ except ImportError:  # Windows: runs are not locked
     fcntl = None
 
 from model import GPTConfig, GPTModel
-
-DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-DEFAULT_DATA = os.path.join("data", "input.txt")
 
 
 class UsageError(Exception):
@@ -225,36 +219,6 @@ def start_tokens(tokenizer):
         return [0]
 
 
-# ---------------------------------------------------------------------------------------------
-# Data
-
-def read_text(path):
-    """Read a UTF-8 text file, fetching Tiny Shakespeare first if it is the default path."""
-    if not os.path.exists(path) and os.path.normpath(path) == DEFAULT_DATA:
-        download_tiny_shakespeare(path)
-    problem = regular_file_problem(path)
-    if problem and os.path.lexists(path) and not os.path.isdir(path):
-        raise UsageError(f"data file {path} {problem}; pass --data PATH to a UTF-8 text file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise UsageError(f"data file not found: {path}; pass --data PATH to a UTF-8 text file")
-    except IsADirectoryError:
-        raise UsageError(f"data path is a directory: {path}; pass --data PATH to a text file")
-    except PermissionError:
-        raise UsageError(f"cannot read data file {path}: permission denied")
-    except UnicodeDecodeError as err:
-        raise UsageError(f"data file {path} is not UTF-8 text (bad byte at offset {err.start}); "
-                         f"convert it to UTF-8 first")
-    except OSError as err:  # a symlink loop, a name too long, an I/O error, ...
-        raise UsageError(f"cannot read data file {path}: {err.strerror or err}; pass --data "
-                         f"PATH to a readable text file")
-    if not text:
-        raise UsageError(f"data file {path} is empty; give it some text to learn from")
-    return text
-
-
 def regular_file_problem(path):
     """Why path is not a plain file that can be read, in words, or None: it does not exist, is
     a dangling or looping symlink, a folder, or a FIFO, device or socket (opening a FIFO would
@@ -274,85 +238,10 @@ def regular_file_problem(path):
     return None
 
 
-def download_tiny_shakespeare(path):
-    print(f"Downloading Tiny Shakespeare to {path}...")
-    try:
-        with urllib.request.urlopen(DATA_URL, timeout=30) as response:
-            payload = response.read()
-    except OSError as err:
-        raise UsageError(f"could not download Tiny Shakespeare ({err}); offline? Save {DATA_URL} "
-                         f"as {path} by hand, or pass --data PATH to another text file")
-    if hashlib.sha256(payload).hexdigest() != DATA_SHA256:
-        raise UsageError(f"downloaded Tiny Shakespeare has the wrong sha256; save {DATA_URL} "
-                         f"as {path} by hand")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    atomic_write(path, lambda tmp: write_bytes(tmp, payload))
-
-
-def write_bytes(path, payload):
-    with open(path, "wb") as f:
-        f.write(payload)
-
-
-def split_data(data, val_fraction=0.1):
-    """First 90% for training, the last 10% for validation (text or tokens)."""
-    n_train = int(len(data) * (1 - val_fraction))
-    return data[:n_train], data[n_train:]
-
-
-def tokenize(text, kind="char", vocab_size=1024, cache_dir=None):
-    """(tokenizer, train token ids, val token ids) for text split 90/10 by characters.
-
-    The character vocabulary comes from the whole text (65 for Tiny Shakespeare);
-    BPE is trained on the training split only. BPE results are cached in cache_dir, keyed by
-    the text's hash, so a second run on the same text starts at once.
-    """
-    train_text, val_text = split_data(text)
-    if kind == "char":
-        tokenizer = CharTokenizer.from_text(text)
-        return tokenizer, tokenizer.encode(train_text), tokenizer.encode(val_text)
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-    cache_path = os.path.join(cache_dir or ".", f".bpe{vocab_size}-{digest}.cache.pt")
-    if os.path.exists(cache_path):
-        try:
-            cached = torch.load(cache_path, weights_only=True)
-            return (tokenizer_from_dict(cached["tokenizer"]), cached["train"].tolist(),
-                    cached["val"].tolist())
-        except Exception:
-            pass  # a damaged cache file: build it again below
-
-    tokenizer = BPETokenizer.train(train_text, vocab_size)
-    train_ids, val_ids = tokenizer.encode(train_text), tokenizer.encode(val_text)
-    if tokenizer.decode(train_ids) != train_text or tokenizer.decode(val_ids) != val_text:
-        raise UsageError("the BPE tokenizer does not round-trip this text; please report it")
-    cached = dict(tokenizer=tokenizer.to_dict(), train=torch.tensor(train_ids),
-                  val=torch.tensor(val_ids))
-    try:
-        atomic_write(cache_path, lambda tmp: torch.save(cached, tmp))
-    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
-        print(f"Note: could not cache the BPE tokens in {cache_path} ({write_failure(err)}); "
-              f"the next run will train the tokenizer again")
-    return tokenizer, train_ids, val_ids
-
-
 def bits_per_char(mean_loss, n_tokens, n_chars):
     """Turn a mean loss in nats per token into bits per character, comparable across
     tokenizers: total nats = mean_loss * n_tokens; / n_chars; / ln 2 for bits."""
     return mean_loss * n_tokens / n_chars / math.log(2)
-
-
-def get_batch(data, batch_size, block_size, generator=None):
-    """Random (x, y) blocks from a 1-D token tensor; y is x shifted left by one: (B, T) each.
-
-    Sampling happens where the data lives (the GPU, if it is there): no Python loop and no copy
-    between devices.
-    """
-    starts = torch.randint(len(data) - block_size, (batch_size,), device=data.device,
-                           generator=generator)
-    offsets = torch.arange(block_size + 1, device=data.device)
-    # A (B, T + 1) grid of indices: row b is starts[b], starts[b] + 1, ..., starts[b] + T.
-    windows = data[starts[:, None] + offsets]  # (B, T + 1)
-    return windows[:, :-1], windows[:, 1:]
 
 
 # ---------------------------------------------------------------------------------------------

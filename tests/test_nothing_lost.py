@@ -150,17 +150,6 @@ def test_an_unwritable_loss_curve_warns_once_and_training_goes_on(tmp_path, tiny
     assert (tmp_path / "run.pt.metrics.jsonl").exists()
 
 
-def test_an_unwritable_bpe_cache_warns_and_tokenizes_anyway(tmp_path, monkeypatch, capsys):
-    def read_only(path, write):
-        raise OSError(30, "Read-only file system")
-
-    monkeypatch.setattr(utils, "atomic_write", read_only)
-    tokenizer, train_ids, _ = utils.tokenize(TINY_TEXT, "bpe", 300, cache_dir=str(tmp_path))
-    assert tokenizer.vocab_size == 300 and train_ids
-    assert "Note: could not cache the BPE tokens" in capsys.readouterr().out
-    assert not os.listdir(tmp_path)
-
-
 def test_a_failing_wandb_warns_once_and_training_goes_on(tmp_path, tiny_data, monkeypatch):
     class BrokenRun:
         summary = {}
