@@ -41,21 +41,13 @@ from tqdm import tqdm
 
 import dataset
 import train
+from checkpoint import atomic_write, check_output_path, check_outputs_spare_inputs
 from config import PRESETS, ArgumentParser, parse_config
 from generate import for_sampling, stream_text
 from model import GPTConfig, GPTModel
 from speedups import compile_decode
-from utils import (
-    CharTokenizer,
-    UsageError,
-    atomic_write,
-    check_output_path,
-    check_outputs_spare_inputs,
-    compile_problem,
-    pick_device,
-    pick_dtype,
-    run_main,
-)
+from tokenizer import CharTokenizer
+from utils import UsageError, compile_problem, pick_device, pick_dtype, run_main
 
 VOCAB_SIZE = 65  # Tiny Shakespeare's
 

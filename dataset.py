@@ -22,9 +22,9 @@ while preparing, one batch while training.
 
 BPE learns its merges from a bounded sample of the train split (--bpe_sample_chars: the whole
 split when it is smaller, as for Tiny Shakespeare, else evenly spaced stretches of it) with
-utils.BPETokenizer, then encodes the text in pieces on every core with that same code. Pieces
-are cut only after a character that is not whitespace and before one that is: no BPE chunk
-spans such a place, so the tokens are exactly those of BPETokenizer.encode on the whole split.
+BPETokenizer (tokenizer.py), then encodes the text in pieces on every core with that same code.
+Pieces are cut only after a character that is not whitespace and before one that is: no BPE
+chunk spans such a place, so the tokens are exactly those of BPETokenizer.encode on the whole split.
 """
 
 import codecs
@@ -44,17 +44,9 @@ import torch
 from tqdm import tqdm
 
 import fast_bpe
-from utils import (
-    CharTokenizer,
-    UsageError,
-    atomic_write,
-    regular_file_problem,
-    release_lock,
-    remove_leftover_tmp,
-    take_lock,
-    tokenizer_from_dict,
-    tokenizer_problem,
-)
+from checkpoint import atomic_write, remove_leftover_tmp, tokenizer_problem
+from tokenizer import CharTokenizer, tokenizer_from_dict
+from utils import UsageError, regular_file_problem, release_lock, take_lock
 
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"

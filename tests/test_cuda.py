@@ -24,10 +24,11 @@ import bench
 import speedups
 import train
 import utils
+from checkpoint import save_checkpoint
 from config import Config, parse_config
 from conftest import ROOT, TINY_FLAGS, needs_muon, random_batch, run_script, tiny_model
+from tokenizer import CharTokenizer
 from train import Run
-from utils import CharTokenizer, save_checkpoint
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
 on_cuda = [pytest.mark.cuda, needs_cuda]

@@ -16,10 +16,10 @@ import torch
 import dataset
 import fast_bpe
 import train
-import utils
 from config import Config, parse_config
 from conftest import ROOT, TINY_FLAGS, TINY_TEXT, run_script, tiny_model
-from utils import BPETokenizer, CharTokenizer, UsageError
+from tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_dict
+from utils import UsageError
 
 MIXED = ("ROMEO: café, naïve — 床前明月光，疑是地上霜。 Emoji 🙂👍🏽 and tabs\tend\n"
          "def __init__(self, max_len=2): return self._cache  # code_with_underscores\n"
@@ -143,7 +143,7 @@ def test_a_folder_is_its_txt_files_in_sorted_order_each_ending_a_line(tmp_path):
     (folder / "empty.txt").write_text("")
     (folder / "notes.md").write_text("not a .txt file: left out\n")
     meta, tokens = prepare_path(str(folder))
-    tokenizer = utils.tokenizer_from_dict(meta["tokenizer"])
+    tokenizer = tokenizer_from_dict(meta["tokenizer"])
     assert tokenizer.decode(tokens) == ("first file\nsecond file, no newline at its end\n"
                                         + "third, in a subfolder\n" * 2 + "third")
     assert [name for name, _, _ in meta["sources"]] == [
@@ -170,7 +170,7 @@ def test_token_ids_are_uint16_when_they_fit_else_uint32(tmp_path):
     meta, tokens = prepare_text(tmp_path, text, chunk_bytes=1000)
     assert meta["dtype"] == "uint32" and max(tokens) == 70_000
     assert os.path.getsize(tmp_path / "text.txt.char.tokens") == 4 * len(text)
-    assert utils.tokenizer_from_dict(meta["tokenizer"]).decode(tokens) == text
+    assert tokenizer_from_dict(meta["tokenizer"]).decode(tokens) == text
     meta, _ = prepare_text(tmp_path, TINY_TEXT)
     assert meta["dtype"] == "uint16"
     assert os.path.getsize(tmp_path / "text.txt.char.tokens") == 2 * len(TINY_TEXT)

@@ -20,9 +20,9 @@ import torch.multiprocessing as mp
 import generate
 import tracking
 import train
+from checkpoint import load_checkpoint
 from config import Config
 from conftest import ROOT, TINY_FLAGS, needs_muon, random_batch, run_in_process, run_script, tiny_model
-from utils import load_checkpoint
 
 
 def losses_by_step(jsonl_path):

@@ -10,13 +10,8 @@ import dataset
 import fast_bpe
 from config import Config
 from conftest import TINY_FLAGS, TINY_TEXT, run_script
-from utils import (
-    BPETokenizer,
-    UsageError,
-    bits_per_char,
-    merge_pair,
-    tokenizer_from_dict,
-)
+from tokenizer import BPETokenizer, merge_pair, tokenizer_from_dict
+from utils import UsageError, bits_per_char
 
 MIXED = "ROMEO: café, naïve — 床前明月光，疑是地上霜。 Emoji 🙂👍🏽 and tabs\tend\n"
 # A tiny Chinese text written for these tests (Li Bai's "Quiet Night Thought", public domain).

@@ -1,4 +1,5 @@
-"""What utils.py promises: a reversible tokenizer, safe checkpoints, clear errors."""
+"""What tokenizer.py, checkpoint.py and utils.py promise: a reversible tokenizer, safe checkpoints,
+clear errors."""
 
 import os
 import pickle
@@ -6,16 +7,10 @@ import pickle
 import pytest
 import torch
 
+from checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from model import GPTConfig, GPTModel
-from utils import (
-    CharTokenizer,
-    UsageError,
-    atomic_write,
-    load_checkpoint,
-    pick_device,
-    save_checkpoint,
-    tokenizer_from_dict,
-)
+from tokenizer import CharTokenizer, tokenizer_from_dict
+from utils import UsageError, pick_device
 
 
 def test_char_tokenizer_round_trip_and_sorted_vocab():
