@@ -52,6 +52,9 @@ def run_main(main):
         release_locks()
 
 
+# ---------------------------------------------------------------------------------------------
+# Locks: a run holds its checkpoint's lock until main() ends; two runs never write one file
+
 HELD_LOCKS = {}  # path -> its lock file, held until the script's main() ends (run_main)
 
 
