@@ -42,24 +42,13 @@ from tqdm import tqdm
 
 import dataset
 import train
+from checkpoint import atomic_write, check_output_path, check_outputs_spare_inputs
 from config import PRESETS, ArgumentParser, parse_config
 from generate import for_sampling, stream_text
 from model import GPTConfig, GPTModel
 from speedups import compile_decode
-from utils import (
-    DEFAULT_DATA,
-    CharTokenizer,
-    UsageError,
-    atomic_write,
-    check_output_path,
-    check_outputs_spare_inputs,
-    compile_problem,
-    get_batch,
-    pick_device,
-    pick_dtype,
-    read_text,
-    run_main,
-)
+from tokenizer import CharTokenizer
+from utils import UsageError, compile_problem, pick_device, pick_dtype, run_main
 
 VOCAB_SIZE = 65  # Tiny Shakespeare's
 
@@ -84,10 +73,11 @@ def measure_training(flags, steps, warmup_steps, label):
     optimizer = train.make_optimizer(model, config)
     train_model = train.wrap_for_training(model, config, run)
     scaler = train.make_scaler(run)
-    data = torch.randint(VOCAB_SIZE, (1_000_000,), device=run.device)
 
     def step():
-        batch = get_batch(data, config.batch_size, config.block_size)
+        windows = torch.randint(VOCAB_SIZE, (config.batch_size, config.block_size + 1),
+                                device=run.device)  # random tokens: only the speed counts here
+        batch = windows[:, :-1], windows[:, 1:]
         train.train_step(train_model, optimizer, scaler, [batch], config, run)
 
     # The first steps pay for compilation (up to a minute) and memory allocation.
@@ -324,7 +314,7 @@ def write_bench_text(folder, kind, size_mb):
 
 
 def shakespeare_blocks():
-    with open(dataset.find_sources(DEFAULT_DATA)[0], encoding="utf-8") as f:
+    with open(dataset.find_sources(dataset.DEFAULT_DATA)[0], encoding="utf-8") as f:
         text = f.read()
     while True:
         yield text
@@ -448,7 +438,7 @@ def report(device, quick, json_path, n_tokens):
 def check_report_path(path):
     """--json can be written, is not the text the report trains on, and holds no file but an
     earlier report (which it replaces)."""
-    check_outputs_spare_inputs({path: "--json"}, {DEFAULT_DATA: "the --data file"},
+    check_outputs_spare_inputs({path: "--json"}, {dataset.DEFAULT_DATA: "the --data file"},
                                "pick another --json")
     check_output_path(path, "--json", "bench_report.json")
     if os.path.exists(path):
@@ -476,8 +466,9 @@ def time_to_target_row(device, quick):
                  "--sample_tokens", "0"]
         if quick:
             data = os.path.join(folder, "start.txt")
-            with open(data, "w", encoding="utf-8") as f:
-                f.write(read_text(DEFAULT_DATA)[:30_000])
+            with open(data, "w", encoding="utf-8") as out, \
+                    open(dataset.find_sources(dataset.DEFAULT_DATA)[0], encoding="utf-8") as f:
+                out.write(f.read(30_000))
             flags += ["--data", data, *QUICK_FLAGS, "--max_iters", "60", "--eval_interval", "5",
                       "--eval_iters", "2", "--compile", "false"]
             max_iters = 60

@@ -22,9 +22,9 @@ while preparing, one batch while training.
 
 BPE learns its merges from a bounded sample of the train split (--bpe_sample_chars: the whole
 split when it is smaller, as for Tiny Shakespeare, else evenly spaced stretches of it) with
-utils.BPETokenizer, then encodes the text in pieces on every core with that same code. Pieces
-are cut only after a character that is not whitespace and before one that is: no BPE chunk
-spans such a place, so the tokens are exactly those of BPETokenizer.encode on the whole split.
+BPETokenizer (tokenizer.py), then encodes the text in pieces on every core with that same code.
+Pieces are cut only after a character that is not whitespace and before one that is: no BPE
+chunk spans such a place, so the tokens are exactly those of BPETokenizer.encode on the whole split.
 """
 
 import codecs
@@ -36,6 +36,7 @@ import math
 import os
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,22 +44,15 @@ import torch
 from tqdm import tqdm
 
 import fast_bpe
-from utils import (
-    DEFAULT_DATA,
-    CharTokenizer,
-    UsageError,
-    atomic_write,
-    download_tiny_shakespeare,
-    regular_file_problem,
-    release_lock,
-    remove_leftover_tmp,
-    take_lock,
-    tokenizer_from_dict,
-    tokenizer_problem,
-)
+from checkpoint import atomic_write, remove_leftover_tmp, tokenizer_problem
+from tokenizer import CharTokenizer, tokenizer_from_dict
+from utils import UsageError, regular_file_problem, release_lock, take_lock
 
+DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+DEFAULT_DATA = os.path.join("data", "input.txt")
 FORMAT = 1  # bump when the token file or its metadata changes meaning: old ones are re-prepared
-VAL_FRACTION = 0.1  # the last 10% of the characters, as utils.split_data
+VAL_FRACTION = 0.1  # the val split: the last 10% of the characters
 CHUNK_BYTES = 16 << 20  # read this much at a time: memory per pass stays ~10x this
 # --eval_tokens 0: evaluate this much val text (Tiny Shakespeare's val split: 111,540 characters)
 EVAL_CHARS = 112_000
@@ -152,6 +146,26 @@ def find_sources(path):
     if os.path.getsize(path) == 0:
         raise UsageError(f"data file {path} is empty; give it some text to learn from")
     return [path]
+
+
+def download_tiny_shakespeare(path):
+    print(f"Downloading Tiny Shakespeare to {path}...")
+    try:
+        with urllib.request.urlopen(DATA_URL, timeout=30) as response:
+            payload = response.read()
+    except OSError as err:
+        raise UsageError(f"could not download Tiny Shakespeare ({err}); offline? Save {DATA_URL} "
+                         f"as {path} by hand, or pass --data PATH to another text file")
+    if hashlib.sha256(payload).hexdigest() != DATA_SHA256:
+        raise UsageError(f"downloaded Tiny Shakespeare has the wrong sha256; save {DATA_URL} "
+                         f"as {path} by hand")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_write(path, lambda tmp: write_bytes(tmp, payload))
+
+
+def write_bytes(path, payload):
+    with open(path, "wb") as f:
+        f.write(payload)
 
 
 def prepared_stem(data, settings):
@@ -262,7 +276,7 @@ def split_tokens(corpus, split):
 
 
 def get_batch(corpus, batch_size, block_size, device, split="train"):
-    """Random (x, y) blocks of the split, as utils.get_batch: (B, T) each, y shifted by one.
+    """Random (x, y) blocks of the split: (B, T) each, y is x shifted left by one token.
 
     Only these B * (T + 1) tokens are read and copied to the device. The map is made afresh
     each time because the pages a map has read count as this process's memory until it is
@@ -270,7 +284,7 @@ def get_batch(corpus, batch_size, block_size, device, split="train"):
     same). Mapping takes microseconds.
     """
     tokens = split_tokens(corpus, split)
-    starts = torch.randint(len(tokens) - block_size, (batch_size,))  # as utils.get_batch draws
+    starts = torch.randint(len(tokens) - block_size, (batch_size,))
     windows = check_ids(tokens[starts.numpy()[:, None] + np.arange(block_size + 1)], corpus)
     windows = torch.from_numpy(windows.astype(np.int64))
     if device.startswith("cuda"):  # from pinned memory the copy can overlap the GPU's work

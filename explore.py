@@ -26,9 +26,10 @@ import os
 import torch
 import torch.nn.functional as F
 
+from checkpoint import check_outputs_spare_inputs, tmp_path_for
 from config import ArgumentParser
 from generate import load_model
-from utils import UsageError, check_outputs_spare_inputs, pick_device, run_main, tmp_path_for
+from utils import UsageError, pick_device, run_main
 
 SHOWN = {" ": "␣", "\n": "↵", "\t": "⇥"}  # whitespace, drawn so that it can be seen
 DPI = 100  # pictures sharp enough to read, small enough to commit

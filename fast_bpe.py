@@ -1,5 +1,5 @@
-"""BPE at scale: the merges and the tokens of utils.BPETokenizer, the readable reference,
-but faster, for dataset.py. tests/test_dataset.py checks that both are the reference's.
+"""BPE at scale: the merges and the tokens of BPETokenizer (tokenizer.py), the readable
+reference, but faster, for dataset.py. tests/test_dataset.py checks that both are the reference's.
 
 - train() learns the same merges as BPETokenizer.train, faster on a big sample (docs/data.md):
   the reference finds each merge with max() over every pair it counts, most of its time; this
@@ -23,7 +23,8 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from tqdm import tqdm
 
-from utils import BPETokenizer, UsageError, merge_pair
+from tokenizer import BPETokenizer, merge_pair
+from utils import UsageError
 
 PIECE_CHARS = 1 << 20  # characters per piece a worker encodes
 # A worker's chunk -> ids cache is emptied past this many entries (~170 bytes each, so ~350 MB):
@@ -109,7 +110,7 @@ def word_end_pieces(tagged_chunks, piece_chars):
     """(split, piece): each split's text cut into pieces of about piece_chars characters.
 
     A cut goes after a character that is not whitespace and before one that is. BPE's chunks
-    (utils.BPETokenizer.CHUNK) never hold whitespace after another character, so none spans
+    (BPETokenizer.CHUNK) never hold whitespace after another character, so none spans
     such a place, and the pieces encode exactly as the whole split does. The end of the train
     split is always a cut: the reference encodes the two splits apart.
     """

@@ -25,20 +25,12 @@ if __name__ == "__main__":
 
 import torch
 
+from checkpoint import chosen_weights, load_checkpoint
 from config import ArgumentParser
 from model import GPTConfig, GPTModel
 from speedups import compile_decode, quantize_int8
-from utils import (
-    UsageError,
-    check_fits_in_memory,
-    chosen_weights,
-    load_checkpoint,
-    pick_device,
-    pick_dtype,
-    run_main,
-    start_tokens,
-    tokenizer_from_dict,
-)
+from tokenizer import start_tokens, tokenizer_from_dict
+from utils import UsageError, check_fits_in_memory, pick_device, pick_dtype, run_main
 
 RULE = "=" * 60
 
@@ -103,7 +95,7 @@ def check_args(args):
 
 def load_model(path, device, dtype="float32", flash=True, weights="best"):
     """(model in eval mode on device, tokenizer, which weights in words) from a checkpoint
-    written by train.py: by default the weights of its lowest val loss (utils.chosen_weights)."""
+    written by train.py: by default the weights of its lowest val loss (checkpoint.chosen_weights)."""
     checkpoint = load_checkpoint(path, device)
     state_dict, which = chosen_weights(checkpoint, weights)
     # flash picks the attention path (SDPA or written out), whatever the model trained with.

@@ -39,31 +39,33 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import speedups
+from checkpoint import (
+    MODEL_SHAPE,
+    check_output_path,
+    check_outputs_spare_inputs,
+    load_checkpoint,
+    remove_leftover_tmp,
+    same_file,
+    save_checkpoint,
+    write_failure,
+)
 from config import PRESETS, parse_config
 from dataset import corpus_settings, find_sources, get_batch, load_corpus, prepared_stem, val_set
 from model import GPTConfig, GPTModel
+from tokenizer import start_tokens
 from tracking import log_paths, metrics_recorder
 from utils import (
-    MODEL_SHAPE,
     UsageError,
     autocast,
     bits_per_char,
     check_fits_in_memory,
-    check_output_path,
-    check_outputs_spare_inputs,
     hold_lock,
-    load_checkpoint,
     mps_has_bf16,
     pick_device,
     pick_dtype,
     regular_file_problem,
-    remove_leftover_tmp,
     run_main,
-    same_file,
-    save_checkpoint,
-    start_tokens,
     use_compile,
-    write_failure,
 )
 
 
@@ -643,7 +645,7 @@ def stop_on_nan(progress, checkpoint_path):
 
 def save_or_stop(checkpoint, path, progress):
     """Save atomically; if that fails (a full or read-only disk), stop with one line naming
-    the checkpoint still on disk, which the failed save left as it was (utils.atomic_write)."""
+    the checkpoint still on disk, which the failed save left as it was (checkpoint.atomic_write)."""
     try:
         save_checkpoint(checkpoint, path)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError

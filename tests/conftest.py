@@ -77,3 +77,11 @@ def tiny_model(**overrides):
     torch.manual_seed(0)
     args = dict(vocab_size=20, n_embd=32, n_layer=2, n_head=4, block_size=16, dropout=0.0)
     return GPTModel(GPTConfig(**{**args, **overrides})).eval()
+
+
+def random_batch(batch_size, block_size, device="cpu", seed=None):
+    """(x, y) of random tokens below tiny_model's 20, y shifted by one as in dataset.get_batch:
+    for tests of a training step, where what the tokens say does not matter. (B, T) each."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    windows = torch.randint(0, 20, (batch_size, block_size + 1), generator=generator)
+    return windows[:, :-1].to(device), windows[:, 1:].to(device)

@@ -24,10 +24,11 @@ import bench
 import speedups
 import train
 import utils
+from checkpoint import save_checkpoint
 from config import Config, parse_config
-from conftest import ROOT, TINY_FLAGS, needs_muon, run_script, tiny_model
+from conftest import ROOT, TINY_FLAGS, needs_muon, random_batch, run_script, tiny_model
+from tokenizer import CharTokenizer
 from train import Run
-from utils import CharTokenizer, get_batch, save_checkpoint
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
 on_cuda = [pytest.mark.cuda, needs_cuda]
@@ -38,8 +39,7 @@ def learn_one_batch(model, optimizer, config, run, steps=15):
     """(first loss, last loss) of training steps on one batch, which is learned by heart."""
     scaler = train.make_scaler(run)
     torch.manual_seed(0)
-    data = torch.randint(0, 20, (2000,), device=run.device)
-    batch = get_batch(data, 16, 16)
+    batch = random_batch(16, 16, run.device)
     first = train.train_step(model, optimizer, scaler, [batch], config, run).item()
     for _ in range(steps):
         last = train.train_step(model, optimizer, scaler, [batch], config, run).item()
@@ -81,9 +81,8 @@ def test_fused_adamw_takes_the_steps_of_plain_adamw(device):
     run = Run(device, "float32")
     scaler = train.make_scaler(run)
     torch.manual_seed(0)
-    data = torch.randint(0, 20, (500,), device=device)
     for _ in range(3):
-        batch = get_batch(data, 8, 16)
+        batch = random_batch(8, 16, device)
         for model, optimizer in zip(models, (fused, plain)):
             train.train_step(model, optimizer, scaler, [batch], Config(), run)
     assert not torch.equal(models[0].lm_head.weight, before)
@@ -119,9 +118,8 @@ def test_compiled_training_follows_eager_training(dtype, tolerance):
         assert (train_model is not model) == (setting == "true")
         optimizer, scaler = train.make_optimizer(model, config), train.make_scaler(run)
         torch.manual_seed(0)
-        data = torch.randint(0, 20, (2000,), device="cuda")
         # One batch, learned by heart: random tokens have nothing else to learn (loss ln 20).
-        batch = get_batch(data, 16, 16)
+        batch = random_batch(16, 16, "cuda")
         losses[setting] = [
             train.train_step(train_model, optimizer, scaler, [batch], config, run).item()
             for _ in range(10)]

@@ -1,10 +1,13 @@
 """What dataset.py promises: a text of any size prepared once into a token file with exactly the
-tokens utils.py's tokenizers give, re-prepared when the text changes, read from a folder in a
+tokens the readable tokenizers give, re-prepared when the text changes, read from a folder in a
 stable order, sampled from the map, and a bounded, deterministic evaluation."""
 
+import hashlib
+import io
 import os
 import random
 import shutil
+import urllib.request
 
 import numpy as np
 import pytest
@@ -13,10 +16,10 @@ import torch
 import dataset
 import fast_bpe
 import train
-import utils
 from config import Config, parse_config
 from conftest import ROOT, TINY_FLAGS, TINY_TEXT, run_script, tiny_model
-from utils import BPETokenizer, UsageError, tokenize
+from tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_dict
+from utils import UsageError
 
 MIXED = ("ROMEO: café, naïve — 床前明月光，疑是地上霜。 Emoji 🙂👍🏽 and tabs\tend\n"
          "def __init__(self, max_len=2): return self._cache  # code_with_underscores\n"
@@ -38,17 +41,20 @@ def prepare_path(path, tokenizer="char", vocab_size=300, bpe_sample_chars=0, **o
     return meta, np.fromfile(f"{stem}.tokens", dtype=meta["dtype"]).tolist()
 
 
-def reference(folder, text, kind, vocab_size=300):
-    """(tokenizer, train ids, val ids) from utils.tokenize, the readable reference."""
-    os.makedirs(folder / "reference", exist_ok=True)
-    return tokenize(text, kind, vocab_size, cache_dir=str(folder / "reference"))
+def reference(text, kind, vocab_size=300):
+    """(tokenizer, train ids, val ids): the readable tokenizers on the whole text in memory."""
+    n_train = int(len(text) * (1 - dataset.VAL_FRACTION))
+    train_text, val_text = text[:n_train], text[n_train:]
+    tokenizer = (CharTokenizer.from_text(text) if kind == "char"
+                 else BPETokenizer.train(train_text, vocab_size))
+    return tokenizer, tokenizer.encode(train_text), tokenizer.encode(val_text)
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 2, 3, 5, 64])
 def test_characters_cut_by_chunk_edges_give_the_same_tokens(tmp_path, chunk_bytes):
     text = MIXED * 3
     meta, tokens = prepare_text(tmp_path, text, chunk_bytes=chunk_bytes)
-    tokenizer, train_ids, val_ids = reference(tmp_path, text, "char")
+    tokenizer, train_ids, val_ids = reference(text, "char")
     assert meta["tokenizer"] == tokenizer.to_dict()
     assert tokens == train_ids + val_ids and meta["n_train"] == len(train_ids)
     assert meta["n_chars"] == len(text) and meta["dtype"] == "uint16"
@@ -61,7 +67,7 @@ def test_bpe_in_pieces_and_workers_gives_the_reference_tokens(tmp_path, chunk_by
     text = (MIXED + TINY_TEXT[:500]) * 4
     meta, tokens = prepare_text(tmp_path, text, "bpe", 300, chunk_bytes=chunk_bytes,
                                 piece_chars=piece_chars, workers=workers)
-    tokenizer, train_ids, val_ids = reference(tmp_path, text, "bpe")
+    tokenizer, train_ids, val_ids = reference(text, "bpe")
     assert meta["tokenizer"] == tokenizer.to_dict()  # the same merges: the same sample
     assert tokens == train_ids + val_ids and meta["n_train"] == len(train_ids)
     assert tokenizer.decode(tokens) == text  # underscores too
@@ -103,7 +109,7 @@ def test_tiny_shakespeare_tokens_are_unchanged(tmp_path):
     for kind in ("char", "bpe"):  # BPE as the README's run: 1,024 tokens
         meta, tokens = prepare_path(str(tmp_path / "input.txt"), kind, 1024,
                                     bpe_sample_chars=Config().bpe_sample_chars)
-        tokenizer, train_ids, val_ids = reference(tmp_path, text, kind, 1024)
+        tokenizer, train_ids, val_ids = reference(text, kind, 1024)
         assert meta["tokenizer"] == tokenizer.to_dict()
         assert tokens == train_ids + val_ids and meta["n_train"] == len(train_ids)
     assert (meta["n_chars"], meta["n_train_chars"]) == (1_115_394, 1_003_854)
@@ -137,7 +143,7 @@ def test_a_folder_is_its_txt_files_in_sorted_order_each_ending_a_line(tmp_path):
     (folder / "empty.txt").write_text("")
     (folder / "notes.md").write_text("not a .txt file: left out\n")
     meta, tokens = prepare_path(str(folder))
-    tokenizer = utils.tokenizer_from_dict(meta["tokenizer"])
+    tokenizer = tokenizer_from_dict(meta["tokenizer"])
     assert tokenizer.decode(tokens) == ("first file\nsecond file, no newline at its end\n"
                                         + "third, in a subfolder\n" * 2 + "third")
     assert [name for name, _, _ in meta["sources"]] == [
@@ -164,7 +170,7 @@ def test_token_ids_are_uint16_when_they_fit_else_uint32(tmp_path):
     meta, tokens = prepare_text(tmp_path, text, chunk_bytes=1000)
     assert meta["dtype"] == "uint32" and max(tokens) == 70_000
     assert os.path.getsize(tmp_path / "text.txt.char.tokens") == 4 * len(text)
-    assert utils.tokenizer_from_dict(meta["tokenizer"]).decode(tokens) == text
+    assert tokenizer_from_dict(meta["tokenizer"]).decode(tokens) == text
     meta, _ = prepare_text(tmp_path, TINY_TEXT)
     assert meta["dtype"] == "uint16"
     assert os.path.getsize(tmp_path / "text.txt.char.tokens") == 2 * len(TINY_TEXT)
@@ -184,16 +190,20 @@ def test_a_read_only_data_folder_prepares_into_the_cache_folder(tmp_path, monkey
     assert token_file.endswith("-text.txt.char.tokens") and corpus.n_chars == len(TINY_TEXT)
 
 
-def test_batches_read_from_the_map_are_those_utils_get_batch_draws(tmp_path):
+def test_batches_are_windows_of_the_train_split_with_targets_shifted_by_one(tmp_path):
     _, tokens = prepare_text(tmp_path, TINY_TEXT)
     corpus = dataset.load_corpus(Config(data=str(tmp_path / "text.txt")))
-    train_tokens = torch.tensor(tokens[:corpus.n_train])
-    torch.manual_seed(3)
+    train_text = corpus.tokenizer.decode(tokens[:corpus.n_train])
     x, y = dataset.get_batch(corpus, 8, 16, "cpu")
-    torch.manual_seed(3)  # the same random starts: Tiny Shakespeare runs train as before
-    expected_x, expected_y = utils.get_batch(train_tokens, 8, 16)
     assert x.dtype == torch.long and x.shape == y.shape == (8, 16)
-    assert torch.equal(x, expected_x) and torch.equal(y, expected_y)
+    assert torch.equal(x[:, 1:], y[:, :-1])  # each target is the next input
+    for inputs, targets in zip(x.tolist(), y.tolist()):
+        window = corpus.tokenizer.decode(inputs + targets[-1:])
+        assert window in train_text  # T + 1 tokens in a row of the train split
+    torch.manual_seed(3)
+    first = dataset.get_batch(corpus, 8, 16, "cpu")
+    torch.manual_seed(3)  # the same seed, the same batch: runs are reproducible
+    assert all(torch.equal(a, b) for a, b in zip(first, dataset.get_batch(corpus, 8, 16, "cpu")))
 
 
 def test_val_set_is_exact_when_small_else_a_fixed_even_subset(tmp_path):
@@ -276,3 +286,69 @@ def test_bench_prepare_reports_preparing_and_a_second_run(tmp_path, tiny_data):
     assert f"{len(TINY_TEXT):,} tokens (char, 36 in the vocabulary, uint16)" in lines[-3]
     assert lines[-2].startswith("second run: corpus mapped ")
     assert lines[-1].startswith("training: peak RSS ") and lines[-1].endswith("(val loss exact)")
+
+
+# --- a data file that cannot be read: each gives a UsageError naming the problem ---------------
+
+def load(path):
+    return dataset.load_corpus(Config(data=str(path)))
+
+
+def test_missing_empty_or_non_utf8_data_file(tmp_path):
+    with pytest.raises(UsageError, match="not found"):
+        load(tmp_path / "nope.txt")
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(UsageError, match="empty"):
+        load(tmp_path / "empty.txt")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(UsageError, match="not UTF-8"):
+        load(tmp_path / "latin1.txt")
+
+
+def test_unreadable_data_file(tmp_path, monkeypatch):
+    path = tmp_path / "locked.txt"
+    path.write_text("secret")
+
+    def no_permission(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("builtins.open", no_permission)  # root can read any file, so pretend
+    with pytest.raises(UsageError, match="permission denied"):
+        list(dataset.read_blocks(str(path), 1024, newline=False))
+
+
+def test_a_symlink_loop_or_a_name_too_long_is_named(tmp_path):
+    loop = tmp_path / "loop.txt"
+    loop.symlink_to(loop)
+    with pytest.raises(UsageError, match="data .*cannot be read .*symbolic links"):
+        load(loop)
+    with pytest.raises(UsageError, match="data .*cannot be read .*too long"):
+        load(tmp_path / ("x" * 300))
+
+
+def test_offline_download_says_where_to_put_the_file(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(UsageError, match=r"offline\?.*data/input.txt"):
+        load("data/input.txt")
+
+
+class FakeResponse(io.BytesIO):
+    """What urlopen returns, holding payload."""
+
+
+def test_download_checks_sha256_then_saves(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: FakeResponse(b"not shakespeare"))
+    with pytest.raises(UsageError, match="sha256"):
+        load("data/input.txt")
+    assert not os.path.exists("data/input.txt")
+
+    payload = b"First Citizen:\nBefore we proceed any further, hear me speak.\n"
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: FakeResponse(payload))
+    monkeypatch.setattr(dataset, "DATA_SHA256", hashlib.sha256(payload).hexdigest())
+    assert load("data/input.txt").n_chars == len(payload)
+    assert open("data/input.txt", "rb").read() == payload

@@ -14,11 +14,13 @@ import torch.nn.functional as F
 import explore
 import tracking
 import train
+from checkpoint import save_checkpoint
 from config import Config
 from conftest import TINY_FLAGS, TINY_TEXT, run_script, tiny_model
 from generate import load_model
 from model import GPTConfig, GPTModel, describe
-from utils import CharTokenizer, run_main, save_checkpoint
+from tokenizer import CharTokenizer
+from utils import run_main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -8,7 +8,7 @@ import torch
 import generate
 import utils
 from conftest import tiny_model
-from utils import CharTokenizer
+from tokenizer import BPETokenizer, CharTokenizer
 
 
 def options(**overrides):
@@ -62,7 +62,6 @@ def test_greedy_is_the_same_with_and_without_cache_through_generate_py():
 
 @pytest.mark.parametrize("chunk", [1, 3, 8])  # tokens copied to the host at a time (8 on GPUs)
 def test_streamed_bpe_text_equals_returned_text_even_mid_character(chunk):
-    from utils import BPETokenizer
     tokenizer = BPETokenizer.train("床前明月光，疑是地上霜。" * 5, vocab_size=270)
     model = tiny_model(vocab_size=tokenizer.vocab_size)  # random weights: random bytes too
     args = options(max_new_tokens=40)

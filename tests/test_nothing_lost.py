@@ -77,7 +77,7 @@ def test_a_folder_where_nothing_can_be_written_is_refused(tmp_path, tiny_data, m
     def read_only(path, *args, **kwargs):  # root may write anywhere, so pretend
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(utils, "open", read_only, raising=False)  # utils.py's probe only
+    monkeypatch.setattr("checkpoint.open", read_only, raising=False)  # its probe only
     one_error_line(train_run(tiny_data, tmp_path / "out" / "run.pt"), "(Read-only file system)")
     assert not os.listdir(tmp_path / "out")
 
@@ -113,10 +113,10 @@ def test_a_full_disk_at_save_names_the_last_good_checkpoint(tmp_path, tiny_data,
             f.write(b"PK\x03\x04 half a checkpoint")
         raise failure
 
-    monkeypatch.setattr(utils.torch, "save", save_then_fail)
+    monkeypatch.setattr(torch, "save", save_then_fail)
     line = one_error_line(train_run(tiny_data, checkpoint),
                           f"could not save the checkpoint to {checkpoint} ({reason})")
-    monkeypatch.setattr(utils.torch, "save", real_save)
+    monkeypatch.setattr(torch, "save", real_save)
     assert f"the last good checkpoint, {checkpoint}, is kept (step 1)" in line
     assert torch.load(checkpoint, weights_only=True)["step"] == 1  # intact
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
@@ -126,7 +126,7 @@ def test_a_failed_first_save_says_no_checkpoint_was_saved(tmp_path, tiny_data, m
     def full_disk(obj, path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(utils.torch, "save", full_disk)
+    monkeypatch.setattr(torch, "save", full_disk)
     line = one_error_line(train_run(tiny_data, tmp_path / "run.pt"), "could not save")
     assert "no checkpoint was saved" in line
 
@@ -148,17 +148,6 @@ def test_an_unwritable_loss_curve_warns_once_and_training_goes_on(tmp_path, tiny
     assert code == 0, err
     assert out.count("Note: drawing the loss curve") == 1
     assert (tmp_path / "run.pt.metrics.jsonl").exists()
-
-
-def test_an_unwritable_bpe_cache_warns_and_tokenizes_anyway(tmp_path, monkeypatch, capsys):
-    def read_only(path, write):
-        raise OSError(30, "Read-only file system")
-
-    monkeypatch.setattr(utils, "atomic_write", read_only)
-    tokenizer, train_ids, _ = utils.tokenize(TINY_TEXT, "bpe", 300, cache_dir=str(tmp_path))
-    assert tokenizer.vocab_size == 300 and train_ids
-    assert "Note: could not cache the BPE tokens" in capsys.readouterr().out
-    assert not os.listdir(tmp_path)
 
 
 def test_a_failing_wandb_warns_once_and_training_goes_on(tmp_path, tiny_data, monkeypatch):

@@ -20,9 +20,9 @@ import torch.multiprocessing as mp
 import generate
 import tracking
 import train
+from checkpoint import load_checkpoint
 from config import Config
-from conftest import ROOT, TINY_FLAGS, needs_muon, run_in_process, run_script, tiny_model
-from utils import get_batch, load_checkpoint
+from conftest import ROOT, TINY_FLAGS, needs_muon, random_batch, run_in_process, run_script, tiny_model
 
 
 def losses_by_step(jsonl_path):
@@ -194,8 +194,7 @@ def one_ddp_step(rank, world_size, port, x, y, out_path):
 
 
 def test_two_ranks_of_batch_b_average_to_the_gradients_of_one_rank_of_2b(tmp_path):
-    data = torch.randint(0, 20, (1000,), generator=torch.Generator().manual_seed(0))
-    x, y = get_batch(data, 8, 16, generator=torch.Generator().manual_seed(0))
+    x, y = random_batch(8, 16, seed=0)
     out_path = str(tmp_path / "ddp_grads.pt")
     mp.spawn(one_ddp_step, args=(2, free_port(), x, y, out_path), nprocs=2)
     ddp_grads = torch.load(out_path, weights_only=True)

@@ -2,20 +2,16 @@
 character so that runs with different tokenizers can be compared."""
 
 import math
-import os
 
 import pytest
 import torch
 
+import dataset
+import fast_bpe
+from config import Config
 from conftest import TINY_FLAGS, TINY_TEXT, run_script
-from utils import (
-    BPETokenizer,
-    UsageError,
-    bits_per_char,
-    merge_pair,
-    tokenize,
-    tokenizer_from_dict,
-)
+from tokenizer import BPETokenizer, merge_pair, tokenizer_from_dict
+from utils import UsageError, bits_per_char
 
 MIXED = "ROMEO: café, naïve — 床前明月光，疑是地上霜。 Emoji 🙂👍🏽 and tabs\tend\n"
 # A tiny Chinese text written for these tests (Li Bai's "Quiet Night Thought", public domain).
@@ -51,24 +47,27 @@ def test_bpe_stops_early_when_nothing_is_left_to_merge():
     assert tokenizer.encode("aaaa") == [tokenizer.vocab_size - 1]
 
 
-def test_tokenize_caches_bpe_and_trains_on_the_training_split(tmp_path, monkeypatch):
+def corpus_of(tmp_path, text, tokenizer):
+    """The Corpus train.py would load from text, and all its tokens (train, then val)."""
+    path = tmp_path / "text.txt"
+    path.write_text(text, encoding="utf-8")
+    corpus = dataset.load_corpus(Config(data=str(path), tokenizer=tokenizer, vocab_size=300))
+    return corpus, [*dataset.split_tokens(corpus, "train"), *dataset.split_tokens(corpus, "val")]
+
+
+def test_bpe_is_learned_from_the_training_split_once(tmp_path, monkeypatch):
     text = TINY_TEXT + "zzzz qqqq xxxx"  # rare words only in the validation tail
-    tokenizer, train_ids, val_ids = tokenize(text, "bpe", 300, cache_dir=str(tmp_path))
-    assert tokenizer.decode(train_ids) + tokenizer.decode(val_ids) == text
-    assert not any(b"zz" in piece for piece in tokenizer.token_bytes)  # never saw the val split
-    [cache_file] = os.listdir(tmp_path)
-    with monkeypatch.context() as patch:  # the second run must not train again
-        patch.setattr(BPETokenizer, "train", lambda *args: pytest.fail("trained twice"))
-        again = tokenize(text, "bpe", 300, cache_dir=str(tmp_path))
-    assert again[0].merges == tokenizer.merges and again[1:] == (train_ids, val_ids)
-    (tmp_path / cache_file).write_bytes(b"damaged")  # a broken cache is rebuilt, not fatal
-    assert tokenize(text, "bpe", 300, cache_dir=str(tmp_path))[1:] == (train_ids, val_ids)
+    corpus, tokens = corpus_of(tmp_path, text, "bpe")
+    assert corpus.tokenizer.decode(tokens) == text
+    assert not any(b"zz" in piece for piece in corpus.tokenizer.token_bytes)  # never saw val
+    monkeypatch.setattr(fast_bpe, "train", lambda *args: pytest.fail("trained twice"))
+    assert corpus_of(tmp_path, text, "bpe")[0].tokenizer.merges == corpus.tokenizer.merges
 
 
-def test_char_tokenizer_handles_chinese():
-    tokenizer, train_ids, val_ids = tokenize(CHINESE, "char")
-    assert tokenizer.decode(train_ids + val_ids) == CHINESE
-    assert tokenizer.vocab_size == len(set(CHINESE))
+def test_char_tokenizer_handles_chinese(tmp_path):
+    corpus, tokens = corpus_of(tmp_path, CHINESE, "char")
+    assert corpus.tokenizer.decode(tokens) == CHINESE
+    assert corpus.tokenizer.vocab_size == len(set(CHINESE))
 
 
 def test_bits_per_character_by_hand():

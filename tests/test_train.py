@@ -10,9 +10,8 @@ import torch
 import train
 import utils
 from config import Config, parse_config
-from conftest import needs_muon, tiny_model
+from conftest import needs_muon, random_batch, tiny_model
 from train import Run
-from utils import get_batch
 
 
 def test_learning_rate_schedule_at_chosen_steps():
@@ -42,8 +41,7 @@ def grad_norm(model):
 
 
 def test_clipping_bounds_the_gradient_norm():
-    data = torch.randint(0, 20, (500,))
-    batch = get_batch(data, 8, 16, generator=torch.Generator().manual_seed(0))
+    batch = random_batch(8, 16, seed=0)
     model, config, optimizer, scaler = make_step_parts(grad_clip=0.0)
     train.train_step(model, optimizer, scaler, [batch], config, Run("cpu", "float32"))
     unclipped = grad_norm(model)
@@ -54,8 +52,7 @@ def test_clipping_bounds_the_gradient_norm():
 
 
 def test_accumulating_k_micro_batches_equals_one_batch_k_times_larger():
-    data = torch.randint(0, 20, (500,))
-    x, y = get_batch(data, 12, 16, generator=torch.Generator().manual_seed(0))
+    x, y = random_batch(12, 16, seed=0)
     big, config, optimizer, scaler = make_step_parts(accumulation=1)
     train.train_step(big, optimizer, scaler, [(x, y)], config, Run("cpu", "float32"))
     small, config, optimizer, scaler = make_step_parts(accumulation=3)
@@ -123,12 +120,11 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
 @needs_muon
 def test_muon_training_lowers_the_loss():
     torch.manual_seed(0)
-    data = torch.randint(0, 20, (2000,))
     model = tiny_model().train()
     config = Config(optimizer="muon", learning_rate=3e-3, muon_lr=0.02, grad_clip=1.0)
     optimizer = train.make_optimizer(model, config)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    batch = get_batch(data, 16, 16)
+    batch = random_batch(16, 16)
     first = train.train_step(model, optimizer, scaler, [batch], config, Run("cpu", "float32"))
     for _ in range(30):
         last = train.train_step(model, optimizer, scaler, [batch], config, Run("cpu", "float32"))
@@ -182,12 +178,11 @@ def test_mfu_only_for_known_gpus():
 def test_float16_with_loss_scaling_trains(optimizer):
     # The path older GPUs take (no bf16): fp16 autocast + GradScaler; it runs on the CPU too.
     # With Muon the scaler unscales and steps both of MuonAdamW's optimizers.
-    data = torch.randint(0, 20, (500,))
     model, config, optimizer, _ = make_step_parts(grad_clip=1.0, optimizer=optimizer)
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     before = [p.detach().clone() for p in model.parameters()]
     for _ in range(3):
-        batch = get_batch(data, 8, 16)
+        batch = random_batch(8, 16)
         loss = train.train_step(model, optimizer, scaler, [batch], config, Run("cpu", "float16"))
     assert math.isfinite(loss.item())
     # Every weight moved: each optimizer stepped.

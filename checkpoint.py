@@ -1,0 +1,274 @@
+"""Checkpoints, and writing files so that nothing a user owns is lost.
+
+A checkpoint holds only tensors and plain Python values (numbers, strings, lists,
+dictionaries), so torch.load(weights_only=True) reads it and loading can never run code. Its
+contents are checked (checkpoint_problem) before anything is built from them: a damaged file
+gives a one-line error, never a crash halfway through generation.
+
+Every file is written whole or not at all (atomic_write: a temporary file, then a rename), and
+before any work a run proves that its outputs can be written and overwrite none of its inputs.
+"""
+
+import contextlib
+import glob
+import os
+import re
+import warnings
+
+import torch
+
+from model import GPTConfig, GPTModel
+from utils import UsageError, check_fits_in_memory, regular_file_problem
+
+# ---------------------------------------------------------------------------------------------
+# Files written whole, outputs that spare the inputs
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename over path: a crash leaves the old file or the new one.
+    The temporary file is this process's own (its id in the name): two runs never share one."""
+    tmp_path = tmp_path_for(path)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            with contextlib.suppress(OSError):
+                os.remove(tmp_path)
+
+
+def tmp_path_for(path):
+    return f"{path}.{os.getpid()}.tmp"
+
+
+def remove_leftover_tmp(path):
+    """Delete the temporary files of path that killed processes left behind (path.PID.tmp).
+    Call it only while holding path's lock: no other process can be writing one then."""
+    for leftover in glob.glob(f"{glob.escape(path)}.*.tmp"):
+        if re.fullmatch(r"\d+", leftover[len(path) + 1:-4]):
+            with contextlib.suppress(OSError):
+                os.remove(leftover)
+
+
+def check_outputs_spare_inputs(outputs, inputs, fix):
+    """Prove, before any work, that no file a run writes is, or lies inside, one it reads.
+    outputs and inputs: {path: what it is, in words}. Paths are compared as the files they
+    lead to, through symlinks and hard links."""
+    for output, output_name in outputs.items():
+        for source, source_name in inputs.items():
+            inside = os.path.isdir(source) and os.path.realpath(output).startswith(
+                os.path.join(os.path.realpath(source), ""))
+            if inside or same_file(output, source):
+                raise UsageError(f"{output_name} {output} would "
+                                 f"{'write inside' if inside else 'overwrite'} {source_name} "
+                                 f"{source}, which this run reads; {fix}")
+
+
+def same_file(a, b):
+    with contextlib.suppress(OSError):
+        return os.path.samefile(a, b)  # both exist
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output_path(path, flag, example_name):
+    """Prove, before any work, that a file can be saved at path (named by flag in the errors):
+    it is not a folder, its folder exists (created here if need be), and a file can be written
+    there: the very path.PID.tmp that atomic_write writes first. Saving can then fail only for
+    lack of space."""
+    if not path.strip():
+        raise UsageError(f"{flag} must not be empty")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder; name a file in it, e.g. "
+                         f"{flag} {os.path.join(path, example_name)}")
+    probe = tmp_path_for(path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        # makedirs says "File exists" or "Not a directory" when part of the path is a file.
+        reason = "part of the path is a file, not a folder" if isinstance(
+            err, (FileExistsError, NotADirectoryError)) else err.strerror or err
+        raise UsageError(f"cannot save {flag} {path} ({reason}); pick a path in a folder you "
+                         f"can write to") from None
+
+
+def write_failure(err):
+    """Why writing a file failed, in words: an OSError's reason, or torch.save's, which reports
+    a full disk as a RuntimeError ("unexpected pos ...")."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    return "the disk is full or the file could not be written"
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: saved, loaded, and checked before anything is built from them
+
+def save_checkpoint(checkpoint, path):
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def load_checkpoint(path, device="cpu"):
+    """The checkpoint at path, its contents checked (checkpoint_problem) before anything is
+    built from them."""
+    if os.path.isdir(path):
+        raise UsageError(f"--checkpoint {path} is a folder; pass the checkpoint file in it")
+    problem = regular_file_problem(path)
+    if problem == "does not exist":
+        raise UsageError(f"checkpoint not found: {path}; train one with `python train.py` "
+                         f"or pass --checkpoint PATH")
+    if problem:
+        raise UsageError(f"--checkpoint {path} {problem}; pass the checkpoint file train.py "
+                         f"saved")
+    try:
+        with warnings.catch_warnings():  # a file that is not a checkpoint: our line says so
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:
+        raise UsageError(unreadable_checkpoint(path, err)) from None
+    if not isinstance(checkpoint, dict) or not {"model", "model_args", "tokenizer"} <= checkpoint.keys():
+        raise UsageError(f"{path} is not a Mini-GPT checkpoint (no model, model_args or "
+                         f"tokenizer); pass one saved by train.py")
+    problem = checkpoint_problem(checkpoint) or best_problem(checkpoint)
+    if problem:
+        raise UsageError(f"{path} is a damaged checkpoint: {problem}; retrain, or pass another "
+                         f"--checkpoint")
+    model_args, weights = checkpoint["model_args"], checkpoint["model"]
+    # The causal masks are not stored: they are built from block_size, so check their size.
+    masks = model_args["n_layer"] * model_args["block_size"] ** 2
+    check_fits_in_memory(4 * (sum(w.numel() for w in weights.values()) + masks), device,
+                         f"the model in {path}", "sample on a machine with more memory")
+    return checkpoint
+
+
+def chosen_weights(checkpoint, which="best"):
+    """(weights, what they are in words) of a loaded checkpoint. "last": the weights of the last
+    step, which --resume goes on from. "best": those of the evaluation with the lowest val loss,
+    which train.py keeps beside the last ones (as best_model) once a later step is worse; a
+    checkpoint whose last step is its best, or one written before this was kept, has only one
+    set. The words read as the eval lines print it: "val loss 1.4811 at step 1500"."""
+    best = checkpoint.get("best", {})
+    if which == "best" and "best_model" in checkpoint:
+        return checkpoint["best_model"], f"val loss {best['val_loss']:.4f} at step {best['step']}"
+    step, val_loss = checkpoint.get("step"), checkpoint.get("val_loss")
+    if type(step) is not int or not isinstance(val_loss, float):  # hand-made: no figures in it
+        return checkpoint["model"], "the only weights in it"
+    return checkpoint["model"], f"val loss {val_loss:.4f} at step {step}"
+
+
+def best_problem(checkpoint):
+    """What is wrong with the best evaluation's record and weights, or None."""
+    best = checkpoint.get("best", {})
+    if not (isinstance(best, dict) and type(best.get("step", 0)) is int
+            and isinstance(best.get("val_loss", 0.0), float)):
+        return "its best evaluation is not a step and a val loss"
+    if "best_model" in checkpoint:
+        if not {"step", "val_loss"} <= best.keys():
+            return "it has best weights but no step or val loss for them"
+        return weights_problem(checkpoint["best_model"], checkpoint["model_args"])
+    return None
+
+
+def unreadable_checkpoint(path, err):
+    """Why torch.load (weights only) refused path, in words: only a file that asks for Python
+    objects by name (pickle's "globals") needs pickle, which could run code."""
+    if "Unsupported global" in str(err):
+        return (f"{path} needs pickle to load, which can run code; refusing. Use a checkpoint "
+                f"saved by this project's train.py")
+    try:
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+    except OSError as os_error:  # permission denied, an I/O error, ...
+        return f"cannot read {path} ({os_error.strerror or os_error}); pass a readable file"
+    if is_zip:
+        return (f"{path} is a damaged checkpoint (cut short or corrupted); retrain, or copy it "
+                f"again")
+    return (f"{path} is not a Mini-GPT checkpoint (not a file that torch.save wrote); pass one "
+            f"saved by train.py")
+
+
+MODEL_SHAPE = ("vocab_size", "n_embd", "n_layer", "n_head", "block_size")  # whole numbers >= 1
+
+
+def checkpoint_problem(checkpoint):
+    """What is wrong with a checkpoint's model_args, weights and tokenizer, or None. The
+    weights' shapes are compared with those the model_args imply before any model is built, so
+    a damaged file can neither crash generation halfway nor make it allocate absurd memory."""
+    model_args = checkpoint["model_args"]
+    return (model_args_problem(model_args) or weights_problem(checkpoint["model"], model_args)
+            or tokenizer_problem(checkpoint["tokenizer"], model_args["vocab_size"]))
+
+
+def model_args_problem(model_args):
+    if not isinstance(model_args, dict):
+        return "model_args is not a dictionary"
+    unknown = model_args.keys() - {*MODEL_SHAPE, "dropout", "flash"}
+    if unknown:
+        return f"model_args has unknown entries {sorted(map(str, unknown))}"
+    for name in MODEL_SHAPE:
+        value = model_args.get(name)
+        if type(value) is not int or value < 1:  # type(): True is an int to isinstance
+            return f"model_args {name} is {value!r:.40}, not a whole number >= 1"
+    if model_args["n_embd"] % model_args["n_head"]:
+        return "model_args n_embd is not divisible by n_head"
+    dropout = model_args.get("dropout", 0.0)
+    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
+        return f"model_args dropout is {dropout!r:.40}, not a number in [0, 1)"
+    if type(model_args.get("flash", False)) is not bool:
+        return "model_args flash is not true or false"
+    return None
+
+
+def weights_problem(weights, model_args):
+    if not (isinstance(weights, dict) and all(isinstance(name, str) and torch.is_tensor(w)
+                                              for name, w in weights.items())):
+        return "its weights are not a dictionary of tensors"
+    # Build the model on the "meta" device, which records shapes and allocates nothing; first
+    # make sure the sizes match the tensors stored, or a huge number would take forever.
+    layers = {name.split(".")[1] for name in weights if name.startswith("blocks.")}
+    if layers != {str(i) for i in range(len(layers))} or len(layers) != model_args["n_layer"]:
+        return f"model_args n_layer is {model_args['n_layer']}, the weights hold {len(layers)} blocks"
+    n_embd = model_args["n_embd"]
+    for name, rows in (("tok_emb.weight", "vocab_size"), ("pos_emb.weight", "block_size")):
+        shape = (model_args[rows], n_embd)
+        if name not in weights or weights[name].shape != shape:
+            found = tuple(weights[name].shape) if name in weights else "missing"
+            return f"weight {name} is {found}, the model_args say {shape}"
+    with torch.device("meta"):
+        expected = GPTModel(GPTConfig(**{k: model_args[k] for k in MODEL_SHAPE})).state_dict()
+    if weights.keys() != expected.keys():
+        odd = sorted(weights.keys() ^ expected.keys())
+        return f"the weights do not match the model_args ({', '.join(odd[:3])} ...)"
+    for name, weight in weights.items():
+        if weight.shape != expected[name].shape:
+            return (f"weight {name} is {tuple(weight.shape)}, the model_args say "
+                    f"{tuple(expected[name].shape)}")
+        if not weight.is_floating_point():
+            return f"weight {name} holds {weight.dtype}, not floating-point numbers"
+        if not torch.isfinite(weight).all():
+            return f"weight {name} holds NaN or infinite values"
+    return None
+
+
+def tokenizer_problem(state, vocab_size):
+    """Plain data that tokenizer_from_dict can rebuild, with as many tokens as the model has
+    (vocab_size; None: any number)."""
+    kind = state.get("kind") if isinstance(state, dict) else None
+    if kind == "char":
+        chars = state.get("chars")
+        if not isinstance(chars, str) or len(set(chars)) != len(chars):
+            return "its character tokenizer is not a string of distinct characters"
+        n_tokens = len(chars)
+    elif kind == "bpe":
+        merges = state.get("merges")
+        # Each merge joins two tokens that exist before it: the 256 bytes and earlier merges.
+        if not isinstance(merges, list) or not all(
+                isinstance(pair, (list, tuple)) and len(pair) == 2
+                and all(type(token) is int and 0 <= token < 256 + i for token in pair)
+                for i, pair in enumerate(merges)):
+            return "its BPE merges are not pairs of earlier token ids"
+        n_tokens = 256 + len(merges)
+    else:
+        return "its tokenizer is neither char nor bpe"
+    if vocab_size is not None and n_tokens != vocab_size:
+        return f"its tokenizer has {n_tokens} tokens, the model {vocab_size}"
+    return None
