@@ -225,7 +225,8 @@ def explore_speed(device, repeats):
     default model: one character typed at the end of a 255-character prompt (only the new
     position runs, through the KV cache), and a whole 256-character prompt pasted at once."""
     import explore_server
-    from utils import CharTokenizer, save_checkpoint
+    from checkpoint import save_checkpoint
+    from tokenizer import CharTokenizer
     tokenizer = CharTokenizer([chr(c) for c in range(32, 32 + VOCAB_SIZE - 1)] + ["\n"])
     model_args = dict(vocab_size=VOCAB_SIZE, n_embd=384, n_layer=6, n_head=6, block_size=256,
                       dropout=0.2)

@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 
 import explore
+from checkpoint import load_checkpoint
 from generate import check_args, load_model, prompt_ids_for, stream_text
-from utils import UsageError, load_checkpoint
+from utils import UsageError
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 # URL path -> (file in web/, content type): everything the server will ever read from disk.

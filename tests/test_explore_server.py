@@ -20,11 +20,12 @@ import torch
 
 import explore
 import explore_server
+from checkpoint import save_checkpoint
 from chromium import Browser, find_chromium
 from conftest import ROOT, TINY_TEXT, run_in_process
 from generate import load_model
 from model import GPTConfig, GPTModel
-from utils import CharTokenizer, save_checkpoint
+from tokenizer import CharTokenizer
 
 
 def tiny_checkpoint(path, seed=0):
