@@ -19,7 +19,10 @@ and need matplotlib (pip install matplotlib); without it the table is still prin
 In the pictures and the table, ␣ is a space and ↵ a newline.
 """
 
-import importlib.util
+import startup
+
+startup.exit_at_once_on_ctrl_c(__name__)  # while torch loads: before any other import
+
 import os
 
 import torch
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 
 from config import ArgumentParser
 from generate import load_model
+from tracking import matplotlib_or_note, pyplot
 from utils import UsageError, check_outputs_spare_inputs, pick_device, run_main, tmp_path_for
 
 SHOWN = {" ": "␣", "\n": "↵", "\t": "⇥"}  # whitespace, drawn so that it can be seen
@@ -69,8 +73,7 @@ def main(argv=None):
 
     token_text = [readable(tokenizer.decode([i])) for i in range(tokenizer.vocab_size)]
     print_next_token_table(probs, prompt_ids, token_text, min(args.top_k, tokenizer.vocab_size))
-    if importlib.util.find_spec("matplotlib") is None:  # imported only to draw
-        print("\nNote: matplotlib is not installed, so no pictures (pip install matplotlib)")
+    if not matplotlib_or_note("pictures"):
         return
     out_dir = output_folder(args.out, args.checkpoint)
     prompt_labels = [token_text[i] for i in prompt_ids]
@@ -182,13 +185,6 @@ def output_folder(out, checkpoint):
             raise UsageError(f"cannot write {picture} ({err.strerror}); pass --out DIR to a "
                              f"folder you can write") from None
     return folder
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # draw to files; no window
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def draw_attention(attention, labels, path):
