@@ -1,8 +1,6 @@
-"""The run around the training loop, which a first read of train.py can skip: where this process
-runs (device, number format, its rank among several processes under torchrun), the checks
-made before any work, the progress bar with its speed figures, Ctrl-C and SIGTERM, and exact
-resume with the random states. train.py calls these; none of them changes what is learned.
-"""
+"""What runs around train.py's loop, which a first read can skip: where this process runs
+(device, number format, its rank under torchrun), the checks before any work, the progress bar
+and speed figures, Ctrl-C and SIGTERM, and exact resume. None of it changes what is learned."""
 
 import atexit
 import contextlib
@@ -204,7 +202,13 @@ def check_paths(config, run):
                metrics_log: "its metrics log", loss_curve: "its loss curve"}
     check_outputs_spare_inputs(outputs, run_inputs(config), "pick another --checkpoint")
     check_output_path(path, "--checkpoint", "ckpt.pt")
-    claim_checkpoint(path)
+    # Lock it, so that a second run saving to the same file at the same time is refused (the
+    # lock goes when this run ends, however it ends); then remove killed runs' temporary files.
+    holder = hold_lock(f"{path}.lock")
+    if holder:
+        raise UsageError(f"another run ({holder}) is saving to --checkpoint {path}; wait for "
+                         f"it to end, or pick another --checkpoint")
+    remove_leftover_tmp(path)
 
 
 def run_inputs(config):
@@ -218,17 +222,6 @@ def run_inputs(config):
     if resumed and not same_file(resumed, config.checkpoint):
         inputs[resumed] = "the checkpoint to resume"
     return inputs
-
-
-def claim_checkpoint(path):
-    """Lock the checkpoint for this run, so that a second run saving to the same file at the
-    same time is refused (the lock goes when this run ends, however it ends), then remove the
-    temporary files that killed runs left beside it."""
-    holder = hold_lock(f"{path}.lock")
-    if holder:
-        raise UsageError(f"another run ({holder}) is saving to --checkpoint {path}; wait for "
-                         f"it to end, or pick another --checkpoint")
-    remove_leftover_tmp(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,8 +239,7 @@ class Progress(tqdm):
                          dynamic_ncols=True, file=sys.stdout, disable=not run.is_master)
         self.restart_timer()
 
-    def restart_timer(self):
-        """tokens/s counts the steps from here: called after each evaluation, to leave it out."""
+    def restart_timer(self):  # after each evaluation, to keep it out of tokens/s
         self.started, self.steps = time.time(), 0
 
     def step_done(self, step, loss, lr):

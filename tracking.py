@@ -102,17 +102,14 @@ def start_wandb(config):
 
 
 def matplotlib_or_note(what):
-    """Whether matplotlib, an optional extra imported only to draw, is installed; if not, a
-    note says that there will be no `what`."""
+    """Whether matplotlib (optional, imported only to draw) is installed; if not, says so."""
     if importlib.util.find_spec("matplotlib") is None:
         print(f"Note: matplotlib is not installed, so no {what} (pip install matplotlib)")
-        return False
-    return True
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def pyplot():
-    """matplotlib.pyplot, drawing to files (no window): the loss curve here, explore.py's
-    pictures."""
+    """matplotlib.pyplot, drawing to files (no window): the loss curve, explore.py's pictures."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -5,13 +5,11 @@
     python train.py --max_iters 2000 --dropout 0.1   # any config.py field as --name value
     python train.py --reference          # every speed-up off: the plain code, for a debugger
 
-main() is the whole story on one screen: load the data, build the model, then repeat {set the
-learning rate, sample a batch, forward, backward, step}, evaluating and saving every
-eval_interval steps, and print a sample at the end. Below it, in the order main() calls them,
-the functions a learner reads: the optimizer, the learning rate, one training step, the
-evaluation. What runs around the loop (devices and several processes, the checks before any
-work, the progress bar and its speed figures, Ctrl-C, exact resume) is in runs.py,
-which a first read can skip; metrics (JSONL, loss curve, W&B) are recorded by tracking.py.
+main() is the whole story: load the data, build the model, then repeat {set the learning
+rate, sample a batch, forward, backward, step}, evaluating and saving every eval_interval
+steps, and print a sample. Below it, in the order main() calls them, the steps a learner reads.
+What runs around the loop (devices, several processes, checks, progress bar and speed figures,
+Ctrl-C, exact resume) is in runs.py, which a first read can skip; tracking.py records metrics.
 """
 
 import startup
@@ -201,11 +199,10 @@ def sync_gradients_only_if(is_last, train_model):
 # ---------------------------------------------------------------------------------------------
 # Evaluating: the loss on both splits, the best weights, samples
 
-def evaluate_and_save(training, step, last_step):
+def evaluate_and_save(t, step, last_step):
     """Rank 0 evaluates and prints the eval line (marked when its val loss is the best yet);
     every rank's random state goes into the checkpoint, which rank 0 saves (atomically) after
-    step 0, with the best evaluation's weights."""
-    t = training  # short: every line below uses it
+    step 0, with the best evaluation's weights. t: main()'s Training."""
     config, run, model, progress = t.config, t.run, t.model, t.progress
     if run.is_master:
         train_loss, t.val_loss = evaluate(model, t.corpus, t.val_data, config, run)
