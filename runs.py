@@ -136,8 +136,11 @@ def what_runs(config, run, preset):
     return f"{number}\n{attention}\n{optimizer}"
 
 
-def note_model_size(model, config, run):
-    """Its parameter count, and a warning where a CPU is given hours of work."""
+def note_sizes(corpus, model, config, run):
+    """The text's length, the vocabulary's and the model's sizes; a warning where a CPU is
+    given hours of work."""
+    run.log(f"Dataset length: {corpus.n_chars} characters")
+    run.log(f"Vocabulary size: {corpus.tokenizer.vocab_size}")
     run.log(f"Model parameters: {model.num_params():,}")
     total_flops = flops_per_token(model, config) * tokens_per_step(config, run) * config.max_iters
     if run.device == "cpu" and total_flops > 1e15:

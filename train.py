@@ -35,9 +35,10 @@ from utils import UsageError, autocast, bits_per_char, run_main, start_tokens, u
 def main(argv=None):
     config, preset = parse_config(argv)  # every setting (config.py's fields), from the flags
     run = runs.start(config, preset)  # this process's device, number format, rank; checks
+    run.log("Loading data...")
     corpus, val_data = load_tokens(config, run)  # the text as tokens, and its tokenizer
     model = build_model(corpus.tokenizer.vocab_size, config, run)
-    runs.note_model_size(model, config, run)  # and a warning if the run is GPU-sized on a CPU
+    runs.note_sizes(corpus, model, config, run)  # characters, vocabulary, parameters
     optimizer = make_optimizer(model, config)
     training = Training(config, run, corpus, val_data, model, optimizer)  # what helpers share
     start_step = runs.resume(training) if config.resume else 0  # --resume: where it stopped
@@ -84,15 +85,12 @@ class Training:
 def load_tokens(config, run):
     """(corpus, val set): the text's tokens, prepared once into a file that every rank maps
     (dataset.py), and the val tokens evaluate() scores, on the device."""
-    run.log("Loading data...")
     corpus = load_corpus(config, run.rank, run.world_size)
     if corpus.n_train <= config.block_size or corpus.n_val < 2:
         need = math.ceil((config.block_size + 2) / 0.9)
         raise UsageError(f"{config.data} has {corpus.n_chars} characters, too few for block_size "
                          f"{config.block_size}: need at least {need}; use a longer text or a "
                          f"smaller --block_size")
-    run.log(f"Dataset length: {corpus.n_chars} characters")
-    run.log(f"Vocabulary size: {corpus.tokenizer.vocab_size}")
     return corpus, val_set(corpus, config.eval_tokens, config.block_size, run.device)
 
 
