@@ -13,6 +13,10 @@ random: what the text says does not change how long the arithmetic takes. `prepa
 generated text (and the prepared token file) to a temporary folder and deletes it afterwards.
 """
 
+import startup
+
+startup.exit_at_once_on_ctrl_c(__name__)  # while torch loads: before any other import
+
 import argparse
 import collections
 import contextlib
@@ -24,7 +28,6 @@ import queue
 import re
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,15 +35,11 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-# Ctrl-C while torch loads (seconds): exit at once with 130, no traceback. os._exit, as nothing
-# is open yet, and an exception could be swallowed by a library's bare `except:` mid-import.
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
-
 import torch
 from tqdm import tqdm
 
 import dataset
+import runs
 import train
 from checkpoint import atomic_write, check_output_path, check_outputs_spare_inputs
 from config import PRESETS, ArgumentParser, parse_config
@@ -68,7 +67,7 @@ def measure_training(flags, steps, warmup_steps, label):
     """Time training steps of the model that train.py builds from these flags: a dict of
     tokens_per_sec, peak_mib, mfu (None where the GPU's peak is unknown), dtype, compiled."""
     config, _ = parse_config(flags)
-    run = train.set_up(config)
+    run = runs.set_up(config)
     model = train.build_model(VOCAB_SIZE, config, run)
     optimizer = train.make_optimizer(model, config)
     train_model = train.wrap_for_training(model, config, run)
@@ -89,9 +88,7 @@ def measure_training(flags, steps, warmup_steps, label):
         step()
     synchronize(run.device)
     tokens_per_sec = steps * config.batch_size * config.block_size / (time.time() - start)
-    peak_flops = train.gpu_peak_flops(run)
-    mfu = train.flops_per_token(model, config) * tokens_per_sec / peak_flops if peak_flops \
-        else None
+    mfu = runs.model_flops_utilization(model, config, run, tokens_per_sec)
     return dict(tokens_per_sec=tokens_per_sec, peak_mib=peak_mib(run.device), mfu=mfu,
                 dtype=run.dtype, compiled=train_model is not model)
 
@@ -183,7 +180,7 @@ def main(argv=None):
         return prepare_benchmark(args, device)
     if args.what == "train":  # the default model at --batch_size: refused here if it cannot fit
         config, _ = parse_config(["--device", device, "--batch_size", str(args.batch_size)])
-        train.check_model_fits(config, train.Run(device, "float32"))
+        runs.check_model_fits(config, runs.Run(device, "float32"))
     elif args.what == "report":  # minutes of work: prove first that the JSON can be saved
         check_report_path(args.json)
     elif args.dtype == "int8" and device != "cpu":
@@ -369,7 +366,7 @@ def second_run(flags, steps, launched):
     this process started) to the corpus being mapped and to the first training step done, peak
     MiB after `steps` more steps and one evaluation, and that evaluation's seconds."""
     config, _ = parse_config(flags)
-    run = train.set_up(config)
+    run = runs.set_up(config)
     corpus, val_data = train.load_tokens(config, run)
     loaded = time.time() - launched
     model = train.build_model(corpus.tokenizer.vocab_size, config, run)

@@ -20,7 +20,10 @@ and need matplotlib (pip install matplotlib); without it the table is still prin
 In the pictures and the table, ␣ is a space and ↵ a newline.
 """
 
-import importlib.util
+import startup
+
+startup.exit_at_once_on_ctrl_c(__name__)  # while torch loads: before any other import
+
 import os
 
 import torch
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from checkpoint import check_outputs_spare_inputs, tmp_path_for
 from config import ArgumentParser
 from generate import load_model
+from tracking import matplotlib_or_note, pyplot
 from utils import UsageError, pick_device, run_main
 
 SHOWN = {" ": "␣", "\n": "↵", "\t": "⇥"}  # whitespace, drawn so that it can be seen
@@ -87,8 +91,7 @@ def main(argv=None):
 
     token_text = [readable(tokenizer.decode([i])) for i in range(tokenizer.vocab_size)]
     print_next_token_table(probs, prompt_ids, token_text, min(args.top_k, tokenizer.vocab_size))
-    if importlib.util.find_spec("matplotlib") is None:  # imported only to draw
-        print("\nNote: matplotlib is not installed, so no pictures (pip install matplotlib)")
+    if not matplotlib_or_note("pictures"):
         return
     out_dir = output_folder(args.out, args.checkpoint)
     prompt_labels = [token_text[i] for i in prompt_ids]
@@ -200,13 +203,6 @@ def output_folder(out, checkpoint):
             raise UsageError(f"cannot write {picture} ({err.strerror}); pass --out DIR to a "
                              f"folder you can write") from None
     return folder
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # draw to files; no window
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def draw_attention(attention, labels, path):

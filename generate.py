@@ -14,14 +14,11 @@ each a flag: int8 weights on CPUs (--dtype int8) and, on CUDA, a compiled one-to
 replayed as a CUDA graph (--compile, on by default there).
 """
 
-import math
-import os
-import signal
+import startup
 
-# Ctrl-C while torch loads (seconds): exit at once with 130, no traceback. os._exit, as nothing
-# is open yet, and an exception could be swallowed by a library's bare `except:` mid-import.
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+startup.exit_at_once_on_ctrl_c(__name__)  # while torch loads: before any other import
+
+import math
 
 import torch
 

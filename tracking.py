@@ -35,9 +35,7 @@ def metrics_recorder(config):
     jsonl_path, png_path = log_paths(config.checkpoint)
     # Rows held back while an earlier run's log is still the one that goes with the checkpoint.
     held_back = [] if not config.resume and os.path.exists(jsonl_path) else None
-    can_draw = importlib.util.find_spec("matplotlib") is not None  # imported only to draw
-    if not can_draw:
-        print("Note: matplotlib is not installed, so no loss-curve PNG (pip install matplotlib)")
+    can_draw = matplotlib_or_note("loss-curve PNG")
     wandb_run = start_wandb(config) if config.wandb else None
     broken = set()  # "log", "png": files that could not be written, left alone after a note
 
@@ -103,10 +101,23 @@ def start_wandb(config):
         return None
 
 
-def plot_losses(jsonl_path, png_path):
+def matplotlib_or_note(what):
+    """Whether matplotlib (optional, imported only to draw) is installed; if not, says so."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print(f"Note: matplotlib is not installed, so no {what} (pip install matplotlib)")
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def pyplot():
+    """matplotlib.pyplot, drawing to files (no window): the loss curve, explore.py's pictures."""
     import matplotlib
-    matplotlib.use("Agg")  # draw to files; no window
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_losses(jsonl_path, png_path):
+    plt = pyplot()
     with open(jsonl_path) as f:
         rows = [json.loads(line) for line in f]
     figure, axes = plt.subplots(figsize=(7, 4))

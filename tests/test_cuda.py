@@ -21,14 +21,15 @@ import torch
 from test_runs import losses_by_step
 
 import bench
+import runs
 import speedups
 import train
 import utils
 from checkpoint import save_checkpoint
 from config import Config, parse_config
 from conftest import ROOT, TINY_FLAGS, needs_muon, random_batch, run_script, tiny_model
+from runs import Run
 from tokenizer import CharTokenizer
-from train import Run
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
 on_cuda = [pytest.mark.cuda, needs_cuda]
@@ -319,7 +320,7 @@ def test_what_train_py_picks_on_each_gpu(monkeypatch, capsys, name, capability, 
                                          compiles, peak_flops):
     pretend_gpu(monkeypatch, name, capability)
     config, _ = parse_config(["--device", "cuda"])
-    run = train.set_up(config)
+    run = runs.set_up(config)
     assert (run.device, run.dtype) == ("cuda", dtype)
     # float16 has too few exponent bits for small gradients: loss scaling, with it only.
     assert train.make_scaler(run).is_enabled() == (dtype == "float16")
@@ -329,7 +330,7 @@ def test_what_train_py_picks_on_each_gpu(monkeypatch, capsys, name, capability, 
     assert utils.use_compile(config.compile, run.device, "running") == compiles
     if not compiles:
         assert f"compute capability {capability[0]}.{capability[1]}" in capsys.readouterr().out
-    assert train.gpu_peak_flops(run) == peak_flops
+    assert runs.gpu_peak_flops(run) == peak_flops
 
 
 def test_compile_is_skipped_with_a_note_where_triton_is_missing(monkeypatch, capsys):
@@ -362,10 +363,10 @@ import torch
 assert not torch.cuda.is_available()
 for path in sorted(glob.glob("*.py")):  # every script and module
     importlib.import_module(os.path.basename(path)[:-3])
-import bench, generate, train, utils
+import bench, generate, runs, train, utils
 from config import parse_config
 config, _ = parse_config(["--device", "auto"])
-run = train.set_up(config)
+run = runs.set_up(config)
 model = train.build_model(65, config, run)
 train.make_optimizer(model, config)
 train.wrap_for_training(model, config, run)
@@ -398,11 +399,11 @@ def pretend_mac(monkeypatch, macos):
 def test_what_train_py_picks_on_an_apple_gpu(monkeypatch, capsys):
     pretend_mac(monkeypatch, (15, 0))
     config, _ = parse_config(["--device", "auto"])
-    run = train.set_up(config)
+    run = runs.set_up(config)
     assert (run.device, run.dtype) == ("mps", "float32")
     assert not train.make_scaler(run).is_enabled()
     assert utils.pick_dtype("auto", "mps") == "float32"
-    assert train.use_flash(config.flash, "mps")  # SDPA
+    assert runs.use_flash(config.flash, "mps")  # SDPA
     for setting in ("auto", "true"):
         assert not utils.use_compile(setting, "mps", "running")
     assert "its Apple GPU (MPS) backend is a prototype" in capsys.readouterr().out
@@ -412,10 +413,10 @@ def test_what_train_py_picks_on_an_apple_gpu(monkeypatch, capsys):
 @pytest.mark.parametrize("flags", [["--dtype", "bfloat16"], ["--optimizer", "muon"]])
 def test_bfloat16_on_an_apple_gpu_needs_macos_14(monkeypatch, flags):
     pretend_mac(monkeypatch, (14, 0))
-    assert train.set_up(parse_config(["--device", "mps", *flags])[0]).device == "mps"
+    assert runs.set_up(parse_config(["--device", "mps", *flags])[0]).device == "mps"
     pretend_mac(monkeypatch, (13, 5))
     with pytest.raises(utils.UsageError, match="needs macOS 14 or newer on an Apple GPU"):
-        train.set_up(parse_config(["--device", "mps", *flags])[0])
+        runs.set_up(parse_config(["--device", "mps", *flags])[0])
 
 
 def test_an_apple_gpus_random_state_is_saved_and_restored(monkeypatch):
@@ -423,6 +424,6 @@ def test_an_apple_gpus_random_state_is_saved_and_restored(monkeypatch):
     mps_state, restored = torch.arange(16, dtype=torch.uint8), []
     monkeypatch.setattr(torch.mps, "get_rng_state", lambda device="mps": mps_state)
     monkeypatch.setattr(torch.mps, "set_rng_state", lambda state, device="mps": restored.append(state))
-    state = train.rng_state()
+    state = runs.rng_state()
     assert state["gpu"][0] == "mps" and torch.equal(state["gpu"][1], mps_state)
-    assert train.restore_rng(state) and torch.equal(restored[0], mps_state)
+    assert runs.restore_rng(state) and torch.equal(restored[0], mps_state)

@@ -18,9 +18,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_runs import free_port
 
-import train
+import runs
 from conftest import ROOT, TINY_FLAGS
-from train import Run
+from runs import Run
 from utils import UsageError
 
 
@@ -33,7 +33,7 @@ def answers_of_one_rank(rank, world_size, port, out_path):
         calls.append(None)
         return rank == 1 and len(calls) >= 3
 
-    ask = train.on_any_rank(ctrl_c_seen, Run("cpu", "float32", rank, rank, world_size))
+    ask = runs.on_any_rank(ctrl_c_seen, Run("cpu", "float32", rank, rank, world_size))
     first_returned = f"{out_path}.first-returned"
     if rank == 1:  # rank 1 asks only once rank 0's first call has returned: it did not wait
         deadline = time.time() + 30
@@ -115,7 +115,7 @@ def under_torchrun(monkeypatch):
 
 
 def test_each_process_takes_the_gpu_of_its_local_rank(under_torchrun):
-    assert train.start_distributed("cuda") == (1, 1, 1, "cuda:1")
+    assert runs.start_distributed("cuda") == (1, 1, 1, "cuda:1")
     assert under_torchrun == ["nccl"]
 
 
@@ -125,14 +125,14 @@ def test_each_process_takes_the_gpu_of_its_local_rank(under_torchrun):
     ("mps", "torchrun cannot train on an Apple GPU (MPS)")])
 def test_torchrun_refuses_one_gpu_for_all_and_apple_gpus(under_torchrun, device, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        train.start_distributed(device)
+        runs.start_distributed(device)
     assert under_torchrun == []  # before any process group
 
 
 def test_torchrun_refuses_more_processes_than_gpus(under_torchrun, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(UsageError, match="more processes than the 1 GPU"):
-        train.start_distributed("cuda")
+        runs.start_distributed("cuda")
 
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA L4", 121e12), ("NVIDIA L40S", 362e12),
@@ -140,9 +140,9 @@ def test_torchrun_refuses_more_processes_than_gpus(under_torchrun, monkeypatch):
 def test_mfu_peak_counts_every_gpu_of_the_run_and_tells_the_l40s_from_the_l4(monkeypatch, name,
                                                                             peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    assert train.gpu_peak_flops(Run("cuda", "bfloat16")) == peak
+    assert runs.gpu_peak_flops(Run("cuda", "bfloat16")) == peak
     # 4 processes: tokens/s counts all 4 GPUs' tokens, so the peak is 4 GPUs' peak.
-    assert train.gpu_peak_flops(Run("cuda:0", "bfloat16", world_size=4)) == 4 * peak
+    assert runs.gpu_peak_flops(Run("cuda:0", "bfloat16", world_size=4)) == 4 * peak
 
 
 def test_resume_restores_this_gpus_random_state_from_a_machine_with_more_gpus(monkeypatch):
@@ -150,14 +150,14 @@ def test_resume_restores_this_gpus_random_state_from_a_machine_with_more_gpus(mo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: set_states.append(state))
-    saved = train.rng_state()
+    saved = runs.rng_state()
     # As written before: one state per GPU of the saving machine (8 here), this GPU's second.
     eight_gpus = {**saved, "cuda": [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]}
     del eight_gpus["gpu"]
-    assert train.restore_rng(eight_gpus)
+    assert runs.restore_rng(eight_gpus)
     assert [state[0].item() for state in set_states] == [1]
     # Saved on a machine with one GPU: none for GPU 1 here; noted, not called damaged.
-    assert not train.restore_rng({**eight_gpus, "cuda": eight_gpus["cuda"][:1]})
+    assert not runs.restore_rng({**eight_gpus, "cuda": eight_gpus["cuda"][:1]})
     # As written now: the state of the one GPU the saving process drew on.
-    assert train.restore_rng({**saved, "gpu": ("cuda", torch.full((16,), 7, dtype=torch.uint8))})
+    assert runs.restore_rng({**saved, "gpu": ("cuda", torch.full((16,), 7, dtype=torch.uint8))})
     assert set_states[-1][0].item() == 7

@@ -26,6 +26,7 @@ import torch
 import bench
 import dataset
 import generate
+import runs
 import train
 import utils
 from config import Config
@@ -263,7 +264,7 @@ def fill_in(value, home):
 # --- running one case ------------------------------------------------------------------------
 
 def stop_after_one_step(run):
-    """Stands in for train.catch_ctrl_c: the run stops (and saves) as if Ctrl-C came at once."""
+    """Stands in for runs.catch_ctrl_c: the run stops (and saves) as if Ctrl-C came at once."""
     calls = itertools.count()
     return lambda: next(calls) >= 1
 
@@ -293,7 +294,7 @@ def end_of_input(prompt=""):
 def isolated(tmp_path, monkeypatch):
     """Run in an empty folder of one's own (relative paths land there), one step at most."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train, "catch_ctrl_c", stop_after_one_step)
+    monkeypatch.setattr(runs, "catch_ctrl_c", stop_after_one_step)
     monkeypatch.setattr(bench, "in_fresh_process", fake_measurement)
     monkeypatch.setattr(bench, "report", fake_report)
     monkeypatch.setattr(bench, "curve", fake_curve)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import generate
+import runs
 import tracking
 import train
 from checkpoint import load_checkpoint
@@ -180,7 +181,7 @@ def one_ddp_step(rank, world_size, port, x, y, out_path):
     model = tiny_model().train()
     config = Config(grad_clip=1.0, learning_rate=1e-2)
     optimizer = train.make_optimizer(model, config)
-    run = train.Run("cpu", "float32", rank, rank, world_size)
+    run = runs.Run("cpu", "float32", rank, rank, world_size)
     ddp_model = train.wrap_for_training(model, config, run)
     assert not ddp_model.broadcast_buffers  # the causal masks are not sent before each forward
     half = len(x) // world_size
@@ -203,7 +204,7 @@ def test_two_ranks_of_batch_b_average_to_the_gradients_of_one_rank_of_2b(tmp_pat
     config = Config(grad_clip=1.0, learning_rate=1e-2)
     optimizer = train.make_optimizer(model, config)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train.train_step(model, optimizer, scaler, [(x, y)], config, train.Run("cpu", "float32"))
+    train.train_step(model, optimizer, scaler, [(x, y)], config, runs.Run("cpu", "float32"))
     # The gradients (averaged over ranks, then clipped) that AdamW applied. Not the updated
     # weights: AdamW's first step is about lr * sign(grad), so a gradient of ~1e-9 that differs
     # in its last bits between the two sums could move a weight by a visible amount.

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import generate
+import runs
 import speedups
 import train
 import utils
@@ -58,7 +59,7 @@ def test_reference_switch_turns_every_speed_up_off():
     config, _ = parse_config(["--preset", "cpu", "--reference", "--device", "cpu"])
     assert (config.dtype, config.flash, config.compile, config.optimizer) == \
         ("float32", "false", "false", "adamw")
-    run = train.set_up(config)
+    run = runs.set_up(config)
     model = train.build_model(65, config, run)
     assert run.dtype == "float32"
     assert all(type(m) is torch.nn.Dropout for m in model.modules()

@@ -7,11 +7,12 @@ from dataclasses import replace
 import pytest
 import torch
 
+import runs
 import train
 import utils
 from config import Config, parse_config
 from conftest import needs_muon, random_batch, tiny_model
-from train import Run
+from runs import Run
 
 
 def test_learning_rate_schedule_at_chosen_steps():
@@ -93,7 +94,7 @@ def test_weight_decay_only_on_matrices():
 ])
 def test_the_first_lines_say_what_runs_and_why(flags, device, dtype, expected):
     config, preset = parse_config(flags)
-    assert train.what_runs(config, Run(device, dtype), preset).splitlines() == expected
+    assert runs.what_runs(config, Run(device, dtype), preset).splitlines() == expected
 
 
 @needs_muon
@@ -165,13 +166,13 @@ def test_autocast_runs_on_cpu(dtype):
 
 
 def test_flash_auto_is_sdpa_on_gpus_and_written_out_on_cpus():
-    assert train.use_flash("auto", "cuda") and train.use_flash("auto", "cuda:1")
-    assert not train.use_flash("auto", "cpu")
-    assert train.use_flash("true", "cpu") and not train.use_flash("false", "cuda")
+    assert runs.use_flash("auto", "cuda") and runs.use_flash("auto", "cuda:1")
+    assert not runs.use_flash("auto", "cpu")
+    assert runs.use_flash("true", "cpu") and not runs.use_flash("false", "cuda")
 
 
 def test_mfu_only_for_known_gpus():
-    assert train.gpu_peak_flops(Run("cpu", "bfloat16")) is None
+    assert runs.gpu_peak_flops(Run("cpu", "bfloat16")) is None
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", pytest.param("muon", marks=needs_muon)])
@@ -191,12 +192,12 @@ def test_float16_with_loss_scaling_trains(optimizer):
 
 def test_mfu_peak_matches_the_gpu_in_use(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    assert train.gpu_peak_flops(Run("cuda", "bfloat16")) == 989e12
-    assert train.gpu_peak_flops(Run("cuda", "float32")) == 495e12
+    assert runs.gpu_peak_flops(Run("cuda", "bfloat16")) == 989e12
+    assert runs.gpu_peak_flops(Run("cuda", "float32")) == 495e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
-    assert train.gpu_peak_flops(Run("cuda:0", "bfloat16")) == 756e12
+    assert runs.gpu_peak_flops(Run("cuda:0", "bfloat16")) == 756e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Mystery GPU")
-    assert train.gpu_peak_flops(Run("cuda", "bfloat16")) is None
+    assert runs.gpu_peak_flops(Run("cuda", "bfloat16")) is None
 
 
 @pytest.mark.parametrize("sizes", [dict(vocab_size=65), dict(vocab_size=20, n_embd=32, n_layer=2,
@@ -206,16 +207,16 @@ def test_param_count_without_building_equals_the_models(sizes):
     model = GPTModel(GPTConfig(**sizes))
     expected = model.num_params()
     args = {**dict(n_embd=384, n_layer=6, block_size=256), **sizes}
-    assert train.param_count(args["vocab_size"], args["n_embd"], args["n_layer"],
+    assert runs.param_count(args["vocab_size"], args["n_embd"], args["n_layer"],
                              args["block_size"]) == expected
 
 
 def test_memory_check_refuses_only_what_cannot_fit(monkeypatch):
     monkeypatch.setattr(utils, "device_memory", lambda device: 8 * 2**30)  # an 8 GiB laptop
-    train.check_model_fits(Config(), Run("cpu", "float32"))  # the default model fits
-    train.check_model_fits(Config(batch_size=512, tokenizer="bpe"), Run("cpu", "float32"))
+    runs.check_model_fits(Config(), Run("cpu", "float32"))  # the default model fits
+    runs.check_model_fits(Config(batch_size=512, tokenizer="bpe"), Run("cpu", "float32"))
     with pytest.raises(utils.UsageError, match="needs at least .* GiB of memory, more than the "
                                                "8.0 GiB on cpu; lower --n_embd"):
-        train.check_model_fits(Config(n_embd=10**5), Run("cpu", "float32"))
+        runs.check_model_fits(Config(n_embd=10**5), Run("cpu", "float32"))
     with pytest.raises(utils.UsageError, match="needs at least"):  # one (T, T) mask: 4 TB
-        train.check_model_fits(Config(block_size=10**6), Run("cpu", "float32"))
+        runs.check_model_fits(Config(block_size=10**6), Run("cpu", "float32"))

@@ -1,0 +1,577 @@
+"""What runs around train.py's loop, which a first read can skip: where this process runs
+(device, number format, its rank under torchrun), the checks before any work, the progress bar
+and speed figures, Ctrl-C and SIGTERM, and exact resume. None of it changes what is learned."""
+
+import atexit
+import contextlib
+import datetime
+import math
+import os
+import random
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import speedups
+from checkpoint import (
+    MODEL_SHAPE,
+    check_output_path,
+    check_outputs_spare_inputs,
+    load_checkpoint,
+    remove_leftover_tmp,
+    same_file,
+    save_checkpoint,
+    write_failure,
+)
+from config import PRESETS
+from dataset import corpus_settings, find_sources, prepared_stem
+from startup import STARTED_AT
+from tracking import log_paths, metrics_recorder
+from utils import (
+    UsageError,
+    check_fits_in_memory,
+    hold_lock,
+    mps_has_bf16,
+    pick_device,
+    pick_dtype,
+    regular_file_problem,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Where this process runs, checked before any work
+
+@dataclass
+class Run:
+    """Where this process runs: its device and number format, and its rank under torchrun."""
+    device: str  # "cpu", "cuda", "cuda:N" or "mps"
+    dtype: str  # autocast's number format: float32, bfloat16 or float16
+    rank: int = 0  # this process's number (0 without torchrun): only rank 0 prints and saves
+    local_rank: int = 0  # its number on this machine: which GPU it uses
+    world_size: int = 1  # how many processes train together
+
+    @property
+    def is_master(self):
+        return self.rank == 0
+
+    @property
+    def device_type(self):
+        return self.device.split(":")[0]
+
+    def log(self, *args, **kwargs):
+        """print, on rank 0 only: the other ranks train quietly."""
+        if self.is_master:
+            print(*args, **kwargs)
+
+
+def start(config, preset):
+    """Set up this process (set_up), refuse what cannot work before any work is done (a model
+    too big for the device, a checkpoint that cannot be resumed or saved), and say what runs."""
+    run = set_up(config)
+    check_model_fits(config, run)
+    check_paths(config, run)
+    run.log(what_runs(config, run, preset))
+    return run
+
+
+def set_up(config):
+    """Pick the device, start DDP if torchrun launched us, seed, pick the number format,
+    switch on CPU speed-ups."""
+    device = pick_device(config.device)
+    rank, local_rank, world_size, device = start_distributed(device)  # (0, 0, 1, device) alone
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(device)  # the current GPU: whose random state rng_state saves
+    torch.manual_seed(config.seed + rank)  # each rank draws its own batches and dropout masks
+    dtype = pick_dtype(config.dtype, device)  # --reference: float32
+    # torch.optim.Muon runs its iteration in bfloat16, whatever --dtype says.
+    if device == "mps" and (dtype == "bfloat16" or config.optimizer == "muon") \
+            and not mps_has_bf16():
+        raise UsageError("bfloat16 (--dtype bfloat16, or Muon's iteration) needs macOS 14 or "
+                         "newer on an Apple GPU; update macOS, or pass --dtype float32 and "
+                         "--optimizer adamw")
+    if device == "cpu" and not config.reference:
+        speedups.keep_freed_memory()  # reuse freed activations' memory: no page faults
+    if device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (8, 0):
+        # TF32: float32 matmuls on the tensor cores of Ampere and newer GPUs (A100, RTX 30xx,
+        # H100); older ones (T4, V100) have no TF32 and would ignore the switch anyway.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Run(device, dtype, rank, local_rank, world_size)
+
+
+def use_flash(setting, device):
+    """SDPA or the written-out attention. On CPUs the written-out one trains faster (SDPA's
+    CPU kernels, with dropout a slower fallback, lose to plain matmuls; docs/results.md); on
+    GPUs SDPA's fused kernels win."""
+    if setting == "auto":
+        return device != "cpu"
+    return setting == "true"
+
+
+def what_runs(config, run, preset):
+    """The first lines train.py prints: the number format, attention and optimizer that run,
+    each with why (the flag that chose it, or the default's reason) and how to change it."""
+    if config.reference:
+        return "--reference: float32, written-out attention and AdamW: the code on the page"
+    chip, flash = ("CPU" if run.device == "cpu" else "GPU"), use_flash(config.flash, run.device)
+    number = dict(float32="float32", bfloat16="bf16 autocast", float16="fp16 autocast")[run.dtype]
+    if config.dtype != "auto":
+        number += f": --dtype {config.dtype}"
+    else:  # utils.pick_dtype: bf16 where the chip has it, else fp16 on GPUs, float32 on CPUs
+        has = "has" if run.dtype == "bfloat16" else "has no"
+        number += f": this {chip} {has} native bf16" + (
+            "" if run.dtype == "float32" else " (--dtype float32 to turn off)")
+    attention = ("SDPA" if flash else "written-out") + " attention: " + (
+        f"--flash {config.flash}" if config.flash != "auto" else
+        f"faster on {chip}s (--flash {str(not flash).lower()} for the other)")
+    optimizer = "AdamW (--optimizer muon: Muon, which learns more per step)"
+    if config.optimizer == "muon":
+        chosen_by = f"--preset {preset}" if "optimizer" in PRESETS.get(preset, {}) else \
+            "--optimizer muon"
+        optimizer = f"Muon for the matrices in the blocks, AdamW for the rest: {chosen_by}"
+    return f"{number}\n{attention}\n{optimizer}"
+
+
+def note_sizes(corpus, model, config, run):
+    """The text's length, the vocabulary's and the model's sizes; a warning where a CPU is
+    given hours of work."""
+    run.log(f"Dataset length: {corpus.n_chars} characters")
+    run.log(f"Vocabulary size: {corpus.tokenizer.vocab_size}")
+    run.log(f"Model parameters: {model.num_params():,}")
+    total_flops = flops_per_token(model, config) * tokens_per_step(config, run) * config.max_iters
+    if run.device == "cpu" and total_flops > 1e15:
+        run.log("Note: this is a GPU-sized run; on a CPU it will take hours. "
+            "For a model that trains on a CPU in half a minute, use --preset cpu.")
+
+
+def compiled_or_eager(model):
+    """torch.compile(model), which compiles at its first call; if compiling fails there (a
+    compiler that will not run, an unsupported GPU), a note says so and it runs eager."""
+    compiled = torch.compile(model)
+    compiled_forward = compiled.forward
+
+    def forward(*args, **kwargs):
+        try:
+            return compiled_forward(*args, **kwargs)
+        except Exception as error:
+            print(f"\nNote: running without torch.compile: it failed with "
+                  f"{type(error).__name__} (see TROUBLESHOOTING.md)", flush=True)
+            compiled.forward = model.__call__  # every later step: eager
+            return model(*args, **kwargs)
+
+    compiled.forward = forward
+    return compiled
+
+
+def check_model_fits(config, run):
+    """Refuse a model that cannot fit in this device's memory before allocating anything (a
+    huge flag would otherwise end in an allocator's traceback, or in hours of swapping). What
+    one step needs at least: weights, gradients and an optimizer moment (3 x 4 bytes a
+    parameter), each block's (T, T) causal mask, the micro-batches of token ids, and the
+    activations backward keeps (the residual stream per block, the logits). The vocabulary is
+    not known yet, so it counts the fewest tokens there can be: 256 for BPE, 1 for characters."""
+    vocab_size = 256 if config.tokenizer == "bpe" else 1
+    C, L, T, B = config.n_embd, config.n_layer, config.block_size, config.batch_size
+    n_bytes = (12 * param_count(vocab_size, C, L, T) + 4 * L * T * T
+               + 8 * config.gradient_accumulation_steps * B * (T + 1) + 2 * B * T * L * C
+               + 4 * B * T * vocab_size)
+    check_fits_in_memory(n_bytes, run.device, "training this model",
+                         "lower --n_embd, --n_layer, --block_size or --batch_size")
+
+
+def check_paths(config, run):
+    """Before any work: the checkpoint to resume from exists, and the new one can be saved (by
+    rank 0, which saves): no file the run writes is one it reads, the checkpoint is not a
+    folder, its folder exists (it is created) and a file can be written there, and no other
+    run is saving to it. Saving can then fail only for lack of space."""
+    if config.resume:
+        source = config.checkpoint if config.resume == "true" else config.resume
+        problem = regular_file_problem(source)
+        if problem == "does not exist":
+            raise UsageError(f"--resume: no checkpoint at {source}; train one first, or drop "
+                             f"--resume")
+        if problem:
+            raise UsageError(f"--resume {source} {problem}; pass the checkpoint file to go on "
+                             f"from")
+    if not run.is_master:
+        return
+    path = config.checkpoint
+    metrics_log, loss_curve = log_paths(path)
+    outputs = {path: "--checkpoint", f"{path}.lock": "its lock file",
+               metrics_log: "its metrics log", loss_curve: "its loss curve"}
+    check_outputs_spare_inputs(outputs, run_inputs(config), "pick another --checkpoint")
+    check_output_path(path, "--checkpoint", "ckpt.pt")
+    # Lock it, so that a second run saving to the same file at the same time is refused (the
+    # lock goes when this run ends, however it ends); then remove killed runs' temporary files.
+    holder = hold_lock(f"{path}.lock")
+    if holder:
+        raise UsageError(f"another run ({holder}) is saving to --checkpoint {path}; wait for "
+                         f"it to end, or pick another --checkpoint")
+    remove_leftover_tmp(path)
+
+
+def run_inputs(config):
+    """{path: what it is} of every file the run reads: the text, its token files, and the
+    checkpoint to resume, unless that is the one to save (which is meant to be replaced)."""
+    inputs = {source: "a file of the --data folder" for source in find_sources(config.data)}
+    inputs[config.data] = "the --data folder" if os.path.isdir(config.data) else "the --data file"
+    stem = prepared_stem(config.data, corpus_settings(config))
+    inputs.update({f"{stem}.tokens": "the token file", f"{stem}.tokens.json": "the token file"})
+    resumed = config.checkpoint if config.resume == "true" else config.resume
+    if resumed and not same_file(resumed, config.checkpoint):
+        inputs[resumed] = "the checkpoint to resume"
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress, speed figures, stopping: Ctrl-C, NaN, a failed save
+
+class Progress(tqdm):
+    """The progress bar, showing every log_interval steps the loss, learning rate, tokens/s (and
+    MFU on known GPUs); on rank 0, record(metrics) writes the metrics log (tracking.py)."""
+
+    def __init__(self, config, run, model, start_step):
+        self.config, self.run, self.model = config, run, model
+        self.record = metrics_recorder(config) if run.is_master else None
+        run.log(f"\nStarting training for {config.max_iters} iterations...")
+        super().__init__(total=config.max_iters, initial=start_step, unit="step",
+                         dynamic_ncols=True, file=sys.stdout, disable=not run.is_master)
+        self.restart_timer()
+
+    def restart_timer(self):  # after each evaluation, to keep it out of tokens/s
+        self.started, self.steps = time.time(), 0
+
+    def step_done(self, step, loss, lr):
+        """After the step numbered step (from 1): loss is the last micro-batch's, on the device."""
+        self.update(1)
+        self.steps += 1
+        if not (self.run.is_master and step % self.config.log_interval == 0):
+            return
+        loss = loss.item()  # waits for a GPU to finish the step: only every log_interval steps
+        if not math.isfinite(loss):
+            stop_on_nan(self, self.config.checkpoint)
+        tokens_per_sec = self.steps / (time.time() - self.started) \
+            * tokens_per_step(self.config, self.run)
+        mfu = model_flops_utilization(self.model, self.config, self.run, tokens_per_sec)
+        self.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {tokens_per_sec:,.0f} tok/s"
+                             + (f", MFU {100 * mfu:.1f}%" if mfu else ""))
+        self.record(dict(step=step, loss=loss, lr=lr, tokens_per_sec=tokens_per_sec,
+                         elapsed=time.time() - STARTED_AT))
+
+
+def catch_ctrl_c(run):
+    """First Ctrl-C: finish the current step, save, stop. A second one, a second or more later,
+    stops at once (torchrun passes the terminal's Ctrl-C on to its processes, which so get it
+    twice). SIGTERM, which a cluster's scheduler or `timeout` sends some time before killing,
+    does the same. Returns whether to stop, asked once a step; under torchrun the same on every
+    rank."""
+    first_at = []
+
+    def on_signal(signum, frame):
+        if first_at and time.time() - first_at[0] > 1:
+            raise KeyboardInterrupt
+        if not first_at:
+            first_at.append(time.time())
+            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            if run.is_master:
+                print(f"\n{name}: stopping after this step and saving ({name} again to quit now)",
+                      flush=True)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return on_any_rank(lambda: bool(first_at), run)
+
+
+def stop_on_nan(progress, checkpoint_path):
+    progress.close()
+    raise UsageError(f"the loss became NaN or infinite; {checkpoint_on_disk(checkpoint_path)}. "
+                     f"Lower --learning_rate, keep --grad_clip on, or try --dtype float32")
+
+
+def save_or_stop(checkpoint, path, progress):
+    """Save atomically; if that fails (a full or read-only disk), stop with one line naming
+    the checkpoint still on disk, which the failed save left as it was (checkpoint.atomic_write)."""
+    try:
+        save_checkpoint(checkpoint, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        progress.close()
+        raise UsageError(f"could not save the checkpoint to {path} ({write_failure(err)}); "
+                         f"{checkpoint_on_disk(path)}. Free some disk space, or pass a "
+                         f"--checkpoint in another folder") from None
+
+
+def checkpoint_on_disk(path):
+    """What a stopped run leaves behind, in words: the step of the checkpoint at path, if any."""
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    except Exception:  # no file there, or not a checkpoint
+        return f"no checkpoint was saved to {path}"
+    return f"the last good checkpoint, {path}, is kept (step {step})"
+
+
+# Dense peak FLOP/s of known GPUs for MFU: (bf16/fp16 tensor cores, float32: TF32 tensor cores
+# where the GPU has them (A100 and newer), plain float32 on the V100 and T4).
+GPU_PEAK_FLOPS = {
+    "H100 PCIe": (756e12, 378e12), "H100": (989e12, 495e12), "H200": (989e12, 495e12),
+    "A100": (312e12, 156e12), "L40S": (362e12, 183e12), "L40": (181e12, 90.5e12),
+    "L4": (121e12, 60e12), "RTX 4090": (165e12, 83e12),
+    "RTX 3090": (71e12, 36e12), "V100": (125e12, 16e12), "T4": (65e12, 8e12),
+}
+
+
+def tokens_per_step(config, run):
+    return config.batch_size * config.block_size * config.gradient_accumulation_steps \
+        * run.world_size
+
+
+def flops_per_token(model, config):
+    """Training FLOPs per token: 6 per parameter (forward 2, backward 4), plus attention's
+    scores and weighted sums, which depend on the context length (PaLM's appendix B)."""
+    return 6 * model.num_params() + 12 * config.n_layer * config.n_embd * config.block_size
+
+
+def param_count(vocab_size, n_embd, n_layer, block_size):
+    """GPTModel's parameter count, without building it: the two embeddings; per block
+    12 C^2 + 10 C (Q, K, V 3 C^2; projection C^2 + C; MLP 8 C^2 + 5 C; two LayerNorms 4 C);
+    the final LayerNorm 2 C; the head C V + V."""
+    C = n_embd
+    return ((vocab_size + block_size) * C + n_layer * (12 * C * C + 10 * C) + 2 * C
+            + C * vocab_size + vocab_size)
+
+
+def model_flops_utilization(model, config, run, tokens_per_sec):
+    """MFU: the fraction of the GPUs' peak FLOP/s the training uses; None if it is unknown."""
+    peak_flops = gpu_peak_flops(run)
+    return flops_per_token(model, config) * tokens_per_sec / peak_flops if peak_flops else None
+
+
+def gpu_peak_flops(run):
+    """The peak FLOP/s of all the run's GPUs together (one per process), which the run's
+    tokens/s (every process's tokens) is measured against; None for GPUs not in the table.
+    Names match as whole words: "L4" is not the L40 of "NVIDIA L40S"."""
+    if run.device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(run.device)
+    for gpu, (half_peak, float32_peak) in GPU_PEAK_FLOPS.items():
+        if re.search(rf"\b{gpu}\b", name):
+            return run.world_size * (float32_peak if run.dtype == "float32" else half_peak)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Several GPUs (or CPU processes): PyTorch DDP, launched by torchrun
+
+def start_distributed(device):
+    """(rank, local_rank, world_size, device): torchrun sets RANK and friends, and each process
+    takes the GPU numbered by its LOCAL_RANK. Without torchrun: (0, 0, 1, device)."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1, device
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "mps":  # gloo, torchrun's only backend on a Mac, moves CPU and CUDA tensors
+        raise UsageError("torchrun cannot train on an Apple GPU (MPS): run python train.py, "
+                         "one process, or pass --device cpu for several CPU processes")
+    if device.startswith("cuda:"):
+        raise UsageError(f"--device {device} under torchrun would put every process on one "
+                         f"GPU; pass --device cuda (each process takes GPU LOCAL_RANK; choose "
+                         f"the GPUs with CUDA_VISIBLE_DEVICES)")
+    if device == "cuda" and local_rank >= torch.cuda.device_count():
+        raise UsageError(f"torchrun started more processes than the {torch.cuda.device_count()} "
+                         f"GPU(s) here; pass --nproc_per_node {torch.cuda.device_count()}")
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+    torch.distributed.init_process_group(backend="nccl" if device != "cpu" else "gloo")
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if world_size > 1:
+        stop_with_rank_0(rank, world_size)
+    return rank, local_rank, world_size, device
+
+
+def stop_with_rank_0(rank, world_size):
+    """Only rank 0 evaluates and saves, so only it can meet a NaN loss or a failed save, and
+    stop with its one-line error (exit code 2). The other ranks may then be waiting for it
+    inside a collective that never returns, until torchrun kills them (with a traceback).
+    Instead they listen, on a thread, at torchrun's key-value store: rank 0, leaving while the
+    process group is still open (finish() closes it), posts "stop" there and waits a few
+    seconds for them; they leave at once, quietly, with exit code 2. (torchrun then reports
+    the failed run in its own words, and exits with 1.)"""
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    if rank == 0:
+        def tell_the_others():
+            if torch.distributed.is_initialized():
+                store.set("mini-gpt/stop", "1")
+                with contextlib.suppress(Exception):  # a rank already gone cannot answer
+                    store.wait([f"mini-gpt/stopped/{r}" for r in range(1, world_size)],
+                               datetime.timedelta(seconds=10))
+
+        atexit.register(tell_the_others)
+        return
+
+    def listen():
+        while torch.distributed.is_initialized():
+            if store.check(["mini-gpt/stop"]):
+                store.set(f"mini-gpt/stopped/{rank}", "1")
+                os._exit(2)
+            time.sleep(0.5)
+
+    threading.Thread(target=listen, daemon=True).start()
+
+
+def on_any_rank(flag, run):
+    """flag() asked on every rank, as a function whose answer is the same on every rank: was
+    flag() True on any rank at the call before? Every rank calls it once a step.
+
+    Asking the others is a collective, and waiting for its answer would hold up every step
+    (on GPUs: a sync). So each call sends this step's question without waiting (over gloo, CPU
+    to CPU: the GPU never waits) and reads the answer to the one sent a step earlier, long
+    arrived by now. Ctrl-C so stops every rank at the same step, one step later than alone.
+    """
+    if run.world_size == 1:
+        return flag
+    group = torch.distributed.new_group(backend="gloo")  # its own: DDP's traffic is apart
+    sent = []  # (the all-reduce under way, the tensor it fills)
+
+    def any_rank_said_yes():
+        answer = False
+        if sent:
+            all_reduce, flags = sent.pop()
+            all_reduce.wait()
+            answer = flags.item() > 0
+        flags = torch.tensor(float(flag()))
+        sent.append((torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MAX,
+                                                  group=group, async_op=True), flags))
+        return answer
+
+    return any_rank_said_yes
+
+
+def gather_from_all_ranks(value, run):
+    """[value of rank 0, value of rank 1, ...]; every rank must call it at the same step."""
+    if run.world_size == 1:
+        return [value]
+    values = [None] * run.world_size
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def end_distributed():
+    """Let every rank leave together, once rank 0 has finished saving."""
+    if torch.distributed.is_initialized():  # under torchrun, even with one process
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume: weights, optimizer, step and the random state that picks batches and dropout
+
+def resume(training):
+    """Load the checkpoint named by --resume into the model and optimizer of train.py's
+    Training, restore its best evaluation and val loss, and this rank's random state; returns
+    the step to go on from."""
+    config, model, run = training.config, training.model, training.run
+    path = config.checkpoint if config.resume == "true" else config.resume
+    checkpoint = load_checkpoint(path, run.device)
+    check_same_tokens(checkpoint, training.corpus, config, path)
+    saved, wanted = checkpoint["model_args"], asdict(model.config)
+    changed = ", ".join(f"{k} {saved[k]} -> {wanted[k]}" for k in MODEL_SHAPE if saved[k] != wanted[k])
+    if changed:
+        raise UsageError(f"cannot resume {path}: the model shape differs ({changed}); "
+                         f"drop those flags or start a fresh run")
+    if not ({"optimizer", "rng", "step", "config", "val_loss"} <= checkpoint.keys()
+            and isinstance(checkpoint["config"], dict) and type(checkpoint["step"]) is int
+            and checkpoint["step"] >= 0 and isinstance(checkpoint["val_loss"], float)
+            and isinstance(checkpoint["rng"], list) and checkpoint["rng"]):
+        raise UsageError(f"cannot resume {path}: it has no optimizer or random state, or a "
+                         f"damaged one; start a fresh run")
+    saved_optimizer = checkpoint["config"].get("optimizer", "adamw")
+    if saved_optimizer != config.optimizer:
+        raise UsageError(f"cannot resume {path}: it was trained with --optimizer "
+                         f"{saved_optimizer}; pass --optimizer {saved_optimizer}")
+    step = checkpoint["step"]
+    if step >= config.max_iters:  # nothing to train, nothing to save
+        raise UsageError(f"{path} is at step {step}, {'past' if step > config.max_iters else 'at'} "
+                         f"--max_iters {config.max_iters}; pass a larger --max_iters to train on")
+    model.load_state_dict(checkpoint["model"])
+    training.best.restore(checkpoint)
+    training.val_loss = checkpoint["val_loss"]
+    rng_states = checkpoint["rng"]  # one per rank of the run that saved it
+    try:
+        training.optimizer.load_state_dict(checkpoint["optimizer"])
+        if len(rng_states) == run.world_size:
+            restored = restore_rng(rng_states[run.rank])
+        elif run.rank == 0:  # another number of processes: only rank 0 can go on where it was
+            restored = restore_rng(rng_states[0])
+        else:
+            torch.manual_seed(torch.initial_seed() + step)  # seeded per rank in set_up
+            restored = True
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        raise UsageError(f"cannot resume {path}: its optimizer or random state is damaged "
+                         f"({type(err).__name__}: {str(err)[:80]}); start a fresh run") from None
+    if not restored:
+        print(f"Note: {path} holds no random state for this GPU (saved on another machine): "
+              f"dropout goes on from a fresh one, so the run is not exactly the one it resumes")
+    run.log(f"Resuming from step {step} of {path}")
+    return step
+
+
+def check_same_tokens(checkpoint, corpus, config, path):
+    """Refuse to go on with other tokens than the checkpoint learned from, naming the cause:
+    another --tokenizer or --vocab_size, or another text (its sha256, recorded at each save:
+    the same characters in another text would give the same vocabulary)."""
+    saved = checkpoint["tokenizer"]
+    if saved.get("kind") != config.tokenizer:
+        raise UsageError(f"cannot resume {path}: it was trained with --tokenizer "
+                         f"{saved.get('kind')}; pass --tokenizer {saved.get('kind')}")
+    saved_vocab = checkpoint.get("config", {}).get("vocab_size") if isinstance(
+        checkpoint.get("config"), dict) else None
+    if config.tokenizer == "bpe" and saved_vocab not in (None, config.vocab_size):
+        raise UsageError(f"cannot resume {path}: it was trained with --vocab_size "
+                         f"{saved_vocab}; pass --vocab_size {saved_vocab}")
+    if checkpoint.get("text_sha256", corpus.sha256) != corpus.sha256 or \
+            saved != corpus.tokenizer.to_dict():
+        raise UsageError(f"cannot resume {path}: it was trained on another text than --data "
+                         f"{config.data}; pass the --data it was trained on, or start a fresh "
+                         f"run")
+
+
+def rng_state():
+    """Every random state that decides what comes next, as tensors and plain values: Python's,
+    NumPy's, the CPU's, and the GPU's this process draws on (CUDA's current one, or MPS)."""
+    name, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    gpu = (("cuda", torch.cuda.get_rng_state()) if torch.cuda.is_initialized() else
+           ("mps", torch.mps.get_rng_state()) if torch.backends.mps.is_available() else None)
+    return dict(python=random.getstate(),
+                numpy=(name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss,
+                       cached_gauss),
+                torch=torch.get_rng_state(), gpu=gpu)
+
+
+def restore_rng(state):
+    """Put back rng_state()'s states; returns False where the GPU's could not be: saved on
+    another kind of device, or (an older checkpoint's list, one per GPU of the machine that
+    saved it) for a GPU this machine lacks."""
+    # .cpu(): a checkpoint resumed on a GPU is loaded onto it, but random states are CPU bytes.
+    random.setstate(state["python"])
+    name, keys, position, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), position, has_gauss,
+                         cached_gauss))
+    torch.set_rng_state(state["torch"].cpu())
+    gpu = state.get("gpu")
+    if state.get("cuda"):  # the older list: this process's GPU is the current one
+        index = torch.cuda.current_device() if torch.cuda.is_available() else len(state["cuda"])
+        gpu = ("cuda", state["cuda"][index]) if index < len(state["cuda"]) else ("", None)
+    if gpu is None:
+        return True
+    kind, gpu_state = gpu
+    if kind == "cuda" and torch.cuda.is_available():
+        torch.cuda.set_rng_state(gpu_state.cpu())
+    elif kind == "mps" and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(gpu_state.cpu())
+    else:
+        return False
+    return True
