@@ -47,7 +47,7 @@ from generate import for_sampling, stream_text
 from model import GPTConfig, GPTModel
 from speedups import compile_decode
 from tokenizer import CharTokenizer
-from utils import UsageError, compile_problem, pick_device, pick_dtype, run_main
+from utils import UsageError, compile_problem, pick_device, pick_dtype, run_main, use_flash
 
 VOCAB_SIZE = 65  # Tiny Shakespeare's
 
@@ -98,7 +98,8 @@ def generate_speed(device, use_cache, n_tokens, dtype, compile_setting, model_ar
     cached run compiles its decode step as generate.py does (--compile). model_args: another
     shape than the default model's."""
     dtype = pick_dtype(dtype, device)
-    model = for_sampling(GPTModel(GPTConfig(VOCAB_SIZE, **(model_args or {}))), device, dtype)
+    config = GPTConfig(VOCAB_SIZE, **{"flash": use_flash("auto", device), **(model_args or {})})
+    model = for_sampling(GPTModel(config), device, dtype)  # the attention generate.py runs
     if use_cache:
         compile_decode(model, device, compile_setting)
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)

@@ -27,7 +27,7 @@ from config import ArgumentParser
 from model import GPTConfig, GPTModel
 from speedups import compile_decode, quantize_int8
 from tokenizer import start_tokens, tokenizer_from_dict
-from utils import UsageError, check_fits_in_memory, pick_device, pick_dtype, run_main
+from utils import UsageError, check_fits_in_memory, pick_device, pick_dtype, run_main, use_flash
 
 RULE = "=" * 60
 
@@ -188,8 +188,7 @@ def print_completion(model, tokenizer, prompt, args, device):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    # As in training: SDPA attention on GPUs, the written-out one (the code on the page) on CPUs.
-    flash = device != "cpu" and not args.reference
+    flash = use_flash("false" if args.reference else "auto", device)  # as in training
     model, tokenizer, which = load_model(args.checkpoint, device, pick_dtype(args.dtype, device),
                                          flash=flash, weights=args.weights)
     check_samples_fit(model, args.num_samples, device)

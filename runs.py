@@ -42,6 +42,7 @@ from utils import (
     pick_device,
     pick_dtype,
     regular_file_problem,
+    use_flash,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -103,15 +104,6 @@ def set_up(config):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Run(device, dtype, rank, local_rank, world_size)
-
-
-def use_flash(setting, device):
-    """SDPA or the written-out attention. On CPUs the written-out one trains faster (SDPA's
-    CPU kernels, with dropout a slower fallback, lose to plain matmuls; docs/results.md); on
-    GPUs SDPA's fused kernels win."""
-    if setting == "auto":
-        return device != "cpu"
-    return setting == "true"
 
 
 def what_runs(config, run, preset):

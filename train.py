@@ -30,7 +30,7 @@ from config import Config, parse_config
 from dataset import Corpus, ValSet, get_batch, load_corpus, val_set
 from model import GPTConfig, GPTModel
 from tokenizer import start_tokens
-from utils import UsageError, autocast, bits_per_char, run_main, use_compile
+from utils import UsageError, autocast, bits_per_char, run_main, use_compile, use_flash
 
 
 def main(argv=None):
@@ -99,7 +99,7 @@ def build_model(vocab_size, config, run):
     """The model of the shape config asks for; its GPTConfig goes into every checkpoint."""
     model = GPTModel(GPTConfig(vocab_size, config.n_embd, config.n_layer, config.n_head,
                                config.block_size, config.dropout,
-                               runs.use_flash(config.flash, run.device))).to(run.device)
+                               use_flash(config.flash, run.device))).to(run.device)
     if run.device == "cpu" and not config.reference:
         speedups.use_fast_cpu_dropout(model)  # a quarter of the random numbers per mask
     return model

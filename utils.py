@@ -192,7 +192,7 @@ def gibibytes(n_bytes):
 #   14 (mps_has_bf16), as is --optimizer muon, whose iteration runs in bfloat16.
 # - no torch.compile: its MPS backend is a prototype (compile_problem).
 # - fused AdamW: PyTorch has an MPS kernel for it (train.make_optimizer, as everywhere).
-# - SDPA attention: PyTorch has an MPS kernel for it (train.use_flash, as on CUDA GPUs).
+# - SDPA attention: PyTorch has an MPS kernel for it (utils.use_flash, as on CUDA GPUs).
 # - its random state is saved for exact resume (train.rng_state); torchrun is refused (gloo,
 #   its only backend there, moves CPU and CUDA tensors only: train.start_distributed).
 
@@ -203,6 +203,15 @@ MPS_DTYPE = "float32"
 def mps_has_bf16():
     """bfloat16 on an Apple GPU: macOS 14 and newer."""
     return torch.backends.mps.is_macos_or_newer(14, 0)
+
+
+def use_flash(setting, device):
+    """SDPA or the written-out attention. On CPUs the written-out one trains faster (SDPA's CPU
+    kernels, with dropout a slower fallback, lose to plain matmuls; docs/results.md), and
+    generate.py then samples with the code on the page too; on GPUs SDPA's fused kernels win."""
+    if setting == "auto":
+        return device != "cpu"
+    return setting == "true"
 
 
 def pick_dtype(name, device):

@@ -403,7 +403,7 @@ def test_what_train_py_picks_on_an_apple_gpu(monkeypatch, capsys):
     assert (run.device, run.dtype) == ("mps", "float32")
     assert not train.make_scaler(run).is_enabled()
     assert utils.pick_dtype("auto", "mps") == "float32"
-    assert runs.use_flash(config.flash, "mps")  # SDPA
+    assert utils.use_flash(config.flash, "mps")  # SDPA
     for setting in ("auto", "true"):
         assert not utils.use_compile(setting, "mps", "running")
     assert "its Apple GPU (MPS) backend is a prototype" in capsys.readouterr().out
