@@ -100,7 +100,7 @@ class CausalSelfAttention(nn.Module):
 
     def mask_for(self, positions, keys):
         """The causal mask's rows for the queries' positions, over every key there is: (T, Tk);
-        Tk = T in training, block_size with a KV cache. In the queries' dtype (autocast)."""
+        Tk = T in training, block_size with a KV cache. In the keys' dtype (autocast's, if on)."""
         return self.causal_mask[positions, :keys.size(2)].to(keys.dtype)
 
 

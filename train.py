@@ -77,7 +77,7 @@ class Training:
     corpus: Corpus  # the text's tokens, a memory-mapped file, and its tokenizer (dataset.py)
     val_data: ValSet  # the val tokens evaluate() scores, on the device
     model: GPTModel  # the plain model, which evaluation, saving and sampling use
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer  # AdamW; with Muon, speedups.MuonAdamW, used the same way
     best: "BestEvaluation" = field(default_factory=lambda: BestEvaluation())
     val_loss: float = math.nan  # the latest evaluation's (NaN on ranks other than 0)
     progress: runs.Progress = None  # made once the first step is known
@@ -159,7 +159,8 @@ def learning_rate_at(step, config):
 
 
 def set_learning_rate(optimizer, step, config):
-    """Set every parameter group's rate for this step, and return it."""
+    """Set every parameter group's rate for this step, and return it. (With Muon,
+    speedups.MuonAdamW scales this rate for its matrices when it steps.)"""
     lr = learning_rate_at(step, config)
     for group in optimizer.param_groups:
         group["lr"] = lr
