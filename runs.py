@@ -194,15 +194,15 @@ def check_paths(config, run):
     if not run.is_master:
         return
     path = config.checkpoint
+    metrics_log, loss_curve = log_paths(path)
+    outputs = {path: "--checkpoint", f"{path}.lock": "its lock file",
+               metrics_log: "its metrics log", loss_curve: "its loss curve"}
+    check_outputs_spare_inputs(outputs, run_inputs(config), "pick another --checkpoint")
     # Names a run gives its own side files: a checkpoint named so would take another run's.
     for suffix in (".lock", ".tmp", ".metrics.jsonl", ".loss.png", ".tokens", ".tokens.json"):
         if path.endswith(suffix):
             raise UsageError(f"--checkpoint {path} ends in {suffix}, as a run's own side files "
                              f"do; pick another name, e.g. --checkpoint run.pt")
-    metrics_log, loss_curve = log_paths(path)
-    outputs = {path: "--checkpoint", f"{path}.lock": "its lock file",
-               metrics_log: "its metrics log", loss_curve: "its loss curve"}
-    check_outputs_spare_inputs(outputs, run_inputs(config), "pick another --checkpoint")
     check_output_path(path, "--checkpoint", "ckpt.pt")
     # Lock it, so that a second run saving to the same file at the same time is refused (the
     # lock goes when this run ends, however it ends); then remove killed runs' temporary files.
