@@ -11,6 +11,7 @@ before any work a run proves that its outputs can be written and overwrite none 
 
 import contextlib
 import glob
+import math
 import os
 import re
 import warnings
@@ -157,12 +158,13 @@ def chosen_weights(checkpoint, which="best"):
 
 def best_problem(checkpoint):
     """What is wrong with the best evaluation's record and weights, or None."""
-    best = checkpoint.get("best", {})
-    if not (isinstance(best, dict) and type(best.get("step", 0)) is int
-            and isinstance(best.get("val_loss", 0.0), float)):
-        return "its best evaluation is not a step and a val loss"
+    if "best" in checkpoint:
+        best = checkpoint["best"]
+        if not (isinstance(best, dict) and type(best.get("step")) is int and best["step"] >= 0
+                and isinstance(best.get("val_loss"), float) and math.isfinite(best["val_loss"])):
+            return "its best evaluation is not a step and a val loss"
     if "best_model" in checkpoint:
-        if not {"step", "val_loss"} <= best.keys():
+        if "best" not in checkpoint:
             return "it has best weights but no step or val loss for them"
         return weights_problem(checkpoint["best_model"], checkpoint["model_args"])
     return None

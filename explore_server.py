@@ -20,6 +20,7 @@ of explore.look_inside, which runs the whole prompt at once (tests/test_explore_
 """
 
 import base64
+import errno
 import json
 import math
 import socket
@@ -63,15 +64,19 @@ class RequestError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Loading: the model(s) the page looks into
 
-def load_explorer(path, device):
+def load_explorer(path, device, weights="best"):
     """A model with everything the page asks of it: the model, its tokenizer, its facts, a lock
-    (one forward pass at a time: the KV caches and the hooks below are shared) and its caches."""
+    (one forward pass at a time: the KV caches and the hooks below are shared) and its caches.
+    weights: best (as generate.py samples) or last."""
     facts = load_checkpoint(path)  # read once more for the step and losses load_model drops
-    model, tokenizer, _ = load_model(path, device)  # the best weights, as generate.py samples
+    model, tokenizer, _ = load_model(path, device, weights=weights)
     step, val_loss, val_bpc = (facts.get(name) for name in ("step", "val_loss", "val_bpc"))
-    if "best_model" in facts:  # bits per char scale with the loss on the same val split
-        step, val_loss, val_bpc = (facts["best"]["step"], facts["best"]["val_loss"],
-                                   val_bpc and val_bpc * facts["best"]["val_loss"] / val_loss)
+    if weights == "best" and "best_model" in facts:
+        # Bits per character scale with the loss on the same val split.
+        per_loss = val_bpc / val_loss if isinstance(val_bpc, float) and isinstance(
+            val_loss, float) and val_loss > 0 else None
+        step, val_loss = facts["best"]["step"], facts["best"]["val_loss"]
+        val_bpc = per_loss and per_loss * val_loss
     return types.SimpleNamespace(
         model=model, tokenizer=tokenizer, device=device, lock=threading.Lock(), prompts=[],
         facts=dict(checkpoint=path, parameters=model.num_params(), step=step,
@@ -324,8 +329,8 @@ def make_handler(explorer, other):
 def start_server(args, device):
     """Load the checkpoint(s) and bind the port: a server ready to serve_forever. Every problem
     (no checkpoint, a damaged one, a port in use, two tokenizers) is a UsageError."""
-    explorer = load_explorer(args.checkpoint, device)
-    other = load_explorer(args.compare, device) if args.compare else None
+    explorer = load_explorer(args.checkpoint, device, args.weights)
+    other = load_explorer(args.compare, device, args.weights) if args.compare else None
     if other and other.tokenizer.to_dict() != explorer.tokenizer.to_dict():
         raise UsageError(f"--compare {args.compare} has another tokenizer than {args.checkpoint}; "
                          f"compare checkpoints trained on the same text with the same --tokenizer")
@@ -337,10 +342,13 @@ def start_server(args, device):
             server.daemon_threads = True  # Ctrl-C does not wait for open connections
             server.handle_error = lambda request, client_address: None  # never a traceback
             return server
-        except socket.gaierror:
-            raise UsageError(f"--host {args.host}: no such address; use 127.0.0.1 (this machine "
-                             f"only) or 0.0.0.0 (every network it is on)") from None
+        except socket.gaierror:  # also an IPv6 address: the server listens on IPv4
+            raise UsageError(f"--host {args.host}: no such IPv4 address; use 127.0.0.1 (this "
+                             f"machine only) or 0.0.0.0 (every network it is on)") from None
         except OSError as err:
+            if err.errno == errno.EADDRNOTAVAIL:  # an address of another machine
+                raise UsageError(f"cannot listen on {args.host} ({err.strerror}): it is not an "
+                                 f"address of this machine; use 127.0.0.1 or 0.0.0.0") from None
             if args.port is not None or port == ports[-1]:
                 raise UsageError(f"cannot listen on {args.host}:{port} ({err.strerror}); pass "
                                  f"another --port, or stop the program using it") from None
@@ -350,7 +358,7 @@ def serve(args, device):
     """python explore.py --serve: start the server, print the URL, serve until Ctrl-C."""
     server = start_server(args, device)
     host, port = server.server_address[:2]
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if args.host not in ("127.0.0.1", "localhost"):
         print(f"warning: --host {args.host} lets other machines reach this page and run the model "
               f"on this computer; there is no password. Use it only on a network you trust.")
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "") else host

@@ -43,7 +43,7 @@ def tiny_checkpoint(path, seed=0):
 
 def serve_args(checkpoint, **overrides):
     return types.SimpleNamespace(**{**dict(checkpoint=checkpoint, compare=None, port=0,
-                                           host="127.0.0.1"), **overrides})
+                                           host="127.0.0.1", weights="best"), **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +307,10 @@ def test_startup_problems_are_one_line_and_exit_2(checkpoint, tmp_path):
                             (["--checkpoint", checkpoint, "--port", "70000"], "--port must be"),
                             (["--checkpoint", checkpoint, "--port", "http"], "invalid int"),
                             (["--checkpoint", checkpoint, "--host", "no.such.host.invalid"],
-                             "no such address"),
+                             "no such IPv4 address"),
+                            (["--checkpoint", checkpoint, "--host", "::1"], "no such IPv4"),
+                            (["--checkpoint", checkpoint, "--host", "192.0.2.1"],
+                             "not an address of this machine"),
                             (["--checkpoint", checkpoint, "--compare", other_text],
                              "another tokenizer")]:
             code, out, err = serve(argv)
@@ -417,3 +420,26 @@ def hover_column(browser, t):
                                 "c.scrollIntoView({block: 'center'}); "
                                 "return JSON.stringify(c.getBoundingClientRect()); })()"))
     browser.move_mouse(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+
+
+def test_the_facts_name_the_weights_the_page_runs(tmp_path):
+    """With best weights in the checkpoint, the page shows their step and val loss (and bits per
+    character scaled from the last evaluation's); --weights last shows the last step's. A
+    hand-made checkpoint without a val loss to scale from shows none, rather than failing."""
+    path = tiny_checkpoint(tmp_path / "run.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    torch.manual_seed(1)
+    best_weights = GPTModel(GPTConfig(**checkpoint["model_args"])).state_dict()
+    checkpoint.update(best={"step": 100, "val_loss": 2.0}, best_model=best_weights)
+    torch.save(checkpoint, path)
+    best = explore_server.load_explorer(path, "cpu")
+    assert (best.facts["step"], best.facts["val_loss"]) == (100, 2.0)
+    assert best.facts["val_bpc"] == pytest.approx(3.6 * 2.0 / 2.5)
+    assert torch.equal(best.model.tok_emb.weight, best_weights["tok_emb.weight"])
+    last = explore_server.load_explorer(path, "cpu", "last")
+    assert (last.facts["step"], last.facts["val_loss"], last.facts["val_bpc"]) == (200, 2.5, 3.6)
+    for val_loss in (0.0, None):
+        checkpoint["val_loss"] = val_loss
+        torch.save(checkpoint, path)
+        facts = explore_server.load_explorer(path, "cpu").facts
+        assert (facts["step"], facts["val_loss"], facts["val_bpc"]) == (100, 2.0, None)
