@@ -83,6 +83,73 @@ class ValSet:
 
 
 # ---------------------------------------------------------------------------------------------
+# Batches and the val set, read from the map
+
+def split_tokens(corpus, split):
+    """One split's tokens (N,) as a fresh read-only memory map of the token file."""
+    start, count = (0, corpus.n_train) if split == "train" else (corpus.n_train, corpus.n_val)
+    return np.memmap(corpus.tokens_file, dtype=corpus.dtype, mode="r", shape=(count,),
+                     offset=start * np.dtype(corpus.dtype).itemsize)
+
+
+def get_batch(corpus, batch_size, block_size, device, split="train"):
+    """Random (x, y) blocks of the split: (B, T) each, y is x shifted left by one token.
+
+    Only these B * (T + 1) tokens are read and copied to the device. The map is made afresh
+    each time because the pages a map has read count as this process's memory until it is
+    closed: one map for a whole run would look like holding the whole file (nanoGPT does the
+    same). Mapping takes microseconds.
+    """
+    tokens = split_tokens(corpus, split)
+    starts = torch.randint(len(tokens) - block_size, (batch_size,))
+    windows = check_ids(tokens[starts.numpy()[:, None] + np.arange(block_size + 1)], corpus)
+    windows = torch.from_numpy(windows.astype(np.int64))
+    if device.startswith("cuda"):  # from pinned memory the copy can overlap the GPU's work
+        windows = windows.pin_memory().to(device, non_blocking=True)
+    else:
+        windows = windows.to(device)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def check_ids(ids, corpus):
+    """ids, if each is in the vocabulary; one that is not means the token file was changed
+    after it was prepared (its size and the text's are checked at every start, not each id)."""
+    if ids.size and ids.max() >= corpus.tokenizer.vocab_size:
+        raise UsageError(f"the token file {corpus.tokens_file.name} is damaged (an id beyond the "
+                         f"vocabulary); delete it and run again to prepare it anew")
+    return ids
+
+
+def val_set(corpus, eval_tokens, block_size, device):
+    """The whole val split if it has at most eval_tokens tokens (its loss is then exact), else
+    eval_tokens // (T + 1) windows of T + 1 tokens spread evenly over it: the same subset at
+    every evaluation, so the curve stays comparable, and a cost that does not grow with it.
+    eval_tokens 0: the tokens that EVAL_CHARS characters of the val text make."""
+    tokens, decode = split_tokens(corpus, "val"), corpus.tokenizer.decode
+    # (At least one window: a huge block_size could outgrow the automatic bound.)
+    eval_tokens = max(eval_tokens or auto_eval_tokens(corpus), block_size + 1)
+    if len(tokens) <= eval_tokens:
+        exact = torch.from_numpy(check_ids(tokens, corpus).astype(np.int64))
+        n_chars = len(decode(exact[1:].tolist()))  # what the predictions cover
+        return ValSet(exact.to(device), True, len(exact) - 1, n_chars, "exact")
+    n_windows = max(1, eval_tokens // (block_size + 1))
+    starts = np.linspace(0, len(tokens) - block_size - 1, n_windows).astype(np.int64)
+    windows = torch.from_numpy(check_ids(tokens[starts[:, None] + np.arange(block_size + 1)],
+                                         corpus).astype(np.int64))  # (n, T + 1)
+    n_chars = sum(len(decode(window[1:].tolist())) for window in windows)
+    return ValSet(windows.to(device), False, n_windows * block_size, n_chars,
+                  f"on {n_windows * block_size:,} of {len(tokens):,} tokens")
+
+
+def auto_eval_tokens(corpus):
+    """The val tokens of EVAL_CHARS characters, at the val split's own characters per token: as
+    many as characters with the char tokenizer, about a third as many with BPE. Evaluating so
+    much text costs what evaluating Tiny Shakespeare does, with either tokenizer."""
+    val_chars = corpus.n_chars - int(corpus.n_chars * (1 - VAL_FRACTION))
+    return math.ceil(EVAL_CHARS * corpus.n_val / max(1, val_chars))
+
+
+# ---------------------------------------------------------------------------------------------
 # Loading: prepare once (rank 0 only), then map
 
 def load_corpus(config, rank=0, world_size=1):
@@ -263,73 +330,6 @@ def token_file_size(meta):
 def token_dtype(vocab_size):
     """The smallest unsigned integer that holds every token id."""
     return "uint16" if vocab_size <= 2 ** 16 else "uint32"
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches and the val set, read from the map
-
-def split_tokens(corpus, split):
-    """One split's tokens (N,) as a fresh read-only memory map of the token file."""
-    start, count = (0, corpus.n_train) if split == "train" else (corpus.n_train, corpus.n_val)
-    return np.memmap(corpus.tokens_file, dtype=corpus.dtype, mode="r", shape=(count,),
-                     offset=start * np.dtype(corpus.dtype).itemsize)
-
-
-def get_batch(corpus, batch_size, block_size, device, split="train"):
-    """Random (x, y) blocks of the split: (B, T) each, y is x shifted left by one token.
-
-    Only these B * (T + 1) tokens are read and copied to the device. The map is made afresh
-    each time because the pages a map has read count as this process's memory until it is
-    closed: one map for a whole run would look like holding the whole file (nanoGPT does the
-    same). Mapping takes microseconds.
-    """
-    tokens = split_tokens(corpus, split)
-    starts = torch.randint(len(tokens) - block_size, (batch_size,))
-    windows = check_ids(tokens[starts.numpy()[:, None] + np.arange(block_size + 1)], corpus)
-    windows = torch.from_numpy(windows.astype(np.int64))
-    if device.startswith("cuda"):  # from pinned memory the copy can overlap the GPU's work
-        windows = windows.pin_memory().to(device, non_blocking=True)
-    else:
-        windows = windows.to(device)
-    return windows[:, :-1], windows[:, 1:]
-
-
-def check_ids(ids, corpus):
-    """ids, if each is in the vocabulary; one that is not means the token file was changed
-    after it was prepared (its size and the text's are checked at every start, not each id)."""
-    if ids.size and ids.max() >= corpus.tokenizer.vocab_size:
-        raise UsageError(f"the token file {corpus.tokens_file.name} is damaged (an id beyond the "
-                         f"vocabulary); delete it and run again to prepare it anew")
-    return ids
-
-
-def val_set(corpus, eval_tokens, block_size, device):
-    """The whole val split if it has at most eval_tokens tokens (its loss is then exact), else
-    eval_tokens // (T + 1) windows of T + 1 tokens spread evenly over it: the same subset at
-    every evaluation, so the curve stays comparable, and a cost that does not grow with it.
-    eval_tokens 0: the tokens that EVAL_CHARS characters of the val text make."""
-    tokens, decode = split_tokens(corpus, "val"), corpus.tokenizer.decode
-    # (At least one window: a huge block_size could outgrow the automatic bound.)
-    eval_tokens = max(eval_tokens or auto_eval_tokens(corpus), block_size + 1)
-    if len(tokens) <= eval_tokens:
-        exact = torch.from_numpy(check_ids(tokens, corpus).astype(np.int64))
-        n_chars = len(decode(exact[1:].tolist()))  # what the predictions cover
-        return ValSet(exact.to(device), True, len(exact) - 1, n_chars, "exact")
-    n_windows = max(1, eval_tokens // (block_size + 1))
-    starts = np.linspace(0, len(tokens) - block_size - 1, n_windows).astype(np.int64)
-    windows = torch.from_numpy(check_ids(tokens[starts[:, None] + np.arange(block_size + 1)],
-                                         corpus).astype(np.int64))  # (n, T + 1)
-    n_chars = sum(len(decode(window[1:].tolist())) for window in windows)
-    return ValSet(windows.to(device), False, n_windows * block_size, n_chars,
-                  f"on {n_windows * block_size:,} of {len(tokens):,} tokens")
-
-
-def auto_eval_tokens(corpus):
-    """The val tokens of EVAL_CHARS characters, at the val split's own characters per token: as
-    many as characters with the char tokenizer, about a third as many with BPE. Evaluating so
-    much text costs what evaluating Tiny Shakespeare does, with either tokenizer."""
-    val_chars = corpus.n_chars - int(corpus.n_chars * (1 - VAL_FRACTION))
-    return math.ceil(EVAL_CHARS * corpus.n_val / max(1, val_chars))
 
 
 # ---------------------------------------------------------------------------------------------
