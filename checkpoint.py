@@ -19,7 +19,7 @@ import warnings
 import torch
 
 from model import GPTConfig, GPTModel
-from utils import UsageError, check_fits_in_memory, regular_file_problem
+from utils import UsageError, check_fits_in_memory, check_regular_file
 
 # ---------------------------------------------------------------------------------------------
 # Files written whole, outputs that spare the inputs
@@ -113,13 +113,9 @@ def load_checkpoint(path, device="cpu"):
     built from them."""
     if os.path.isdir(path):
         raise UsageError(f"--checkpoint {path} is a folder; pass the checkpoint file in it")
-    problem = regular_file_problem(path)
-    if problem == "does not exist":
-        raise UsageError(f"checkpoint not found: {path}; train one with `python train.py` "
-                         f"or pass --checkpoint PATH")
-    if problem:
-        raise UsageError(f"--checkpoint {path} {problem}; pass the checkpoint file train.py "
-                         f"saved")
+    check_regular_file(path, "--checkpoint", "pass the checkpoint file train.py saved",
+                       f"checkpoint not found: {path}; train one with `python train.py` or pass "
+                       f"--checkpoint PATH")
     try:
         with warnings.catch_warnings():  # a file that is not a checkpoint: our line says so
             warnings.simplefilter("ignore")

@@ -46,7 +46,7 @@ from tqdm import tqdm
 import fast_bpe
 from checkpoint import atomic_write, remove_leftover_tmp, tokenizer_problem
 from tokenizer import CharTokenizer, tokenizer_from_dict
-from utils import UsageError, regular_file_problem, release_lock, take_lock
+from utils import UsageError, check_regular_file, regular_file_problem, release_lock, take_lock
 
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -203,13 +203,8 @@ def find_sources(path):
             raise UsageError(f"the .txt files in {path} are empty; give them some text to learn "
                              f"from")
         return sources
-    problem = regular_file_problem(path)
-    if problem == "does not exist":
-        raise UsageError(f"data file not found: {path}; pass --data PATH to a UTF-8 text file "
-                         f"or a folder of .txt files")
-    if problem:
-        raise UsageError(f"--data {path} {problem}; pass --data PATH to a UTF-8 text file or a "
-                         f"folder of .txt files")
+    fix = "pass --data PATH to a UTF-8 text file or a folder of .txt files"
+    check_regular_file(path, "--data", fix, f"data file not found: {path}; {fix}")
     if os.path.getsize(path) == 0:
         raise UsageError(f"data file {path} is empty; give it some text to learn from")
     return [path]

@@ -24,7 +24,6 @@ import numpy as np
 from tqdm import tqdm
 
 from tokenizer import BPETokenizer, merge_pair
-from utils import UsageError
 
 PIECE_CHARS = 1 << 20  # characters per piece a worker encodes
 # A worker's chunk -> ids cache is emptied past this many entries (~170 bytes each, so ~350 MB):
@@ -42,12 +41,7 @@ def train(text, vocab_size):
     they were (last) added; the heap's smallest valid entry is that same pair. An entry is valid
     while its pair still has that count and that time; stale ones are skipped.
     """
-    if vocab_size < 256:
-        raise UsageError(f"--vocab_size for BPE must be at least 256 (the byte tokens), "
-                         f"got {vocab_size}")
-    chunk_counts = collections.Counter(BPETokenizer.CHUNK.findall(text))
-    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
-    counts = list(chunk_counts.values())
+    words, counts = BPETokenizer.chunk_words(text, vocab_size)
     pair_counts, added_at, clock = {}, {}, itertools.count()
     words_with = collections.defaultdict(set)  # pair -> indices of words that contain it
 

@@ -37,11 +37,11 @@ from tracking import log_paths, metrics_recorder
 from utils import (
     UsageError,
     check_fits_in_memory,
+    check_regular_file,
     hold_lock,
     mps_has_bf16,
     pick_device,
     pick_dtype,
-    regular_file_problem,
     use_flash,
 )
 
@@ -184,13 +184,9 @@ def check_paths(config, run):
     run is saving to it. Saving can then fail only for lack of space."""
     if config.resume:
         source = config.checkpoint if config.resume == "true" else config.resume
-        problem = regular_file_problem(source)
-        if problem == "does not exist":
-            raise UsageError(f"--resume: no checkpoint at {source}; train one first, or drop "
-                             f"--resume")
-        if problem:
-            raise UsageError(f"--resume {source} {problem}; pass the checkpoint file to go on "
-                             f"from")
+        check_regular_file(source, "--resume", "pass the checkpoint file to go on from",
+                           f"--resume: no checkpoint at {source}; train one first, or drop "
+                           f"--resume")
     if not run.is_master:
         return
     path = config.checkpoint

@@ -76,13 +76,18 @@ class BPETokenizer:
         self.cache = {}
 
     @classmethod
-    def train(cls, text, vocab_size):
+    def chunk_words(cls, text, vocab_size):
+        """(words, counts): each distinct chunk of text as a list of its UTF-8 bytes, and how
+        often it occurs: what merges are learned from (here and in fast_bpe.train)."""
         if vocab_size < 256:
             raise UsageError(f"--vocab_size for BPE must be at least 256 (the byte tokens), "
                              f"got {vocab_size}")
         chunk_counts = collections.Counter(cls.CHUNK.findall(text))
-        words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
-        counts = list(chunk_counts.values())
+        return [list(chunk.encode("utf-8")) for chunk in chunk_counts], list(chunk_counts.values())
+
+    @classmethod
+    def train(cls, text, vocab_size):
+        words, counts = cls.chunk_words(text, vocab_size)
         pair_counts = collections.Counter()
         words_with = collections.defaultdict(set)  # pair -> indices of words that contain it
         for i, word in enumerate(words):

@@ -129,6 +129,16 @@ def regular_file_problem(path):
     return None
 
 
+def check_regular_file(path, flag, fix, not_found):
+    """Refuse, with one line, a path that is not a plain readable file: not_found when nothing is
+    there, else "<flag> <path> <why>; <fix>" (regular_file_problem says why)."""
+    problem = regular_file_problem(path)
+    if problem == "does not exist":
+        raise UsageError(not_found)
+    if problem:
+        raise UsageError(f"{flag} {path} {problem}; {fix}")
+
+
 def bits_per_char(mean_loss, n_tokens, n_chars):
     """Turn a mean loss in nats per token into bits per character, comparable across
     tokenizers: total nats = mean_loss * n_tokens; / n_chars; / ln 2 for bits."""
