@@ -54,30 +54,22 @@ VOCAB_SIZE = 65  # Tiny Shakespeare's
 
 
 def measure_training(flags, steps, warmup_steps, label):
-    """(tokens/s, peak MiB, dict(mfu, dtype, compiled)) of training steps built as train.py
-    builds them from flags: its defaults (bf16/fp16 autocast, SDPA attention on GPUs,
-    torch.compile on CUDA, fused AdamW, and on CPUs the cheaper dropout and freed memory kept
-    for reuse), or --reference (float32, the written-out attention, eager, plain AdamW,
-    nn.Dropout, glibc's malloc). mfu is None where the GPU's peak is unknown."""
+    """(tokens/s, peak MiB, dict(mfu, dtype, compiled)) of training steps as train.py builds
+    them from flags (its speed-ups, or none with --reference); mfu: None if the peak is unknown."""
     config, _ = parse_config(flags)
     run = runs.set_up(config)
     model = train.build_model(VOCAB_SIZE, config, run)
     optimizer = train.make_optimizer(model, config)
     train_model = train.wrap_for_training(model, config, run)
     scaler = train.make_scaler(run)
-
-    def step():
+    for done in tqdm(range(warmup_steps + steps), desc=f"train ({label}, {run.dtype})",
+                     file=sys.stdout):
+        if done == warmup_steps:  # the first steps paid for compiling (up to a minute) and memory
+            start = clock(run.device)
         windows = torch.randint(VOCAB_SIZE, (config.batch_size, config.block_size + 1),
                                 device=run.device)  # random tokens: only the speed counts here
         batch = windows[:, :-1], windows[:, 1:]
         train.train_step(train_model, optimizer, scaler, [batch], config, run)
-
-    # The first steps pay for compilation (up to a minute) and memory allocation.
-    for _ in tqdm(range(warmup_steps), desc=f"warm-up ({label})", file=sys.stdout):
-        step()
-    start = clock(run.device)
-    for _ in tqdm(range(steps), desc=f"train ({label}, {run.dtype})", file=sys.stdout):
-        step()
     tokens_per_sec = steps * config.batch_size * config.block_size / (clock(run.device) - start)
     mfu = runs.model_flops_utilization(model, config, run, tokens_per_sec)
     return tokens_per_sec, peak_mib(run.device), dict(mfu=mfu, dtype=run.dtype,
@@ -85,9 +77,8 @@ def measure_training(flags, steps, warmup_steps, label):
 
 
 def generate_speed(device, use_cache, n_tokens, dtype, compile_setting, model_args=None):
-    """(tokens/s, peak MiB) of generating n_tokens, batch 1, from a one-character prompt; the
-    cached run compiles its decode step as generate.py does (--compile). model_args: another
-    shape than the default model's."""
+    """(tokens/s, peak MiB) of generating n_tokens, batch 1, from a one-character prompt, as
+    generate.py does (--compile: of the cached decode step). model_args: another model shape."""
     dtype = pick_dtype(dtype, device)
     config = GPTConfig(VOCAB_SIZE, **{"flash": use_flash("auto", device), **(model_args or {})})
     model = for_sampling(GPTModel(config), device, dtype)  # the attention generate.py runs
@@ -97,16 +88,14 @@ def generate_speed(device, use_cache, n_tokens, dtype, compile_setting, model_ar
     # Warm-up: compilation, and every path the timed tokens take (with the cache: a window slide).
     model.generate(prompt, model.block_size + 10 if use_cache else 10, use_cache=use_cache)
     # What a user runs: generate.py's streaming loop, which also brings the tokens to the host
-    # and decodes them (into a string here; a terminal's printing is not timed).
+    # and decodes them (a terminal's printing is not timed).
     tokenizer = CharTokenizer([chr(ord("!") + i) for i in range(VOCAB_SIZE)])
     options = types.SimpleNamespace(max_new_tokens=n_tokens, temperature=1.0, top_k=None,
                                     top_p=None, no_cache=not use_cache)
     start = clock(device)
-    text = ""
     with tqdm(total=n_tokens, file=sys.stdout,
               desc=f"generate ({'cache' if use_cache else 'no cache'}, {dtype})") as progress:
         for piece in stream_text(model, tokenizer, [0], options, device):
-            text += piece
             progress.update(len(piece))  # one character per token
     return n_tokens / (clock(device) - start), peak_mib(device)
 
@@ -132,39 +121,33 @@ def in_fresh_process(function, *args):
 
 def main(argv=None):
     parser = ArgumentParser(prog="bench.py", description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["train", "generate", "report", "curve", "prepare",
-                                         "explore"])
-    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
-    parser.add_argument("--steps", type=int, help="timed training steps (default: 20 on a GPU, "
-                        "3 on a CPU); explore: rounds (default: 20)")
-    parser.add_argument("--batch_size", type=int, default=64, help="training batch size")
-    parser.add_argument("--tokens", type=int, default=1000, help="tokens to generate")
-    parser.add_argument("--dtype", default="auto", help="generate: the weights' number format, "
-                        "as generate.py's --dtype",
-                        choices=["auto", "float32", "bfloat16", "float16", "int8"])
-    parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
-                        help="generate: as generate.py's --compile (auto = on for CUDA)")
-    parser.add_argument("--quick", action="store_true",
-                        help="report: every row on a tiny model (under a minute on a CPU)")
-    parser.add_argument("--json", default="bench_report.json",
-                        help="report: where to write the table as JSON")
-    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
-                        help="curve: the train.py recipe to follow")
-    parser.add_argument("--seconds", type=int, default=120,
-                        help="curve: the wall-time budget of each run")
-    parser.add_argument("--points", type=int, default=6,
-                        help="curve: about how many evaluations each run makes")
-    parser.add_argument("--size_mb", type=int, default=100,
-                        help="prepare: MiB of text to generate (1024 = 1 GiB)")
-    parser.add_argument("--text", default="synthetic", choices=["synthetic", "shakespeare"],
-                        help="prepare: Zipf-distributed made-up words (many distinct words, as "
-                             "a real corpus has), or Tiny Shakespeare repeated")
-    parser.add_argument("--data", help="prepare: this text file or folder instead (its token "
-                        "file is kept beside it, as train.py would)")
-    parser.add_argument("--tokenizer", default="char", choices=["char", "bpe"])
-    parser.add_argument("--vocab_size", type=int, default=4096, help="prepare: BPE vocabulary")
-    parser.add_argument("--bpe_sample_chars", type=int,
-                        help="prepare: as train.py's (default: config.py's)")
+    flag = parser.add_argument
+    flag("what", choices=["train", "generate", "report", "curve", "prepare", "explore"])
+    flag("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    flag("--steps", type=int, help="timed training steps (default: 20 on a GPU, 3 on a CPU); "
+         "explore: rounds (default: 20)")
+    flag("--batch_size", type=int, default=64, help="training batch size")
+    flag("--tokens", type=int, default=1000, help="tokens to generate")
+    flag("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
+         help="generate: the weights' number format, as generate.py's --dtype")
+    flag("--compile", default="auto", choices=["auto", "true", "false"],
+         help="generate: as generate.py's --compile (auto = on for CUDA)")
+    flag("--quick", action="store_true",
+         help="report: every row on a tiny model (under a minute on a CPU)")
+    flag("--json", default="bench_report.json", help="report: where to write the table as JSON")
+    flag("--preset", default="cpu", choices=sorted(PRESETS),
+         help="curve: the train.py recipe to follow")
+    flag("--seconds", type=int, default=120, help="curve: the wall-time budget of each run")
+    flag("--points", type=int, default=6, help="curve: about how many evaluations each run makes")
+    flag("--size_mb", type=int, default=100, help="prepare: MiB of text to generate (1024 = 1 GiB)")
+    flag("--text", default="synthetic", choices=["synthetic", "shakespeare"],
+         help="prepare: Zipf-distributed made-up words (many distinct words, as a real corpus "
+              "has), or Tiny Shakespeare repeated")
+    flag("--data", help="prepare: this text file or folder instead (its token file is kept "
+         "beside it, as train.py would)")
+    flag("--tokenizer", default="char", choices=["char", "bpe"])
+    flag("--vocab_size", type=int, default=4096, help="prepare: BPE vocabulary")
+    flag("--bpe_sample_chars", type=int, help="prepare: as train.py's (default: config.py's)")
     args = parser.parse_args(argv)
     for name in ("steps", "tokens", "seconds", "points", "size_mb"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -213,9 +196,8 @@ def main(argv=None):
 # python bench.py explore: the live page's server time for a keystroke and for a paste
 
 def explore_speed(device, repeats):
-    """Median server time (the model's work and the JSON answer) of the live page with the
-    default model: one character typed at the end of a 255-character prompt (only the new
-    position runs, through the KV cache), and a whole 256-character prompt pasted at once."""
+    """Median server time (the model's work, the JSON answer) of the live page: a character typed
+    after 255 (only it runs, through the KV cache), and 256 characters pasted at once."""
     import explore_server
     tokenizer = CharTokenizer([chr(c) for c in range(32, 32 + VOCAB_SIZE - 1)] + ["\n"])
     model = GPTModel(GPTConfig(VOCAB_SIZE))
@@ -244,15 +226,14 @@ def explore_speed(device, repeats):
 # python bench.py prepare: a big text prepared into a token file, then a second run's start
 
 def tokenizer_flags(args):
-    sample = [] if args.bpe_sample_chars is None else ["--bpe_sample_chars",
-                                                       str(args.bpe_sample_chars)]
-    return ["--tokenizer", args.tokenizer, "--vocab_size", str(args.vocab_size), *sample]
+    flags = [f"--tokenizer={args.tokenizer}", f"--vocab_size={args.vocab_size}"]
+    chars = args.bpe_sample_chars
+    return flags if chars is None else flags + [f"--bpe_sample_chars={chars}"]
 
 
 def prepare_benchmark(args, device):
-    """Prepare a text in a fresh process (time, peak memory), then, as a second run would,
-    start training on it in another: time from launch to the first step, memory while training,
-    the cost of an evaluation."""
+    """Prepare a text in a fresh process (time, peak memory), then start training on it in
+    another, as a second run: time to the first step, memory while training, an evaluation."""
     with tempfile.TemporaryDirectory(prefix="mini-gpt-bench-") as folder:  # a generated text
         data = args.data or write_bench_text(folder, args.text, args.size_mb)
         flags = ["--data", data, *tokenizer_flags(args), "--device", device, "--preset", "cpu"]
@@ -292,10 +273,9 @@ def write_bench_text(folder, kind, size_mb):
 
 
 def synthetic_blocks(n_words=1_000_000, seed=0):
-    """Text in blocks of about 6 MB, the same every time: words drawn by Zipf's law from a
-    million made-up words (a few with accents or Chinese characters), with commas, full stops
-    and a new line every ten words or so. Unlike Tiny Shakespeare repeated, the distinct words
-    keep coming, as in a real corpus, which is what BPE's caches and vocabularies feel."""
+    """Text in blocks of about 6 MB, the same every time: Zipf-drawn words from a million made-up
+    ones (some accented or Chinese), with punctuation and new lines. Unlike Tiny Shakespeare
+    repeated, new words keep coming, as in a real corpus: what BPE's caches and vocabulary feel."""
     import numpy as np
     rng = np.random.default_rng(seed)
     letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
@@ -315,8 +295,7 @@ def synthetic_blocks(n_words=1_000_000, seed=0):
 
 
 def timed_prepare(flags):
-    """(seconds, peak MiB of this process, of its largest worker, metadata) of preparing the
-    text that flags name, as train.py's first run does."""
+    """(seconds, peak MiB, its largest worker's, metadata) of a first run's preparing."""
     config, _ = parse_config(flags)
     settings = dataset.corpus_settings(config)
     stem = dataset.prepared_stem(config.data, settings)
@@ -334,9 +313,8 @@ def timed_prepare(flags):
 
 
 def second_run(flags, steps, launched):
-    """As train.py on an already prepared text: seconds from launch (`launched`, taken before
-    this process started) to the corpus being mapped and to the first training step done, peak
-    MiB after `steps` more steps and one evaluation, and that evaluation's seconds."""
+    """As train.py on a prepared text: seconds since `launched` (before this process started) to
+    the corpus mapped and the first step done; peak MiB after `steps` more and an evaluation."""
     config, _ = parse_config(flags)
     run = runs.set_up(config)
     corpus, val_data = train.load_tokens(config, run)
@@ -370,8 +348,7 @@ EVAL_LINE = re.compile(r"Step (\d+): .*val loss ([\d.naif]+)\b.*\(([\d.]+)s\)")
 
 
 def report(device, quick, json_path, n_tokens):
-    """Run every row, print them as a Markdown table, and write the same as JSON. Each speed
-    row runs in a fresh process, so that its peak memory is its own."""
+    """Run every row (speeds in fresh processes), print a Markdown table, write it as JSON."""
     speed_rows = [(f"training speed, compile {setting}", training_row, device, setting, quick)
                   for setting in ("false", "true")]
     speed_rows += [(f"generation speed, {'KV cache' if cache else 'no cache'}, compile {setting}",
@@ -400,8 +377,7 @@ def report(device, quick, json_path, n_tokens):
 
 
 def check_report_path(path):
-    """--json can be written, is not the text the report trains on, and holds no file but an
-    earlier report (which it replaces)."""
+    """--json can be written, spares the training text, and holds nothing but an old report."""
     check_outputs_spare_inputs({path: "--json"}, {dataset.DEFAULT_DATA: "the --data file"},
                                "pick another --json")
     check_output_path(path, "--json", "bench_report.json")
@@ -415,14 +391,9 @@ def check_report_path(path):
 
 
 def time_to_target_row(device, quick):
-    """Launch train.py (--preset fast; --quick: the tiny model) and read its eval lines until
-    one reaches the target val loss, or the time limit; the time is the one train.py prints:
-    seconds since it started, imports included."""
+    """Launch train.py (--preset fast; --quick: the tiny model) until an eval line reaches the
+    target val loss, or the time limit; its time is train.py's: since it started, imports too."""
     target = QUICK_TARGET if quick else TARGET_VAL_LOSS
-    row = dict(measurement=f"time to val <= {target} "
-                           + ("(tiny model)" if quick else "(--preset fast)"),
-               value=None, unit="s", details="seconds since train.py started, imports included")
-    points, failed = [], None  # (val loss, step, seconds) of each evaluation
     with tempfile.TemporaryDirectory() as folder:  # the checkpoint and its logs go here
         flags = ["--device", device, "--checkpoint", os.path.join(folder, "ckpt.pt"),
                  "--sample_tokens", "0"]
@@ -433,23 +404,20 @@ def time_to_target_row(device, quick):
                       "--eval_iters", "2", "--compile", "false"]
         else:
             flags += ["--preset", "fast"]
-        with tqdm(total=60 if quick else PRESETS["fast"]["max_iters"], unit="step",
-                  desc="train.py", file=sys.stdout) as progress:
-            try:
-                for seconds, step, val_loss in eval_points(flags, TARGET_TIME_LIMIT, "train.py",
-                                                           stop_at=target):
-                    points.append((val_loss, step, seconds))
-                    progress.update(step - progress.n)
-                    progress.set_postfix_str(f"val {val_loss:.4f} at {seconds:.1f}s")
-            except UsageError as failure:
-                failed = str(failure)
-    if points and points[-1][0] <= target:
-        val_loss, step, seconds = points[-1]
+        try:
+            points, failed = eval_points(flags, TARGET_TIME_LIMIT, "train.py", target), None
+        except UsageError as failure:
+            points, failed = [], str(failure)
+    row = dict(measurement=f"time to val <= {target} " + ("(tiny model)" if quick
+                                                           else "(--preset fast)"),
+               value=None, unit="s", details="seconds since train.py started, imports included")
+    if points and points[-1][2] <= target:
+        seconds, step, val_loss = points[-1]
         return dict(row, value=seconds, step=step, val_loss=val_loss,
                     result=f"{seconds:.1f} s (step {step}, val {val_loss:.4f})")
-    best = min(points, default=None)
+    best = min(points, key=lambda point: point[2], default=None)
     return dict(row, result=failed or "not reached" + (
-        f" (best val {best[0]:.4f} at step {best[1]})" if best else ""))
+        f" (best val {best[2]:.4f} at step {best[1]})" if best else ""))
 
 
 def launch_train_py(flags):
@@ -460,26 +428,31 @@ def launch_train_py(flags):
 
 
 def eval_points(flags, seconds, name, stop_at=float("-inf")):
-    """(seconds since launch, step, val loss) of each evaluation train.py prints, as it prints
-    it, until it ends, `seconds` pass or a val loss <= stop_at; if it fails, a UsageError with
-    its last line."""
-    with launch_train_py(flags) as process:
+    """[(seconds since launch, step, val loss)] of train.py's eval lines, read as printed until it
+    ends, `seconds` pass or a val loss <= stop_at; a UsageError with its last line if it fails."""
+    points, last_line = [], ""
+    with launch_train_py(flags) as process, tqdm(
+            total=seconds, unit="s", desc=name, file=sys.stdout,
+            bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}]") as bar:
         deadline = threading.Timer(seconds, process.kill)  # its output ends when it is stopped
         deadline.start()
-        last_line = ""
         try:
             for line in process.stdout:
                 last_line = line.strip() or last_line
                 for match in EVAL_LINE.finditer(line):
-                    yield float(match[3]), int(match[1]), float(match[2])
-                    if float(match[2]) <= stop_at:
-                        return
-            if process.wait() != 0 and deadline.is_alive():  # it ended by itself, failing
-                raise UsageError(f"{name} failed (exit {process.returncode}): "
-                                 f"{last_line or 'no output'}")
+                    points.append((float(match[3]), int(match[1]), float(match[2])))
+                    bar.update(min(points[-1][0], seconds) - bar.n)
+                    bar.set_postfix_str(f"val {points[-1][2]:.4f} at step {points[-1][1]}")
+                if points and points[-1][2] <= stop_at:
+                    break
+            else:  # the output ended; -9: stopped at the deadline
+                if process.wait() not in (0, -9):
+                    raise UsageError(f"{name} failed (exit {process.returncode}): "
+                                     f"{last_line or 'no output'}")
         finally:
             deadline.cancel()
             process.kill()
+    return points
 
 
 def compile_choice(asked, device, quick):
@@ -501,7 +474,8 @@ def training_row(device, compile_setting, quick):
     mfu = f", MFU {100 * facts['mfu']:.1f}%" if facts["mfu"] else ""
     return dict(measurement=f"training tokens/s, {'tiny' if quick else 'default'} model, "
                             f"compile {'on' if asked else 'off'}",
-                value=tokens_per_sec, unit="tokens/s", result=f"{tokens_per_sec:,.0f} tokens/s{mfu}",
+                value=tokens_per_sec, unit="tokens/s",
+                result=f"{tokens_per_sec:,.0f} tokens/s{mfu}",
                 details=f"{facts['dtype']}, {'compiled' if facts['compiled'] else eager}, "
                         f"peak {peak:,.0f} MiB", **facts, peak_mib=peak)
 
@@ -541,25 +515,16 @@ def environment(device):
 # nanoGPT's published CPU recipe run through this code for the same wall time
 
 def curve(preset, seconds, points, device):
-    """Run `train.py --preset P` with about `points` evaluations, then nanoGPT's CPU recipe
-    (--preset nanogpt-cpu) for at most the same wall time, each in its own process, and print
-    the val loss against the seconds since launch of both. The evaluations' own time is
-    included in those seconds (a few seconds each), as in any train.py run."""
+    """train.py --preset P with about `points` evaluations, then nanoGPT's CPU recipe for the
+    same wall time; the seconds since launch include the evaluations, as in any train.py run."""
     results = {}  # preset: [(seconds since launch, step, val loss)]
-    for name in (preset, "nanogpt-cpu"):
-        eval_interval = max(1, PRESETS[name]["max_iters"] // points)
-        results[name] = []
-        with tempfile.TemporaryDirectory() as folder, tqdm(
-                total=seconds, unit="s", desc=f"--preset {name}", file=sys.stdout,
-                bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}]") as bar:
-            flags = ["--preset", name, "--eval_interval", str(eval_interval), "--sample_tokens",
-                     "0", "--checkpoint", os.path.join(folder, "ckpt.pt"), "--device", device]
+    with tempfile.TemporaryDirectory() as folder:  # the checkpoints and their logs go here
+        for name in (preset, "nanogpt-cpu"):
+            flags = ["--preset", name, "--eval_interval",
+                     str(max(1, PRESETS[name]["max_iters"] // points)), "--sample_tokens", "0",
+                     "--checkpoint", os.path.join(folder, f"{name}.pt"), "--device", device]
             # A little past the budget: the last evaluation.
-            for elapsed, step, val_loss in eval_points(flags, seconds + 10,
-                                                       f"train.py --preset {name}"):
-                results[name].append((elapsed, step, val_loss))
-                bar.update(min(elapsed, seconds) - bar.n)
-                bar.set_postfix_str(f"val {val_loss:.4f} at step {step}")
+            results[name] = eval_points(flags, seconds + 10, f"train.py --preset {name}")
     print(f"\nval loss against seconds since launch (budget {seconds} s):")
     for name, found in results.items():
         print(f"--preset {name}: " + ", ".join(f"{val:.4f} at {elapsed:.0f}s (step {step})"
