@@ -1,9 +1,8 @@
-"""BPE at scale: the merges and the tokens of BPETokenizer (tokenizer.py), the readable
-reference, but faster, for dataset.py. tests/test_dataset.py checks that both are the reference's.
+"""BPE at scale, for dataset.py: the merges and the tokens of BPETokenizer (tokenizer.py), the
+readable reference, only faster. tests/test_dataset.py checks that both are the reference's.
 
-- train() learns the same merges as BPETokenizer.train, faster on a big sample (docs/data.md):
-  the reference finds each merge with max() over every pair it counts, most of its time; this
-  keeps a heap.
+- train() learns BPETokenizer.train's merges, faster on a big sample (docs/data.md): the
+  reference finds each merge with max() over every pair, most of its time; this keeps a heap.
 - encode_pieces() encodes a text in pieces on every core, each worker with the reference's
   encode() and its chunk cache. Pieces are cut where no BPE chunk can span (word_end_pieces),
   so the tokens are those of encoding the whole text at once.
@@ -30,6 +29,7 @@ PIECE_CHARS = 1 << 20  # characters per piece a worker encodes
 # fewer made a worker re-encode its frequent words again and again (docs/results.md).
 CACHE_ENTRIES = 2_000_000
 WORD_END = re.compile(r"\S(?=\s)")  # a character that is not whitespace, with whitespace next
+LAST_WORD_END = re.compile(r".*\S(?=\s)", re.DOTALL)  # greedy: searches back from the end
 
 
 def train(text, vocab_size):
@@ -54,13 +54,14 @@ def train(text, vocab_size):
     for i, word in enumerate(words):
         for pair in zip(word, word[1:]):
             add(pair, counts[i], i)
-    heap = [(-count, added_at[pair], pair) for pair, count in pair_counts.items()]
-    heapq.heapify(heap)
-    merges = []
+    heap, merges = [], []
     for new_token in tqdm(range(256, vocab_size), desc="Learning BPE merges", unit="merge",
                           delay=1, dynamic_ncols=True, file=sys.stderr):
         if not pair_counts:
             break  # every chunk is a single token already
+        if not heap or len(heap) > 4 * len(pair_counts) + 1000:  # first, or mostly stale
+            heap = [(-count, added_at[pair], pair) for pair, count in pair_counts.items()]
+            heapq.heapify(heap)
         while pair_counts.get(heap[0][2]) != -heap[0][0] or added_at[heap[0][2]] != heap[0][1]:
             heapq.heappop(heap)  # stale: the pair's count or time has changed since
         best = heap[0][2]
@@ -79,9 +80,6 @@ def train(text, vocab_size):
                 changed.add(pair)
         for pair in changed & pair_counts.keys():
             heapq.heappush(heap, (-pair_counts[pair], added_at[pair], pair))
-        if len(heap) > 4 * len(pair_counts) + 1000:  # mostly stale: rebuild, bounded memory
-            heap = [(-count, added_at[pair], pair) for pair, count in pair_counts.items()]
-            heapq.heapify(heap)
     return BPETokenizer(merges)
 
 
@@ -104,9 +102,9 @@ def word_end_pieces(tagged_chunks, piece_chars):
     """(split, piece): each split's text cut into pieces of about piece_chars characters.
 
     A cut goes after a character that is not whitespace and before one that is. BPE's chunks
-    (BPETokenizer.CHUNK) never hold whitespace after another character, so none spans
-    such a place, and the pieces encode exactly as the whole split does. The end of the train
-    split is always a cut: the reference encodes the two splits apart.
+    (BPETokenizer.CHUNK) never hold whitespace after another character, so none spans such a
+    place, and the pieces encode exactly as the whole split does. The end of the train split is
+    always a cut: the reference encodes the two splits apart.
     """
     held, held_split = "", "train"
     for split, text in tagged_chunks:
@@ -117,28 +115,17 @@ def word_end_pieces(tagged_chunks, piece_chars):
         held += text
         start = 0
         while len(held) - start > piece_chars:
-            cut = word_end_near(held, start, start + piece_chars)
-            if cut is None:
-                if len(held) - start < 8 * piece_chars:
-                    break  # no word end yet: wait for more text
-                cut = start + piece_chars  # a "word" of millions of characters: cut anyway
+            # The last word end before start + piece_chars, else the first one after it.
+            limit = start + piece_chars
+            word_end = LAST_WORD_END.match(held, start, limit) or WORD_END.search(held, limit)
+            if word_end is None and len(held) - start < 8 * piece_chars:
+                break  # no word end yet: wait for more text
+            cut = word_end.end() if word_end else limit  # else a "word" of millions: cut anyway
             yield split, held[start:cut]
             start = cut
         held = held[start:]
     if held:
         yield held_split, held
-
-
-def word_end_near(text, start, limit):
-    """The last word end (a non-whitespace character, then whitespace) in (start, limit), else
-    the first one after limit, or None. Looks back 10,000 characters first: almost any text
-    has one there."""
-    for window_start in (max(start, limit - 10_000), start):
-        ends = [m.end() for m in WORD_END.finditer(text, window_start, limit)]
-        if ends:
-            return ends[-1]
-    after = WORD_END.search(text, limit)
-    return after.end() if after else None
 
 
 def encode_pieces(pieces, merges, dtype, workers):
@@ -147,13 +134,12 @@ def encode_pieces(pieces, merges, dtype, workers):
     so memory does not grow with the text."""
     if workers == 1:
         start_worker(merges)
-        for split, piece in pieces:
-            yield split, piece, encode_piece(piece, dtype)
+        yield from ((split, piece, encode_piece(piece, dtype)) for split, piece in pieces)
         return
     # fork: workers start at once with the merges; they use no threads, torch or GPU.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=start_pool_worker,
-                             initargs=(merges,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker,
+                             initargs=(merges, os.getpid())) as pool:
         in_flight = collections.deque()
         for split, piece in pieces:
             in_flight.append((split, piece, pool.submit(encode_piece, piece, dtype)))
@@ -167,14 +153,12 @@ def encode_pieces(pieces, merges, dtype, workers):
 WORKER_TOKENIZER = None  # each worker process's own BPETokenizer, with its own chunk cache
 
 
-def start_worker(merges):
+def start_worker(merges, parent=None):
+    """Make this process's tokenizer; in a pool worker, watch the parent (its process id)."""
     global WORKER_TOKENIZER
     WORKER_TOKENIZER = BPETokenizer(merges)
-
-
-def start_pool_worker(merges):
-    start_worker(merges)
-    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    if parent is not None:
+        threading.Thread(target=exit_with_parent, args=(parent,), daemon=True).start()
 
 
 def exit_with_parent(parent):
