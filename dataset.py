@@ -5,13 +5,11 @@ train.py, for corpora far larger than Tiny Shakespeare, in bounded memory (docs/
     x, y = get_batch(corpus, 64, 256, "cpu")          # (B, T) each, read from the map
     val = val_set(corpus, config.eval_tokens, 256, "cpu")
 
---data names a UTF-8 text file, or a folder whose .txt files (subfolders too) are joined in the
-sorted order of their paths; the first 90% of the characters is the train split, the rest val.
-The first run streams the text in chunks into <data>.<char|bpeN>.tokens (every token id, uint16
-or uint32) and .tokens.json (what it takes to trust that file later: tokenizer, counts, the
-sources' sizes, times and sha256), beside the data or, if its folder is read-only, in
-~/.cache/mini-gpt. Later runs check them and map the file at once. BPE learns its merges from a
-bounded sample of the train split, then encodes in pieces on every core (fast_bpe.py).
+--data is a UTF-8 text file or a folder of .txt files, joined in sorted order; the first 90% of
+its characters is the train split. The first run streams it in chunks into <data>.char.tokens
+(or .bpeN.tokens: every token id) and .tokens.json (what it takes to trust that file later);
+later runs check those and map the file at once. BPE learns its merges from a bounded sample of
+the train split, then encodes in pieces on every core (fast_bpe.py).
 """
 
 import codecs
@@ -49,8 +47,7 @@ SAMPLE_STRETCH_CHARS = 100_000  # BPE: the sample is stretches of this many char
 
 @dataclass
 class Corpus:
-    """A prepared text: its tokenizer, and its token file, opened (the train split's tokens,
-    then the val split's), which get_batch maps afresh for every batch."""
+    """A prepared text: its tokenizer, and its open token file (train tokens, then val)."""
     tokenizer: object
     tokens_file: object  # the open file: a later re-preparation cannot swap it under us
     dtype: str  # "uint16" or "uint32"
@@ -87,20 +84,19 @@ def get_batch(corpus, batch_size, block_size, device, split="train"):
     whole run would look like holding the whole file (nanoGPT does the same)."""
     tokens = split_tokens(corpus, split)
     starts = torch.randint(len(tokens) - block_size, (batch_size,))
-    windows = check_ids(tokens[starts.numpy()[:, None] + np.arange(block_size + 1)], corpus)
-    windows = torch.from_numpy(windows.astype(np.int64))
+    windows = checked_ids(tokens[starts.numpy()[:, None] + np.arange(block_size + 1)], corpus)
     cuda = device.startswith("cuda")  # from pinned memory the copy can overlap the GPU's work
     windows = (windows.pin_memory() if cuda else windows).to(device, non_blocking=cuda)
     return windows[:, :-1], windows[:, 1:]
 
 
-def check_ids(ids, corpus):
-    """ids, if each is in the vocabulary; one that is not means the token file was changed
-    after it was prepared (its size and the text's are checked at every start, not each id)."""
+def checked_ids(ids, corpus):
+    """ids as an int64 tensor, if each is in the vocabulary; one that is not means the token file
+    was changed after it was prepared (its size and the text's are checked at every start)."""
     if ids.size and ids.max() >= corpus.tokenizer.vocab_size:
         raise UsageError(f"the token file {corpus.tokens_file.name} is damaged (an id beyond the "
                          f"vocabulary); delete it and run again to prepare it anew")
-    return ids
+    return torch.from_numpy(ids.astype(np.int64))
 
 
 def val_set(corpus, eval_tokens, block_size, device):
@@ -112,22 +108,20 @@ def val_set(corpus, eval_tokens, block_size, device):
     # (At least one window: a huge block_size could outgrow the automatic bound.)
     eval_tokens = max(eval_tokens or auto_eval_tokens(corpus), block_size + 1)
     if len(tokens) <= eval_tokens:
-        exact = torch.from_numpy(check_ids(tokens, corpus).astype(np.int64))
+        exact = checked_ids(tokens, corpus)
         n_chars = len(decode(exact[1:].tolist()))  # what the predictions cover
         return ValSet(exact.to(device), True, len(exact) - 1, n_chars, "exact")
     n_windows = max(1, eval_tokens // (block_size + 1))
     starts = np.linspace(0, len(tokens) - block_size - 1, n_windows).astype(np.int64)
-    windows = torch.from_numpy(check_ids(tokens[starts[:, None] + np.arange(block_size + 1)],
-                                         corpus).astype(np.int64))  # (n, T + 1)
+    windows = checked_ids(tokens[starts[:, None] + np.arange(block_size + 1)], corpus)  # (n, T+1)
     n_chars = sum(len(decode(window[1:].tolist())) for window in windows)
     return ValSet(windows.to(device), False, n_windows * block_size, n_chars,
                   f"on {n_windows * block_size:,} of {len(tokens):,} tokens")
 
 
 def auto_eval_tokens(corpus):
-    """The val tokens of EVAL_CHARS characters, at the val split's own characters per token: as
-    many as characters with the char tokenizer, about a third as many with BPE. Evaluating so
-    much text costs what evaluating Tiny Shakespeare does, with either tokenizer."""
+    """The val tokens of EVAL_CHARS characters, at the val split's own characters per token:
+    evaluating so much text costs what Tiny Shakespeare's does, with either tokenizer."""
     val_chars = corpus.n_chars - int(corpus.n_chars * (1 - VAL_FRACTION))
     return math.ceil(EVAL_CHARS * corpus.n_val / max(1, val_chars))
 
@@ -222,9 +216,8 @@ def prepared_stem(data, settings):
 
 
 def prepare_if_needed(sources, settings, stem):
-    """The metadata of an up-to-date token file for sources, preparing one if needed. Runs
-    that start together on the same text take turns (a lock file): the first prepares, the
-    others then find its token file ready."""
+    """The metadata of an up-to-date token file for sources, preparing one if needed. Runs that
+    start together on the same text take turns (a lock file): the first prepares."""
     lock = take_lock(f"{stem}.lock", wait=True)
     try:
         remove_leftover_tmp(f"{stem}.tokens")  # of a run killed while preparing
@@ -293,20 +286,21 @@ def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=fast_b
     n_chars, code_points = scan(read_text_chunks(sources, chunk_bytes, "Reading", sha256),
                                 want_vocab=settings["tokenizer"] == "char")
     n_train_chars = int(n_chars * (1 - VAL_FRACTION))
-    tmp_path = tmp_path_for(f"{stem}.tokens")
+    tmp_path, n_tokens = tmp_path_for(f"{stem}.tokens"), {"train": 0, "val": 0}
     try:
         with open(tmp_path, "wb") as out:
             if settings["tokenizer"] == "char":
                 tokenizer = CharTokenizer("".join(map(chr, code_points)))
-                write_char_tokens(sources, code_points, out, chunk_bytes)
-                n_train = n_train_chars  # one token per character
+                encoded = char_ids(sources, code_points, n_train_chars, chunk_bytes)
             else:
                 sample = bpe_sample(sources, n_train_chars, settings["bpe_sample_chars"],
                                     chunk_bytes)
                 tokenizer = fast_bpe.train(sample, settings["vocab_size"])
-                n_train = write_bpe_tokens(sources, n_train_chars, tokenizer, out, chunk_bytes,
-                                           piece_chars, workers or fast_bpe.cpu_count())
-            n_tokens = out.tell() // np.dtype(token_dtype(tokenizer.vocab_size)).itemsize
+                encoded = bpe_ids(sources, n_train_chars, tokenizer, chunk_bytes, piece_chars,
+                                  workers or fast_bpe.cpu_count())
+            for split, ids in encoded:
+                ids.tofile(out)
+                n_tokens[split] += len(ids)
         # Refuse tokens of a text that changed while it was read (an append, an editor's save):
         # they would mix the old text and the new.
         for before, after in zip(stats, source_stats(sources)):
@@ -318,8 +312,8 @@ def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=fast_b
         os.replace(tmp_path, f"{stem}.tokens")
         meta = dict(format=FORMAT, settings=settings, sources=stats, sha256=sha256.hexdigest(),
                     n_chars=n_chars, n_train_chars=n_train_chars, tokenizer=tokenizer.to_dict(),
-                    dtype=token_dtype(tokenizer.vocab_size), n_train=n_train,
-                    n_val=n_tokens - n_train, seconds=round(time.time() - started, 1))
+                    dtype=token_dtype(tokenizer.vocab_size), n_train=n_tokens["train"],
+                    n_val=n_tokens["val"], seconds=round(time.time() - started, 1))
         write_meta(stem, meta)
     except OSError as err:
         raise UsageError(cannot_write_tokens(stem, err)) from None
@@ -405,12 +399,14 @@ def scan(chunks, want_vocab):
     return n_chars, (np.flatnonzero(seen) if want_vocab else None)
 
 
-def write_char_tokens(sources, code_points, out, chunk_bytes):
-    """Write each character's id: its rank among the code points, looked up in a table."""
+def char_ids(sources, code_points, n_train_chars, chunk_bytes):
+    """(split, ids) of the text, chunk by chunk: each character's id is its rank among the code
+    points, looked up in a table."""
     table = np.zeros(sys.maxunicode + 1, dtype=token_dtype(len(code_points)))  # code point -> id
     table[code_points] = np.arange(len(code_points))
-    for text in read_text_chunks(sources, chunk_bytes, "Encoding"):
-        table[code_points_of(text)].tofile(out)
+    chunks = read_text_chunks(sources, chunk_bytes, "Encoding")
+    for split, text in fast_bpe.split_at(chunks, n_train_chars):
+        yield split, table[code_points_of(text)]
 
 
 def bpe_sample(sources, n_train_chars, sample_chars, chunk_bytes):
@@ -436,18 +432,16 @@ def bpe_sample(sources, n_train_chars, sample_chars, chunk_bytes):
     return "\n".join("".join(pieces) for pieces in stretches)
 
 
-def write_bpe_tokens(sources, n_train_chars, tokenizer, out, chunk_bytes, piece_chars, workers):
-    """Encode the train split, then the val split, in pieces on `workers` processes, writing
-    the ids in order; returns the number of train tokens."""
-    n_train, dtype = 0, token_dtype(tokenizer.vocab_size)
+def bpe_ids(sources, n_train_chars, tokenizer, chunk_bytes, piece_chars, workers):
+    """(split, ids) of the train split, then the val split, encoded in pieces on `workers`
+    processes."""
     byte_lengths = np.array([len(b) for b in tokenizer.token_bytes])
     chunks = fast_bpe.split_at(read_text_chunks(sources, chunk_bytes, "Encoding (BPE)"),
                                n_train_chars)
     pieces = fast_bpe.word_end_pieces(chunks, piece_chars)
+    dtype = token_dtype(tokenizer.vocab_size)
     for split, piece, ids in fast_bpe.encode_pieces(pieces, tokenizer.merges, dtype, workers):
         # A cheap check that no byte was lost: the tokens' bytes add up to the piece's.
         if byte_lengths[ids].sum() != len(piece.encode("utf-8")):
             raise UsageError("the BPE tokenizer does not round-trip this text; please report it")
-        ids.tofile(out)
-        n_train += len(ids) if split == "train" else 0
-    return n_train
+        yield split, ids

@@ -33,14 +33,11 @@ LAST_WORD_END = re.compile(r".*\S(?=\s)", re.DOTALL)  # greedy: searches back fr
 
 
 def train(text, vocab_size):
-    """BPETokenizer.train(text, vocab_size), merge for merge, ties included.
-
-    The loop is the reference's, step for step, with one addition: a heap of (-count, when the
-    pair was last added to the counts, pair) entries. max() in the reference returns, among the
-    pairs with the highest count, the first in the counts' order, which is the order in which
-    they were (last) added; the heap's smallest valid entry is that same pair. An entry is valid
-    while its pair still has that count and that time; stale ones are skipped.
-    """
+    """BPETokenizer.train(text, vocab_size), merge for merge, ties included: the reference's
+    loop, plus a heap of (-count, when the pair was last added to the counts, pair). Of the
+    pairs with the highest count, max() in the reference returns the first in the counts' order,
+    the order they were (last) added in: the heap's smallest valid entry. An entry is valid while
+    its pair still has that count and that time; stale ones are skipped."""
     words, counts = BPETokenizer.chunk_words(text, vocab_size)
     pair_counts, added_at, clock = {}, {}, itertools.count()
     words_with = collections.defaultdict(set)  # pair -> indices of words that contain it
@@ -99,13 +96,11 @@ def split_at(chunks, n_train_chars):
 
 
 def word_end_pieces(tagged_chunks, piece_chars):
-    """(split, piece): each split's text cut into pieces of about piece_chars characters.
-
-    A cut goes after a character that is not whitespace and before one that is. BPE's chunks
+    """(split, piece): each split's text cut into pieces of about piece_chars characters. A cut
+    goes after a character that is not whitespace and before one that is: BPE's chunks
     (BPETokenizer.CHUNK) never hold whitespace after another character, so none spans such a
-    place, and the pieces encode exactly as the whole split does. The end of the train split is
-    always a cut: the reference encodes the two splits apart.
-    """
+    place, and the pieces encode exactly as the whole split does. The train split's end is
+    always a cut: the reference encodes the two splits apart."""
     held, held_split = "", "train"
     for split, text in tagged_chunks:
         if split != held_split:  # the train split ended
@@ -178,7 +173,5 @@ def encode_piece(piece, dtype):
 
 
 def cpu_count():
-    try:
-        return len(os.sched_getaffinity(0))  # the cores this process may use (Linux)
-    except AttributeError:
-        return os.cpu_count() or 1
+    """The cores this process may use (Linux), else all of the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
