@@ -125,12 +125,8 @@ def word_end_pieces(tagged_chunks, piece_chars):
 
 def encode_pieces(pieces, merges, dtype, workers):
     """(split, piece, ids) for each piece, in order, encoded by BPETokenizer.encode in
-    `workers` processes (in this one if 1); at most 2 pieces per worker in flight at a time,
-    so memory does not grow with the text."""
-    if workers == 1:
-        start_worker(merges)
-        yield from ((split, piece, encode_piece(piece, dtype)) for split, piece in pieces)
-        return
+    `workers` processes; at most 2 pieces per worker in flight at a time, so memory does not
+    grow with the text."""
     # fork: workers start at once with the merges; they use no threads, torch or GPU.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker,
@@ -148,12 +144,10 @@ def encode_pieces(pieces, merges, dtype, workers):
 WORKER_TOKENIZER = None  # each worker process's own BPETokenizer, with its own chunk cache
 
 
-def start_worker(merges, parent=None):
-    """Make this process's tokenizer; in a pool worker, watch the parent (its process id)."""
+def start_worker(merges, parent):
     global WORKER_TOKENIZER
     WORKER_TOKENIZER = BPETokenizer(merges)
-    if parent is not None:
-        threading.Thread(target=exit_with_parent, args=(parent,), daemon=True).start()
+    threading.Thread(target=exit_with_parent, args=(parent,), daemon=True).start()
 
 
 def exit_with_parent(parent):
