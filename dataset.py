@@ -1,30 +1,15 @@
 """Text of any size, prepared once into a token file, then memory-mapped: the data side of
-train.py, for corpora far larger than Tiny Shakespeare, in bounded memory.
+train.py, for corpora far larger than Tiny Shakespeare, in bounded memory (docs/data.md).
 
     corpus = load_corpus(config)                      # prepares on first use, then maps at once
     x, y = get_batch(corpus, 64, 256, "cpu")          # (B, T) each, read from the map
     val = val_set(corpus, config.eval_tokens, 256, "cpu")
 
---data names a UTF-8 text file or a folder: a folder's .txt files (in its subfolders too) are
-read in the order of their paths inside it, sorted, and joined into one text, with a newline
-between two files where the first does not end in one. The first 90% of that text's characters
-is the train split and the last 10% the val split, as for one file (a split can fall inside a
-file).
-
-The first run reads the text in chunks (twice for characters: once for the vocabulary, once to
-encode) and writes every token to <data>.<char|bpeN>.tokens (uint16 if the vocabulary fits,
-else uint32: the train split's tokens, then the val split's), and what it takes to trust that
-file later to <data>.<char|bpeN>.tokens.json (tokenizer, counts, the sources' sizes, times and
-sha256). Both sit beside the data, or in ~/.cache/mini-gpt when the data's folder is read-only.
-A later run compares sizes and times (a file whose time changed is hashed: same bytes, same
-tokens) and maps the file at once. Nothing proportional to the corpus is held in memory: chunks
-while preparing, one batch while training.
-
-BPE learns its merges from a bounded sample of the train split (--bpe_sample_chars: the whole
-split when it is smaller, as for Tiny Shakespeare, else evenly spaced stretches of it) with
-BPETokenizer (tokenizer.py), then encodes the text in pieces on every core with that same code.
-Pieces are cut only after a character that is not whitespace and before one that is: no BPE
-chunk spans such a place, so the tokens are exactly those of BPETokenizer.encode on the whole split.
+--data is a UTF-8 text file or a folder of .txt files, joined in sorted order; the first 90% of
+its characters is the train split. The first run streams it in chunks into <data>.char.tokens
+(or .bpeN.tokens: every token id) and .tokens.json (what it takes to trust that file later);
+later runs check those and map the file at once. BPE learns its merges from a bounded sample of
+the train split, then encodes in pieces on every core (fast_bpe.py).
 """
 
 import codecs
@@ -34,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import sys
 import time
 import urllib.request
@@ -44,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 import fast_bpe
-from checkpoint import atomic_write, remove_leftover_tmp, tokenizer_problem
+from checkpoint import atomic_write, remove_leftover_tmp, tmp_path_for, tokenizer_problem
 from tokenizer import CharTokenizer, tokenizer_from_dict
 from utils import UsageError, check_regular_file, regular_file_problem, release_lock, take_lock
 
@@ -61,8 +47,7 @@ SAMPLE_STRETCH_CHARS = 100_000  # BPE: the sample is stretches of this many char
 
 @dataclass
 class Corpus:
-    """A prepared text: its tokenizer, and its token file, opened (the train split's tokens,
-    then the val split's), which get_batch maps afresh for every batch."""
+    """A prepared text: its tokenizer, and its open token file (train tokens, then val)."""
     tokenizer: object
     tokens_file: object  # the open file: a later re-preparation cannot swap it under us
     dtype: str  # "uint16" or "uint32"
@@ -93,31 +78,25 @@ def split_tokens(corpus, split):
 
 
 def get_batch(corpus, batch_size, block_size, device, split="train"):
-    """Random (x, y) blocks of the split: (B, T) each, y is x shifted left by one token.
-
-    Only these B * (T + 1) tokens are read and copied to the device. The map is made afresh
-    each time because the pages a map has read count as this process's memory until it is
-    closed: one map for a whole run would look like holding the whole file (nanoGPT does the
-    same). Mapping takes microseconds.
-    """
+    """Random (x, y) blocks of the split: (B, T) each, y is x shifted left by one token. Only
+    these B * (T + 1) tokens are read. The map is made afresh each time (in microseconds): the
+    pages a map has read count as this process's memory until it is closed, so one map for a
+    whole run would look like holding the whole file (nanoGPT does the same)."""
     tokens = split_tokens(corpus, split)
     starts = torch.randint(len(tokens) - block_size, (batch_size,))
-    windows = check_ids(tokens[starts.numpy()[:, None] + np.arange(block_size + 1)], corpus)
-    windows = torch.from_numpy(windows.astype(np.int64))
-    if device.startswith("cuda"):  # from pinned memory the copy can overlap the GPU's work
-        windows = windows.pin_memory().to(device, non_blocking=True)
-    else:
-        windows = windows.to(device)
+    windows = checked_ids(tokens[starts.numpy()[:, None] + np.arange(block_size + 1)], corpus)
+    cuda = device.startswith("cuda")  # from pinned memory the copy can overlap the GPU's work
+    windows = (windows.pin_memory() if cuda else windows).to(device, non_blocking=cuda)
     return windows[:, :-1], windows[:, 1:]
 
 
-def check_ids(ids, corpus):
-    """ids, if each is in the vocabulary; one that is not means the token file was changed
-    after it was prepared (its size and the text's are checked at every start, not each id)."""
+def checked_ids(ids, corpus):
+    """ids as an int64 tensor, if each is in the vocabulary; one that is not means the token file
+    was changed after it was prepared (its size and the text's are checked at every start)."""
     if ids.size and ids.max() >= corpus.tokenizer.vocab_size:
         raise UsageError(f"the token file {corpus.tokens_file.name} is damaged (an id beyond the "
                          f"vocabulary); delete it and run again to prepare it anew")
-    return ids
+    return torch.from_numpy(ids.astype(np.int64))
 
 
 def val_set(corpus, eval_tokens, block_size, device):
@@ -129,22 +108,20 @@ def val_set(corpus, eval_tokens, block_size, device):
     # (At least one window: a huge block_size could outgrow the automatic bound.)
     eval_tokens = max(eval_tokens or auto_eval_tokens(corpus), block_size + 1)
     if len(tokens) <= eval_tokens:
-        exact = torch.from_numpy(check_ids(tokens, corpus).astype(np.int64))
+        exact = checked_ids(tokens, corpus)
         n_chars = len(decode(exact[1:].tolist()))  # what the predictions cover
         return ValSet(exact.to(device), True, len(exact) - 1, n_chars, "exact")
     n_windows = max(1, eval_tokens // (block_size + 1))
     starts = np.linspace(0, len(tokens) - block_size - 1, n_windows).astype(np.int64)
-    windows = torch.from_numpy(check_ids(tokens[starts[:, None] + np.arange(block_size + 1)],
-                                         corpus).astype(np.int64))  # (n, T + 1)
+    windows = checked_ids(tokens[starts[:, None] + np.arange(block_size + 1)], corpus)  # (n, T+1)
     n_chars = sum(len(decode(window[1:].tolist())) for window in windows)
     return ValSet(windows.to(device), False, n_windows * block_size, n_chars,
                   f"on {n_windows * block_size:,} of {len(tokens):,} tokens")
 
 
 def auto_eval_tokens(corpus):
-    """The val tokens of EVAL_CHARS characters, at the val split's own characters per token: as
-    many as characters with the char tokenizer, about a third as many with BPE. Evaluating so
-    much text costs what evaluating Tiny Shakespeare does, with either tokenizer."""
+    """The val tokens of EVAL_CHARS characters, at the val split's own characters per token:
+    evaluating so much text costs what Tiny Shakespeare's does, with either tokenizer."""
     val_chars = corpus.n_chars - int(corpus.n_chars * (1 - VAL_FRACTION))
     return math.ceil(EVAL_CHARS * corpus.n_val / max(1, val_chars))
 
@@ -153,13 +130,12 @@ def auto_eval_tokens(corpus):
 # Loading: prepare once (rank 0 only), then map
 
 def load_corpus(config, rank=0, world_size=1):
-    """The Corpus for config.data, preparing it first if it is new or its text changed.
-
-    Under torchrun only rank 0 prepares; the others wait for it, then map the same files (the
+    """The Corpus for config.data, preparing it first if it is new or its text changed. Under
+    torchrun only rank 0 prepares; the others wait for it, then map the same files (the
     operating system keeps one copy of their pages for all ranks)."""
-    settings = corpus_settings(config)
-    if rank == 0:
-        sources = find_sources(config.data)  # this fetches Tiny Shakespeare if it is missing
+    settings, meta = corpus_settings(config), None
+    if rank == 0:  # find_sources fetches Tiny Shakespeare if it is missing
+        sources = find_sources(config.data)
         meta = prepare_if_needed(sources, settings, prepared_stem(config.data, settings))
     if world_size > 1:
         # Its own group with a long timeout: preparing a big corpus can outlast the default one.
@@ -168,8 +144,7 @@ def load_corpus(config, rank=0, world_size=1):
         torch.distributed.barrier(group=waiting_room)
         torch.distributed.destroy_process_group(waiting_room)
     stem = prepared_stem(config.data, settings)
-    if rank != 0:
-        meta = read_meta(stem)
+    meta = meta or read_meta(stem)
     return Corpus(tokenizer_from_dict(meta["tokenizer"]), open(f"{stem}.tokens", "rb"),
                   meta["dtype"], meta["n_train"], meta["n_val"], meta["n_chars"], meta["sha256"])
 
@@ -186,28 +161,24 @@ def find_sources(path):
     """The text files --data names: the file itself, or a folder's .txt files, sorted."""
     if not os.path.exists(path) and os.path.normpath(path) == DEFAULT_DATA:
         download_tiny_shakespeare(path)
-    if os.path.isdir(path):
-        names = sorted(os.path.relpath(os.path.join(folder, name), path)
-                       for folder, _, files in os.walk(path) for name in files
-                       if name.endswith(".txt"))
-        if not names:
-            raise UsageError(f"no .txt files in the folder {path}; put the text in .txt files "
-                             f"or pass --data PATH to a text file")
-        sources = [os.path.join(path, name) for name in names]
-        for source in sources:  # a FIFO would wait for a writer for ever; a dead link, crash
-            problem = regular_file_problem(source)
-            if problem:
-                raise UsageError(f"{source} in the --data folder {problem}; remove it, or make "
-                                 f"it a text file")
-        if not any(os.path.getsize(p) for p in sources):
-            raise UsageError(f"the .txt files in {path} are empty; give them some text to learn "
-                             f"from")
-        return sources
-    fix = "pass --data PATH to a UTF-8 text file or a folder of .txt files"
-    check_regular_file(path, "--data", fix, f"data file not found: {path}; {fix}")
-    if os.path.getsize(path) == 0:
-        raise UsageError(f"data file {path} is empty; give it some text to learn from")
-    return [path]
+    if not os.path.isdir(path):
+        fix = "pass --data PATH to a UTF-8 text file or a folder of .txt files"
+        check_regular_file(path, "--data", fix, f"data file not found: {path}; {fix}")
+        if os.path.getsize(path) == 0:
+            raise UsageError(f"data file {path} is empty; give it some text to learn from")
+        return [path]
+    sources = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path)
+                     for name in names if name.endswith(".txt"))
+    if not sources:
+        raise UsageError(f"no .txt files in the folder {path}; put the text in .txt files "
+                         f"or pass --data PATH to a text file")
+    for source in sources:  # a FIFO would wait for a writer for ever; a dead link, crash
+        if problem := regular_file_problem(source):
+            raise UsageError(f"{source} in the --data folder {problem}; remove it, or make it "
+                             f"a text file")
+    if not any(os.path.getsize(p) for p in sources):
+        raise UsageError(f"the .txt files in {path} are empty; give them some text to learn from")
+    return sources
 
 
 def download_tiny_shakespeare(path):
@@ -222,12 +193,7 @@ def download_tiny_shakespeare(path):
         raise UsageError(f"downloaded Tiny Shakespeare has the wrong sha256; save {DATA_URL} "
                          f"as {path} by hand")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    atomic_write(path, lambda tmp: write_bytes(tmp, payload))
-
-
-def write_bytes(path, payload):
-    with open(path, "wb") as f:
-        f.write(payload)
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_bytes(payload))
 
 
 def prepared_stem(data, settings):
@@ -250,48 +216,38 @@ def prepared_stem(data, settings):
 
 
 def prepare_if_needed(sources, settings, stem):
-    """The metadata of an up-to-date token file for sources, preparing one if needed. Runs
-    that start together on the same text take turns (a lock file): the first prepares, the
-    others then find its token file ready."""
+    """The metadata of an up-to-date token file for sources, preparing one if needed. Runs that
+    start together on the same text take turns (a lock file): the first prepares."""
     lock = take_lock(f"{stem}.lock", wait=True)
     try:
         remove_leftover_tmp(f"{stem}.tokens")  # of a run killed while preparing
-        return check_or_prepare(sources, settings, stem)
+        meta, stats = read_meta(stem), source_stats(sources)
+        if meta_fits(meta, settings, f"{stem}.tokens"):
+            if meta["sources"] == stats:
+                return meta
+            # Touched or copied but maybe not changed (git checkout, cp): compare the bytes.
+            if [s[:2] for s in meta["sources"]] == [s[:2] for s in stats] and \
+                    text_sha256(sources) == meta["sha256"]:
+                meta["sources"] = stats
+                write_meta(stem, meta)
+                return meta
+        return prepare(sources, settings, stem)
     finally:
         release_lock(f"{stem}.lock", lock)
 
 
-def check_or_prepare(sources, settings, stem):
-    meta, stats = read_meta(stem), source_stats(sources)
-    tokens_path = f"{stem}.tokens"
-    if meta_problem(meta, settings) is None and os.path.isfile(tokens_path) and \
-            os.path.getsize(tokens_path) == token_file_size(meta):
-        if meta["sources"] == stats:
-            return meta
-        # Touched or copied but maybe not changed (git checkout, cp): compare the bytes.
-        if [s[:2] for s in meta["sources"]] == [s[:2] for s in stats] and \
-                text_sha256(sources) == meta["sha256"]:
-            meta["sources"] = stats
-            write_meta(stem, meta)
-            return meta
-    return prepare(sources, settings, stem)
-
-
-def meta_problem(meta, settings):
-    """What makes token metadata unusable (damaged, or of another format or setting), or None."""
+def meta_fits(meta, settings, tokens_path):
+    """Whether the metadata is undamaged, of this format and these settings, and describes the
+    token file at tokens_path; if not, the text is prepared anew."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or \
-            meta.get("settings") != settings:
-        return "not this format or these settings"
+            meta.get("settings") != settings or tokenizer_problem(meta.get("tokenizer"), None):
+        return False
     counts = [meta.get(name) for name in ("n_chars", "n_train", "n_val")]
-    if not all(type(n) is int and n >= 0 for n in counts) or meta.get("dtype") not in (
-            "uint16", "uint32") or not isinstance(meta.get("sha256"), str) or \
-            not isinstance(meta.get("sources"), list):
-        return "damaged counts, sources or number format"
-    problem = tokenizer_problem(meta.get("tokenizer"), None)
-    if problem is None and token_dtype(tokenizer_from_dict(meta["tokenizer"]).vocab_size) != \
-            meta["dtype"]:
-        return "a number format that does not fit the vocabulary"
-    return problem
+    dtype = token_dtype(tokenizer_from_dict(meta["tokenizer"]).vocab_size)
+    return all(type(n) is int and n >= 0 for n in counts) and meta.get("dtype") == dtype and \
+        isinstance(meta.get("sha256"), str) and isinstance(meta.get("sources"), list) and \
+        os.path.isfile(tokens_path) and \
+        os.path.getsize(tokens_path) == (counts[1] + counts[2]) * np.dtype(dtype).itemsize
 
 
 def read_meta(stem):
@@ -303,12 +259,8 @@ def read_meta(stem):
 
 
 def write_meta(stem, meta):
-    atomic_write(f"{stem}.tokens.json", lambda tmp: write_json(tmp, meta))
-
-
-def write_json(path, value):
-    with open(path, "w") as f:
-        json.dump(value, f, indent=1)
+    atomic_write(f"{stem}.tokens.json",
+                 lambda tmp: pathlib.Path(tmp).write_text(json.dumps(meta, indent=1)))
 
 
 def source_stats(sources):
@@ -316,10 +268,6 @@ def source_stats(sources):
     root = os.path.dirname(os.path.commonpath([os.path.abspath(p) for p in sources]))
     return [[os.path.relpath(os.path.abspath(p), root), os.stat(p).st_size,
              os.stat(p).st_mtime_ns] for p in sources]
-
-
-def token_file_size(meta):
-    return (meta["n_train"] + meta["n_val"]) * np.dtype(meta["dtype"]).itemsize
 
 
 def token_dtype(vocab_size):
@@ -334,34 +282,38 @@ def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=fast_b
             workers=None):
     """Tokenize the sources into <stem>.tokens, then write <stem>.tokens.json; returns the
     metadata. chunk_bytes, piece_chars and workers are small in tests, to cut text anywhere."""
-    started, stats = time.time(), source_stats(sources)
-    sha256 = hashlib.sha256()
-    with progress_bar(sources, "Reading") as bar:
-        n_chars, code_points = scan(read_text_chunks(sources, chunk_bytes, bar, sha256),
-                                    want_vocab=settings["tokenizer"] == "char")
+    started, stats, sha256 = time.time(), source_stats(sources), hashlib.sha256()
+    n_chars, code_points = scan(read_text_chunks(sources, chunk_bytes, "Reading", sha256),
+                                want_vocab=settings["tokenizer"] == "char")
     n_train_chars = int(n_chars * (1 - VAL_FRACTION))
-    tmp_path = f"{stem}.tokens.{os.getpid()}.tmp"
+    tmp_path, n_tokens = tmp_path_for(f"{stem}.tokens"), {"train": 0, "val": 0}
     try:
         with open(tmp_path, "wb") as out:
             if settings["tokenizer"] == "char":
                 tokenizer = CharTokenizer("".join(map(chr, code_points)))
-                write_char_tokens(sources, code_points, out, chunk_bytes)
-                n_train = n_train_chars  # one token per character
+                encoded = char_ids(sources, code_points, n_train_chars, chunk_bytes)
             else:
-                tokenizer = fast_bpe.train(bpe_sample(sources, n_train_chars,
-                                                      settings["bpe_sample_chars"], chunk_bytes),
-                                           settings["vocab_size"])
-                n_train = write_bpe_tokens(sources, n_train_chars, tokenizer, out, chunk_bytes,
-                                           piece_chars, workers or fast_bpe.cpu_count())
-            n_tokens = out.tell() // np.dtype(token_dtype(tokenizer.vocab_size)).itemsize
-        check_unchanged(sources, stats)
+                sample = bpe_sample(sources, n_train_chars, settings["bpe_sample_chars"],
+                                    chunk_bytes)
+                tokenizer = fast_bpe.train(sample, settings["vocab_size"])
+                encoded = bpe_ids(sources, n_train_chars, tokenizer, chunk_bytes, piece_chars,
+                                  workers or fast_bpe.cpu_count())
+            for split, ids in encoded:
+                ids.tofile(out)
+                n_tokens[split] += len(ids)
+        # Refuse tokens of a text that changed while it was read (an append, an editor's save):
+        # they would mix the old text and the new.
+        for before, after in zip(stats, source_stats(sources)):
+            if before != after:
+                raise UsageError(f"the data file {after[0]} changed while it was being "
+                                 f"prepared; run again once nothing is writing to it")
         if os.path.lexists(f"{stem}.tokens.json"):
             os.remove(f"{stem}.tokens.json")  # the old metadata must never describe new tokens
         os.replace(tmp_path, f"{stem}.tokens")
         meta = dict(format=FORMAT, settings=settings, sources=stats, sha256=sha256.hexdigest(),
                     n_chars=n_chars, n_train_chars=n_train_chars, tokenizer=tokenizer.to_dict(),
-                    dtype=token_dtype(tokenizer.vocab_size), n_train=n_train,
-                    n_val=n_tokens - n_train, seconds=round(time.time() - started, 1))
+                    dtype=token_dtype(tokenizer.vocab_size), n_train=n_tokens["train"],
+                    n_val=n_tokens["val"], seconds=round(time.time() - started, 1))
         write_meta(stem, meta)
     except OSError as err:
         raise UsageError(cannot_write_tokens(stem, err)) from None
@@ -369,15 +321,6 @@ def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=fast_b
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
     return meta
-
-
-def check_unchanged(sources, stats):
-    """Refuse tokens of a text that changed while it was read (an append, an editor's save):
-    they would mix the old text and the new."""
-    for before, after in zip(stats, source_stats(sources)):
-        if before != after:
-            raise UsageError(f"the data file {after[0]} changed while it was being prepared; "
-                             f"run again once nothing is writing to it")
 
 
 def cannot_write_tokens(stem, err):
@@ -392,42 +335,32 @@ def cannot_write_tokens(stem, err):
     return f"cannot write the token file {stem}.tokens ({err.strerror}); {fix}"
 
 
-def progress_bar(sources, what):
-    """Bytes done, MB/s and time left; shown only when a pass takes more than a second."""
-    return tqdm(total=sum(os.path.getsize(p) for p in sources), desc=what, unit="B",
-                unit_scale=True, delay=1, dynamic_ncols=True, file=sys.stderr)
-
-
-def read_text_chunks(sources, chunk_bytes, bar=None, sha256=None):
-    """The joined text of the sources, as str chunks of about chunk_bytes bytes each.
-
+def read_text_chunks(sources, chunk_bytes, what, sha256=None):
+    """The joined text of the sources, as str chunks of about chunk_bytes bytes each, under a
+    progress bar named what (bytes, MB/s, time left; shown if the pass takes over a second).
     Each file gets its own UTF-8 decoder, which holds back a character cut by a chunk edge
-    until the next chunk completes it. A newline goes between two files where the first does
-    not end in one.
-    """
-    for i, path in enumerate(sources):
-        decoder = codecs.getincrementaldecoder("utf-8")()
-        for offset, block in read_blocks(path, chunk_bytes, newline=i < len(sources) - 1):
-            text = decode(decoder, block, path, offset)
-            if sha256:
-                sha256.update(block)
-            if bar:
+    until the next chunk completes it."""
+    with tqdm(total=sum(os.path.getsize(p) for p in sources), desc=what, unit="B",
+              unit_scale=True, delay=1, dynamic_ncols=True, file=sys.stderr) as bar:
+        for i, path in enumerate(sources):
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            for offset, block in read_blocks(path, chunk_bytes, newline=i < len(sources) - 1):
+                held_back = len(decoder.getstate()[0])  # a character's start, from the last block
+                try:  # the final b"": a character cut off by the end of the file is an error too
+                    text = decoder.decode(block, final=not block)
+                except UnicodeDecodeError as err:
+                    raise UsageError(f"data file {path} is not UTF-8 text (bad byte at offset "
+                                     f"{offset - held_back + err.start}); convert it to UTF-8 "
+                                     f"first") from None
+                if sha256:
+                    sha256.update(block)
                 bar.update(len(block))
-            yield text
-        decode(decoder, b"", path, os.path.getsize(path), final=True)  # a cut-off last character
-
-
-def decode(decoder, block, path, offset, final=False):
-    held_back = len(decoder.getstate()[0])  # the start of a character from the last block
-    try:
-        return decoder.decode(block, final)
-    except UnicodeDecodeError as err:
-        raise UsageError(f"data file {path} is not UTF-8 text (bad byte at offset "
-                         f"{offset - held_back + err.start}); convert it to UTF-8 first")
+                yield text
 
 
 def read_blocks(path, chunk_bytes, newline):
-    """(offset, bytes) of the file, chunk by chunk, then b"\n" if newline and it lacks one."""
+    """(offset, bytes) of the file, chunk by chunk; then b"\n" if newline and the file does not
+    end in one (a newline goes between two files), and b"" to mark the end."""
     offset, last = 0, b"\n"
     try:
         with open(path, "rb") as f:
@@ -438,16 +371,14 @@ def read_blocks(path, chunk_bytes, newline):
         raise UsageError(f"cannot read data file {path}: permission denied")
     if newline and last != b"\n":
         yield offset, b"\n"
+    yield offset, b""
 
 
 def text_sha256(sources):
     """sha256 of the joined text, to tell a touched file from a changed one."""
     sha256 = hashlib.sha256()
-    with progress_bar(sources, "Checking") as bar:
-        for i, path in enumerate(sources):
-            for _, block in read_blocks(path, CHUNK_BYTES, newline=i < len(sources) - 1):
-                sha256.update(block)
-                bar.update(len(block))
+    for _ in read_text_chunks(sources, CHUNK_BYTES, "Checking", sha256):
+        pass
     return sha256.hexdigest()
 
 
@@ -468,13 +399,14 @@ def scan(chunks, want_vocab):
     return n_chars, (np.flatnonzero(seen) if want_vocab else None)
 
 
-def write_char_tokens(sources, code_points, out, chunk_bytes):
-    """Write each character's id: its rank among the code points, looked up in a table."""
+def char_ids(sources, code_points, n_train_chars, chunk_bytes):
+    """(split, ids) of the text, chunk by chunk: each character's id is its rank among the code
+    points, looked up in a table."""
     table = np.zeros(sys.maxunicode + 1, dtype=token_dtype(len(code_points)))  # code point -> id
     table[code_points] = np.arange(len(code_points))
-    with progress_bar(sources, "Encoding") as bar:
-        for text in read_text_chunks(sources, chunk_bytes, bar):
-            table[code_points_of(text)].tofile(out)
+    chunks = read_text_chunks(sources, chunk_bytes, "Encoding")
+    for split, text in fast_bpe.split_at(chunks, n_train_chars):
+        yield split, table[code_points_of(text)]
 
 
 def bpe_sample(sources, n_train_chars, sample_chars, chunk_bytes):
@@ -489,31 +421,27 @@ def bpe_sample(sources, n_train_chars, sample_chars, chunk_bytes):
         starts = [i * (n_train_chars - length) // max(1, n_stretches - 1)
                   for i in range(n_stretches)]
     stretches, position = [[] for _ in starts], 0
-    with progress_bar(sources, "Sampling for BPE") as bar:
-        for text in read_text_chunks(sources, chunk_bytes, bar):
-            for stretch, start in zip(stretches, starts):
-                lo, hi = max(start, position), min(start + length, position + len(text))
-                if lo < hi:
-                    stretch.append(text[lo - position:hi - position])
-            position += len(text)
-            if position >= starts[-1] + length:
-                break  # the rest is not in the sample
+    for text in read_text_chunks(sources, chunk_bytes, "Sampling for BPE"):
+        for stretch, start in zip(stretches, starts):
+            lo, hi = max(start, position), min(start + length, position + len(text))
+            if lo < hi:
+                stretch.append(text[lo - position:hi - position])
+        position += len(text)
+        if position >= starts[-1] + length:
+            break  # the rest is not in the sample
     return "\n".join("".join(pieces) for pieces in stretches)
 
 
-def write_bpe_tokens(sources, n_train_chars, tokenizer, out, chunk_bytes, piece_chars, workers):
-    """Encode the train split, then the val split, in pieces on `workers` processes, writing
-    the ids in order; returns the number of train tokens."""
-    n_train, dtype = 0, token_dtype(tokenizer.vocab_size)
+def bpe_ids(sources, n_train_chars, tokenizer, chunk_bytes, piece_chars, workers):
+    """(split, ids) of the train split, then the val split, encoded in pieces on `workers`
+    processes."""
     byte_lengths = np.array([len(b) for b in tokenizer.token_bytes])
-    with progress_bar(sources, "Encoding (BPE)") as bar:
-        chunks = fast_bpe.split_at(read_text_chunks(sources, chunk_bytes, bar), n_train_chars)
-        pieces = fast_bpe.word_end_pieces(chunks, piece_chars)
-        for split, piece, ids in fast_bpe.encode_pieces(pieces, tokenizer.merges, dtype, workers):
-            # A cheap check that no byte was lost: the tokens' bytes add up to the piece's.
-            if byte_lengths[ids].sum() != len(piece.encode("utf-8")):
-                raise UsageError("the BPE tokenizer does not round-trip this text; please "
-                                 "report it")
-            ids.tofile(out)
-            n_train += len(ids) if split == "train" else 0
-    return n_train
+    chunks = fast_bpe.split_at(read_text_chunks(sources, chunk_bytes, "Encoding (BPE)"),
+                               n_train_chars)
+    pieces = fast_bpe.word_end_pieces(chunks, piece_chars)
+    dtype = token_dtype(tokenizer.vocab_size)
+    for split, piece, ids in fast_bpe.encode_pieces(pieces, tokenizer.merges, dtype, workers):
+        # A cheap check that no byte was lost: the tokens' bytes add up to the piece's.
+        if byte_lengths[ids].sum() != len(piece.encode("utf-8")):
+            raise UsageError("the BPE tokenizer does not round-trip this text; please report it")
+        yield split, ids

@@ -1,9 +1,8 @@
-"""BPE at scale: the merges and the tokens of BPETokenizer (tokenizer.py), the readable
-reference, but faster, for dataset.py. tests/test_dataset.py checks that both are the reference's.
+"""BPE at scale, for dataset.py: the merges and the tokens of BPETokenizer (tokenizer.py), the
+readable reference, only faster. tests/test_dataset.py checks that both are the reference's.
 
-- train() learns the same merges as BPETokenizer.train, faster on a big sample (docs/data.md):
-  the reference finds each merge with max() over every pair it counts, most of its time; this
-  keeps a heap.
+- train() learns BPETokenizer.train's merges, faster on a big sample (docs/data.md): the
+  reference finds each merge with max() over every pair, most of its time; this keeps a heap.
 - encode_pieces() encodes a text in pieces on every core, each worker with the reference's
   encode() and its chunk cache. Pieces are cut where no BPE chunk can span (word_end_pieces),
   so the tokens are those of encoding the whole text at once.
@@ -30,17 +29,15 @@ PIECE_CHARS = 1 << 20  # characters per piece a worker encodes
 # fewer made a worker re-encode its frequent words again and again (docs/results.md).
 CACHE_ENTRIES = 2_000_000
 WORD_END = re.compile(r"\S(?=\s)")  # a character that is not whitespace, with whitespace next
+LAST_WORD_END = re.compile(r".*\S(?=\s)", re.DOTALL)  # greedy: searches back from the end
 
 
 def train(text, vocab_size):
-    """BPETokenizer.train(text, vocab_size), merge for merge, ties included.
-
-    The loop is the reference's, step for step, with one addition: a heap of (-count, when the
-    pair was last added to the counts, pair) entries. max() in the reference returns, among the
-    pairs with the highest count, the first in the counts' order, which is the order in which
-    they were (last) added; the heap's smallest valid entry is that same pair. An entry is valid
-    while its pair still has that count and that time; stale ones are skipped.
-    """
+    """BPETokenizer.train(text, vocab_size), merge for merge, ties included: the reference's
+    loop, plus a heap of (-count, when the pair was last added to the counts, pair). Of the
+    pairs with the highest count, max() in the reference returns the first in the counts' order,
+    the order they were (last) added in: the heap's smallest valid entry. An entry is valid while
+    its pair still has that count and that time; stale ones are skipped."""
     words, counts = BPETokenizer.chunk_words(text, vocab_size)
     pair_counts, added_at, clock = {}, {}, itertools.count()
     words_with = collections.defaultdict(set)  # pair -> indices of words that contain it
@@ -54,13 +51,14 @@ def train(text, vocab_size):
     for i, word in enumerate(words):
         for pair in zip(word, word[1:]):
             add(pair, counts[i], i)
-    heap = [(-count, added_at[pair], pair) for pair, count in pair_counts.items()]
-    heapq.heapify(heap)
-    merges = []
+    heap, merges = [], []
     for new_token in tqdm(range(256, vocab_size), desc="Learning BPE merges", unit="merge",
                           delay=1, dynamic_ncols=True, file=sys.stderr):
         if not pair_counts:
             break  # every chunk is a single token already
+        if not heap or len(heap) > 4 * len(pair_counts) + 1000:  # first, or mostly stale
+            heap = [(-count, added_at[pair], pair) for pair, count in pair_counts.items()]
+            heapq.heapify(heap)
         while pair_counts.get(heap[0][2]) != -heap[0][0] or added_at[heap[0][2]] != heap[0][1]:
             heapq.heappop(heap)  # stale: the pair's count or time has changed since
         best = heap[0][2]
@@ -79,9 +77,6 @@ def train(text, vocab_size):
                 changed.add(pair)
         for pair in changed & pair_counts.keys():
             heapq.heappush(heap, (-pair_counts[pair], added_at[pair], pair))
-        if len(heap) > 4 * len(pair_counts) + 1000:  # mostly stale: rebuild, bounded memory
-            heap = [(-count, added_at[pair], pair) for pair, count in pair_counts.items()]
-            heapq.heapify(heap)
     return BPETokenizer(merges)
 
 
@@ -101,13 +96,11 @@ def split_at(chunks, n_train_chars):
 
 
 def word_end_pieces(tagged_chunks, piece_chars):
-    """(split, piece): each split's text cut into pieces of about piece_chars characters.
-
-    A cut goes after a character that is not whitespace and before one that is. BPE's chunks
-    (BPETokenizer.CHUNK) never hold whitespace after another character, so none spans
-    such a place, and the pieces encode exactly as the whole split does. The end of the train
-    split is always a cut: the reference encodes the two splits apart.
-    """
+    """(split, piece): each split's text cut into pieces of about piece_chars characters. A cut
+    goes after a character that is not whitespace and before one that is: BPE's chunks
+    (BPETokenizer.CHUNK) never hold whitespace after another character, so none spans such a
+    place, and the pieces encode exactly as the whole split does. The train split's end is
+    always a cut: the reference encodes the two splits apart."""
     held, held_split = "", "train"
     for split, text in tagged_chunks:
         if split != held_split:  # the train split ended
@@ -117,11 +110,12 @@ def word_end_pieces(tagged_chunks, piece_chars):
         held += text
         start = 0
         while len(held) - start > piece_chars:
-            cut = word_end_near(held, start, start + piece_chars)
-            if cut is None:
-                if len(held) - start < 8 * piece_chars:
-                    break  # no word end yet: wait for more text
-                cut = start + piece_chars  # a "word" of millions of characters: cut anyway
+            # The last word end before start + piece_chars, else the first one after it.
+            limit = start + piece_chars
+            word_end = LAST_WORD_END.match(held, start, limit) or WORD_END.search(held, limit)
+            if word_end is None and len(held) - start < 8 * piece_chars:
+                break  # no word end yet: wait for more text
+            cut = word_end.end() if word_end else limit  # else a "word" of millions: cut anyway
             yield split, held[start:cut]
             start = cut
         held = held[start:]
@@ -129,31 +123,14 @@ def word_end_pieces(tagged_chunks, piece_chars):
         yield held_split, held
 
 
-def word_end_near(text, start, limit):
-    """The last word end (a non-whitespace character, then whitespace) in (start, limit), else
-    the first one after limit, or None. Looks back 10,000 characters first: almost any text
-    has one there."""
-    for window_start in (max(start, limit - 10_000), start):
-        ends = [m.end() for m in WORD_END.finditer(text, window_start, limit)]
-        if ends:
-            return ends[-1]
-    after = WORD_END.search(text, limit)
-    return after.end() if after else None
-
-
 def encode_pieces(pieces, merges, dtype, workers):
     """(split, piece, ids) for each piece, in order, encoded by BPETokenizer.encode in
-    `workers` processes (in this one if 1); at most 2 pieces per worker in flight at a time,
-    so memory does not grow with the text."""
-    if workers == 1:
-        start_worker(merges)
-        for split, piece in pieces:
-            yield split, piece, encode_piece(piece, dtype)
-        return
+    `workers` processes; at most 2 pieces per worker in flight at a time, so memory does not
+    grow with the text."""
     # fork: workers start at once with the merges; they use no threads, torch or GPU.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=start_pool_worker,
-                             initargs=(merges,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker,
+                             initargs=(merges, os.getpid())) as pool:
         in_flight = collections.deque()
         for split, piece in pieces:
             in_flight.append((split, piece, pool.submit(encode_piece, piece, dtype)))
@@ -167,14 +144,10 @@ def encode_pieces(pieces, merges, dtype, workers):
 WORKER_TOKENIZER = None  # each worker process's own BPETokenizer, with its own chunk cache
 
 
-def start_worker(merges):
+def start_worker(merges, parent):
     global WORKER_TOKENIZER
     WORKER_TOKENIZER = BPETokenizer(merges)
-
-
-def start_pool_worker(merges):
-    start_worker(merges)
-    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=exit_with_parent, args=(parent,), daemon=True).start()
 
 
 def exit_with_parent(parent):
@@ -194,7 +167,5 @@ def encode_piece(piece, dtype):
 
 
 def cpu_count():
-    try:
-        return len(os.sched_getaffinity(0))  # the cores this process may use (Linux)
-    except AttributeError:
-        return os.cpu_count() or 1
+    """The cores this process may use (Linux), else all of the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

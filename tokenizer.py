@@ -10,9 +10,8 @@ and back:
 
 Both travel inside the checkpoint as plain data (to_dict, then tokenizer_from_dict), so
 generate.py needs nothing but the checkpoint. dataset.py runs them over the training text
-(fast_bpe.py learns BPE's merges at scale, giving exactly the merges BPETokenizer.train does).
+(fast_bpe.py learns the same merges as BPETokenizer.train, faster).
 """
-
 import collections
 import re
 
@@ -77,8 +76,8 @@ class BPETokenizer:
 
     @classmethod
     def chunk_words(cls, text, vocab_size):
-        """(words, counts): each distinct chunk of text as a list of its UTF-8 bytes, and how
-        often it occurs: what merges are learned from (here and in fast_bpe.train)."""
+        """Each distinct chunk of text as a list of its UTF-8 bytes, and how often it occurs:
+        what merges are learned from (here and in fast_bpe.train)."""
         if vocab_size < 256:
             raise UsageError(f"--vocab_size for BPE must be at least 256 (the byte tokens), "
                              f"got {vocab_size}")
@@ -121,7 +120,7 @@ class BPETokenizer:
     def encode(self, text):
         check_decodable(text)
         ids = []
-        for chunk in self.CHUNK.findall(text):
+        for chunk in self.CHUNK.findall(text):  # each distinct chunk is encoded once
             if chunk not in self.cache:
                 self.cache[chunk] = self.encode_chunk(chunk)
             ids.extend(self.cache[chunk])
@@ -146,23 +145,21 @@ class BPETokenizer:
 
 
 def merge_pair(tokens, pair, new_token):
-    """tokens with every occurrence of the adjacent pair replaced by new_token."""
-    merged, i = [], 0
-    while i < len(tokens):
-        if i + 1 < len(tokens) and (tokens[i], tokens[i + 1]) == pair:
-            merged.append(new_token)
-            i += 2
+    """tokens with every occurrence of the adjacent pair replaced by new_token, left to right."""
+    merged = []
+    for token in tokens:
+        # new_token is never part of pair, so a token just merged is not merged again.
+        if merged and (merged[-1], token) == pair:
+            merged[-1] = new_token
         else:
-            merged.append(tokens[i])
-            i += 1
+            merged.append(token)
     return merged
 
 
 def check_decodable(text):
     """Refuse lone surrogates: how Python passes on the bytes of an argument that the terminal's
     locale could not decode (U+DC80 to U+DCFF). They are not characters at all."""
-    undecodable = re.search("[\ud800-\udfff]", text)
-    if undecodable:
+    if undecodable := re.search("[\ud800-\udfff]", text):
         raise UsageError(f"the text has a character that is not valid Unicode "
                          f"({undecodable[0]!r}): bytes the terminal's locale could not decode; "
                          f"use a UTF-8 locale (e.g. LANG=C.UTF-8) or remove them")
