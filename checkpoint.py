@@ -47,9 +47,8 @@ def remove_leftover_tmp(path):
 
 
 def check_outputs_spare_inputs(outputs, inputs, fix):
-    """Prove, before any work, that no file a run writes is, or lies inside, one it reads.
-    outputs and inputs: {path: what it is, in words}. Paths are compared as the files they
-    lead to, through symlinks and hard links."""
+    """Prove, before any work, that no file a run writes ({path: what it is, in words}) is, or
+    lies inside, one it reads, compared as files (through symlinks and hard links)."""
     for output, output_name in outputs.items():
         for source, source_name in inputs.items():
             inside = os.path.isdir(source) and os.path.realpath(output).startswith(
@@ -208,9 +207,8 @@ def weights_problem(weights, model_args):
     layers = {name.split(".")[1] for name in weights if name.startswith("blocks.")}
     if layers != {str(i) for i in range(len(layers))} or len(layers) != model_args["n_layer"]:
         return f"model_args n_layer is {model_args['n_layer']}, the weights hold {len(layers)} blocks"
-    n_embd = model_args["n_embd"]
     for name, rows in (("tok_emb.weight", "vocab_size"), ("pos_emb.weight", "block_size")):
-        shape = (model_args[rows], n_embd)
+        shape = (model_args[rows], model_args["n_embd"])
         if name not in weights or weights[name].shape != shape:
             found = tuple(weights[name].shape) if name in weights else "missing"
             return f"weight {name} is {found}, the model_args say {shape}"
@@ -231,8 +229,7 @@ def weights_problem(weights, model_args):
 
 
 def tokenizer_problem(state, vocab_size):
-    """Plain data that tokenizer_from_dict can rebuild, with as many tokens as the model has
-    (vocab_size; None: any number)."""
+    """Plain data tokenizer_from_dict can rebuild, of vocab_size tokens (None: any number)."""
     kind = state.get("kind") if isinstance(state, dict) else None
     if kind == "char":
         chars = state.get("chars")

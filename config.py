@@ -1,9 +1,6 @@
-"""Every hyperparameter in one place, with its default and why.
-
-train.py reads a Config from the command line: each field below is a flag, `--name value` or
-`--name=value` (`python train.py --help` lists them). A preset is a named set of overrides
-applied first, so `--preset cpu --max_iters 500` means "the CPU recipe, but 500 steps".
-"""
+"""Every hyperparameter in one place, with its default and why. Each field of Config is a flag of
+train.py, `--name value` or `--name=value` (`--help` lists them). A preset is a named set of
+overrides applied first: `--preset cpu --max_iters 500` is "the CPU recipe, but 500 steps"."""
 
 import argparse
 import inspect
@@ -76,26 +73,23 @@ CPU_RECIPE = dict(n_embd=192, n_layer=3, n_head=6, block_size=32, dropout=0.0, b
                   optimizer="muon", learning_rate=4e-3, muon_lr=0.05, sample_tokens=300)
 
 PRESETS = {
-    # A small model for about 30 s, then the same given about 2 minutes (docs/results.md
-    # compares it with nanoGPT's CPU recipe).
+    # About 30 s, then 2 minutes (docs/results.md compares them with nanoGPT's CPU recipe).
     "cpu": dict(CPU_RECIPE, warmup_iters=25, max_iters=200, eval_interval=200),
     "cpu-2min": dict(CPU_RECIPE, warmup_iters=40, max_iters=900, eval_interval=900),
     # About 10 minutes: one more layer and twice the context (block 64, batch 32: the same
     # tokens per step), which pays once the run is long enough to use them.
     "cpu-10min": dict(CPU_RECIPE, n_layer=4, block_size=64, batch_size=32, warmup_iters=100,
                       max_iters=3400, eval_interval=3400),
-    # nanoGPT's README recipe for a CPU (its config/train_shakespeare_char.py with the flags its
-    # README gives for a CPU), run through this code base: `python bench.py curve` compares the
-    # CPU recipes above with it at the same wall time.
+    # nanoGPT's README recipe for a CPU (its config/train_shakespeare_char.py and CPU flags), run
+    # by this code: `python bench.py curve` compares the recipes above with it at equal time.
     "nanogpt-cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
-                        dropout=0.0, learning_rate=1e-3, min_lr=1e-4, beta2=0.99,
-                        warmup_iters=100, max_iters=2000, lr_decay_iters=2000,
-                        eval_interval=250, eval_iters=20, compile="false"),
-    # For one modern GPU: the default model (same shape, 10,788,929 parameters) aimed at the
-    # least time to val loss 1.47: a higher learning rate and less dropout over fewer steps,
-    # and no torch.compile, whose start-up (tens of seconds) is about all that so short a run
-    # could save. On an H200 it overfits just short of 1.47: not yet tuned on a GPU (docs/gpu.md
-    # has the run, FUTURE_WORK.md).
+                        dropout=0.0, learning_rate=1e-3, min_lr=1e-4, beta2=0.99, warmup_iters=100,
+                        max_iters=2000, lr_decay_iters=2000, eval_interval=250, eval_iters=20,
+                        compile="false"),
+    # For one modern GPU: the default model aimed at the least time to val loss 1.47 (a higher
+    # learning rate, less dropout, fewer steps; no torch.compile, whose start-up of tens of
+    # seconds is about all so short a run could save). Not yet tuned on a GPU: on an H200 it
+    # overfits just short of 1.47 (docs/gpu.md has the run, FUTURE_WORK.md).
     "fast": dict(learning_rate=2e-3, min_lr=2e-4, warmup_iters=200, max_iters=2500,
                  eval_interval=250, dropout=0.1, compile="false"),
 }
@@ -108,12 +102,12 @@ def parse_config(argv=None, prog="train.py"):
     parser.add_argument("--preset", choices=sorted(PRESETS), help="named set of overrides")
     comments = field_comments()
     for field in fields(Config):
-        # A bare switch means true (`--wandb` is `--wandb true`); a bare `--resume` goes on from
-        # --checkpoint. default=SUPPRESS: a flag not given stays absent, so no preset is undone.
-        bare = {bool: dict(nargs="?", const=True), "resume": dict(nargs="?", const="true")}
-        parser.add_argument(f"--{field.name}", type=parse_bool if field.type is bool else field.type,
+        # A bare `--wandb` means `--wandb true`; a bare `--resume` goes on from --checkpoint.
+        const = True if field.type is bool else "true" if field.name == "resume" else None
+        # default=SUPPRESS: a flag not given stays absent, so a preset is not undone.
+        parser.add_argument(f"--{field.name}", nargs=None if const is None else "?", const=const,
+                            type=parse_bool if field.type is bool else field.type,
                             default=argparse.SUPPRESS, metavar=field.name.upper(),
-                            **bare.get(field.type, bare.get(field.name, {})),
                             help=f"{comments[field.name]} (default: {field.default!r})")
     given = vars(parser.parse_args(argv))
     if "resume" in given and not given["resume"].strip():  # `--resume=`: a path left out?
@@ -203,16 +197,13 @@ def check_config(config):
 
 def field_comments():
     """The comment after each field of Config above, so that --help says what the field means."""
-    source = inspect.getsource(Config)
-    return dict(re.findall(r"^\s+(\w+): \w+ = .*?# (.*)$", source, flags=re.MULTILINE))
+    return dict(re.findall(r"^\s+(\w+): \w+ = .*?# (.*)$", inspect.getsource(Config), re.M))
 
 
 def parse_bool(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("1", "true", "yes", "on")
 
 
 class ArgumentParser(argparse.ArgumentParser):

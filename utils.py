@@ -1,8 +1,6 @@
 """The small helpers every script shares: errors, run locks, files, devices and precision.
-
 Every mistake a user can make (a missing file, a bad flag, a prompt the model cannot read)
-raises UsageError; the scripts print its message as one line and exit with code 2.
-"""
+raises UsageError; the scripts print its message as one line and exit with code 2."""
 
 import contextlib
 import math
@@ -73,9 +71,8 @@ def release_locks():
 
 
 def take_lock(path, wait):
-    """The lock file at path, open and locked; or, where another process holds it and wait is
-    False, what that process wrote in it. The operating system's lock (flock) goes with the
-    process however it ends: a crashed run leaves no stale lock. Windows (no fcntl): None."""
+    """The lock file at path, open and locked, or (wait False) what the process holding it wrote.
+    flock goes with the process however it ends: a crash leaves no stale lock. Windows: None."""
     if fcntl is None:
         return None
     while True:
@@ -168,8 +165,7 @@ def device_memory(device):
 
 
 def check_fits_in_memory(n_bytes, device, what, fix):
-    """Refuse, before allocating anything, work that cannot fit in the device's memory (a huge
-    flag would otherwise end in an allocator's traceback, or in the machine swapping)."""
+    """Refuse work too big for the device (else: an allocator's traceback, or hours of swap)."""
     available = device_memory(device)
     if available is not None and n_bytes > available:
         raise UsageError(f"{what} needs at least {gibibytes(n_bytes)} of memory, more than the "
@@ -181,12 +177,9 @@ def gibibytes(n_bytes):
     return f"{n_gib:,.1f} GiB" if n_gib < 1e6 else f"{n_gib:.1e} GiB"
 
 
-# Apple GPUs (MPS: --device auto picks it on a Mac), from PyTorch's documented MPS support; not
-# yet run on a Mac by this project (README, "Apple GPUs"). float32: bfloat16 only from macOS 14
-# (mps_has_bf16: --dtype bfloat16 and --optimizer muon are accepted from there), not native on
-# every Apple GPU, and float16 would need loss scaling. No torch.compile (compile_problem). SDPA
-# attention (use_flash) and fused AdamW have MPS kernels. Its random state is saved for exact
-# resume (train.rng_state); torchrun is refused (gloo moves no MPS tensors: start_distributed).
+# Apple GPUs (MPS; docs/training.md, "Apple GPUs": not yet run on a Mac) compute in float32:
+# bfloat16 comes with macOS 14 only (mps_has_bf16), is not native on every Apple GPU, and float16
+# would need loss scaling. No torch.compile: its MPS backend is a prototype (compile_problem).
 
 
 def mps_has_bf16():
@@ -201,9 +194,8 @@ def use_flash(setting, device):
 
 
 def pick_dtype(name, device):
-    """'auto' -> bfloat16 on GPUs that support it, float16 on older GPUs, bfloat16 on CPUs
-    with native bf16 instructions, float32 on Apple GPUs and other CPUs (docs/results.md has
-    the measured speed-ups)."""
+    """'auto': bf16 where the chip computes in it natively, else float16 on GPUs, float32 on
+    Apple GPUs and CPUs (docs/results.md has the measured speed-ups)."""
     if name != "auto":
         return name
     if device.startswith("cuda"):
@@ -228,8 +220,8 @@ def cpu_has_native_bf16():
 
 
 def use_compile(setting, device, doing):
-    """--compile true, false, or auto (on for CUDA only, where its start-up pays for itself),
-    and only where torch.compile can work: otherwise a note says why and the code runs eager."""
+    """--compile auto: on CUDA only, where its start-up pays for itself; and never where it
+    cannot work: a note then says why and the code runs eager."""
     if not (setting == "true" or (setting == "auto" and device.startswith("cuda"))):
         return False
     problem = compile_problem(device)
