@@ -1,12 +1,9 @@
 """Checkpoints, and writing files so that nothing a user owns is lost.
 
-A checkpoint holds only tensors and plain Python values (numbers, strings, lists,
-dictionaries), so torch.load(weights_only=True) reads it and loading can never run code. Its
-contents are checked (checkpoint_problem) before anything is built from them: a damaged file
-gives a one-line error, never a crash halfway through generation.
-
-Every file is written whole or not at all (atomic_write: a temporary file, then a rename), and
-before any work a run proves that its outputs can be written and overwrite none of its inputs.
+A checkpoint holds only tensors and plain Python values, so torch.load(weights_only=True) reads
+it and loading can never run code; its contents are checked before anything is built from them.
+Every file is written whole or not at all (atomic_write), and before any work a run proves that
+its outputs can be written and overwrite none of its inputs.
 """
 
 import contextlib
@@ -32,9 +29,8 @@ def atomic_write(path, write):
         write(tmp_path)
         os.replace(tmp_path, path)
     finally:
-        if os.path.exists(tmp_path):
-            with contextlib.suppress(OSError):
-                os.remove(tmp_path)
+        with contextlib.suppress(OSError):  # gone already once renamed
+            os.remove(tmp_path)
 
 
 def tmp_path_for(path):
@@ -42,8 +38,8 @@ def tmp_path_for(path):
 
 
 def remove_leftover_tmp(path):
-    """Delete the temporary files of path that killed processes left behind (path.PID.tmp).
-    Call it only while holding path's lock: no other process can be writing one then."""
+    """Delete the path.PID.tmp files that killed processes left behind. Call it only while
+    holding path's lock: no other process can be writing one then."""
     for leftover in glob.glob(f"{glob.escape(path)}.*.tmp"):
         if re.fullmatch(r"\d+", leftover[len(path) + 1:-4]):
             with contextlib.suppress(OSError):
@@ -51,9 +47,8 @@ def remove_leftover_tmp(path):
 
 
 def check_outputs_spare_inputs(outputs, inputs, fix):
-    """Prove, before any work, that no file a run writes is, or lies inside, one it reads.
-    outputs and inputs: {path: what it is, in words}. Paths are compared as the files they
-    lead to, through symlinks and hard links."""
+    """Prove, before any work, that no file a run writes ({path: what it is, in words}) is, or
+    lies inside, one it reads, compared as files (through symlinks and hard links)."""
     for output, output_name in outputs.items():
         for source, source_name in inputs.items():
             inside = os.path.isdir(source) and os.path.realpath(output).startswith(
@@ -71,21 +66,18 @@ def same_file(a, b):
 
 
 def check_output_path(path, flag, example_name):
-    """Prove, before any work, that a file can be saved at path (named by flag in the errors):
-    it is not a folder, its folder exists (created here if need be), and a file can be written
-    there: the very path.PID.tmp that atomic_write writes first. Saving can then fail only for
-    lack of space."""
+    """Prove, before any work, that a file can be saved at path: not a folder, in a folder that
+    exists (made here if need be) where the very path.PID.tmp atomic_write writes first can be
+    written. Saving can then fail only for lack of space."""
     if not path.strip():
         raise UsageError(f"{flag} must not be empty")
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a folder; name a file in it, e.g. "
                          f"{flag} {os.path.join(path, example_name)}")
-    probe = tmp_path_for(path)
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(probe, "wb"):
-            pass
-        os.remove(probe)
+        open(tmp_path_for(path), "wb").close()
+        os.remove(tmp_path_for(path))
     except OSError as err:
         # makedirs says "File exists" or "Not a directory" when part of the path is a file.
         reason = "part of the path is a file, not a folder" if isinstance(
@@ -95,8 +87,7 @@ def check_output_path(path, flag, example_name):
 
 
 def write_failure(err):
-    """Why writing a file failed, in words: an OSError's reason, or torch.save's, which reports
-    a full disk as a RuntimeError ("unexpected pos ...")."""
+    """Why writing failed, in words: torch.save reports a full disk as a RuntimeError."""
     if isinstance(err, OSError):
         return err.strerror or str(err)
     return "the disk is full or the file could not be written"
@@ -109,8 +100,6 @@ def save_checkpoint(checkpoint, path):
 
 
 def load_checkpoint(path, device="cpu"):
-    """The checkpoint at path, its contents checked (checkpoint_problem) before anything is
-    built from them."""
     if os.path.isdir(path):
         raise UsageError(f"--checkpoint {path} is a folder; pass the checkpoint file in it")
     check_regular_file(path, "--checkpoint", "pass the checkpoint file train.py saved",
@@ -125,7 +114,7 @@ def load_checkpoint(path, device="cpu"):
     if not isinstance(checkpoint, dict) or not {"model", "model_args", "tokenizer"} <= checkpoint.keys():
         raise UsageError(f"{path} is not a Mini-GPT checkpoint (no model, model_args or "
                          f"tokenizer); pass one saved by train.py")
-    problem = checkpoint_problem(checkpoint) or best_problem(checkpoint)
+    problem = checkpoint_problem(checkpoint)
     if problem:
         raise UsageError(f"{path} is a damaged checkpoint: {problem}; retrain, or pass another "
                          f"--checkpoint")
@@ -138,11 +127,9 @@ def load_checkpoint(path, device="cpu"):
 
 
 def chosen_weights(checkpoint, which="best"):
-    """(weights, what they are in words) of a loaded checkpoint. "last": the weights of the last
-    step, which --resume goes on from. "best": those of the evaluation with the lowest val loss,
-    which train.py keeps beside the last ones (as best_model) once a later step is worse; a
-    checkpoint whose last step is its best, or one written before this was kept, has only one
-    set. The words read as the eval lines print it: "val loss 1.4811 at step 1500"."""
+    """(weights, what they are in words, as the eval lines print it: "val loss 1.4811 at step
+    1500"). "last": the last step's, which --resume goes on from. "best": the lowest val loss's,
+    which train.py keeps beside them (best_model) once a later step is worse."""
     best = checkpoint.get("best", {})
     if which == "best" and "best_model" in checkpoint:
         return checkpoint["best_model"], f"val loss {best['val_loss']:.4f} at step {best['step']}"
@@ -152,23 +139,9 @@ def chosen_weights(checkpoint, which="best"):
     return checkpoint["model"], f"val loss {val_loss:.4f} at step {step}"
 
 
-def best_problem(checkpoint):
-    """What is wrong with the best evaluation's record and weights, or None."""
-    if "best" in checkpoint:
-        best = checkpoint["best"]
-        if not (isinstance(best, dict) and type(best.get("step")) is int and best["step"] >= 0
-                and isinstance(best.get("val_loss"), float) and math.isfinite(best["val_loss"])):
-            return "its best evaluation is not a step and a val loss"
-    if "best_model" in checkpoint:
-        if "best" not in checkpoint:
-            return "it has best weights but no step or val loss for them"
-        return weights_problem(checkpoint["best_model"], checkpoint["model_args"])
-    return None
-
-
 def unreadable_checkpoint(path, err):
-    """Why torch.load (weights only) refused path, in words: only a file that asks for Python
-    objects by name (pickle's "globals") needs pickle, which could run code."""
+    """Why torch.load (weights only) refused path: only a file that asks for Python objects by
+    name (pickle's "globals") needs pickle, which could run code."""
     if "Unsupported global" in str(err):
         return (f"{path} needs pickle to load, which can run code; refusing. Use a checkpoint "
                 f"saved by this project's train.py")
@@ -178,8 +151,7 @@ def unreadable_checkpoint(path, err):
     except OSError as os_error:  # permission denied, an I/O error, ...
         return f"cannot read {path} ({os_error.strerror or os_error}); pass a readable file"
     if is_zip:
-        return (f"{path} is a damaged checkpoint (cut short or corrupted); retrain, or copy it "
-                f"again")
+        return f"{path} is a damaged checkpoint (cut short or corrupted); retrain, or copy it again"
     return (f"{path} is not a Mini-GPT checkpoint (not a file that torch.save wrote); pass one "
             f"saved by train.py")
 
@@ -188,12 +160,22 @@ MODEL_SHAPE = ("vocab_size", "n_embd", "n_layer", "n_head", "block_size")  # who
 
 
 def checkpoint_problem(checkpoint):
-    """What is wrong with a checkpoint's model_args, weights and tokenizer, or None. The
-    weights' shapes are compared with those the model_args imply before any model is built, so
-    a damaged file can neither crash generation halfway nor make it allocate absurd memory."""
-    model_args = checkpoint["model_args"]
-    return (model_args_problem(model_args) or weights_problem(checkpoint["model"], model_args)
-            or tokenizer_problem(checkpoint["tokenizer"], model_args["vocab_size"]))
+    """What is wrong with a checkpoint's model_args, weights, tokenizer and best weights, or
+    None. The weights' shapes are compared with those the model_args imply before any model is
+    built, so a damaged file can neither crash generation halfway nor allocate absurd memory."""
+    model_args, best = checkpoint["model_args"], checkpoint.get("best")
+    problem = (model_args_problem(model_args) or weights_problem(checkpoint["model"], model_args)
+               or tokenizer_problem(checkpoint["tokenizer"], model_args["vocab_size"]))
+    if problem:
+        return problem
+    if "best" in checkpoint and not (
+            isinstance(best, dict) and type(best.get("step")) is int and best["step"] >= 0
+            and isinstance(best.get("val_loss"), float) and math.isfinite(best["val_loss"])):
+        return "its best evaluation is not a step and a val loss"
+    if "best_model" in checkpoint:
+        return (weights_problem(checkpoint["best_model"], model_args) if "best" in checkpoint
+                else "it has best weights but no step or val loss for them")
+    return None
 
 
 def model_args_problem(model_args):
@@ -225,9 +207,8 @@ def weights_problem(weights, model_args):
     layers = {name.split(".")[1] for name in weights if name.startswith("blocks.")}
     if layers != {str(i) for i in range(len(layers))} or len(layers) != model_args["n_layer"]:
         return f"model_args n_layer is {model_args['n_layer']}, the weights hold {len(layers)} blocks"
-    n_embd = model_args["n_embd"]
     for name, rows in (("tok_emb.weight", "vocab_size"), ("pos_emb.weight", "block_size")):
-        shape = (model_args[rows], n_embd)
+        shape = (model_args[rows], model_args["n_embd"])
         if name not in weights or weights[name].shape != shape:
             found = tuple(weights[name].shape) if name in weights else "missing"
             return f"weight {name} is {found}, the model_args say {shape}"
@@ -248,8 +229,7 @@ def weights_problem(weights, model_args):
 
 
 def tokenizer_problem(state, vocab_size):
-    """Plain data that tokenizer_from_dict can rebuild, with as many tokens as the model has
-    (vocab_size; None: any number)."""
+    """Plain data tokenizer_from_dict can rebuild, of vocab_size tokens (None: any number)."""
     kind = state.get("kind") if isinstance(state, dict) else None
     if kind == "char":
         chars = state.get("chars")

@@ -1,15 +1,12 @@
-"""Every hyperparameter in one place, with its default and why.
-
-train.py reads a Config from the command line: each field below is a flag, `--name value` or
-`--name=value` (`python train.py --help` lists them). A preset is a named set of overrides
-applied first, so `--preset cpu --max_iters 500` means "the CPU recipe, but 500 steps".
-"""
+"""Every hyperparameter in one place, with its default and why. Each field of Config is a flag of
+train.py, `--name value` or `--name=value` (`--help` lists them). A preset is a named set of
+overrides applied first: `--preset cpu --max_iters 500` is "the CPU recipe, but 500 steps"."""
 
 import argparse
 import inspect
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -68,36 +65,31 @@ class Config:
 # its CPU dropout, malloc setting and fused AdamW). Slower; for reading and stepping through.
 REFERENCE = dict(dtype="float32", flash="false", compile="false", optimizer="adamw")
 
+# The CPU recipe (docs/results.md has the runs): on a 2-core laptop CPU, fewer, wider layers, a
+# short context and a high learning rate learn the most per second (block 32 beat block 64 at
+# the same tokens per step), and Muon needs fewer than half of AdamW's steps. Each CPU preset
+# evaluates only at the start and the end: evaluating is not free.
+CPU_RECIPE = dict(n_embd=192, n_layer=3, n_head=6, block_size=32, dropout=0.0, batch_size=64,
+                  optimizer="muon", learning_rate=4e-3, muon_lr=0.05, sample_tokens=300)
+
 PRESETS = {
-    # A small model for about 30 s on a 2-core laptop CPU (docs/results.md has the runs).
-    # Fewer, wider layers, a short context and a high learning rate learn the most per second
-    # here (block 32 beat block 64 at the same tokens per step), and Muon needs fewer than half
-    # of AdamW's steps. It evaluates only at the start and the end: evaluating is not free.
-    "cpu": dict(n_embd=192, n_layer=3, n_head=6, block_size=32, dropout=0.0, batch_size=64,
-                optimizer="muon", learning_rate=4e-3, muon_lr=0.05, warmup_iters=25,
-                max_iters=200, eval_interval=200, sample_tokens=300),
-    # The same recipe given about 2 minutes on such a CPU: the CPU preset's model, run for
-    # longer (docs/results.md has the runs and the comparison with nanoGPT's CPU recipe).
-    "cpu-2min": dict(n_embd=192, n_layer=3, n_head=6, block_size=32, dropout=0.0,
-                     batch_size=64, optimizer="muon", learning_rate=4e-3, muon_lr=0.05,
-                     warmup_iters=40, max_iters=900, eval_interval=900, sample_tokens=300),
+    # About 30 s, then 2 minutes (docs/results.md compares them with nanoGPT's CPU recipe).
+    "cpu": dict(CPU_RECIPE, warmup_iters=25, max_iters=200, eval_interval=200),
+    "cpu-2min": dict(CPU_RECIPE, warmup_iters=40, max_iters=900, eval_interval=900),
     # About 10 minutes: one more layer and twice the context (block 64, batch 32: the same
     # tokens per step), which pays once the run is long enough to use them.
-    "cpu-10min": dict(n_embd=192, n_layer=4, n_head=6, block_size=64, dropout=0.0,
-                      batch_size=32, optimizer="muon", learning_rate=4e-3, muon_lr=0.05,
-                      warmup_iters=100, max_iters=3400, eval_interval=3400, sample_tokens=300),
-    # nanoGPT's README recipe for a CPU (its config/train_shakespeare_char.py with the flags its
-    # README gives for a CPU), run through this code base: `python bench.py curve` compares the
-    # CPU recipes above with it at the same wall time.
+    "cpu-10min": dict(CPU_RECIPE, n_layer=4, block_size=64, batch_size=32, warmup_iters=100,
+                      max_iters=3400, eval_interval=3400),
+    # nanoGPT's README recipe for a CPU (its config/train_shakespeare_char.py and CPU flags), run
+    # by this code: `python bench.py curve` compares the recipes above with it at equal time.
     "nanogpt-cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
-                        dropout=0.0, learning_rate=1e-3, min_lr=1e-4, beta2=0.99,
-                        warmup_iters=100, max_iters=2000, lr_decay_iters=2000,
-                        eval_interval=250, eval_iters=20, compile="false"),
-    # For one modern GPU: the default model (same shape, 10,788,929 parameters) aimed at the
-    # least time to val loss 1.47: a higher learning rate and less dropout over fewer steps,
-    # and no torch.compile, whose start-up (tens of seconds) is about all that so short a run
-    # could save. On an H200 it overfits just short of 1.47: not yet tuned on a GPU (docs/gpu.md
-    # has the run, FUTURE_WORK.md).
+                        dropout=0.0, learning_rate=1e-3, min_lr=1e-4, beta2=0.99, warmup_iters=100,
+                        max_iters=2000, lr_decay_iters=2000, eval_interval=250, eval_iters=20,
+                        compile="false"),
+    # For one modern GPU: the default model aimed at the least time to val loss 1.47 (a higher
+    # learning rate, less dropout, fewer steps; no torch.compile, whose start-up of tens of
+    # seconds is about all so short a run could save). Not yet tuned on a GPU: on an H200 it
+    # overfits just short of 1.47 (docs/gpu.md has the run, FUTURE_WORK.md).
     "fast": dict(learning_rate=2e-3, min_lr=2e-4, warmup_iters=200, max_iters=2500,
                  eval_interval=250, dropout=0.1, compile="false"),
 }
@@ -108,20 +100,15 @@ def parse_config(argv=None, prog="train.py"):
     parser = ArgumentParser(prog=prog, description="Train Mini-GPT.",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="named set of overrides")
-    defaults = Config()
     comments = field_comments()
     for field in fields(Config):
-        kind = parse_bool if field.type is bool else field.type  # int, float or str
-        # default=SUPPRESS: a flag the user did not give stays absent, so a preset is not undone.
-        bare = {}
-        if kind is parse_bool:  # a bare switch means true: `--wandb` is `--wandb true`
-            bare = dict(nargs="?", const=True)
-        elif field.name == "resume":  # a bare `--resume` goes on from --checkpoint
-            bare = dict(nargs="?", const="true")
-        parser.add_argument(f"--{field.name}", type=kind, default=argparse.SUPPRESS,
-                            metavar=field.name.upper(), **bare,
-                            help=f"{comments.get(field.name, '')} "
-                                 f"(default: {getattr(defaults, field.name)!r})")
+        # A bare `--wandb` means `--wandb true`; a bare `--resume` goes on from --checkpoint.
+        const = True if field.type is bool else "true" if field.name == "resume" else None
+        # default=SUPPRESS: a flag not given stays absent, so a preset is not undone.
+        parser.add_argument(f"--{field.name}", nargs=None if const is None else "?", const=const,
+                            type=parse_bool if field.type is bool else field.type,
+                            default=argparse.SUPPRESS, metavar=field.name.upper(),
+                            help=f"{comments[field.name]} (default: {field.default!r})")
     given = vars(parser.parse_args(argv))
     if "resume" in given and not given["resume"].strip():  # `--resume=`: a path left out?
         raise UsageError("--resume was given an empty path; pass --resume alone to go on from "
@@ -135,9 +122,30 @@ def parse_config(argv=None, prog="train.py"):
             raise UsageError(f"--reference runs the plain code ({plain}); drop "
                              f"{' and '.join(clashing)}, or --reference")
         overrides.update(REFERENCE)
-    config = Config(**{**asdict(defaults), **overrides})
+    config = Config(**overrides)
     check_config(config)
     return config, preset
+
+
+TYPE_NAMES = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
+RULES = [  # (the fields, the test each value must pass, what its error says is accepted)
+    (("n_embd", "n_layer", "n_head", "block_size", "batch_size", "max_iters", "eval_interval",
+      "eval_iters", "gradient_accumulation_steps", "log_interval"), lambda v: v >= 1, "at least 1"),
+    (("warmup_iters", "lr_decay_iters", "sample_tokens", "eval_sample_tokens"), lambda v: v >= 0,
+     "0 or more"),
+    (("weight_decay", "grad_clip"), lambda v: v >= 0, "0 or more (0 = off)"),
+    (("bpe_sample_chars",), lambda v: v >= 0, "0 (the whole train split) or more"),
+    (("learning_rate", "muon_lr"), lambda v: v > 0, "above 0"),
+    # AdamW's moving averages (betas): 1 would never forget.
+    (("dropout", "beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("seed",), lambda v: 0 <= v < 2**63, "from 0 to 2**63 - 1"),  # torch takes 64 bits
+    (("tokenizer",), lambda v: v in ("char", "bpe"), "char or bpe"),
+    (("optimizer",), lambda v: v in ("adamw", "muon"), "adamw or muon"),
+    (("dtype",), lambda v: v in ("auto", "float32", "bfloat16", "float16"),
+     "auto, float32, bfloat16 or float16"),
+    (("compile", "flash"), lambda v: v in ("auto", "true", "false"), "auto, true or false"),
+    (("device",), DEVICE_NAME.fullmatch, "auto, cuda, cuda:N, mps or cpu"),
+]
 
 
 def check_config(config):
@@ -153,42 +161,25 @@ def check_config(config):
     for name in ("data", "checkpoint", "wandb_project"):
         if not getattr(config, name).strip():
             raise UsageError(f"--{name} must not be empty")
-    for name in ("n_embd", "n_layer", "n_head", "block_size", "batch_size", "max_iters",
-                 "eval_interval", "eval_iters", "gradient_accumulation_steps", "log_interval"):
-        if getattr(config, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(config, name)}")
+    for names, passes, accepted in RULES:
+        for name in names:
+            if not passes(getattr(config, name)):
+                raise UsageError(f"--{name} must be {accepted}, got {getattr(config, name)!r}")
     if config.n_embd % config.n_head != 0:
+        # The largest divisor of n_embd up to n_head (looking no further than a million down).
+        divisor = next(d for d in range(min(config.n_head, config.n_embd, 10**6), 0, -1)
+                       if config.n_embd % d == 0)
         raise UsageError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}); "
-                         f"pick e.g. --n_head {next_divisor(config.n_embd, config.n_head)}")
-    for name in ("warmup_iters", "lr_decay_iters", "sample_tokens", "eval_sample_tokens"):
-        if getattr(config, name) < 0:
-            raise UsageError(f"--{name} must be 0 or more, got {getattr(config, name)}")
-    if not 0.0 <= config.dropout < 1.0:
-        raise UsageError(f"--dropout must be in [0, 1), got {config.dropout}")
-    for name in ("learning_rate", "muon_lr"):
-        if getattr(config, name) <= 0:
-            raise UsageError(f"--{name} must be above 0, got {getattr(config, name)}")
+                         f"pick e.g. --n_head {divisor}")
     if not 0 <= config.min_lr <= config.learning_rate:
         raise UsageError(f"--min_lr must be from 0 to --learning_rate ({config.learning_rate}), "
                          f"got {config.min_lr}")
-    for name in ("weight_decay", "grad_clip"):
-        if getattr(config, name) < 0:
-            raise UsageError(f"--{name} must be 0 or more (0 = off), got {getattr(config, name)}")
     rates = ["learning_rate"] + (["muon_lr"] if config.optimizer == "muon" else [])
     for name in rates:  # each step multiplies every decayed weight by 1 - lr * weight_decay
         if config.weight_decay * getattr(config, name) >= 1:
             raise UsageError(f"--weight_decay times --{name} must be below 1 (each step shrinks "
                              f"the weights by that fraction), got {config.weight_decay} x "
                              f"{getattr(config, name)}")
-    for name in ("beta1", "beta2"):  # AdamW's moving averages: 1 would never forget
-        if not 0 <= getattr(config, name) < 1:
-            raise UsageError(f"--{name} must be in [0, 1), got {getattr(config, name)}")
-    if not 0 <= config.seed < 2**63:  # torch takes 64 bits; each DDP rank adds its rank
-        raise UsageError(f"--seed must be from 0 to 2**63 - 1, got {config.seed}")
-    if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {config.dtype!r}")
-    if config.tokenizer not in ("char", "bpe"):
-        raise UsageError(f"--tokenizer must be char or bpe, got {config.tokenizer!r}")
     if config.vocab_size < 256:  # BPE training stops by itself when nothing is left to merge
         raise UsageError(f"--vocab_size (for --tokenizer bpe) must be at least 256, the byte "
                          f"tokens, got {config.vocab_size}")
@@ -196,45 +187,23 @@ def check_config(config):
         raise UsageError(f"--eval_tokens must be 0 (auto) or more than block_size "
                          f"({config.block_size}): the val subset is blocks of block_size + 1 "
                          f"tokens; got {config.eval_tokens}")
-    if config.bpe_sample_chars < 0:
-        raise UsageError(f"--bpe_sample_chars must be 0 (the whole train split) or more, got "
-                         f"{config.bpe_sample_chars}")
-    if config.optimizer not in ("adamw", "muon"):
-        raise UsageError(f"--optimizer must be adamw or muon, got {config.optimizer!r}")
     if config.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
         raise UsageError(f"--optimizer muon needs torch.optim.Muon (PyTorch 2.9 or newer; this is "
                          f"{torch.__version__}): pip install -U torch, or pass --optimizer adamw")
-    for name in ("compile", "flash"):
-        if getattr(config, name) not in ("auto", "true", "false"):
-            raise UsageError(f"--{name} must be auto, true or false, got {getattr(config, name)!r}")
-    if not DEVICE_NAME.fullmatch(config.device):
-        raise UsageError(f"--device must be auto, cuda, cuda:N, mps or cpu, got {config.device!r}")
     if re.search(r"[/\\#?%:]", config.wandb_project) or len(config.wandb_project) > 128:
         raise UsageError(f"--wandb_project must be at most 128 characters, none of / \\ # ? % :, "
                          f"got {config.wandb_project!r}")
 
 
-TYPE_NAMES = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
-
-
 def field_comments():
     """The comment after each field of Config above, so that --help says what the field means."""
-    source = inspect.getsource(Config)
-    return dict(re.findall(r"^\s+(\w+): \w+ = .*?# (.*)$", source, flags=re.MULTILINE))
-
-
-def next_divisor(n, start):
-    """The largest divisor of n up to start (looking no further than a million down)."""
-    return next((d for d in range(min(start, n, 10**6), 0, -1) if n % d == 0), 1)
+    return dict(re.findall(r"^\s+(\w+): \w+ = .*?# (.*)$", inspect.getsource(Config), re.M))
 
 
 def parse_bool(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
+    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("1", "true", "yes", "on")
 
 
 class ArgumentParser(argparse.ArgumentParser):

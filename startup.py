@@ -8,8 +8,7 @@ STARTED_AT = time.time()  # train.py's "elapsed" counts from here: the imports a
 
 
 def exit_at_once_on_ctrl_c(module_name):
-    """Run as a script (module_name "__main__"): Ctrl-C while torch loads exits at once with 130,
-    no traceback. os._exit, as nothing is open yet, and an exception could be swallowed by a
-    library's bare `except:` mid-import."""
+    """Run as a script: Ctrl-C while torch loads exits at once (130, no traceback); os._exit, as
+    nothing is open yet and a library's bare `except:` could swallow an exception mid-import."""
     if module_name == "__main__":
         signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))

@@ -1,8 +1,6 @@
 """The small helpers every script shares: errors, run locks, files, devices and precision.
-
 Every mistake a user can make (a missing file, a bad flag, a prompt the model cannot read)
-raises UsageError; the scripts print its message as one line and exit with code 2.
-"""
+raises UsageError; the scripts print its message as one line and exit with code 2."""
 
 import contextlib
 import math
@@ -26,10 +24,9 @@ class UsageError(Exception):
 
 
 def run_main(main):
-    """Run a script's main(): a UsageError becomes one line on stderr and exit code 2, and
-    Ctrl-C (one that main does not handle itself) exits with 130, without a traceback. SIGTERM
-    (what `timeout` or a cluster's scheduler sends before a kill) is taken as a Ctrl-C: files
-    half written are cleaned up on the way out. Under torchrun only rank 0 prints the error."""
+    """Run a script's main(): a UsageError is one line on stderr and exit code 2; Ctrl-C, or
+    SIGTERM (what `timeout` or a cluster's scheduler sends before a kill), exits with 130 and no
+    traceback, half-written files cleaned up on the way. Under torchrun only rank 0 prints."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the scripts quiet it while importing
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     if hasattr(sys.stdout, "reconfigure"):
@@ -59,14 +56,12 @@ HELD_LOCKS = {}  # path -> its lock file, held until the script's main() ends (r
 
 
 def hold_lock(path):
-    """Lock path for this process until main() ends: None, or where another process holds it,
-    what that process wrote in the file (its id), for the message."""
+    """Lock path until main() ends: None, or what the process holding it wrote (its id)."""
     path = os.path.abspath(path)
     if path not in HELD_LOCKS:
-        lock = take_lock(path, wait=False)
-        if isinstance(lock, str):
-            return lock
-        HELD_LOCKS[path] = lock
+        HELD_LOCKS[path] = take_lock(path, wait=False)
+        if isinstance(HELD_LOCKS[path], str):
+            return HELD_LOCKS.pop(path)
     return None
 
 
@@ -76,10 +71,8 @@ def release_locks():
 
 
 def take_lock(path, wait):
-    """The open lock file at path, locked; or, where another process holds it and wait is
-    False, what that process wrote in it. The lock is the operating system's (flock): it goes
-    with the process however it ends, so a crashed run leaves no stale lock, only a file that
-    the next run takes over. Without fcntl (Windows) nothing is locked: None."""
+    """The lock file at path, open and locked, or (wait False) what the process holding it wrote.
+    flock goes with the process however it ends: a crash leaves no stale lock. Windows: None."""
     if fcntl is None:
         return None
     while True:
@@ -95,8 +88,7 @@ def take_lock(path, wait):
             if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
                 break  # else the holder deleted the file while we waited: take the new one
         f.close()
-    f.seek(0)
-    f.truncate()
+    f.truncate(0)
     f.write(f"process {os.getpid()}")
     f.flush()
     return f
@@ -111,9 +103,7 @@ def release_lock(path, f):
 
 
 def regular_file_problem(path):
-    """Why path is not a plain file that can be read, in words, or None: it does not exist, is
-    a dangling or looping symlink, a folder, or a FIFO, device or socket (opening a FIFO would
-    wait for a writer for ever)."""
+    """Why path is not a plain readable file, in words, or None (a FIFO would wait for ever)."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -124,14 +114,11 @@ def regular_file_problem(path):
         return "is a folder"
     if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
         return "is a FIFO or a socket, not a regular file"
-    if not stat.S_ISREG(mode):
-        return "is a device, not a regular file"
-    return None
+    return None if stat.S_ISREG(mode) else "is a device, not a regular file"
 
 
 def check_regular_file(path, flag, fix, not_found):
-    """Refuse, with one line, a path that is not a plain readable file: not_found when nothing is
-    there, else "<flag> <path> <why>; <fix>" (regular_file_problem says why)."""
+    """Refuse a path that is not a plain file: not_found if nothing is there, else one line."""
     problem = regular_file_problem(path)
     if problem == "does not exist":
         raise UsageError(not_found)
@@ -140,13 +127,12 @@ def check_regular_file(path, flag, fix, not_found):
 
 
 def bits_per_char(mean_loss, n_tokens, n_chars):
-    """Turn a mean loss in nats per token into bits per character, comparable across
-    tokenizers: total nats = mean_loss * n_tokens; / n_chars; / ln 2 for bits."""
+    """Nats per token to bits per character, comparable across tokenizers (ln 2 nats a bit)."""
     return mean_loss * n_tokens / n_chars / math.log(2)
+
 
 # ---------------------------------------------------------------------------------------------
 # Devices and precision
-
 
 DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -155,11 +141,8 @@ def pick_device(name="auto"):
     if not DEVICE_NAME.fullmatch(name):
         raise UsageError(f"unknown device {name!r}; use auto, cuda, cuda:N, mps or cpu")
     if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
+        return ("cuda" if torch.cuda.is_available()
+                else "mps" if torch.backends.mps.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name} asked for, but no CUDA GPU is available; "
                          f"use --device cpu (or auto)")
@@ -182,8 +165,7 @@ def device_memory(device):
 
 
 def check_fits_in_memory(n_bytes, device, what, fix):
-    """Refuse, before allocating anything, work that cannot fit in the device's memory (a huge
-    flag would otherwise end in an allocator's traceback, or in the machine swapping)."""
+    """Refuse work too big for the device (else: an allocator's traceback, or hours of swap)."""
     available = device_memory(device)
     if available is not None and n_bytes > available:
         raise UsageError(f"{what} needs at least {gibibytes(n_bytes)} of memory, more than the "
@@ -195,23 +177,12 @@ def gibibytes(n_bytes):
     return f"{n_gib:,.1f} GiB" if n_gib < 1e6 else f"{n_gib:.1e} GiB"
 
 
-# Apple GPUs (MPS: --device auto picks it on a Mac). What they get, from PyTorch's documented
-# MPS support; none of it has been run on a Mac by this project yet (README, "Apple GPUs"):
-# - float32 (MPS_DTYPE). MPS has bfloat16 from macOS 14 only, and not every Apple GPU computes
-#   in it natively; float16 would need loss scaling. --dtype bfloat16 is accepted from macOS
-#   14 (mps_has_bf16), as is --optimizer muon, whose iteration runs in bfloat16.
-# - no torch.compile: its MPS backend is a prototype (compile_problem).
-# - fused AdamW: PyTorch has an MPS kernel for it (train.make_optimizer, as everywhere).
-# - SDPA attention: PyTorch has an MPS kernel for it (utils.use_flash, as on CUDA GPUs).
-# - its random state is saved for exact resume (train.rng_state); torchrun is refused (gloo,
-#   its only backend there, moves CPU and CUDA tensors only: train.start_distributed).
-
-
-MPS_DTYPE = "float32"
+# Apple GPUs (MPS; docs/training.md, "Apple GPUs": not yet run on a Mac) compute in float32:
+# bfloat16 comes with macOS 14 only (mps_has_bf16), is not native on every Apple GPU, and float16
+# would need loss scaling. No torch.compile: its MPS backend is a prototype (compile_problem).
 
 
 def mps_has_bf16():
-    """bfloat16 on an Apple GPU: macOS 14 and newer."""
     return torch.backends.mps.is_macos_or_newer(14, 0)
 
 
@@ -219,22 +190,17 @@ def use_flash(setting, device):
     """SDPA or the written-out attention. On CPUs the written-out one trains faster (SDPA's CPU
     kernels, with dropout a slower fallback, lose to plain matmuls; docs/results.md), and
     generate.py then samples with the code on the page too; on GPUs SDPA's fused kernels win."""
-    if setting == "auto":
-        return device != "cpu"
-    return setting == "true"
+    return device != "cpu" if setting == "auto" else setting == "true"
 
 
 def pick_dtype(name, device):
-    """'auto' -> bfloat16 on GPUs that support it, float16 on older GPUs, bfloat16 on CPUs
-    with native bf16 instructions, float32 on Apple GPUs and other CPUs (docs/results.md has
-    the measured speed-ups)."""
+    """'auto': bf16 where the chip computes in it natively, else float16 on GPUs, float32 on
+    Apple GPUs and CPUs (docs/results.md has the measured speed-ups)."""
     if name != "auto":
         return name
     if device.startswith("cuda"):
         return "bfloat16" if gpu_has_native_bf16(device) else "float16"
-    if device == "cpu" and cpu_has_native_bf16():
-        return "bfloat16"
-    return MPS_DTYPE if device == "mps" else "float32"
+    return "bfloat16" if device == "cpu" and cpu_has_native_bf16() else "float32"
 
 
 def gpu_has_native_bf16(device):
@@ -247,16 +213,21 @@ def gpu_has_native_bf16(device):
         return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+def cpu_has_native_bf16():
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        return any(flag in f.read() for flag in ("avx512_bf16", "amx_bf16"))
+    return False
+
+
 def use_compile(setting, device, doing):
-    """--compile true, false, or auto (on for CUDA only, where its start-up pays for itself),
-    and only where torch.compile can work: otherwise a note says why and the code runs eager."""
+    """--compile auto: on CUDA only, where its start-up pays for itself; and never where it
+    cannot work: a note then says why and the code runs eager."""
     if not (setting == "true" or (setting == "auto" and device.startswith("cuda"))):
         return False
     problem = compile_problem(device)
     if problem:
         print(f"Note: {doing} without torch.compile: {problem} (see TROUBLESHOOTING.md)")
-        return False
-    return True
+    return not problem
 
 
 def compile_problem(device):
@@ -276,15 +247,6 @@ def compile_problem(device):
     elif device == "mps":
         return "its Apple GPU (MPS) backend is a prototype, not tried by this project"
     return None
-
-
-def cpu_has_native_bf16():
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def autocast(device, dtype):
