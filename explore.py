@@ -1,22 +1,17 @@
 """Look inside a trained Mini-GPT: what it expects next, where its heads look, and how its
-characters arrange themselves in embedding space.
+characters arrange themselves in embedding space (docs/look_inside.md shows the pictures).
 
     python explore.py --checkpoint ckpt.pt --prompt "ROMEO:"
     python explore.py --checkpoint ckpt.pt --prompt "To be, or not to be" --top_k 3 --out look/
-    python explore.py --serve      # the same views live in a browser, as you type (explore_server.py)
+    python explore.py --serve    # the same views live in a browser, as you type (explore_server.py)
 
-One forward pass over the prompt gives three views:
-- the next-token table (printed): after each position of the prompt, the model's top-k
-  guesses for the next token with their probabilities, and the probability it gave the token
-  that really came next;
-- attention.png: a grid of layers (rows) x heads (columns), each the (T, T) attention weights
-  of one head over the prompt: row i is where position i looks, column j how much it takes
-  from position j. Everything above the diagonal is 0: the causal mask at work;
-- embeddings.png: the token embedding table (vocab_size, n_embd) projected onto its two
-  principal components (PCA), each point labelled with its token.
-
-The pictures go to --out (default: <checkpoint>.explore/) and need matplotlib (pip install
-matplotlib); without it the table is still printed. ␣ is a space and ↵ a newline.
+One forward pass over the prompt prints the next-token table (after each position, the model's
+top-k guesses and the probability it gave the token that really came next) and, with matplotlib,
+draws into --out (default: <checkpoint>.explore/) attention.png, layers (rows) x heads (columns),
+each the (T, T) weights of one head: row i is where position i looks, column j how much it takes
+from position j, and above the diagonal all is 0, the causal mask at work; and embeddings.png,
+the token embeddings (vocab_size, n_embd) projected onto their two principal components (PCA).
+␣ is a space and ↵ a newline.
 """
 
 import startup
@@ -42,23 +37,21 @@ LABEL_SIZE = 12  # points, for the characters in embeddings.png
 def parse_args(argv=None):
     parser = ArgumentParser(prog="explore.py", description="Look inside a trained checkpoint: "
                             "next-token table, attention maps, embeddings.")
-    parser.add_argument("--checkpoint", default="ckpt.pt",
-                        help="checkpoint saved by train.py (default: ckpt.pt)")
-    parser.add_argument("--weights", default="best", choices=["best", "last"],
-                        help="best: the weights of the run's lowest val loss; last: its last step's")
-    parser.add_argument("--prompt", default="ROMEO:", help="the text to look at (default: ROMEO:)")
-    parser.add_argument("--top_k", type=int, default=5, help="guesses shown per position (default: 5)")
-    parser.add_argument("--out", help="folder for the PNGs (default: <checkpoint>.explore/)")
-    parser.add_argument("--device", default="cpu",
-                        help="cpu (the default: enough for one prompt), cuda, mps")
-    parser.add_argument("--serve", action="store_true",
-                        help="start a local web page that shows all of this live as you type")
-    parser.add_argument("--port", type=int,
-                        help="--serve: the port (default: the first free one from 8000)")
-    parser.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on "
-                        "(default: 127.0.0.1, this machine only; 0.0.0.0 lets other machines in)")
-    parser.add_argument("--compare", metavar="OTHER.pt",
-                        help="--serve: a second checkpoint (same tokenizer) shown side by side")
+    flag = parser.add_argument
+    flag("--checkpoint", default="ckpt.pt", help="checkpoint saved by train.py (default: ckpt.pt)")
+    flag("--weights", default="best", choices=["best", "last"],
+         help="best: the weights of the run's lowest val loss; last: its last step's")
+    flag("--prompt", default="ROMEO:", help="the text to look at (default: ROMEO:)")
+    flag("--top_k", type=int, default=5, help="guesses shown per position (default: 5)")
+    flag("--out", help="folder for the PNGs (default: <checkpoint>.explore/)")
+    flag("--device", default="cpu", help="cpu (the default: enough for one prompt), cuda, mps")
+    flag("--serve", action="store_true",
+         help="start a local web page that shows all of this live as you type")
+    flag("--port", type=int, help="--serve: the port (default: the first free one from 8000)")
+    flag("--host", default="127.0.0.1", help="--serve: the address to listen on (default: "
+         "127.0.0.1, this machine only; 0.0.0.0 lets other machines in)")
+    flag("--compare", metavar="OTHER.pt",
+         help="--serve: a second checkpoint (same tokenizer) shown side by side")
     args = parser.parse_args(argv)
     if not args.serve and (args.port is not None or args.compare or args.host != "127.0.0.1"):
         raise UsageError("--port, --host and --compare belong to --serve; add --serve")
@@ -106,16 +99,16 @@ def encode_prompt(prompt, tokenizer, block_size):
 
 @torch.inference_mode()
 def look_inside(model, prompt_ids, cache=None, start=0):
-    """Run prompt_ids (T tokens) at positions start.. through the model, with a KV cache (a fresh
-    one by default) that holds positions 0..start-1: (next-token probabilities (T, V), attention
-    weights (n_layer, n_head, T, start + T)), both on the CPU. explore_server.py passes its
-    cache, so that only the characters typed since the last look run.
+    """Run prompt_ids (T tokens) at positions start.. with a KV cache holding positions
+    0..start-1 (explore_server.py: the prompt before the newly typed characters): (next-token
+    probabilities (T, V), attention weights (n_layer, n_head, T, start + T)), on the CPU.
 
-    The model is not changed to show its attention, and either attention path (SDPA or written
-    out) will do: a hook catches each layer's queries as its Q, K, V projection computes them,
-    and the weights are computed again from those and the keys the model put in the cache.
+    The model is not changed to show its attention, and either attention path will do: a hook
+    catches each layer's queries, and the weights are computed again from them and the keys
+    the model put in the cache.
     """
-    cache = cache or model.new_cache(batch_size=1)
+    if cache is None:
+        cache = model.new_cache(batch_size=1)
     end, (n_layer, _, n_head, _, head_size) = start + len(prompt_ids), cache.keys.shape
     if not prompt_ids:  # nothing new to run (explore_server.py: a character deleted at the end)
         return torch.zeros(0, model.lm_head.out_features), torch.zeros(n_layer, n_head, 0, end)
@@ -132,8 +125,8 @@ def look_inside(model, prompt_ids, cache=None, start=0):
     may_look = torch.ones(len(prompt_ids), end, dtype=torch.bool, device=idx.device).tril(start)
     attention = []
     for layer, qkv in enumerate(qkv_outputs):
-        q = qkv[0, :, :n_head * head_size].view(-1, n_head, head_size).transpose(0, 1)  # (nh, T, hs)
-        keys = cache.keys[layer, 0, :, :end]  # (nh, end, hs): the earlier positions' and the new
+        q = qkv[0, :, :n_head * head_size].view(-1, n_head, head_size).transpose(0, 1)
+        keys = cache.keys[layer, 0, :, :end]  # (nh, end, hs), queries q: (nh, T, hs)
         scores = (q @ keys.transpose(-2, -1)).float() / math.sqrt(head_size)  # (nh, T, end)
         attention.append(F.softmax(scores.masked_fill(~may_look, float("-inf")), dim=-1))
     return F.softmax(logits[0].float(), dim=-1).cpu(), torch.stack(attention).cpu()
@@ -155,7 +148,8 @@ def next_token_rows(probs, prompt_ids, top_k):
     rows = []
     for t, (token, actual) in enumerate(zip(prompt_ids, prompt_ids[1:] + [None])):
         p_actual = probs[t, actual].item() if actual is not None else None
-        rows.append((token, actual, p_actual, list(zip(top_ids[t].tolist(), top_probs[t].tolist()))))
+        guesses = list(zip(top_ids[t].tolist(), top_probs[t].tolist()))
+        rows.append((token, actual, p_actual, guesses))
     return rows
 
 
@@ -164,7 +158,8 @@ def print_next_token_table(probs, prompt_ids, token_text, top_k):
     width = max(5, max(len(text) for text in token_text))
     print(f"After each token of the prompt, the model's {top_k} likeliest next tokens "
           f"(␣ = space, ↵ = newline):\n")
-    print(f"{'pos':>4}  {'token':<{width}}  {'next':<{width}}  {'p(next)':>7}   top {top_k} guesses")
+    print(f"{'pos':>4}  {'token':<{width}}  {'next':<{width}}  {'p(next)':>7}   "
+          f"top {top_k} guesses")
     for t, (token, actual, p_actual, guesses) in enumerate(rows):
         next_text = token_text[actual] if actual is not None else "-"
         p_text = f"{p_actual:.3f}" if p_actual is not None else "-"
@@ -193,8 +188,7 @@ def output_folder(out, checkpoint):
                                {checkpoint: "the --checkpoint"}, "pass another --out")
     for picture in pictures:
         try:
-            with open(tmp_path_for(picture), "wb"):  # a file can be written in the folder
-                pass
+            open(tmp_path_for(picture), "wb").close()  # a file can be written in the folder
             os.remove(tmp_path_for(picture))
             if os.path.isdir(picture):
                 raise IsADirectoryError(21, "a folder of that name is in the way")
@@ -313,7 +307,8 @@ def label_offsets(ax, coords, texts):
         width, height = 0.75 * LABEL_SIZE * len(texts[i]) + 5, LABEL_SIZE + 5  # text and frame
         left, bottom = points[i][0] + 4, points[i][1] + 2
         while any(left < right and other_left < left + width and bottom < top
-                  and other_bottom < bottom + height for other_left, other_bottom, right, top in placed):
+                  and other_bottom < bottom + height
+                  for other_left, other_bottom, right, top in placed):
             left += 3
         placed.append((left, bottom, left + width, bottom + height))
         offsets[i] = (left - points[i][0], bottom - points[i][1])

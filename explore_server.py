@@ -12,11 +12,10 @@ list: no path from the URL ever reaches the file system) and answers three JSON 
                          sampled text, one JSON line per piece, sent as it is generated
 
 Why typing stays fast: in a causal model, the prediction and the attention row of position t
-depend only on tokens 0..t. When a character is added at the end, every earlier row stays as it
-was. So the server keeps the KV cache (model.py: KVCache) of the last few prompts it has seen and
-runs only the positions after the part they share (explore.look_inside, which explore.py runs
-over the whole prompt), and the page keeps the rows it already has and asks only for the new
-ones ("known": the token ids it holds rows for).
+depend only on tokens 0..t, so a character added at the end leaves every earlier row as it was.
+The server keeps the KV cache (model.py: KVCache) of the last few prompts it has seen and runs
+only the positions after the part they share (explore.look_inside), and the page keeps the rows
+it has and asks only for the new ones ("known": the token ids it holds rows for).
 """
 
 import base64
@@ -40,11 +39,10 @@ from generate import check_args, load_model, prompt_ids_for, stream_text
 from utils import UsageError
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
-# URL path -> (file in web/, content type): everything the server will ever read from disk.
-PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
-              "/index.html": ("index.html", "text/html; charset=utf-8"),
-              "/explore.css": ("explore.css", "text/css; charset=utf-8"),
-              "/explore.js": ("explore.js", "text/javascript; charset=utf-8")}
+# URL path -> file in web/: everything the server will ever read from disk.
+PAGE_FILES = {"/": "index.html", "/index.html": "index.html", "/explore.css": "explore.css",
+              "/explore.js": "explore.js"}
+CONTENT_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript"}
 MAX_BODY = 64 * 1024  # bytes in a request: a prompt of a few thousand characters, and more
 MAX_PROMPT_CHARS = 20_000  # longer prompts are refused; up to it, the last block_size tokens count
 MAX_LENGTH = 2000  # tokens one "continue" may ask for
@@ -77,13 +75,13 @@ def load_explorer(path, device, weights="best"):
             val_loss, float) and val_loss > 0 else None
         step, val_loss = facts["best"]["step"], facts["best"]["val_loss"]
         val_bpc = per_loss and per_loss * val_loss
+    shape = {name: facts["model_args"][name]
+             for name in ("n_layer", "n_head", "n_embd", "block_size")}
     return types.SimpleNamespace(
         model=model, tokenizer=tokenizer, device=device, lock=threading.Lock(), prompts=[],
-        facts=dict(checkpoint=path, parameters=model.num_params(), step=step,
-                   val_loss=val_loss, val_bpc=val_bpc,
-                   tokenizer=facts["tokenizer"]["kind"], vocab_size=tokenizer.vocab_size,
-                   **{name: facts["model_args"][name]
-                      for name in ("n_layer", "n_head", "n_embd", "block_size")}))
+        facts=dict(checkpoint=path, parameters=model.num_params(), step=step, val_loss=val_loss,
+                   val_bpc=val_bpc, tokenizer=facts["tokenizer"]["kind"],
+                   vocab_size=tokenizer.vocab_size, **shape))
 
 
 def model_answer(explorer, other):
@@ -190,22 +188,22 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 self.post(path, self.server.explorer, self.server.other)
         except UsageError as err:  # a RequestError, or a bad prompt or setting: the page's fault
-            self.send_json({"error": str(err)}, getattr(err, "status", 400))
+            self.send({"error": str(err)}, status=getattr(err, "status", 400))
         except (BrokenPipeError, ConnectionResetError):
             pass  # the page went away (a new keystroke, a closed tab)
         except Exception as err:  # a bug: say so in one line and keep serving
             print(f"error: {self.path}: {type(err).__name__}: {err}", file=sys.stderr)
-            self.send_json({"error": f"internal error: {type(err).__name__}: {err}"}, 500)
+            self.send({"error": f"internal error: {type(err).__name__}: {err}"}, status=500)
 
     do_POST = do_GET
 
     def get(self, path, explorer):
         if path == "/api/model":
-            return self.send_json(model_answer(explorer, self.server.other))
+            return self.send(model_answer(explorer, self.server.other))
         if path not in PAGE_FILES:
             raise RequestError(f"no such page: {path[:100]}", 404)
-        name, content_type = PAGE_FILES[path]
-        self.send_bytes((WEB_DIR / name).read_bytes(), content_type)
+        page = WEB_DIR / PAGE_FILES[path]
+        self.send(page.read_bytes(), f"{CONTENT_TYPES[page.suffix]}; charset=utf-8")
 
     def post(self, path, explorer, other):
         body = self.read_json()
@@ -216,7 +214,7 @@ class Handler(BaseHTTPRequestHandler):
             answer = look(explorer, body.get("prompt"), known)
             if other:  # the second model's table for the same prompt (its rows only)
                 answer["compare"] = look(other, body.get("prompt"))["rows"]
-            return self.send_json(answer)
+            return self.send(answer)
         if path != "/api/continue":
             raise RequestError(f"no such request: POST {path[:100]}", 404)
         args, prompt = sampling_args(body), body.get("prompt", "")
@@ -250,10 +248,9 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError("the request body must be a JSON object")
         return body
 
-    def send_json(self, value, status=200):
-        self.send_bytes(json.dumps(value).encode(), "application/json", status)
-
-    def send_bytes(self, data, content_type, status=200):
+    def send(self, data, content_type="application/json", status=200):
+        """Answer data: bytes, or a value sent as JSON."""
+        data = data if isinstance(data, bytes) else json.dumps(data).encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
@@ -265,7 +262,7 @@ class Handler(BaseHTTPRequestHandler):
         """http.server's own refusals (a garbled request line, an unknown method), as JSON."""
         if code == 501:
             code, message = 405, "only GET and POST are answered"
-        self.send_json({"error": message or self.responses.get(code, ("error",))[0]}, code)
+        self.send({"error": message or self.responses.get(code, ("error",))[0]}, status=code)
 
     def log_message(self, format, *args):
         pass  # no line per request: the terminal stays readable
