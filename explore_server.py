@@ -127,11 +127,9 @@ def shared_length(a, b):
 
 
 def run_prompt(explorer, ids, known):
-    """(probabilities (T, V), start, attention (n_layer, n_head, T - start, T)) of ids.
-
-    Takes the kept prompt that shares the longest start with ids, and runs through the model only
-    the positions after what both it and the page already have: at most `known`.
-    """
+    """(probabilities (T, V), start, attention (n_layer, n_head, T - start, T)) of ids: from the
+    kept prompt that shares the longest start with ids, only the positions after what both it
+    and the page already have (at most `known`) run through the model."""
     kept = max(explorer.prompts, key=lambda p: shared_length(p.ids, ids), default=None)
     if kept and (shared_length(kept.ids, ids) > 0 or len(explorer.prompts) == KEPT_PROMPTS):
         explorer.prompts.remove(kept)  # the best match or, when none matches, the oldest
@@ -149,8 +147,7 @@ def run_prompt(explorer, ids, known):
 # Continuing the prompt, as generate.py does
 
 def sampling_args(body):
-    """The sampling settings of a /api/continue request, checked as generate.py checks its flags
-    (a UsageError: a 400)."""
+    """The sampling settings of a /api/continue request, checked as generate.py checks its flags."""
     args = types.SimpleNamespace(
         temperature=number(body, "temperature", 0.8, float),
         top_k=number(body, "top_k", 200, int), top_p=number(body, "top_p", None, float),

@@ -20,15 +20,14 @@ def log_paths(checkpoint):
 
 def metrics_recorder(config):
     """Return record(dict): appends to <checkpoint>.metrics.jsonl and logs to W&B with --wandb;
-    record(dict, draw_curve=True) also draws <checkpoint>.loss.png (if matplotlib is installed),
-    once, after the last evaluation: at every evaluation it would slow short runs measurably.
+    record(dict, draw_curve=True) also draws <checkpoint>.loss.png (with matplotlib), once, after
+    the last evaluation: at every evaluation it would slow short runs measurably.
 
-    A fresh run with the same --checkpoint as an earlier run overwrites that run's checkpoint
-    at its first save, and only then its log: until record(dict, saved=True) the new rows wait
-    in memory, so a run stopped early (a mistyped flag, Ctrl-C) leaves the earlier log intact.
-
-    These files are a convenience: if one cannot be written (a full disk, a read-only folder),
-    a note says so once and training goes on without it; so does a failing W&B."""
+    A fresh run with the same --checkpoint as an earlier run overwrites that run's checkpoint at
+    its first save, and only then its log: until record(dict, saved=True) the new rows wait in
+    memory, so a run stopped early (a mistyped flag, Ctrl-C) leaves the earlier log intact.
+    These files and W&B are a convenience: if one fails (a full disk, a read-only folder, no
+    network), a note says so once and training goes on without it."""
     jsonl_path, png_path = log_paths(config.checkpoint)
     # Rows held back while an earlier run's log is still the one that goes with the checkpoint.
     held_back = [] if not config.resume and os.path.exists(jsonl_path) else None
@@ -115,8 +114,9 @@ def plot_losses(jsonl_path, png_path):
     steps = [r["step"] for r in rows if "loss" in r]
     axes.plot(steps, [r["loss"] for r in rows if "loss" in r], alpha=0.3, label="batch loss")
     evals = [r for r in rows if "val_loss" in r]
-    axes.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train loss")
-    axes.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
+    eval_steps = [r["step"] for r in evals]
+    axes.plot(eval_steps, [r["train_loss"] for r in evals], "o-", label="train loss")
+    axes.plot(eval_steps, [r["val_loss"] for r in evals], "o-", label="val loss")
     axes.set(xlabel="step", ylabel="cross-entropy (nats per token)")
     axes.legend()
     axes.grid(alpha=0.3)
