@@ -1,29 +1,24 @@
 """Look inside a trained Mini-GPT: what it expects next, where its heads look, and how its
-characters arrange themselves in embedding space.
+characters arrange themselves in embedding space (docs/look_inside.md shows the pictures).
 
     python explore.py --checkpoint ckpt.pt --prompt "ROMEO:"
     python explore.py --checkpoint ckpt.pt --prompt "To be, or not to be" --top_k 3 --out look/
-    python explore.py --serve      # the same views live in a browser, as you type (explore_server.py)
+    python explore.py --serve    # the same views live in a browser, as you type (explore_server.py)
 
-One forward pass over the prompt gives three views:
-- the next-token table (printed): after each position of the prompt, the model's top-k
-  guesses for the next token with their probabilities, and the probability it gave the token
-  that really came next;
-- attention.png: a grid of layers (rows) x heads (columns), each the (T, T) attention weights
-  of one head over the prompt: row i is where position i looks, column j how much it takes
-  from position j. Everything above the diagonal is 0: the causal mask at work;
-- embeddings.png: the token embedding table (vocab_size, n_embd) projected onto its two
-  principal components (PCA), each point labelled with its token.
-
-The pictures go to --out (default: a folder beside the checkpoint, <checkpoint>.explore/)
-and need matplotlib (pip install matplotlib); without it the table is still printed.
-In the pictures and the table, ␣ is a space and ↵ a newline.
+One forward pass over the prompt prints the next-token table (after each position, the model's
+top-k guesses and the probability it gave the token that really came next) and, with matplotlib,
+draws into --out (default: <checkpoint>.explore/) attention.png, layers (rows) x heads (columns),
+each the (T, T) weights of one head: row i is where position i looks, column j how much it takes
+from position j, and above the diagonal all is 0, the causal mask at work; and embeddings.png,
+the token embeddings (vocab_size, n_embd) projected onto their two principal components (PCA).
+␣ is a space and ↵ a newline.
 """
 
 import startup
 
 startup.exit_at_once_on_ctrl_c(__name__)  # while torch loads: before any other import
 
+import math
 import os
 
 import torch
@@ -36,34 +31,27 @@ from tracking import matplotlib_or_note, pyplot
 from utils import UsageError, pick_device, run_main
 
 SHOWN = {" ": "␣", "\n": "↵", "\t": "⇥"}  # whitespace, drawn so that it can be seen
-DPI = 100  # pictures sharp enough to read, small enough to commit
 LABEL_SIZE = 12  # points, for the characters in embeddings.png
-MAX_LABELS = 128  # embeddings.png labels every token of a vocabulary up to this size
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(prog="explore.py", description="Look inside a trained checkpoint: "
                             "next-token table, attention maps, embeddings.")
-    parser.add_argument("--checkpoint", default="ckpt.pt",
-                        help="checkpoint saved by train.py (default: ckpt.pt)")
-    parser.add_argument("--weights", default="best", choices=["best", "last"],
-                        help="best: the weights of the run's lowest val loss; last: its last step's")
-    parser.add_argument("--prompt", default="ROMEO:", help="the text to look at (default: ROMEO:)")
-    parser.add_argument("--top_k", type=int, default=5,
-                        help="guesses shown per position (default: 5)")
-    parser.add_argument("--out", default=None,
-                        help="folder for the PNGs (default: <checkpoint>.explore/)")
-    parser.add_argument("--device", default="cpu",
-                        help="cpu (the default: enough for one prompt), cuda, mps")
-    parser.add_argument("--serve", action="store_true",
-                        help="start a local web page that shows all of this live as you type")
-    parser.add_argument("--port", type=int, default=None,
-                        help="--serve: the port (default: the first free one from 8000)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="--serve: the address to listen on (default: 127.0.0.1, this "
-                             "machine only; 0.0.0.0 lets other machines in)")
-    parser.add_argument("--compare", default=None, metavar="OTHER.pt",
-                        help="--serve: a second checkpoint (same tokenizer) shown side by side")
+    flag = parser.add_argument
+    flag("--checkpoint", default="ckpt.pt", help="checkpoint saved by train.py (default: ckpt.pt)")
+    flag("--weights", default="best", choices=["best", "last"],
+         help="best: the weights of the run's lowest val loss; last: its last step's")
+    flag("--prompt", default="ROMEO:", help="the text to look at (default: ROMEO:)")
+    flag("--top_k", type=int, default=5, help="guesses shown per position (default: 5)")
+    flag("--out", help="folder for the PNGs (default: <checkpoint>.explore/)")
+    flag("--device", default="cpu", help="cpu (the default: enough for one prompt), cuda, mps")
+    flag("--serve", action="store_true",
+         help="start a local web page that shows all of this live as you type")
+    flag("--port", type=int, help="--serve: the port (default: the first free one from 8000)")
+    flag("--host", default="127.0.0.1", help="--serve: the address to listen on (default: "
+         "127.0.0.1, this machine only; 0.0.0.0 lets other machines in)")
+    flag("--compare", metavar="OTHER.pt",
+         help="--serve: a second checkpoint (same tokenizer) shown side by side")
     args = parser.parse_args(argv)
     if not args.serve and (args.port is not None or args.compare or args.host != "127.0.0.1"):
         raise UsageError("--port, --host and --compare belong to --serve; add --serve")
@@ -82,20 +70,17 @@ def main(argv=None):
     if args.serve:  # the live page: explore_server.py
         from explore_server import serve
         return serve(args, device)
-    # float32 and the written-out attention: the only path that materialises the weights.
-    model, tokenizer, which = load_model(args.checkpoint, device, "float32", flash=False,
-                                         weights=args.weights)
+    model, tokenizer, which = load_model(args.checkpoint, device, weights=args.weights)
     print(f"{args.checkpoint}, {args.weights} weights: {which}\n")
     prompt_ids = encode_prompt(args.prompt, tokenizer, model.block_size)
     probs, attention = look_inside(model, prompt_ids)
-
     token_text = [readable(tokenizer.decode([i])) for i in range(tokenizer.vocab_size)]
     print_next_token_table(probs, prompt_ids, token_text, min(args.top_k, tokenizer.vocab_size))
     if not matplotlib_or_note("pictures"):
         return
     out_dir = output_folder(args.out, args.checkpoint)
-    prompt_labels = [token_text[i] for i in prompt_ids]
-    attention_png = draw_attention(attention, prompt_labels, os.path.join(out_dir, "attention.png"))
+    attention_png = draw_attention(attention, [token_text[i] for i in prompt_ids],
+                                   os.path.join(out_dir, "attention.png"))
     embeddings_png = draw_embeddings(model.tok_emb.weight.detach().cpu(), token_text,
                                      prompt_ids, os.path.join(out_dir, "embeddings.png"))
     print(f"\nAttention maps: {attention_png}\nEmbeddings:     {embeddings_png}")
@@ -112,28 +97,39 @@ def encode_prompt(prompt, tokenizer, block_size):
     return ids
 
 
-def look_inside(model, prompt_ids):
-    """Run the prompt (T tokens) through the model once: (next-token probabilities (T, V),
-    attention weights (n_layer, n_head, T, T)), both on the CPU.
+@torch.inference_mode()
+def look_inside(model, prompt_ids, cache=None, start=0):
+    """Run prompt_ids (T tokens) at positions start.. with a KV cache holding positions
+    0..start-1 (explore_server.py: the prompt before the newly typed characters): (next-token
+    probabilities (T, V), attention weights (n_layer, n_head, T, start + T)), on the CPU.
 
-    The model is not changed to keep its attention: on the written-out path (flash=False) the
-    softmax weights go through each layer's attn_dropout, and a hook catches them there.
+    The model is not changed to show its attention, and either attention path will do: a hook
+    catches each layer's queries, and the weights are computed again from them and the keys
+    the model put in the cache.
     """
-    caught = []  # each layer's attention weights (1, n_head, T, T), in order
-    hooks = [block.attn.attn_dropout.register_forward_pre_hook(
-        lambda dropout, args: caught.append(args[0])) for block in model.blocks]
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=model.tok_emb.weight.device)
+    if cache is None:
+        cache = model.new_cache(batch_size=1)
+    end, (n_layer, _, n_head, _, head_size) = start + len(prompt_ids), cache.keys.shape
+    if not prompt_ids:  # nothing new to run (explore_server.py: a character deleted at the end)
+        return torch.zeros(0, model.lm_head.out_features), torch.zeros(n_layer, n_head, 0, end)
+    cache.length = start  # the positions after start are overwritten: the cache is exact to here
+    qkv_outputs = []  # each layer's (1, T, 3C)
+    hooks = [block.attn.qkv.register_forward_hook(lambda module, args, out: qkv_outputs.append(out))
+             for block in model.blocks]
     try:
-        with torch.no_grad():
-            logits, _ = model(idx)  # (1, T, V)
+        idx = torch.tensor([prompt_ids], dtype=torch.long, device=cache.keys.device)
+        logits, _ = model(idx, cache=cache)  # (1, T, V)
     finally:
         for hook in hooks:
             hook.remove()
-    if len(caught) != len(model.blocks):
-        raise ValueError("no attention weights were caught: build the model with flash=False")
-    attention = torch.cat(caught).cpu()  # (L, nh, T, T)
-    probs = F.softmax(logits[0].float(), dim=-1).cpu()  # each row sums to 1
-    return probs, attention
+    may_look = torch.ones(len(prompt_ids), end, dtype=torch.bool, device=idx.device).tril(start)
+    attention = []
+    for layer, qkv in enumerate(qkv_outputs):
+        q = qkv[0, :, :n_head * head_size].view(-1, n_head, head_size).transpose(0, 1)
+        keys = cache.keys[layer, 0, :, :end]  # (nh, end, hs), queries q: (nh, T, hs)
+        scores = (q @ keys.transpose(-2, -1)).float() / math.sqrt(head_size)  # (nh, T, end)
+        attention.append(F.softmax(scores.masked_fill(~may_look, float("-inf")), dim=-1))
+    return F.softmax(logits[0].float(), dim=-1).cpu(), torch.stack(attention).cpu()
 
 
 def readable(text):
@@ -150,8 +146,7 @@ def next_token_rows(probs, prompt_ids, top_k):
     probability the model gave it, [(token, probability)] of its top_k guesses)."""
     top_probs, top_ids = probs.topk(top_k, dim=-1)  # (T, top_k) each
     rows = []
-    for t, token in enumerate(prompt_ids):
-        actual = prompt_ids[t + 1] if t + 1 < len(prompt_ids) else None
+    for t, (token, actual) in enumerate(zip(prompt_ids, prompt_ids[1:] + [None])):
         p_actual = probs[t, actual].item() if actual is not None else None
         guesses = list(zip(top_ids[t].tolist(), top_probs[t].tolist()))
         rows.append((token, actual, p_actual, guesses))
@@ -159,7 +154,6 @@ def next_token_rows(probs, prompt_ids, top_k):
 
 
 def print_next_token_table(probs, prompt_ids, token_text, top_k):
-    """Print, per prompt position, what came next, its probability, and the top_k guesses."""
     rows = next_token_rows(probs, prompt_ids, top_k)
     width = max(5, max(len(text) for text in token_text))
     print(f"After each token of the prompt, the model's {top_k} likeliest next tokens "
@@ -194,8 +188,7 @@ def output_folder(out, checkpoint):
                                {checkpoint: "the --checkpoint"}, "pass another --out")
     for picture in pictures:
         try:
-            with open(tmp_path_for(picture), "wb"):  # a file can be written in the folder
-                pass
+            open(tmp_path_for(picture), "wb").close()  # a file can be written in the folder
             os.remove(tmp_path_for(picture))
             if os.path.isdir(picture):
                 raise IsADirectoryError(21, "a folder of that name is in the way")
@@ -219,10 +212,9 @@ def draw_attention(attention, labels, path):
     fontsize = max(5.0, min(11.0, 0.8 * 72 * panel / len(ticks)))  # 4/5 of a row's height
     for layer in range(n_layer):
         for head in range(n_head):
-            ax = axes[layer][head]
-            image = ax.imshow(attention[layer, head].numpy(), cmap="Blues", vmin=0.0, vmax=1.0,
-                              interpolation="nearest")
-            ax.tick_params(length=0, pad=1.5, labelsize=fontsize)
+            image = axes[layer][head].imshow(attention[layer, head].numpy(), cmap="Blues",
+                                             vmin=0.0, vmax=1.0, interpolation="nearest")
+            axes[layer][head].tick_params(length=0, pad=1.5, labelsize=fontsize)
         axes[layer][0].set_yticks(ticks, tick_labels)
         axes[layer][0].set_ylabel(f"layer {layer}", fontsize=11)
     for head in range(n_head):
@@ -232,7 +224,7 @@ def draw_attention(attention, labels, path):
     figure.suptitle("Attention weights of the prompt. Row: the position that looks (query); "
                     "column: the position it looks at (key). ␣ space, ↵ newline", fontsize=12)
     figure.colorbar(image, ax=axes, shrink=0.5, pad=0.01, label="weight (each row sums to 1)")
-    figure.savefig(path, dpi=DPI)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
 
@@ -250,7 +242,7 @@ def embedding_pca(weight):
 
 
 def kind_of(text):
-    """The group a token is coloured by in embeddings.png."""
+    """The group a token is coloured by in embeddings.png (and on the live page)."""
     if text == "\ufffd" or (text.startswith("\\x") and len(text) == 4):
         return "byte"  # BPE: part of a character, or a control character
     if len(text) != 1:
@@ -263,9 +255,7 @@ def kind_of(text):
         return "capital"
     if text in SHOWN.values():
         return "space, newline"
-    if text.isdigit():
-        return "digit"
-    return "punctuation"
+    return "digit" if text.isdigit() else "punctuation"
 
 
 KIND_COLOURS = {"vowel": "tab:red", "consonant": "tab:blue", "capital": "tab:green",
@@ -275,12 +265,11 @@ KIND_COLOURS = {"vowel": "tab:red", "consonant": "tab:blue", "capital": "tab:gre
 
 def draw_embeddings(weight, token_text, prompt_ids, path):
     """Save the token embeddings (V, C), projected to 2-D, as labelled points; returns path.
-    A vocabulary of characters gets every point labelled; a bigger one (BPE), only the
-    prompt's tokens, which would otherwise drown in the crowd."""
+    A vocabulary of characters (up to 128 tokens) gets every point labelled; a bigger one (BPE),
+    only the prompt's tokens, which would otherwise drown in the crowd."""
     plt = pyplot()
-    labelled = list(range(len(token_text)))
-    if len(token_text) > MAX_LABELS:
-        labelled = sorted(set(prompt_ids))
+    label_all = len(token_text) <= 128
+    labelled = range(len(token_text)) if label_all else sorted(set(prompt_ids))
     coords, explained = embedding_pca(weight)
     figure, ax = plt.subplots(figsize=(10, 8.5))
     kinds = [kind_of(text) for text in token_text]
@@ -291,32 +280,31 @@ def draw_embeddings(weight, token_text, prompt_ids, path):
     ax.set_xlabel(f"first principal component ({100 * explained[0]:.0f}% of the variance)")
     ax.set_ylabel(f"second principal component ({100 * explained[1]:.0f}% of the variance)")
     ax.set_title("Token embeddings projected to 2-D (PCA). ␣ space, ↵ newline"
-                 + ("" if len(labelled) == len(token_text) else "; labelled: the prompt's tokens"))
+                 + ("" if label_all else "; labelled: the prompt's tokens"))
     ax.legend(loc="best", fontsize=10)
     ax.grid(alpha=0.2)
     ax.margins(0.06)
     figure.tight_layout()  # fixes where the points land, so the labels can be placed
-    offsets = label_offsets(ax, coords[labelled], [token_text[i] for i in labelled], LABEL_SIZE)
+    offsets = label_offsets(ax, coords[labelled], [token_text[i] for i in labelled])
     for i, offset in zip(labelled, offsets):
         colour = KIND_COLOURS[kinds[i]]
         # A framed label, so that a lone "." or "," is as easy to find as a letter.
         ax.annotate(token_text[i], (coords[i, 0], coords[i, 1]), xytext=offset,
                     textcoords="offset points", fontsize=LABEL_SIZE, fontweight="bold",
-                    color=colour, va="bottom",
-                    bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor=colour,
-                              linewidth=0.8, alpha=0.9))
-    figure.savefig(path, dpi=DPI)
+                    color=colour, va="bottom", bbox=dict(boxstyle="round,pad=0.15", alpha=0.9,
+                    facecolor="white", edgecolor=colour, linewidth=0.8))
+    figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
 
 
-def label_offsets(ax, coords, texts, size):
+def label_offsets(ax, coords, texts):
     """(dx, dy) in points for each point's label: just right of the point, pushed further right
     while its box would cover a label placed before it (points close together, like a and A)."""
     points = ax.transData.transform(coords.numpy()) * 72 / ax.figure.dpi  # (V, 2), in points
     placed, offsets = [], [None] * len(texts)
     for i in sorted(range(len(texts)), key=lambda i: points[i][0]):
-        width, height = 0.75 * size * len(texts[i]) + 5, size + 5  # text and frame
+        width, height = 0.75 * LABEL_SIZE * len(texts[i]) + 5, LABEL_SIZE + 5  # text and frame
         left, bottom = points[i][0] + 4, points[i][1] + 2
         while any(left < right and other_left < left + width and bottom < top
                   and other_bottom < bottom + height

@@ -12,17 +12,17 @@ list: no path from the URL ever reaches the file system) and answers three JSON 
                          sampled text, one JSON line per piece, sent as it is generated
 
 Why typing stays fast: in a causal model, the prediction and the attention row of position t
-depend only on tokens 0..t. When a character is added at the end, every earlier row stays as it
-was. So the server keeps the KV cache (model.py: KVCache) of the last few prompts it has seen and
-runs only the positions after the part they share, and the page keeps the rows it already has
-and asks only for the new ones ("known": the token ids it holds rows for). The numbers are those
-of explore.look_inside, which runs the whole prompt at once (tests/test_explore_server.py).
+depend only on tokens 0..t, so a character added at the end leaves every earlier row as it was.
+The server keeps the KV cache (model.py: KVCache) of the last few prompts it has seen and runs
+only the positions after the part they share (explore.look_inside), and the page keeps the rows
+it has and asks only for the new ones ("known": the token ids it holds rows for).
 """
 
 import base64
 import errno
 import json
 import math
+import os
 import socket
 import sys
 import threading
@@ -32,7 +32,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import torch
-import torch.nn.functional as F
 
 import explore
 from checkpoint import load_checkpoint
@@ -40,11 +39,10 @@ from generate import check_args, load_model, prompt_ids_for, stream_text
 from utils import UsageError
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
-# URL path -> (file in web/, content type): everything the server will ever read from disk.
-PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
-              "/index.html": ("index.html", "text/html; charset=utf-8"),
-              "/explore.css": ("explore.css", "text/css; charset=utf-8"),
-              "/explore.js": ("explore.js", "text/javascript; charset=utf-8")}
+# URL path -> file in web/: everything the server will ever read from disk.
+PAGE_FILES = {"/": "index.html", "/index.html": "index.html", "/explore.css": "explore.css",
+              "/explore.js": "explore.js"}
+CONTENT_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript"}
 MAX_BODY = 64 * 1024  # bytes in a request: a prompt of a few thousand characters, and more
 MAX_PROMPT_CHARS = 20_000  # longer prompts are refused; up to it, the last block_size tokens count
 MAX_LENGTH = 2000  # tokens one "continue" may ask for
@@ -53,7 +51,7 @@ KEPT_PROMPTS = 4  # KV caches kept per model: a few tabs typing at once each fin
 FIRST_PORT = 8000  # without --port: the first free port from here on
 
 
-class RequestError(Exception):
+class RequestError(UsageError):
     """A bad request: the message goes back to the page, with an HTTP status (400, 404, 413)."""
 
     def __init__(self, message, status=400):
@@ -66,7 +64,7 @@ class RequestError(Exception):
 
 def load_explorer(path, device, weights="best"):
     """A model with everything the page asks of it: the model, its tokenizer, its facts, a lock
-    (one forward pass at a time: the KV caches and the hooks below are shared) and its caches.
+    (one forward pass at a time: the KV caches are shared) and its kept prompts.
     weights: best (as generate.py samples) or last."""
     facts = load_checkpoint(path)  # read once more for the step and losses load_model drops
     model, tokenizer, _ = load_model(path, device, weights=weights)
@@ -77,13 +75,13 @@ def load_explorer(path, device, weights="best"):
             val_loss, float) and val_loss > 0 else None
         step, val_loss = facts["best"]["step"], facts["best"]["val_loss"]
         val_bpc = per_loss and per_loss * val_loss
+    shape = {name: facts["model_args"][name]
+             for name in ("n_layer", "n_head", "n_embd", "block_size")}
     return types.SimpleNamespace(
         model=model, tokenizer=tokenizer, device=device, lock=threading.Lock(), prompts=[],
-        facts=dict(checkpoint=path, parameters=model.num_params(), step=step,
-                   val_loss=val_loss, val_bpc=val_bpc,
-                   tokenizer=facts["tokenizer"]["kind"], vocab_size=tokenizer.vocab_size,
-                   **{name: facts["model_args"][name]
-                      for name in ("n_layer", "n_head", "n_embd", "block_size")}))
+        facts=dict(checkpoint=path, parameters=model.num_params(), step=step, val_loss=val_loss,
+                   val_bpc=val_bpc, tokenizer=facts["tokenizer"]["kind"],
+                   vocab_size=tokenizer.vocab_size, **shape))
 
 
 def model_answer(explorer, other):
@@ -111,6 +109,7 @@ def look(explorer, prompt, known=None):
         known_length = len(ids) if known is None else shared_length(known, ids)
         probs, start, attention = run_prompt(explorer, ids, known_length)
     rows = explore.next_token_rows(probs, ids, min(TOP_K, explorer.tokenizer.vocab_size))
+    attention = attention.permute(2, 0, 1, 3)  # (T - start, n_layer, n_head, T): row by row
     return dict(ids=ids, cut=cut, start=start, rows=rows,
                 attention=base64.b64encode(attention.numpy().astype("<f4").tobytes()).decode())
 
@@ -120,26 +119,17 @@ def encode(tokenizer, prompt):
         raise RequestError("prompt must be a string")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise RequestError(f"the prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
-    try:
-        return tokenizer.encode(prompt)
-    except UsageError as err:  # characters the model never saw: the message names them
-        raise RequestError(str(err)) from None
+    return tokenizer.encode(prompt)  # a UsageError (400) names characters the model never saw
 
 
 def shared_length(a, b):
-    """How many tokens the lists a and b share at their start."""
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+    return len(os.path.commonprefix([a, b]))  # how many tokens lists a and b share at the start
 
 
 def run_prompt(explorer, ids, known):
-    """(probabilities (T, V), start, attention rows (T - start, n_layer, n_head, T)) of ids.
-
-    Takes the kept prompt that shares the longest start with ids, and runs through the model only
-    the positions after what both it and the page already have: at most `known`.
-    """
+    """(probabilities (T, V), start, attention (n_layer, n_head, T - start, T)) of ids: from the
+    kept prompt that shares the longest start with ids, only the positions after what both it
+    and the page already have (at most `known`) run through the model."""
     kept = max(explorer.prompts, key=lambda p: shared_length(p.ids, ids), default=None)
     if kept and (shared_length(kept.ids, ids) > 0 or len(explorer.prompts) == KEPT_PROMPTS):
         explorer.prompts.remove(kept)  # the best match or, when none matches, the oldest
@@ -147,43 +137,10 @@ def run_prompt(explorer, ids, known):
         kept = types.SimpleNamespace(ids=[], probs=torch.zeros(0, explorer.tokenizer.vocab_size),
                                      cache=explorer.model.new_cache(batch_size=1))
     start = min(shared_length(kept.ids, ids), known)
-    probs, attention = run_positions(explorer.model, kept.cache, ids[start:], start)
+    probs, attention = explore.look_inside(explorer.model, ids[start:], kept.cache, start)
     kept.ids, kept.probs = ids, torch.cat([kept.probs[:start], probs])
     explorer.prompts.append(kept)  # the most recently used last
     return kept.probs, start, attention
-
-
-@torch.inference_mode()
-def run_positions(model, cache, new_ids, start):
-    """Run new_ids at positions start, start+1, ... with the cache holding the keys and values
-    of positions 0..start-1: (probabilities (T_new, V), attention rows (T_new, n_layer, n_head,
-    start + T_new)), both on the CPU.
-
-    The attention weights are recomputed from what the model computed anyway: each layer's
-    queries (caught by a hook on its Q, K, V projection) against the keys in the cache.
-    """
-    end, (n_layer, _, n_head, _, head_size) = start + len(new_ids), cache.keys.shape
-    if not new_ids:  # the prompt was cut short at the end: nothing new to run
-        return torch.zeros(0, model.lm_head.out_features), torch.zeros(0, n_layer, n_head, end)
-    cache.length = start  # the positions after start are overwritten: the cache is exact to here
-    qkv_outputs = []
-    hooks = [block.attn.qkv.register_forward_hook(lambda module, args, out: qkv_outputs.append(out))
-             for block in model.blocks]
-    try:
-        idx = torch.tensor([new_ids], dtype=torch.long, device=cache.keys.device)
-        logits, _ = model(idx, cache=cache)  # (1, T_new, V)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    may_look = torch.ones(len(new_ids), end, dtype=torch.bool, device=idx.device).tril(start)
-    attention = []
-    for layer, qkv in enumerate(qkv_outputs):
-        q = qkv[0, :, :n_head * head_size].view(-1, n_head, head_size).transpose(0, 1)
-        keys = cache.keys[layer, 0, :, :end]  # (nh, end, hs): the earlier positions' and the new
-        scores = (q @ keys.transpose(-2, -1)).float() / math.sqrt(head_size)  # (nh, T_new, end)
-        attention.append(F.softmax(scores.masked_fill(~may_look, float("-inf")), dim=-1))
-    probs = F.softmax(logits[0].float(), dim=-1)
-    return probs.cpu(), torch.stack(attention).permute(2, 0, 1, 3).cpu()  # (T_new, L, nh, end)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,10 +155,7 @@ def sampling_args(body):
         num_samples=1, no_cache=False, checkpoint="-")
     if not 1 <= args.max_new_tokens <= MAX_LENGTH:
         raise RequestError(f"length must be from 1 to {MAX_LENGTH}, got {args.max_new_tokens}")
-    try:
-        check_args(args)
-    except UsageError as err:
-        raise RequestError(str(err).replace("--max_new_tokens", "length")) from None
+    check_args(args)
     return args
 
 
@@ -216,114 +170,99 @@ def number(body, name, default, kind):
     return kind(value)
 
 
-def continuation(explorer, prompt, args):
-    """Yield the sampled text piece by piece (generate.stream_text), each step under the lock."""
-    ids = prompt_ids_for(prompt, explorer.tokenizer)  # an empty prompt starts from a newline
-    generator = torch.Generator(explorer.device).manual_seed(args.seed)
-    pieces = stream_text(explorer.model, explorer.tokenizer, ids, args, explorer.device,
-                         generator=generator)
-    while True:
-        with explorer.lock:
-            piece = next(pieces, None)
-        if piece is None:
-            return
-        yield piece
-
-
 # ---------------------------------------------------------------------------------------------
 # The web server
 
-def make_handler(explorer, other):
-    """The request handler class, for explorer and the optional second model (--compare)."""
+class Handler(BaseHTTPRequestHandler):
+    """One request, answered from self.server.explorer and, with --compare, self.server.other."""
+    default_request_version = "HTTP/1.0"  # so that even a garbled request gets a status line
 
-    class Handler(BaseHTTPRequestHandler):
-        default_request_version = "HTTP/1.0"  # so that even a garbled request gets a status line
+    def do_GET(self):  # and do_POST: any error becomes a JSON error answer, never a dead server
+        path = urlsplit(self.path).path
+        try:
+            if self.command == "GET":
+                self.get(path, self.server.explorer)
+            else:
+                self.post(path, self.server.explorer, self.server.other)
+        except UsageError as err:  # a RequestError, or a bad prompt or setting: the page's fault
+            self.send({"error": str(err)}, status=getattr(err, "status", 400))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the page went away (a new keystroke, a closed tab)
+        except Exception as err:  # a bug: say so in one line and keep serving
+            print(f"error: {self.path}: {type(err).__name__}: {err}", file=sys.stderr)
+            self.send({"error": f"internal error: {type(err).__name__}: {err}"}, status=500)
 
-        def do_GET(self):
-            self.answer(self.get)
+    do_POST = do_GET
 
-        def do_POST(self):
-            self.answer(self.post)
+    def get(self, path, explorer):
+        if path == "/api/model":
+            return self.send(model_answer(explorer, self.server.other))
+        if path not in PAGE_FILES:
+            raise RequestError(f"no such page: {path[:100]}", 404)
+        page = WEB_DIR / PAGE_FILES[path]
+        self.send(page.read_bytes(), f"{CONTENT_TYPES[page.suffix]}; charset=utf-8")
 
-        def answer(self, respond):
-            """Run respond(); any error becomes a JSON error answer, never a dead server."""
-            try:
-                respond()
-            except RequestError as err:
-                self.send_json({"error": str(err)}, err.status)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the page went away (a new keystroke, a closed tab)
-            except Exception as err:  # a bug: say so in one line and keep serving
-                print(f"error: {self.path}: {type(err).__name__}: {err}", file=sys.stderr)
-                self.send_json({"error": f"internal error: {type(err).__name__}: {err}"}, 500)
-
-        def get(self):
-            path = urlsplit(self.path).path
-            if path == "/api/model":
-                return self.send_json(model_answer(explorer, other))
-            if path not in PAGE_FILES:
-                raise RequestError(f"no such page: {path[:100]}", 404)
-            name, content_type = PAGE_FILES[path]
-            self.send_bytes((WEB_DIR / name).read_bytes(), content_type)
-
-        def post(self):
-            path, body = urlsplit(self.path).path, self.read_json()
-            if path == "/api/look":
-                known = body.get("known", [])
-                if not (isinstance(known, list) and all(type(i) is int for i in known)):
-                    raise RequestError("known must be a list of token ids")
-                answer = look(explorer, body.get("prompt"), known)
-                if other:  # the second model's table for the same prompt (its rows only)
-                    answer["compare"] = look(other, body.get("prompt"))["rows"]
-                return self.send_json(answer)
-            if path == "/api/continue":
-                args = sampling_args(body)
-                prompt = body.get("prompt", "")
-                encode(explorer.tokenizer, prompt)  # refuse bad characters before streaming
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-ndjson")
-                self.end_headers()  # HTTP/1.0: the answer ends when the connection closes
-                for piece in continuation(explorer, prompt, args):
-                    self.wfile.write((json.dumps({"text": piece}) + "\n").encode())
-                return
+    def post(self, path, explorer, other):
+        body = self.read_json()
+        if path == "/api/look":
+            known = body.get("known", [])
+            if not (isinstance(known, list) and all(type(i) is int for i in known)):
+                raise RequestError("known must be a list of token ids")
+            answer = look(explorer, body.get("prompt"), known)
+            if other:  # the second model's table for the same prompt (its rows only)
+                answer["compare"] = look(other, body.get("prompt"))["rows"]
+            return self.send(answer)
+        if path != "/api/continue":
             raise RequestError(f"no such request: POST {path[:100]}", 404)
+        args, prompt = sampling_args(body), body.get("prompt", "")
+        encode(explorer.tokenizer, prompt)  # refuse bad characters before streaming
+        generator = torch.Generator(explorer.device).manual_seed(args.seed)
+        pieces = stream_text(explorer.model, explorer.tokenizer,
+                             prompt_ids_for(prompt, explorer.tokenizer), args, explorer.device,
+                             generator=generator)  # generate.py's sample, piece by piece
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.end_headers()  # HTTP/1.0: the answer ends when the connection closes
+        while True:
+            with explorer.lock:  # step by step: another tab's look may come in between
+                piece = next(pieces, None)
+            if piece is None:
+                return
+            self.wfile.write((json.dumps({"text": piece}) + "\n").encode())
 
-        def read_json(self):
-            try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                raise RequestError("a POST needs a Content-Length header", 411) from None
-            if not 0 <= length <= MAX_BODY:
-                raise RequestError(f"the request body is {length} bytes; at most {MAX_BODY}", 413)
-            try:
-                body = json.loads(self.rfile.read(length))
-            except ValueError as err:  # bad JSON or bad UTF-8
-                raise RequestError(f"the request body is not JSON: {err}") from None
-            if not isinstance(body, dict):
-                raise RequestError("the request body must be a JSON object")
-            return body
+    def read_json(self):
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise RequestError("a POST needs a Content-Length header", 411) from None
+        if not 0 <= length <= MAX_BODY:
+            raise RequestError(f"the request body is {length} bytes; at most {MAX_BODY}", 413)
+        try:
+            body = json.loads(self.rfile.read(length))
+        except ValueError as err:  # bad JSON or bad UTF-8
+            raise RequestError(f"the request body is not JSON: {err}") from None
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        return body
 
-        def send_json(self, value, status=200):
-            self.send_bytes(json.dumps(value).encode(), "application/json", status)
+    def send(self, data, content_type="application/json", status=200):
+        """Answer data: bytes, or a value sent as JSON."""
+        data = data if isinstance(data, bytes) else json.dumps(data).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
 
-        def send_bytes(self, data, content_type, status=200):
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(data)
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a garbled request line, an unknown method), as JSON."""
+        if code == 501:
+            code, message = 405, "only GET and POST are answered"
+        self.send({"error": message or self.responses.get(code, ("error",))[0]}, status=code)
 
-        def send_error(self, code, message=None, explain=None):
-            """http.server's own refusals (a garbled request line, an unknown method), as JSON."""
-            if code == 501:
-                code, message = 405, "only GET and POST are answered"
-            self.send_json({"error": message or self.responses.get(code, ("error",))[0]}, code)
-
-        def log_message(self, format, *args):
-            pass  # no line per request: the terminal stays readable
-
-    return Handler
+    def log_message(self, format, *args):
+        pass  # no line per request: the terminal stays readable
 
 
 def start_server(args, device):
@@ -334,14 +273,10 @@ def start_server(args, device):
     if other and other.tokenizer.to_dict() != explorer.tokenizer.to_dict():
         raise UsageError(f"--compare {args.compare} has another tokenizer than {args.checkpoint}; "
                          f"compare checkpoints trained on the same text with the same --tokenizer")
-    handler = make_handler(explorer, other)
     ports = [args.port] if args.port is not None else range(FIRST_PORT, FIRST_PORT + 100)
     for port in ports:
         try:
-            server = ThreadingHTTPServer((args.host, port), handler)
-            server.daemon_threads = True  # Ctrl-C does not wait for open connections
-            server.handle_error = lambda request, client_address: None  # never a traceback
-            return server
+            server = ThreadingHTTPServer((args.host, port), Handler)
         except socket.gaierror:  # also an IPv6 address: the server listens on IPv4
             raise UsageError(f"--host {args.host}: no such IPv4 address; use 127.0.0.1 (this "
                              f"machine only) or 0.0.0.0 (every network it is on)") from None
@@ -352,6 +287,11 @@ def start_server(args, device):
             if args.port is not None or port == ports[-1]:
                 raise UsageError(f"cannot listen on {args.host}:{port} ({err.strerror}); pass "
                                  f"another --port, or stop the program using it") from None
+            continue
+        server.explorer, server.other = explorer, other  # what Handler answers from
+        server.daemon_threads = True  # Ctrl-C does not wait for open connections
+        server.handle_error = lambda request, client_address: None  # never a traceback
+        return server
 
 
 def serve(args, device):

@@ -14,68 +14,58 @@ from utils import UsageError
 
 def log_paths(checkpoint):
     """(metrics log, loss-curve PNG) beside a checkpoint: run.pt -> run.pt.metrics.jsonl,
-    run.pt.loss.png. Named after the whole name, so that no two checkpoints (run.pt, run.pth,
-    run) share a log."""
+    run.pt.loss.png. Named after the whole name, so that run.pt, run.pth and run never share."""
     return f"{checkpoint}.metrics.jsonl", f"{checkpoint}.loss.png"
 
 
 def metrics_recorder(config):
     """Return record(dict): appends to <checkpoint>.metrics.jsonl and logs to W&B with --wandb;
-    record(dict, draw_curve=True) also draws <checkpoint>.loss.png (if matplotlib is installed).
+    record(dict, draw_curve=True) also draws <checkpoint>.loss.png (with matplotlib), once, after
+    the last evaluation: at every evaluation it would slow short runs measurably.
 
-    The curve is drawn once, after the last evaluation: drawing at every evaluation would slow
-    short runs measurably (docs/results.md).
-
-    A fresh run with the same --checkpoint as an earlier run overwrites that run's checkpoint
-    at its first save, and only then its log: until record(dict, saved=True) the new rows wait
-    in memory, so a run stopped early (a mistyped flag, Ctrl-C) leaves the earlier log intact.
-
-    These files are a convenience: if one cannot be written (a full disk, a read-only folder),
-    a note says so once and training goes on without it; so does a failing W&B."""
+    A fresh run with the same --checkpoint as an earlier run overwrites that run's checkpoint at
+    its first save, and only then its log: until record(dict, saved=True) the new rows wait in
+    memory, so a run stopped early (a mistyped flag, Ctrl-C) leaves the earlier log intact.
+    These files and W&B are a convenience: if one fails (a full disk, a read-only folder, no
+    network), a note says so once and training goes on without it."""
     jsonl_path, png_path = log_paths(config.checkpoint)
     # Rows held back while an earlier run's log is still the one that goes with the checkpoint.
     held_back = [] if not config.resume and os.path.exists(jsonl_path) else None
     can_draw = matplotlib_or_note("loss-curve PNG")
     wandb_run = start_wandb(config) if config.wandb else None
-    broken = set()  # "log", "png": files that could not be written, left alone after a note
+    failed = set()  # "log", "png", "W&B": what failed once and is not tried again
 
-    def note(what, err):
-        reason = getattr(err, "strerror", None) or f"{type(err).__name__}: {str(err)[:100]}"
-        tqdm.write(f"Note: {what} failed ({reason}); training goes on without it")
-
-    def write_log(rows, mode):
-        if "log" in broken:
+    def attempt(name, what, action):
+        if name in failed:
             return
         try:
-            with open(jsonl_path, mode) as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
-        except OSError as err:
-            broken.add("log")
-            note(f"writing the metrics log {jsonl_path}", err)
+            action()
+        except Exception as err:  # OSError; matplotlib's or W&B's own (network, quota, ...)
+            failed.add(name)
+            reason = getattr(err, "strerror", None) or f"{type(err).__name__}: {str(err)[:100]}"
+            tqdm.write(f"Note: {what} failed ({reason}); training goes on without it")
 
     def record(metrics, draw_curve=False, saved=False):
-        nonlocal held_back, wandb_run
-        if held_back is None:
-            write_log([metrics], "a")
-        else:  # the earlier run's log goes with the checkpoint until this run's first save
+        nonlocal held_back
+        if held_back is not None and not saved:  # the earlier run's log is still the one
             held_back.append(metrics)
-            if saved:
-                write_log(held_back, "w")
-                held_back = None
+        else:
+            rows, mode = ([metrics], "a") if held_back is None else ([*held_back, metrics], "w")
+            attempt("log", f"writing the metrics log {jsonl_path}",
+                    lambda: write_rows(jsonl_path, rows, mode))
+            held_back = None
         if wandb_run is not None:
-            try:
-                log_to_wandb(wandb_run, metrics)
-            except Exception as err:  # W&B's own errors: network, quota, ...
-                note("logging to W&B", err)
-                wandb_run = None
-        if can_draw and draw_curve and held_back is None and not broken:
-            try:
-                plot_losses(jsonl_path, png_path)
-            except Exception as err:  # OSError, or matplotlib's own errors
-                broken.add("png")
-                note(f"drawing the loss curve {png_path}", err)
+            attempt("W&B", "logging to W&B", lambda: log_to_wandb(wandb_run, metrics))
+        if can_draw and draw_curve and held_back is None and "log" not in failed:
+            attempt("png", f"drawing the loss curve {png_path}",
+                    lambda: plot_losses(jsonl_path, png_path))
 
     return record
+
+
+def write_rows(path, rows, mode):
+    with open(path, mode) as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def log_to_wandb(wandb_run, metrics):
@@ -98,14 +88,14 @@ def start_wandb(config):
     except Exception as err:  # not logged in, offline, ...: train anyway
         print(f"Note: W&B did not start ({type(err).__name__}: {str(err)[:100]}); training "
               f"goes on without it")
-        return None
 
 
 def matplotlib_or_note(what):
     """Whether matplotlib (optional, imported only to draw) is installed; if not, says so."""
-    if importlib.util.find_spec("matplotlib") is None:
+    found = importlib.util.find_spec("matplotlib") is not None
+    if not found:
         print(f"Note: matplotlib is not installed, so no {what} (pip install matplotlib)")
-    return importlib.util.find_spec("matplotlib") is not None
+    return found
 
 
 def pyplot():
@@ -124,10 +114,10 @@ def plot_losses(jsonl_path, png_path):
     steps = [r["step"] for r in rows if "loss" in r]
     axes.plot(steps, [r["loss"] for r in rows if "loss" in r], alpha=0.3, label="batch loss")
     evals = [r for r in rows if "val_loss" in r]
-    axes.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train loss")
-    axes.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
-    axes.set_xlabel("step")
-    axes.set_ylabel("cross-entropy (nats per token)")
+    eval_steps = [r["step"] for r in evals]
+    axes.plot(eval_steps, [r["train_loss"] for r in evals], "o-", label="train loss")
+    axes.plot(eval_steps, [r["val_loss"] for r in evals], "o-", label="val loss")
+    axes.set(xlabel="step", ylabel="cross-entropy (nats per token)")
     axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()

@@ -151,12 +151,21 @@ def test_attention_maps_are_causal_rows_sum_to_one_and_are_the_real_weights(chec
         scores = q @ k.transpose(-2, -1) / math.sqrt(8)
         scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     assert torch.allclose(attention[0], F.softmax(scores, dim=-1)[0], atol=1e-5)
-    # Caught by hooks that look_inside removes again; the SDPA path never forms the weights.
-    assert not any(b.attn.attn_dropout._forward_pre_hooks for b in model.blocks)
+    # Every layer: the very weights the written-out path forms (caught at its attn_dropout).
+    caught = []
+    hooks = [b.attn.attn_dropout.register_forward_pre_hook(lambda m, args: caught.append(args[0]))
+             for b in model.blocks]
+    with torch.no_grad():
+        model(idx)
+    for hook in hooks:
+        hook.remove()
+    assert torch.allclose(torch.cat(caught), attention, atol=1e-6)
+    # The queries come from hooks that look_inside removes again; the SDPA path, which never
+    # forms the weights, shows the same ones.
+    assert not any(b.attn.qkv._forward_hooks for b in model.blocks)
     sdpa_model, _, _ = load_model(str(checkpoint), "cpu", flash=True)
-    with pytest.raises(ValueError, match="flash=False"):
-        explore.look_inside(sdpa_model, ids)
-    assert not any(b.attn.attn_dropout._forward_pre_hooks for b in sdpa_model.blocks)
+    assert torch.allclose(explore.look_inside(sdpa_model, ids)[1], attention, atol=1e-6)
+    assert not any(b.attn.qkv._forward_hooks for b in sdpa_model.blocks)
 
 
 def test_embedding_pca_keeps_the_two_largest_directions():
