@@ -6,11 +6,10 @@
     python generate.py --interactive                         # type prompts, read continuations
     python generate.py --reference                           # the plain code: no speed-ups
 
-main() reads the flags, loads the checkpoint, and prints the text as it is generated. A KV
-cache (model.py) makes each new token cost one position instead of the whole context;
---no_cache runs the plain re-run-everything loop. Two speed-ups from speedups.py sit on top,
-each a flag: int8 weights on CPUs (--dtype int8) and, on CUDA, a compiled one-token step
-replayed as a CUDA graph (--compile, on by default there).
+main() reads the flags, loads the checkpoint, and prints the text as it is generated, each new
+token costing one position thanks to model.py's KV cache (--no_cache: re-run the whole context).
+speedups.py adds two flags: int8 weights on CPUs (--dtype int8) and, on CUDA, a compiled
+one-token step replayed as a CUDA graph (--compile, on by default there).
 """
 
 import startup
@@ -92,11 +91,7 @@ def load_model(path, device, dtype="float32", flash=True, weights="best"):
     state_dict, which = chosen_weights(checkpoint, weights)
     # flash picks the attention path (SDPA or written out), whatever the model trained with.
     model = GPTModel(GPTConfig(**{**checkpoint["model_args"], "flash": flash}))
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError:
-        raise UsageError(f"{path}: the weights do not match the model_args stored with them; "
-                         f"the checkpoint is damaged or from another program")
+    model.load_state_dict(state_dict)  # load_checkpoint made sure that the shapes match
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     return for_sampling(model, device, dtype), tokenizer, which
 

@@ -42,8 +42,7 @@ def keep_freed_memory():
 
 
 class FastCPUDropout(nn.Dropout):
-    """nn.Dropout (zero each element with probability p, scale the rest by 1/(1-p)), made
-    cheaper on CPUs.
+    """nn.Dropout (zero each element with probability p, scale the rest by 1/(1-p)) for CPUs.
 
     Why: on a CPU, torch's dropout draws one random number per element, and with dropout 0.2
     those draws took a large part of a training step of the default model (the attention
