@@ -252,13 +252,11 @@ class KVCache:
     (n_layer, B, n_head, block_size, head_size) of which the first `length` positions are filled.
 
     Why it is exact: in a causal model the key and value of position t depend only on tokens
-    0..t, so once computed they never change. Generating token t+1 therefore needs only the
-    query, key and value of the one new position; the older ones are read back from here.
-
-    Why fixed-size: attention then always runs over all block_size slots, the causal mask's
-    row for each position hiding the slots after it (filled or not). The shapes never change
-    from one token to the next, so one compiled decode step (speedups.compile_decode, a CUDA
-    graph on GPUs) serves every position.
+    0..t, so once computed they never change: a new token needs only its own query, key and
+    value; the older keys and values are read back from here.
+    Why fixed-size: attention always runs over all block_size slots, the causal mask hiding
+    those after each position, so the shapes never change from one token to the next and one
+    compiled decode step serves every position (speedups.compile_decode).
     """
 
     def __init__(self, config, batch_size, device, dtype):

@@ -24,12 +24,10 @@ from utils import UsageError, use_compile
 def keep_freed_memory():
     """Let the C library's malloc keep freed memory for the next allocation instead of handing
     it back to the operating system; True if it could (Linux with glibc), else does nothing.
-
     Why: glibc gives every allocation over 32 MB (most activations of the default model at
-    batch 64: the attention weights alone are 50 MB a layer) freshly mapped pages and unmaps
-    them on free, so at every training step the kernel maps and zeroes gigabytes of pages
-    again: hundreds of thousands of page faults. The cost: the process keeps its peak memory
-    until it exits, and a little more, as freed blocks do not always fit the next request.
+    batch 64) fresh pages and unmaps them on free, so every training step the kernel maps and
+    zeroes gigabytes again: hundreds of thousands of page faults. The cost: the process keeps
+    its peak memory until it exits (and a little more: freed blocks do not always fit).
     """
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt  # glibc's; other C libraries have none
@@ -166,8 +164,8 @@ class Int8Linear(nn.Module):
         # small CPU kernels (LayerNorm, GELU, attention) were faster here than bfloat16's.
         rows = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
         if rows.size(0) > 8:
-            # Many rows at once (a prompt, --no_cache): the matmul, not the reading, is the
-            # cost, and the bfloat16 one is faster; widen the weights for it.
+            # Many rows (a prompt, --no_cache): the matmul, not the reading, is the cost, and
+            # the bfloat16 one is faster; widen the weights for it.
             y = F.linear(rows, self.weight.to(torch.bfloat16) * self.scales[:, None])
         else:
             # A few rows (one new token per sample): PyTorch's fused int8-weight kernel reads
