@@ -4,14 +4,12 @@
     python generate.py --temperature 0 --prompt "To be"      # greedy: always the likeliest char
     python generate.py --num_samples 4                       # four samples in one batched pass
     python generate.py --interactive                         # type prompts, read continuations
-
     python generate.py --reference                           # the plain code: no speed-ups
 
-main() reads the flags, loads the checkpoint, and prints the text as it is generated. A KV
-cache (model.py) makes each new token cost one position instead of the whole context;
---no_cache runs the plain re-run-everything loop. Two speed-ups from speedups.py sit on top,
-each a flag: int8 weights on CPUs (--dtype int8) and, on CUDA, a compiled one-token step
-replayed as a CUDA graph (--compile, on by default there).
+main() reads the flags, loads the checkpoint, and prints the text as it is generated, each new
+token costing one position thanks to model.py's KV cache (--no_cache: re-run the whole context).
+speedups.py adds two flags: int8 weights on CPUs (--dtype int8) and, on CUDA, a compiled
+one-token step replayed as a CUDA graph (--compile, on by default there).
 """
 
 import startup
@@ -29,8 +27,6 @@ from speedups import compile_decode, quantize_int8
 from tokenizer import start_tokens, tokenizer_from_dict
 from utils import UsageError, check_fits_in_memory, pick_device, pick_dtype, run_main, use_flash
 
-RULE = "=" * 60
-
 
 def parse_args(argv=None):
     parser = ArgumentParser(prog="generate.py", description="Sample text from a checkpoint.")
@@ -45,11 +41,10 @@ def parse_args(argv=None):
     parser.add_argument("--weights", default="best", choices=["best", "last"],
                         help="best: the weights of the run's lowest val loss; last: its last step's")
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
-    parser.add_argument("--dtype", default="auto",
-                        choices=["auto", "float32", "bfloat16", "float16", "int8"],
-                        help="number format of the weights while sampling; auto = as in "
-                             "training (bfloat16 where the chip has it, else float32); int8 "
-                             "(CPU only, speedups.py) is the fastest on CPUs with native bf16")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16",
+                        "float16", "int8"], help="number format of the weights while sampling; "
+                        "auto = as in training (bfloat16 where the chip has it, else float32); "
+                        "int8 (CPU only, speedups.py) is the fastest on CPUs with native bf16")
     parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                         help="torch.compile the one-token decode step (CUDA graphs on GPUs); "
                              "auto = on for CUDA, where it pays back its start-up time")
@@ -70,57 +65,41 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """Each flag's range, before anything is loaded: one line naming the flag and the value."""
-    # Below 1e-6 sampling is greedy in all but name, and logits / temperature can overflow.
-    if not (args.temperature == 0 or 1e-6 <= args.temperature < math.inf):
-        raise UsageError(f"--temperature must be 0 (greedy) or a finite number >= 1e-6, got "
-                         f"{args.temperature}")
-    if args.top_k < 1:
-        raise UsageError(f"--top_k must be at least 1, got {args.top_k}")
-    # Below 1e-6 top-p is greedy in all but name, and rounds to 0 in float32, which drops all.
-    if args.top_p is not None and not 1e-6 <= args.top_p <= 1:  # also refuses NaN
-        raise UsageError(f"--top_p must be from 1e-6 to 1, got {args.top_p}")
-    if args.max_new_tokens < 0:
-        raise UsageError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
-    if args.num_samples < 1:
-        raise UsageError(f"--num_samples must be at least 1, got {args.num_samples}")
-    if not 0 <= args.seed < 2**63:
-        raise UsageError(f"--seed must be from 0 to 2**63 - 1, got {args.seed}")
-    if not args.checkpoint.strip():
-        raise UsageError("--checkpoint must not be empty; pass the file train.py saved")
+    """Each flag's range, before anything is loaded: the first problem, as one line naming the
+    flag and the value. Below 1e-6, temperature and top-p are greedy in all but name; then
+    logits / temperature can overflow, and top-p rounds to 0 in float32, which drops all."""
+    problems = [
+        (not (args.temperature == 0 or 1e-6 <= args.temperature < math.inf),
+         f"--temperature must be 0 (greedy) or a finite number >= 1e-6, got {args.temperature}"),
+        (args.top_k < 1, f"--top_k must be at least 1, got {args.top_k}"),
+        (args.top_p is not None and not 1e-6 <= args.top_p <= 1,  # also refuses NaN
+         f"--top_p must be from 1e-6 to 1, got {args.top_p}"),
+        (args.max_new_tokens < 0, f"--max_new_tokens must be >= 0, got {args.max_new_tokens}"),
+        (args.num_samples < 1, f"--num_samples must be at least 1, got {args.num_samples}"),
+        (not 0 <= args.seed < 2**63, f"--seed must be from 0 to 2**63 - 1, got {args.seed}"),
+        (not args.checkpoint.strip(),
+         "--checkpoint must not be empty; pass the file train.py saved")]
+    for failed, message in problems:
+        if failed:
+            raise UsageError(message)
 
 
 def load_model(path, device, dtype="float32", flash=True, weights="best"):
-    """(model in eval mode on device, tokenizer, which weights in words) from a checkpoint
-    written by train.py: by default the weights of its lowest val loss (checkpoint.chosen_weights)."""
+    """(model in eval mode on device, tokenizer, which weights in words) from a train.py
+    checkpoint: by default the weights of its lowest val loss (checkpoint.chosen_weights)."""
     checkpoint = load_checkpoint(path, device)
     state_dict, which = chosen_weights(checkpoint, weights)
     # flash picks the attention path (SDPA or written out), whatever the model trained with.
     model = GPTModel(GPTConfig(**{**checkpoint["model_args"], "flash": flash}))
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError:
-        raise UsageError(f"{path}: the weights do not match the model_args stored with them; "
-                         f"the checkpoint is damaged or from another program")
+    model.load_state_dict(state_dict)  # load_checkpoint made sure that the shapes match
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     return for_sampling(model, device, dtype), tokenizer, which
 
 
-def check_samples_fit(model, num_samples, device):
-    """Each of num_samples sequences needs a KV cache (2 x n_layer x block_size x n_embd
-    numbers) and logits for its prompt's positions: refuse, before sampling, what cannot fit."""
-    vocab_size, n_embd = model.tok_emb.weight.shape
-    per_sample = 4 * model.block_size * (2 * len(model.blocks) * n_embd + vocab_size)
-    check_fits_in_memory(num_samples * per_sample, device, f"--num_samples {num_samples}",
-                         "ask for fewer samples")
-
-
 def for_sampling(model, device, dtype):
     """The model in eval mode on device, its weights in dtype (float32, bfloat16, float16, int8).
-
     Sampling reads every weight once per token, so 16-bit weights halve the bytes to move and
-    8-bit ones (speedups.quantize_int8, CPU only) quarter them.
-    """
+    8-bit ones (speedups.quantize_int8, CPU only) quarter them."""
     if dtype == "int8":
         if device != "cpu":
             raise UsageError(f"--dtype int8 runs on the CPU only; use --device cpu, "
@@ -131,12 +110,10 @@ def for_sampling(model, device, dtype):
 
 def stream_text(model, tokenizer, prompt_ids, args, device, chunk=None, generator=None):
     """Yield the generated text piece by piece; the pieces join to the full decoded sample.
-    Random draws come from generator (torch.Generator), else from torch's global one.
-
-    Only the tokens not yet shown are decoded each time, so a long sample costs time in
-    proportion to its length. On a GPU the new tokens stay there and come to the host a few at
-    a time: reading each one as it comes would make every step wait for the copy.
-    """
+    Random draws come from generator (torch.Generator), else from torch's global one. Only the
+    tokens not yet shown are decoded each time, so a long sample costs time in proportion to its
+    length. On a GPU the new tokens come to the host a few at a time: reading each one as it
+    comes would make every step wait for the copy."""
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     chunk = chunk or (1 if device == "cpu" else 8)  # 8 tokens: milliseconds on a GPU: smooth
     on_device, unshown = [], []
@@ -191,7 +168,12 @@ def main(argv=None):
     flash = use_flash("false" if args.reference else "auto", device)  # as in training
     model, tokenizer, which = load_model(args.checkpoint, device, pick_dtype(args.dtype, device),
                                          flash=flash, weights=args.weights)
-    check_samples_fit(model, args.num_samples, device)
+    # Each sample needs a KV cache (2 x n_layer x block_size x n_embd numbers) and logits for its
+    # prompt's positions: refuse, before sampling, what cannot fit.
+    shape = model.config
+    per_sample = 4 * shape.block_size * (2 * shape.n_layer * shape.n_embd + shape.vocab_size)
+    check_fits_in_memory(args.num_samples * per_sample, device, f"--num_samples "
+                         f"{args.num_samples}", "ask for fewer samples")
     compile_decode(model, device, args.compile)
     torch.manual_seed(args.seed)
 
@@ -212,17 +194,11 @@ def main(argv=None):
         return
 
     tokenizer.encode(args.prompt)  # fail on unknown characters before printing anything
-    print("GENERATING TEXT")
-    print(RULE)
-    print(f"Prompt: {args.prompt}")
-    print(f"Max tokens: {args.max_new_tokens}")
-    print(f"Temperature: {args.temperature}")
-    print(f"Top-k: {args.top_k}")
-    if args.top_p is not None:
-        print(f"Top-p: {args.top_p}")
-    print(f"Weights: {args.weights}, {which}")
-    print(RULE)
-    print()
+    top_p = [f"Top-p: {args.top_p}"] if args.top_p is not None else []  # only when asked for
+    print("GENERATING TEXT", "=" * 60, f"Prompt: {args.prompt}",
+          f"Max tokens: {args.max_new_tokens}", f"Temperature: {args.temperature}",
+          f"Top-k: {args.top_k}", *top_p, f"Weights: {args.weights}, {which}", "=" * 60, "",
+          sep="\n")
     print_completion(model, tokenizer, args.prompt, args, device)
 
 

@@ -20,10 +20,8 @@ in the order data flows through the tree:
 
 After the model come the two things generation needs: sampling one token from the logits, and
 the KV cache that makes each new token cost one position instead of the whole context.
-
-Shapes use B = batch size, T = sequence length, C = n_embd, V = vocab_size.
-Nothing here knows about files, flags or training: see train.py and generate.py. The speed-ups
-that train.py and generate.py may switch on (speedups.py) are not needed to read this file.
+Shapes use B = batch size, T = sequence length, C = n_embd, V = vocab_size. Nothing here knows
+about files, flags, training or the speed-ups (speedups.py): see train.py and generate.py.
 
     python model.py        # the tree above with each box's parameters and output shape
 """
@@ -38,8 +36,7 @@ import torch.nn.functional as F
 
 @dataclass
 class GPTConfig:
-    """The model's shape: everything GPTModel is built from. Checkpoints store it as a plain
-    dict (dataclasses.asdict) under "model_args", from which generate.py rebuilds the model."""
+    """The model's shape; checkpoints keep it as a plain dict (asdict) under "model_args"."""
     vocab_size: int  # V: tokens the model knows (65 characters for Tiny Shakespeare)
     n_embd: int = 384  # C: the width of the residual stream
     n_layer: int = 6  # Transformer blocks
@@ -76,11 +73,11 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size): each head attends on its own slice of C.
-        q = q.view(B, T, self.n_head, -1).transpose(1, 2)
-        k = k.view(B, T, self.n_head, -1).transpose(1, 2)
-        v = v.view(B, T, self.n_head, -1).transpose(1, 2)
-        if layer_cache is not None:  # generating: keys and values of earlier tokens (KVCache)
-            k, v = layer_cache.remember(positions, k, v)  # (B, n_head, Tk, head_size)
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+        if layer_cache is not None:  # generating: keep k, v in the KVCache at their positions,
+            keys, values = layer_cache  # then attend over every key and value it holds
+            k = keys.index_copy_(2, positions, k)  # (B, n_head, block_size, head_size)
+            v = values.index_copy_(2, positions, v)
         if not self.flash:
             # Scale by 1/sqrt(head_size) so the dot products keep unit variance and the
             # softmax does not saturate into a one-hot as head_size grows. (Scaling q (T, hs)
@@ -150,7 +147,13 @@ class GPTModel(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
-        self.apply(_init_weights)
+        # Small normal weights (std 0.02, as GPT-2) keep the first logits near zero, so the
+        # step-0 loss is close to ln(vocab_size): every token equally likely.
+        for name, param in self.named_parameters():
+            if param.dim() == 2:  # the Linear and Embedding weights; LayerNorm's gains stay 1
+                nn.init.normal_(param, mean=0.0, std=0.02)
+            elif name.endswith("bias"):
+                nn.init.zeros_(param)
         # GPT-2: scale the layers that write into the residual stream by 1/sqrt(2 * n_layer),
         # so the stream's variance does not grow with depth (two such writes per block).
         for name, param in self.named_parameters():
@@ -162,9 +165,7 @@ class GPTModel(nn.Module):
 
     def forward(self, idx, targets=None, cache=None):
         """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy if targets given.
-
-        With a cache (generation), idx holds the tokens that follow the cached ones.
-        """
+        With a cache (generation), idx holds the tokens that follow the cached ones."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.block_size:
@@ -182,9 +183,7 @@ class GPTModel(nn.Module):
 
     def logits(self, idx, positions, cache=None):
         """idx (B, T) at positions (T,) -> logits (B, T, V): the tree at the top of this file.
-
-        Only tensors go in, so speedups.compile_decode can compile this once for every step.
-        """
+        Only tensors go in, so speedups.compile_decode can compile this once for every step."""
         x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, C)
         for layer, block in enumerate(self.blocks):
             x = block(x, positions, cache.layer(layer) if cache is not None else None)
@@ -195,47 +194,33 @@ class GPTModel(nn.Module):
                use_cache=True, generator=None):
         """Yield the next token ids, (B,), one step at a time, continuing idx (B, T).
 
-        Without a cache every step re-runs the last block_size tokens (the context is cropped to
-        the window, as in nanoGPT). With a cache the prompt is run once (prefill) and each step
-        then runs a single position. Learned position embeddings stop at block_size - 1, so when
-        the cache is full the window slides: the last block_size // 2 tokens are run again as a
-        fresh prefill and generation goes on from there. Past block_size the two paths therefore
-        see slightly different contexts (the cached one between block_size/2 and block_size
-        tokens, the cropped one always block_size); up to block_size they are identical.
+        Without a cache every step re-runs the last block_size tokens (as in nanoGPT); with one,
+        the prompt runs once (prefill), then each step one position. Position embeddings stop
+        at block_size - 1, so a full cache slides: the last block_size // 2 tokens run again as
+        a fresh prefill. Past block_size the cached path thus sees block_size/2 to block_size
+        tokens, the cropped one always block_size; up to block_size they are identical.
         """
-        tokens = idx
         cache = self.new_cache(idx.size(0)) if use_cache else None
-        next_input = tokens[:, -self.block_size:]
+        next_input = idx[:, -self.block_size:]
         for _ in range(max_new_tokens):
             if cache is not None and cache.length + next_input.size(1) > self.block_size:
-                cache.reset()
-                next_input = tokens[:, -(self.block_size // 2):]
+                cache.length = 0  # start the cache again from the last half window
+                next_input = idx[:, -(self.block_size // 2):]
             logits, _ = self(next_input, cache=cache)
             next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            next_input = next_token[:, None] if cache is not None else tokens[:, -self.block_size:]
+            idx = torch.cat([idx, next_token[:, None]], dim=1)
+            next_input = next_token[:, None] if cache is not None else idx[:, -self.block_size:]
             yield next_token
 
     def generate(self, idx, max_new_tokens, **sampling):
         """Return idx (B, T) extended by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
-        new_tokens = list(self.stream(idx, max_new_tokens, **sampling))
-        if not new_tokens:
-            return idx
-        return torch.cat([idx, torch.stack(new_tokens, dim=1)], dim=1)
+        new_tokens = [token[:, None] for token in self.stream(idx, max_new_tokens, **sampling)]
+        return torch.cat([idx, *new_tokens], dim=1)
 
     def new_cache(self, batch_size):
-        """An empty KVCache on the model's device, for batch_size sequences."""
-        weight = self.tok_emb.weight  # (V, C): tells the device and dtype
+        """An empty KVCache for batch_size sequences, on the model's device, in its dtype."""
+        weight = self.tok_emb.weight
         return KVCache(self.config, batch_size, weight.device, weight.dtype)
-
-
-def _init_weights(module):
-    # Small normal weights (std 0.02, as GPT-2) keep the first logits near zero, so the
-    # step-0 loss is close to ln(vocab_size): every token equally likely.
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,14 +252,11 @@ class KVCache:
     (n_layer, B, n_head, block_size, head_size) of which the first `length` positions are filled.
 
     Why it is exact: in a causal model the key and value of position t depend only on tokens
-    0..t, so once computed they never change. Generating token t+1 therefore needs only the
-    query, key and value of the one new position; the older keys and values are read back
-    from here instead of being recomputed from the whole context.
-
-    Why fixed-size: attention then always runs over all block_size slots, the causal mask's
-    row for each position hiding the slots after it (filled or not). The shapes never change
-    from one token to the next, so one compiled decode step serves every position
-    (speedups.compile_decode, and a CUDA graph on GPUs).
+    0..t, so once computed they never change: a new token needs only its own query, key and
+    value; the older keys and values are read back from here.
+    Why fixed-size: attention always runs over all block_size slots, the causal mask hiding
+    those after each position, so the shapes never change from one token to the next and one
+    compiled decode step serves every position (speedups.compile_decode).
     """
 
     def __init__(self, config, batch_size, device, dtype):
@@ -282,26 +264,10 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_head, config.block_size, head_size)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # how many positions are filled
+        self.length = 0  # how many positions are filled; 0 starts the cache again
 
-    def reset(self):
-        self.length = 0
-
-    def layer(self, index):
-        return LayerCache(self.keys[index], self.values[index])
-
-
-class LayerCache:
-    """One layer's slice of a KVCache: (B, n_head, block_size, head_size) keys and values."""
-
-    def __init__(self, keys, values):
-        self.keys, self.values = keys, values
-
-    def remember(self, positions, k, v):
-        """Store k, v (B, n_head, T, head_size) at positions (T,); return all keys and values."""
-        self.keys.index_copy_(2, positions, k)
-        self.values.index_copy_(2, positions, v)
-        return self.keys, self.values
+    def layer(self, index):  # one layer's keys and values, (B, n_head, block_size, head_size)
+        return self.keys[index], self.values[index]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,20 +276,16 @@ class LayerCache:
 def describe(model, batch_size=64):
     """Lines of the architecture tree for a (batch_size, block_size) batch of token ids: each
     box with its parameter count and the shape of what it outputs, from a real forward pass."""
+    modules = dict(model.named_modules())
+    names = {module: name for name, module in modules.items() if name}
     shapes = {}  # module name -> shape of its output at its first call
 
-    def remember_shape(name):
-        def hook(module, inputs, output):
-            shapes.setdefault(name, tuple(output.shape))
-        return hook
+    def remember_shape(module, inputs, output):  # a hook run after each module's forward
+        if module in names:
+            shapes.setdefault(names[module], tuple(output.shape))
 
-    hooks = [module.register_forward_hook(remember_shape(name))
-             for name, module in model.named_modules() if name]
-    idx = torch.zeros((batch_size, model.block_size), dtype=torch.long)
-    with torch.no_grad():
-        logits, _ = model(idx)
-    for hook in hooks:
-        hook.remove()
+    with torch.no_grad(), nn.modules.module.register_module_forward_hook(remember_shape):
+        logits, _ = model(torch.zeros((batch_size, model.block_size), dtype=torch.long))
     shapes[""] = tuple(logits.shape)
     shapes["causal_mask (buffer)"] = tuple(model.blocks[0].attn.causal_mask.shape)
     n_embd, n_layer = model.config.n_embd, model.config.n_layer
@@ -344,7 +306,6 @@ def describe(model, batch_size=64):
         ("│   └── Residual Connection", "x + ffn(ln2(x))", "blocks.0"),
         ("├── Final LayerNorm", "ln_f", "ln_f"),
         ("└── Language Model Head (n_embd → vocab_size)", "lm_head", "lm_head")]
-    modules = dict(model.named_modules())
 
     def count(name):  # 0 for the boxes that are no module: the mask, the residual additions
         return sum(p.numel() for p in modules[name].parameters()) if name in modules else 0

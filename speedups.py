@@ -1,13 +1,12 @@
 """The speed-ups: tricks that make Mini-GPT faster without changing what it computes (or, for
 int8 weights and Muon, changing it a little, measurably). model.py, train.py and generate.py
-are the whole GPT without them, and `--reference` runs them with every speed-up switched off.
-Skip this file on a first read, but for its Muon section: the CPU presets train with Muon.
+are the whole GPT without them; `--reference` runs them with every speed-up off. Skip this file
+on a first read, but for its Muon section: the CPU presets train with Muon.
 
 In order: keep_freed_memory and FastCPUDropout (CPU training), MuonAdamW (fewer steps to the
 same loss), quantize_int8 (CPU sampling), compile_decode (GPU sampling). Each says why it pays;
 docs/results.md (CPU) and docs/gpu.md (GPU) have what it gained and the command that measures
-it. Mixed precision, SDPA attention and torch.compile of training are PyTorch switches, set in
-train.py.
+it. Mixed precision, SDPA attention and compiling training are PyTorch switches (train.py).
 """
 
 import ctypes
@@ -25,17 +24,13 @@ from utils import UsageError, use_compile
 def keep_freed_memory():
     """Let the C library's malloc keep freed memory for the next allocation instead of handing
     it back to the operating system; True if it could (Linux with glibc), else does nothing.
-
     Why: glibc gives every allocation over 32 MB (most activations of the default model at
-    batch 64: the attention weights alone are 50 MB a layer) freshly mapped pages and unmaps
-    them on free, so at every training step the kernel has to map and zero gigabytes of pages
-    again, hundreds of thousands of page faults a step. The cost: the process keeps its peak
-    memory until it exits, and a little more, as freed blocks do not always fit the next
-    request.
+    batch 64) fresh pages and unmaps them on free, so every training step the kernel maps and
+    zeroes gigabytes again: hundreds of thousands of page faults. The cost: the process keeps
+    its peak memory until it exits (and a little more: freed blocks do not always fit).
     """
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt  # glibc's; other C libraries have no such function
+        mallopt = ctypes.CDLL("libc.so.6").mallopt  # glibc's; other C libraries have none
     except (OSError, AttributeError):
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # option numbers from glibc's malloc.h
@@ -45,15 +40,13 @@ def keep_freed_memory():
 
 
 class FastCPUDropout(nn.Dropout):
-    """nn.Dropout (zero each element with probability p, scale the rest by 1/(1-p)), made
-    cheaper on CPUs.
+    """nn.Dropout (zero each element with probability p, scale the rest by 1/(1-p)) for CPUs.
 
-    Why: on a CPU, torch's dropout draws one random number per element, and with the default
-    dropout 0.2 those draws took a large part of a training step of the default model (the
-    attention weights alone are (B, n_head, T, T): 25M elements per layer at batch 64). Here
-    one 64-bit random integer is split into four 16-bit ones, and an element is dropped when its
-    16-bit number falls in the lowest p * 65536 of the 65536 possible values. On GPUs, torch's
-    own fused kernel is already cheap and is used.
+    Why: on a CPU, torch's dropout draws one random number per element, and with dropout 0.2
+    those draws took a large part of a training step of the default model (the attention
+    weights alone are (B, n_head, T, T): 25M elements per layer at batch 64). Here one 64-bit
+    random integer is split into four 16-bit ones, and an element is dropped when its 16-bit
+    number falls in the lowest p * 65536 of the 65536 possible values. GPUs keep torch's own.
     """
 
     def forward(self, x):
@@ -134,20 +127,16 @@ class MuonAdamW:
 # ---------------------------------------------------------------------------------------------
 # Sampling: int8 weights on CPUs, a compiled one-token step on GPUs
 
-def int8_available():
-    return hasattr(torch, "_weight_int8pack_mm")
-
-
 def quantize_int8(model):
     """The model (on the CPU) with every Linear's weight stored as int8 (Int8Linear below); the
     rest (embeddings, LayerNorms, attention, the KV cache) stays float32.
 
     Why: sampling one sequence multiplies a single vector by every weight matrix per token, so
     its time goes into reading the weights from memory: 43 MB a token in float32 for the
-    default model, 11 MB in int8. Weight-only: activations are not quantized, and the val
-    loss barely moves.
+    default model, 11 MB in int8. Weight-only: activations are not quantized; the val loss
+    barely moves.
     """
-    if not int8_available():
+    if not hasattr(torch, "_weight_int8pack_mm"):
         raise UsageError(f"this PyTorch ({torch.__version__}) has no int8 weight-only matmul; "
                          f"use --dtype bfloat16, or PyTorch 2.3 or newer")
     model = model.float()
@@ -159,7 +148,7 @@ def quantize_int8(model):
 
 
 class Int8Linear(nn.Module):
-    """y = x W^T + b with W kept as int8, one scale per output row: a quarter of float32's bytes."""
+    """y = x W^T + b with W kept as int8, one scale per output row."""
 
     def __init__(self, linear):
         super().__init__()
@@ -168,16 +157,15 @@ class Int8Linear(nn.Module):
         scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
         self.register_buffer("weight", torch.round(weight / scales[:, None]).to(torch.int8))
         self.register_buffer("scales", scales.to(torch.bfloat16))
-        bias = linear.bias.detach().float() if linear.bias is not None else None
-        self.register_buffer("bias", bias)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
 
     def forward(self, x):  # (..., in_features), float32
         # The int8 kernel takes 2-D bfloat16 inputs; the rest of the model stays float32, whose
         # small CPU kernels (LayerNorm, GELU, attention) were faster here than bfloat16's.
         rows = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
         if rows.size(0) > 8:
-            # Many rows at once (a prompt, --no_cache): the matmul, not the reading, is the
-            # cost, and the bfloat16 one is faster; widen the weights for it.
+            # Many rows (a prompt, --no_cache): the matmul, not the reading, is the cost, and
+            # the bfloat16 one is faster; widen the weights for it.
             y = F.linear(rows, self.weight.to(torch.bfloat16) * self.scales[:, None])
         else:
             # A few rows (one new token per sample): PyTorch's fused int8-weight kernel reads
@@ -189,18 +177,16 @@ class Int8Linear(nn.Module):
 
 def compile_decode(model, device, setting="true"):
     """Send every one-new-token step of the KV-cached loop through torch.compile (setting:
-    true, false, or auto = on CUDA only). Returns whether it did.
+    true, false, or auto = on CUDA only). Returns whether it did; where torch.compile cannot
+    work, it prints why and leaves the model as it was.
 
     Why: a step of the default model is ~150 small kernels; on a GPU, launching them one by one
     from Python costs far more than running them. A one-token step always has the same shapes
-    (model.py's cache is a fixed-size buffer, the position a tensor), so one compiled graph
-    serves every step, and on CUDA mode "reduce-overhead" records it as a CUDA graph that is
-    replayed with a single launch. Prompts (a different length each time) stay eager. Compiling
-    takes tens of seconds, so on a CPU, where the step is not launch-bound, it is off by default.
-    Where torch.compile cannot work, it prints why and leaves the model as it was.
-
-    How: it replaces model.logits and model.new_cache on this one model object, which
-    model.forward and model.stream call; the class and every other model are untouched.
+    (model.KVCache), so one compiled graph serves every step, and on CUDA "reduce-overhead"
+    records it as a CUDA graph replayed with one launch. Prompts (a new length each time) stay
+    eager. Compiling takes tens of seconds: on a CPU, where the step is not launch-bound, it
+    is off by default. It replaces model.logits and model.new_cache (which forward and stream
+    call) on this one model object; the class and every other model are untouched.
     """
     if not use_compile(setting, device, "decoding"):
         return False
@@ -216,7 +202,7 @@ def compile_decode(model, device, setting="true"):
             caches[batch_size] = GPTModel.new_cache(model, batch_size)
             torch._dynamo.mark_static_address(caches[batch_size].keys)
             torch._dynamo.mark_static_address(caches[batch_size].values)
-        caches[batch_size].reset()
+        caches[batch_size].length = 0  # empty again
         return caches[batch_size]
 
     def logits(idx, positions, cache=None):
