@@ -90,7 +90,8 @@ def what_runs(config, run, preset):
     why (the flag that chose it, or the default's reason) and how to change it."""
     if config.reference:
         return "--reference: float32, written-out attention and AdamW: the code on the page"
-    chip, flash = "CPU" if run.device == "cpu" else "GPU", utils.use_flash(config.flash, run.device)
+    chip = "CPU" if run.device == "cpu" else "GPU"
+    flash = utils.use_flash(config.flash, run.device)
     number = dict(float32="float32", bfloat16="bf16 autocast", float16="fp16 autocast")[run.dtype]
     if config.dtype != "auto":
         number += f": --dtype {config.dtype}"
@@ -229,8 +230,8 @@ class Progress(tqdm):
 
 def catch_ctrl_c(run):
     """First Ctrl-C or SIGTERM (what `timeout` and schedulers send before a kill): finish the
-    step, save, stop; a second one a second later stops at once (torchrun passes the terminal's
-    Ctrl-C on: each process gets it twice). Returns whether to stop: the same on every rank."""
+    step, save, stop. Another, a second or more later, stops at once (torchrun passes on the
+    terminal's Ctrl-C, so it comes twice). Returns whether to stop: the same on every rank."""
     first_at = []
 
     def on_signal(signum, frame):
@@ -415,16 +416,14 @@ def on_any_rank(flag, run):
     return any_rank_said_yes
 
 
-def gather_from_all_ranks(value, run):
-    """[value of rank 0, value of rank 1, ...]; every rank must call it at the same step."""
+def gather_from_all_ranks(value, run):  # [rank 0's value, rank 1's, ...]: called by all ranks
     values = [value] * run.world_size
     if run.world_size > 1:
         torch.distributed.all_gather_object(values, value)
     return values
 
 
-def end_distributed():
-    """Let every rank leave together, once rank 0 has finished saving."""
+def end_distributed():  # every rank leaves together, once rank 0 has saved
     if torch.distributed.is_initialized():  # under torchrun, even with one process
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -440,8 +439,9 @@ def resume(training):
     saved = checkpoint.load_checkpoint(path, run.device)
     check_same_tokens(saved, training.corpus, config, path)
     shape, wanted = saved["model_args"], asdict(model.config)
-    if changed := ", ".join(f"{k} {shape[k]} -> {wanted[k]}"
-                            for k in checkpoint.MODEL_SHAPE if shape[k] != wanted[k]):
+    changed = ", ".join(f"{k} {shape[k]} -> {wanted[k]}"
+                        for k in checkpoint.MODEL_SHAPE if shape[k] != wanted[k])
+    if changed:
         raise UsageError(f"cannot resume {path}: the model shape differs ({changed}); drop "
                          f"those flags or start a fresh run")
     if not ({"optimizer", "rng", "step", "config", "val_loss"} <= saved.keys()
@@ -450,7 +450,8 @@ def resume(training):
             and isinstance(saved["rng"], list) and saved["rng"]):
         raise UsageError(f"cannot resume {path}: it has no optimizer or random state, or a "
                          f"damaged one; start a fresh run")
-    if (saved_optimizer := saved["config"].get("optimizer", "adamw")) != config.optimizer:
+    saved_optimizer = saved["config"].get("optimizer", "adamw")
+    if saved_optimizer != config.optimizer:
         raise UsageError(f"cannot resume {path}: it was trained with --optimizer "
                          f"{saved_optimizer}; pass --optimizer {saved_optimizer}")
     step = saved["step"]
@@ -487,7 +488,8 @@ def resume(training):
 def check_same_tokens(saved, corpus, config, path):
     """Refuse other tokens than the checkpoint learned: another --tokenizer or --vocab_size, or
     another text (its sha256: the same characters in another text give the same vocabulary)."""
-    if (kind := saved["tokenizer"].get("kind")) != config.tokenizer:
+    kind = saved["tokenizer"].get("kind")
+    if kind != config.tokenizer:
         raise UsageError(f"cannot resume {path}: it was trained with --tokenizer {kind}; pass "
                          f"--tokenizer {kind}")
     saved_config = saved.get("config")

@@ -65,7 +65,7 @@ def main(argv=None):
         training.progress.step_done(step + 1, loss, lr)  # loss, tokens/s every log_interval
     runs.finish(training, step, stopping)  # where the checkpoint is, its best weights
     if run.is_master and config.sample_tokens > 0:
-        sample = sample_text(model, corpus.tokenizer, config.sample_tokens, run.device)
+        sample = sample_text(training, config.sample_tokens)
         print("\nSample:\n" + sample)
         training.progress.record(dict(step=step, sample=sample))
     runs.end_distributed()  # under torchrun: once rank 0 has saved
@@ -200,9 +200,9 @@ def train_step(train_model, optimizer, scaler, micro_batches, config, run):
 # --- Evaluating: the loss on both splits, the best weights, samples ---------------------------
 
 def evaluate_and_save(t, step, last_step):
-    """Rank 0 evaluates and prints the eval line (marked when its val loss is the best yet);
-    every rank's random state goes into the checkpoint, which rank 0 saves (atomically) after
-    step 0, with the best evaluation's weights. t: main()'s Training."""
+    """Rank 0 evaluates, prints the eval line ("new best" when it beats every earlier one) and
+    saves the checkpoint (atomically) after step 0, with every rank's random state and the best
+    evaluation's weights. t: main()'s Training."""
     config, run, model, progress = t.config, t.run, t.model, t.progress
     if run.is_master:
         train_loss, t.val_loss = evaluate(model, t.corpus, t.val_data, config, run)
@@ -225,8 +225,7 @@ def evaluate_and_save(t, step, last_step):
             # From a generator of its own, seeded alike at every evaluation: the samples differ
             # only by what the model learned, and the training's random stream is left as it was.
             generator = torch.Generator(run.device).manual_seed(config.seed)
-            metrics["sample"] = sample_text(model, t.corpus.tokenizer, config.eval_sample_tokens,
-                                            run.device, generator)
+            metrics["sample"] = sample_text(t, config.eval_sample_tokens, generator)
             progress.write(f"Sample at step {step}:\n{metrics['sample'].strip()}\n")
     # Taken after rank 0's evaluation (which draws batches), so --resume continues exactly.
     rng_states = runs.gather_from_all_ranks(runs.rng_state(), run)
@@ -273,10 +272,9 @@ def exact_loss(model, data, block_size, batch_size):
 
 def windows_loss(model, windows, batch_size, partial=None):
     """Mean loss over every prediction in windows (N, T + 1), and in partial, a shorter row:
-    each row's tokens after the first are predicted from the ones before them. No gradients are
-    kept, so a forward pass takes more rows than in training: 16,384 tokens, fewer with a big
-    vocabulary, whose logits (tokens x vocab) would take most of the memory: at most 2**24 of
-    them (64 MB in float32)."""
+    each row's tokens after the first are predicted from the ones before them."""
+    # No gradients are kept, so a pass takes more rows than training: 16,384 tokens, fewer with
+    # a big vocabulary, whose logits (tokens x vocab) would fill the memory: 2**24 (64 MB) at most.
     tokens_per_pass = min(16384, 2**24 // model.lm_head.out_features)
     n_rows = max(batch_size, tokens_per_pass // (windows.shape[1] - 1))
     pieces = [rows for rows in windows.split(n_rows) if len(rows)]
@@ -290,12 +288,12 @@ def windows_loss(model, windows, batch_size, partial=None):
     return total_loss / n_predictions
 
 
-def sample_text(model, tokenizer, n_tokens, device, generator=None):
-    model.eval()
-    idx = torch.tensor([start_tokens(tokenizer)], dtype=torch.long, device=device)
-    tokens = model.generate(idx, n_tokens, temperature=0.8, top_k=200, generator=generator)
-    model.train()
-    return tokenizer.decode(tokens[0].tolist())
+def sample_text(t, n_tokens, generator=None):
+    t.model.eval()
+    idx = torch.tensor([start_tokens(t.corpus.tokenizer)], dtype=torch.long, device=t.run.device)
+    tokens = t.model.generate(idx, n_tokens, temperature=0.8, top_k=200, generator=generator)
+    t.model.train()
+    return t.corpus.tokenizer.decode(tokens[0].tolist())
 
 
 if __name__ == "__main__":
