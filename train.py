@@ -223,7 +223,7 @@ def evaluate_and_save(t, step, last_step):
                        elapsed=elapsed)
         if config.eval_sample_tokens > 0:  # to watch the text go from noise to Shakespeare
             # From a generator of its own, seeded alike at every evaluation: the samples differ
-            # only by what the model learned, and the training's random stream is left as it was.
+            # only by what the model learned; training's random stream (so --resume) is untouched.
             generator = torch.Generator(run.device).manual_seed(config.seed)
             metrics["sample"] = sample_text(t, config.eval_sample_tokens, generator)
             progress.write(f"Sample at step {step}:\n{metrics['sample'].strip()}\n")
