@@ -19,34 +19,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import speedups
-from checkpoint import (
-    MODEL_SHAPE,
-    check_output_path,
-    check_outputs_spare_inputs,
-    load_checkpoint,
-    remove_leftover_tmp,
-    same_file,
-    save_checkpoint,
-    write_failure,
-)
+import utils
 from config import PRESETS
 from dataset import corpus_settings, find_sources, prepared_stem
 from startup import STARTED_AT
 from tracking import log_paths, metrics_recorder
-from utils import (
-    UsageError,
-    check_fits_in_memory,
-    check_regular_file,
-    hold_lock,
-    mps_has_bf16,
-    pick_device,
-    pick_dtype,
-    use_flash,
-)
+from utils import UsageError
 
-# ---------------------------------------------------------------------------------------------
-# Where this process runs, checked before any work
+# --- Where this process runs, checked before any work -----------------------------------------
 
 @dataclass
 class Run:
@@ -65,15 +47,13 @@ class Run:
     def device_type(self):
         return self.device.split(":")[0]
 
-    def log(self, *args, **kwargs):
-        """print, on rank 0 only: the other ranks train quietly."""
+    def log(self, *args, **kwargs):  # print, on rank 0 only: the other ranks train quietly
         if self.is_master:
             print(*args, **kwargs)
 
 
 def start(config, preset):
-    """Set up this process (set_up), refuse what cannot work before any work is done (a model
-    too big for the device, a checkpoint that cannot be resumed or saved), and say what runs."""
+    """Set up this process, refuse what cannot work before any work is done, say what runs."""
     run = set_up(config)
     check_model_fits(config, run)
     check_paths(config, run)
@@ -82,17 +62,16 @@ def start(config, preset):
 
 
 def set_up(config):
-    """Pick the device, start DDP if torchrun launched us, seed, pick the number format,
-    switch on CPU speed-ups."""
-    device = pick_device(config.device)
+    """Pick the device, start DDP under torchrun, seed, pick the number format, CPU speed-ups."""
+    device = utils.pick_device(config.device)
     rank, local_rank, world_size, device = start_distributed(device)  # (0, 0, 1, device) alone
     if device.startswith("cuda:"):
         torch.cuda.set_device(device)  # the current GPU: whose random state rng_state saves
     torch.manual_seed(config.seed + rank)  # each rank draws its own batches and dropout masks
-    dtype = pick_dtype(config.dtype, device)  # --reference: float32
+    dtype = utils.pick_dtype(config.dtype, device)  # --reference: float32
     # torch.optim.Muon runs its iteration in bfloat16, whatever --dtype says.
     if device == "mps" and (dtype == "bfloat16" or config.optimizer == "muon") \
-            and not mps_has_bf16():
+            and not utils.mps_has_bf16():
         raise UsageError("bfloat16 (--dtype bfloat16, or Muon's iteration) needs macOS 14 or "
                          "newer on an Apple GPU; update macOS, or pass --dtype float32 and "
                          "--optimizer adamw")
@@ -107,11 +86,12 @@ def set_up(config):
 
 
 def what_runs(config, run, preset):
-    """The first lines train.py prints: the number format, attention and optimizer that run,
-    each with why (the flag that chose it, or the default's reason) and how to change it."""
+    """train.py's first lines: the number format, attention and optimizer that run, each with
+    why (the flag that chose it, or the default's reason) and how to change it."""
     if config.reference:
         return "--reference: float32, written-out attention and AdamW: the code on the page"
-    chip, flash = ("CPU" if run.device == "cpu" else "GPU"), use_flash(config.flash, run.device)
+    chip = "CPU" if run.device == "cpu" else "GPU"
+    flash = utils.use_flash(config.flash, run.device)
     number = dict(float32="float32", bfloat16="bf16 autocast", float16="fp16 autocast")[run.dtype]
     if config.dtype != "auto":
         number += f": --dtype {config.dtype}"
@@ -131,20 +111,19 @@ def what_runs(config, run, preset):
 
 
 def note_sizes(corpus, model, config, run):
-    """The text's length, the vocabulary's and the model's sizes; a warning where a CPU is
-    given hours of work."""
+    """The text's, vocabulary's and model's sizes; a warning where a CPU is given hours of work."""
     run.log(f"Dataset length: {corpus.n_chars} characters")
     run.log(f"Vocabulary size: {corpus.tokenizer.vocab_size}")
     run.log(f"Model parameters: {model.num_params():,}")
     total_flops = flops_per_token(model, config) * tokens_per_step(config, run) * config.max_iters
     if run.device == "cpu" and total_flops > 1e15:
         run.log("Note: this is a GPU-sized run; on a CPU it will take hours. "
-            "For a model that trains on a CPU in half a minute, use --preset cpu.")
+                "For a model that trains on a CPU in half a minute, use --preset cpu.")
 
 
 def compiled_or_eager(model):
-    """torch.compile(model), which compiles at its first call; if compiling fails there (a
-    compiler that will not run, an unsupported GPU), a note says so and it runs eager."""
+    """torch.compile(model); if compiling fails at its first call (a compiler that will not
+    run, an unsupported GPU), a note says so and it runs eager."""
     compiled = torch.compile(model)
     compiled_forward = compiled.forward
 
@@ -162,72 +141,63 @@ def compiled_or_eager(model):
 
 
 def check_model_fits(config, run):
-    """Refuse a model that cannot fit in this device's memory before allocating anything (a
-    huge flag would otherwise end in an allocator's traceback, or in hours of swapping). What
-    one step needs at least: weights, gradients and an optimizer moment (3 x 4 bytes a
-    parameter), each block's (T, T) causal mask, the micro-batches of token ids, and the
-    activations backward keeps (the residual stream per block, the logits). The vocabulary is
-    not known yet, so it counts the fewest tokens there can be: 256 for BPE, 1 for characters."""
+    """Refuse a model too big for the device before allocating anything. A step needs at least
+    weights, gradients and an optimizer moment (12 bytes a parameter), each block's (T, T) mask,
+    the token ids, the activations backward keeps (the residual stream per block, the logits),
+    at the fewest tokens there can be (the vocabulary is not known yet): 256 BPE, 1 char."""
     vocab_size = 256 if config.tokenizer == "bpe" else 1
     C, L, T, B = config.n_embd, config.n_layer, config.block_size, config.batch_size
     n_bytes = (12 * param_count(vocab_size, C, L, T) + 4 * L * T * T
                + 8 * config.gradient_accumulation_steps * B * (T + 1) + 2 * B * T * L * C
                + 4 * B * T * vocab_size)
-    check_fits_in_memory(n_bytes, run.device, "training this model",
-                         "lower --n_embd, --n_layer, --block_size or --batch_size")
+    utils.check_fits_in_memory(n_bytes, run.device, "training this model",
+                               "lower --n_embd, --n_layer, --block_size or --batch_size")
 
 
 def check_paths(config, run):
-    """Before any work: the checkpoint to resume from exists, and the new one can be saved (by
-    rank 0, which saves): no file the run writes is one it reads, the checkpoint is not a
-    folder, its folder exists (it is created) and a file can be written there, and no other
-    run is saving to it. Saving can then fail only for lack of space."""
-    if config.resume:
-        source = config.checkpoint if config.resume == "true" else config.resume
-        check_regular_file(source, "--resume", "pass the checkpoint file to go on from",
-                           f"--resume: no checkpoint at {source}; train one first, or drop "
-                           f"--resume")
+    """Before any work: the checkpoint to resume exists, and rank 0 (which saves) can save the
+    new one: it is no file the run reads, nor named as a side file, a file can be written there,
+    and no other run saves to it. Saving can then fail only for lack of space."""
+    path, resumed = config.checkpoint, resume_path(config)
+    if resumed:
+        utils.check_regular_file(resumed, "--resume", "pass the checkpoint file to go on from",
+                                 f"--resume: no checkpoint at {resumed}; train one first, or "
+                                 f"drop --resume")
     if not run.is_master:
         return
-    path = config.checkpoint
-    metrics_log, loss_curve = log_paths(path)
-    outputs = {path: "--checkpoint", f"{path}.lock": "its lock file",
-               metrics_log: "its metrics log", loss_curve: "its loss curve"}
-    check_outputs_spare_inputs(outputs, run_inputs(config), "pick another --checkpoint")
-    # Names a run gives its own side files: a checkpoint named so would take another run's.
-    for suffix in (".lock", ".tmp", ".metrics.jsonl", ".loss.png", ".tokens", ".tokens.json"):
-        if path.endswith(suffix):
-            raise UsageError(f"--checkpoint {path} ends in {suffix}, as a run's own side files "
-                             f"do; pick another name, e.g. --checkpoint run.pt")
-    check_output_path(path, "--checkpoint", "ckpt.pt")
-    # Lock it, so that a second run saving to the same file at the same time is refused (the
-    # lock goes when this run ends, however it ends); then remove killed runs' temporary files.
-    holder = hold_lock(f"{path}.lock")
-    if holder:
-        raise UsageError(f"another run ({holder}) is saving to --checkpoint {path}; wait for "
-                         f"it to end, or pick another --checkpoint")
-    remove_leftover_tmp(path)
-
-
-def run_inputs(config):
-    """{path: what it is} of every file the run reads: the text, its token files, and the
-    checkpoint to resume, unless that is the one to save (which is meant to be replaced)."""
     inputs = {source: "a file of the --data folder" for source in find_sources(config.data)}
     inputs[config.data] = "the --data folder" if os.path.isdir(config.data) else "the --data file"
     stem = prepared_stem(config.data, corpus_settings(config))
     inputs.update({f"{stem}.tokens": "the token file", f"{stem}.tokens.json": "the token file"})
-    resumed = config.checkpoint if config.resume == "true" else config.resume
-    if resumed and not same_file(resumed, config.checkpoint):
+    if resumed and not checkpoint.same_file(resumed, path):  # else it is meant to be replaced
         inputs[resumed] = "the checkpoint to resume"
-    return inputs
+    metrics_log, loss_curve = log_paths(path)
+    outputs = {path: "--checkpoint", f"{path}.lock": "its lock file",
+               metrics_log: "its metrics log", loss_curve: "its loss curve"}
+    checkpoint.check_outputs_spare_inputs(outputs, inputs, "pick another --checkpoint")
+    for suffix in (".lock", ".tmp", ".metrics.jsonl", ".loss.png", ".tokens", ".tokens.json"):
+        if path.endswith(suffix):  # it would take the side file of a run named without it
+            raise UsageError(f"--checkpoint {path} ends in {suffix}, as a run's own side files "
+                             f"do; pick another name, e.g. --checkpoint run.pt")
+    checkpoint.check_output_path(path, "--checkpoint", "ckpt.pt")
+    # Lock it, so that a second run saving to the same file at the same time is refused (the
+    # lock goes when this run ends, however it ends); then remove killed runs' temporary files.
+    holder = utils.hold_lock(f"{path}.lock")
+    if holder:
+        raise UsageError(f"another run ({holder}) is saving to --checkpoint {path}; wait for "
+                         f"it to end, or pick another --checkpoint")
+    checkpoint.remove_leftover_tmp(path)
 
 
-# ---------------------------------------------------------------------------------------------
-# Progress, speed figures, stopping: Ctrl-C, NaN, a failed save
+def resume_path(config):  # plain --resume goes on from --checkpoint
+    return config.checkpoint if config.resume == "true" else config.resume
+
+
+# --- Progress, speed figures, stopping: Ctrl-C, NaN, a failed save ----------------------------
 
 class Progress(tqdm):
-    """The progress bar, showing every log_interval steps the loss, learning rate, tokens/s (and
-    MFU on known GPUs); on rank 0, record(metrics) writes the metrics log (tracking.py)."""
+    """The progress bar: every log_interval steps the loss, learning rate, tokens/s (and MFU on
+    known GPUs); on rank 0, record(metrics) writes the metrics log (tracking.py)."""
 
     def __init__(self, config, run, model, start_step):
         self.config, self.run, self.model = config, run, model
@@ -259,11 +229,9 @@ class Progress(tqdm):
 
 
 def catch_ctrl_c(run):
-    """First Ctrl-C: finish the current step, save, stop. A second one, a second or more later,
-    stops at once (torchrun passes the terminal's Ctrl-C on to its processes, which so get it
-    twice). SIGTERM, which a cluster's scheduler or `timeout` sends some time before killing,
-    does the same. Returns whether to stop, asked once a step; under torchrun the same on every
-    rank."""
+    """First Ctrl-C or SIGTERM (what `timeout` and schedulers send before a kill): finish the
+    step, save, stop. Another, a second or more later, stops at once (torchrun passes on the
+    terminal's Ctrl-C, so it comes twice). Returns whether to stop: the same on every rank."""
     first_at = []
 
     def on_signal(signum, frame):
@@ -272,9 +240,8 @@ def catch_ctrl_c(run):
         if not first_at:
             first_at.append(time.time())
             name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-            if run.is_master:
-                print(f"\n{name}: stopping after this step and saving ({name} again to quit now)",
-                      flush=True)
+            run.log(f"\n{name}: stopping after this step and saving ({name} again to quit now)",
+                    flush=True)
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -287,16 +254,16 @@ def stop_on_nan(progress, checkpoint_path):
                      f"Lower --learning_rate, keep --grad_clip on, or try --dtype float32")
 
 
-def save_or_stop(checkpoint, path, progress):
-    """Save atomically; if that fails (a full or read-only disk), stop with one line naming
-    the checkpoint still on disk, which the failed save left as it was (checkpoint.atomic_write)."""
+def save_or_stop(state, path, progress):
+    """Save atomically; if that fails (a full or read-only disk), stop with one line naming the
+    checkpoint still on disk, which the failed save left as it was (checkpoint.atomic_write)."""
     try:
-        save_checkpoint(checkpoint, path)
+        checkpoint.save_checkpoint(state, path)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         progress.close()
-        raise UsageError(f"could not save the checkpoint to {path} ({write_failure(err)}); "
-                         f"{checkpoint_on_disk(path)}. Free some disk space, or pass a "
-                         f"--checkpoint in another folder") from None
+        raise UsageError(f"could not save the checkpoint to {path} "
+                         f"({checkpoint.write_failure(err)}); {checkpoint_on_disk(path)}. Free "
+                         f"some disk space, or pass a --checkpoint in another folder") from None
 
 
 def checkpoint_on_disk(path):
@@ -308,14 +275,32 @@ def checkpoint_on_disk(path):
     return f"the last good checkpoint, {path}, is kept (step {step})"
 
 
+def finish(training, step, stopping):
+    """Close the progress bar; say where the checkpoint is and which weights in it are best."""
+    config, best_step = training.config, training.best_step
+    training.progress.close()
+    if not training.run.is_master:
+        return
+    if stopping and step == 0:
+        print("Stopped before the first step; no checkpoint saved")
+    elif stopping:
+        print(f"Stopped at step {step}; checkpoint saved to {config.checkpoint}")
+    else:
+        print(f"Saved checkpoint to {config.checkpoint} (val loss {training.val_loss:.4f})")
+    if step > 0 and best_step == step:
+        print(f"Best: val loss {training.best_val_loss:.4f} at step {step}, the last step")
+    elif step > 0:
+        print(f"Best: val loss {training.best_val_loss:.4f} at step {best_step}, kept in the "
+              f"checkpoint too: generate.py samples it (--weights last: step {step}'s)")
+
+
 # Dense peak FLOP/s of known GPUs for MFU: (bf16/fp16 tensor cores, float32: TF32 tensor cores
 # where the GPU has them (A100 and newer), plain float32 on the V100 and T4).
 GPU_PEAK_FLOPS = {
     "H100 PCIe": (756e12, 378e12), "H100": (989e12, 495e12), "H200": (989e12, 495e12),
     "A100": (312e12, 156e12), "L40S": (362e12, 183e12), "L40": (181e12, 90.5e12),
-    "L4": (121e12, 60e12), "RTX 4090": (165e12, 83e12),
-    "RTX 3090": (71e12, 36e12), "V100": (125e12, 16e12), "T4": (65e12, 8e12),
-}
+    "L4": (121e12, 60e12), "RTX 4090": (165e12, 83e12), "RTX 3090": (71e12, 36e12),
+    "V100": (125e12, 16e12), "T4": (65e12, 8e12)}
 
 
 def tokens_per_step(config, run):
@@ -324,15 +309,14 @@ def tokens_per_step(config, run):
 
 
 def flops_per_token(model, config):
-    """Training FLOPs per token: 6 per parameter (forward 2, backward 4), plus attention's
-    scores and weighted sums, which depend on the context length (PaLM's appendix B)."""
+    """6 per parameter (forward 2, backward 4), plus attention's scores and weighted sums, which
+    depend on the context length (PaLM's appendix B)."""
     return 6 * model.num_params() + 12 * config.n_layer * config.n_embd * config.block_size
 
 
 def param_count(vocab_size, n_embd, n_layer, block_size):
-    """GPTModel's parameter count, without building it: the two embeddings; per block
-    12 C^2 + 10 C (Q, K, V 3 C^2; projection C^2 + C; MLP 8 C^2 + 5 C; two LayerNorms 4 C);
-    the final LayerNorm 2 C; the head C V + V."""
+    """GPTModel's, without building it: the two embeddings; per block 12 C^2 + 10 C (Q, K, V
+    3 C^2; projection C^2 + C; MLP 8 C^2 + 5 C; two LayerNorms 4 C); final LayerNorm; head."""
     C = n_embd
     return ((vocab_size + block_size) * C + n_layer * (12 * C * C + 10 * C) + 2 * C
             + C * vocab_size + vocab_size)
@@ -345,24 +329,20 @@ def model_flops_utilization(model, config, run, tokens_per_sec):
 
 
 def gpu_peak_flops(run):
-    """The peak FLOP/s of all the run's GPUs together (one per process), which the run's
-    tokens/s (every process's tokens) is measured against; None for GPUs not in the table.
-    Names match as whole words: "L4" is not the L40 of "NVIDIA L40S"."""
-    if run.device_type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(run.device)
+    """The peak FLOP/s of all the run's GPUs (one per process), as tokens/s counts all of their
+    tokens; None for GPUs not in the table. Whole words: "L4" is not the L40 of "NVIDIA L40S"."""
+    name = torch.cuda.get_device_name(run.device) if run.device_type == "cuda" else ""
     for gpu, (half_peak, float32_peak) in GPU_PEAK_FLOPS.items():
         if re.search(rf"\b{gpu}\b", name):
             return run.world_size * (float32_peak if run.dtype == "float32" else half_peak)
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# Several GPUs (or CPU processes): PyTorch DDP, launched by torchrun
+# --- Several GPUs (or CPU processes): PyTorch DDP, launched by torchrun -----------------------
 
 def start_distributed(device):
-    """(rank, local_rank, world_size, device): torchrun sets RANK and friends, and each process
-    takes the GPU numbered by its LOCAL_RANK. Without torchrun: (0, 0, 1, device)."""
+    """(rank, local_rank, world_size, device): torchrun sets RANK and friends; each process
+    takes GPU LOCAL_RANK. Without torchrun: (0, 0, 1, device)."""
     if "RANK" not in os.environ:
         return 0, 0, 1, device
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -386,13 +366,10 @@ def start_distributed(device):
 
 
 def stop_with_rank_0(rank, world_size):
-    """Only rank 0 evaluates and saves, so only it can meet a NaN loss or a failed save, and
-    stop with its one-line error (exit code 2). The other ranks may then be waiting for it
-    inside a collective that never returns, until torchrun kills them (with a traceback).
-    Instead they listen, on a thread, at torchrun's key-value store: rank 0, leaving while the
-    process group is still open (finish() closes it), posts "stop" there and waits a few
-    seconds for them; they leave at once, quietly, with exit code 2. (torchrun then reports
-    the failed run in its own words, and exits with 1.)"""
+    """Only rank 0 evaluates and saves, so only it can stop on a NaN loss or a failed save; the
+    others would wait in a collective until torchrun kills them, with a traceback. So they
+    listen on a thread at torchrun's key-value store, where rank 0, leaving with the process
+    group open, posts "stop": they leave at once, quietly, with exit code 2, as rank 0 does."""
     store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
     if rank == 0:
         def tell_the_others():
@@ -416,14 +393,10 @@ def stop_with_rank_0(rank, world_size):
 
 
 def on_any_rank(flag, run):
-    """flag() asked on every rank, as a function whose answer is the same on every rank: was
-    flag() True on any rank at the call before? Every rank calls it once a step.
-
-    Asking the others is a collective, and waiting for its answer would hold up every step
-    (on GPUs: a sync). So each call sends this step's question without waiting (over gloo, CPU
-    to CPU: the GPU never waits) and reads the answer to the one sent a step earlier, long
-    arrived by now. Ctrl-C so stops every rank at the same step, one step later than alone.
-    """
+    """A function, called by every rank once a step, whose answer is the same on every rank:
+    was flag() True on any rank at the call before? Waiting for the others would hold up every
+    step (on GPUs: a sync), so each call sends its question (over gloo, CPU to CPU) and reads
+    the answer to the one a step earlier: every rank stops at the same step, one step later."""
     if run.world_size == 1:
         return flag
     group = torch.distributed.new_group(backend="gloo")  # its own: DDP's traffic is apart
@@ -443,62 +416,62 @@ def on_any_rank(flag, run):
     return any_rank_said_yes
 
 
-def gather_from_all_ranks(value, run):
-    """[value of rank 0, value of rank 1, ...]; every rank must call it at the same step."""
-    if run.world_size == 1:
-        return [value]
-    values = [None] * run.world_size
-    torch.distributed.all_gather_object(values, value)
+def gather_from_all_ranks(value, run):  # [rank 0's value, rank 1's, ...]: called by all ranks
+    values = [value] * run.world_size
+    if run.world_size > 1:
+        torch.distributed.all_gather_object(values, value)
     return values
 
 
-def end_distributed():
-    """Let every rank leave together, once rank 0 has finished saving."""
+def end_distributed():  # every rank leaves together, once rank 0 has saved
     if torch.distributed.is_initialized():  # under torchrun, even with one process
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
-# ---------------------------------------------------------------------------------------------
-# Exact resume: weights, optimizer, step and the random state that picks batches and dropout
+# --- Exact resume: weights, optimizer, step and the random state of batches and dropout -------
 
 def resume(training):
-    """Load the checkpoint named by --resume into the model and optimizer of train.py's
-    Training, restore its best evaluation and val loss, and this rank's random state; returns
-    the step to go on from."""
+    """Load the --resume checkpoint into train.py's Training (model, optimizer, best evaluation,
+    val loss) and this rank's random state; returns the step to go on from."""
     config, model, run = training.config, training.model, training.run
-    path = config.checkpoint if config.resume == "true" else config.resume
-    checkpoint = load_checkpoint(path, run.device)
-    check_same_tokens(checkpoint, training.corpus, config, path)
-    saved, wanted = checkpoint["model_args"], asdict(model.config)
-    changed = ", ".join(f"{k} {saved[k]} -> {wanted[k]}" for k in MODEL_SHAPE if saved[k] != wanted[k])
+    path = resume_path(config)
+    saved = checkpoint.load_checkpoint(path, run.device)
+    check_same_tokens(saved, training.corpus, config, path)
+    shape, wanted = saved["model_args"], asdict(model.config)
+    changed = ", ".join(f"{k} {shape[k]} -> {wanted[k]}"
+                        for k in checkpoint.MODEL_SHAPE if shape[k] != wanted[k])
     if changed:
-        raise UsageError(f"cannot resume {path}: the model shape differs ({changed}); "
-                         f"drop those flags or start a fresh run")
-    if not ({"optimizer", "rng", "step", "config", "val_loss"} <= checkpoint.keys()
-            and isinstance(checkpoint["config"], dict) and type(checkpoint["step"]) is int
-            and checkpoint["step"] >= 0 and isinstance(checkpoint["val_loss"], float)
-            and isinstance(checkpoint["rng"], list) and checkpoint["rng"]):
+        raise UsageError(f"cannot resume {path}: the model shape differs ({changed}); drop "
+                         f"those flags or start a fresh run")
+    if not ({"optimizer", "rng", "step", "config", "val_loss"} <= saved.keys()
+            and isinstance(saved["config"], dict) and type(saved["step"]) is int
+            and saved["step"] >= 0 and isinstance(saved["val_loss"], float)
+            and isinstance(saved["rng"], list) and saved["rng"]):
         raise UsageError(f"cannot resume {path}: it has no optimizer or random state, or a "
                          f"damaged one; start a fresh run")
-    saved_optimizer = checkpoint["config"].get("optimizer", "adamw")
+    saved_optimizer = saved["config"].get("optimizer", "adamw")
     if saved_optimizer != config.optimizer:
         raise UsageError(f"cannot resume {path}: it was trained with --optimizer "
                          f"{saved_optimizer}; pass --optimizer {saved_optimizer}")
-    step = checkpoint["step"]
+    step = saved["step"]
     if step >= config.max_iters:  # nothing to train, nothing to save
         raise UsageError(f"{path} is at step {step}, {'past' if step > config.max_iters else 'at'} "
                          f"--max_iters {config.max_iters}; pass a larger --max_iters to train on")
-    model.load_state_dict(checkpoint["model"])
-    training.best.restore(checkpoint)
-    training.val_loss = checkpoint["val_loss"]
-    rng_states = checkpoint["rng"]  # one per rank of the run that saved it
+    model.load_state_dict(saved["model"])
+    training.val_loss = saved["val_loss"]
+    # The best evaluation; a checkpoint saved before best weights were kept has only its last.
+    best = saved.get("best", dict(step=step, val_loss=saved["val_loss"]))
+    training.best_step = best["step"]
+    training.best_val_loss = best["val_loss"] if math.isfinite(best["val_loss"]) else math.inf
+    training.best_weights = {name: w.to("cpu", copy=True)
+                             for name, w in saved.get("best_model", saved["model"]).items()}
     try:
-        training.optimizer.load_state_dict(checkpoint["optimizer"])
-        if len(rng_states) == run.world_size:
-            restored = restore_rng(rng_states[run.rank])
-        elif run.rank == 0:  # another number of processes: only rank 0 can go on where it was
-            restored = restore_rng(rng_states[0])
+        training.optimizer.load_state_dict(saved["optimizer"])
+        # One random state per rank of the run that saved it. Another number of processes:
+        # only rank 0 can go on where it was; the others go on from a seed.
+        if len(saved["rng"]) == run.world_size or run.rank == 0:
+            restored = restore_rng(saved["rng"][run.rank])
         else:
             torch.manual_seed(torch.initial_seed() + step)  # seeded per rank in set_up
             restored = True
@@ -512,47 +485,41 @@ def resume(training):
     return step
 
 
-def check_same_tokens(checkpoint, corpus, config, path):
-    """Refuse to go on with other tokens than the checkpoint learned from, naming the cause:
-    another --tokenizer or --vocab_size, or another text (its sha256, recorded at each save:
-    the same characters in another text would give the same vocabulary)."""
-    saved = checkpoint["tokenizer"]
-    if saved.get("kind") != config.tokenizer:
-        raise UsageError(f"cannot resume {path}: it was trained with --tokenizer "
-                         f"{saved.get('kind')}; pass --tokenizer {saved.get('kind')}")
-    saved_vocab = checkpoint.get("config", {}).get("vocab_size") if isinstance(
-        checkpoint.get("config"), dict) else None
+def check_same_tokens(saved, corpus, config, path):
+    """Refuse other tokens than the checkpoint learned: another --tokenizer or --vocab_size, or
+    another text (its sha256: the same characters in another text give the same vocabulary)."""
+    kind = saved["tokenizer"].get("kind")
+    if kind != config.tokenizer:
+        raise UsageError(f"cannot resume {path}: it was trained with --tokenizer {kind}; pass "
+                         f"--tokenizer {kind}")
+    saved_config = saved.get("config")
+    saved_vocab = saved_config.get("vocab_size") if isinstance(saved_config, dict) else None
     if config.tokenizer == "bpe" and saved_vocab not in (None, config.vocab_size):
         raise UsageError(f"cannot resume {path}: it was trained with --vocab_size "
                          f"{saved_vocab}; pass --vocab_size {saved_vocab}")
-    if checkpoint.get("text_sha256", corpus.sha256) != corpus.sha256 or \
-            saved != corpus.tokenizer.to_dict():
+    if saved.get("text_sha256", corpus.sha256) != corpus.sha256 or \
+            saved["tokenizer"] != corpus.tokenizer.to_dict():
         raise UsageError(f"cannot resume {path}: it was trained on another text than --data "
-                         f"{config.data}; pass the --data it was trained on, or start a fresh "
-                         f"run")
+                         f"{config.data}; pass the --data it was trained on, or start a fresh run")
 
 
 def rng_state():
-    """Every random state that decides what comes next, as tensors and plain values: Python's,
-    NumPy's, the CPU's, and the GPU's this process draws on (CUDA's current one, or MPS)."""
-    name, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    """Every random state, as tensors and plain values: Python's, NumPy's, the CPU's, and the
+    GPU's this process draws on (CUDA's current one, or MPS)."""
+    name, keys, *rest = np.random.get_state()
     gpu = (("cuda", torch.cuda.get_rng_state()) if torch.cuda.is_initialized() else
            ("mps", torch.mps.get_rng_state()) if torch.backends.mps.is_available() else None)
-    return dict(python=random.getstate(),
-                numpy=(name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss,
-                       cached_gauss),
-                torch=torch.get_rng_state(), gpu=gpu)
+    return dict(python=random.getstate(), torch=torch.get_rng_state(), gpu=gpu,
+                numpy=(name, torch.from_numpy(keys.astype(np.int64)), *rest))
 
 
 def restore_rng(state):
-    """Put back rng_state()'s states; returns False where the GPU's could not be: saved on
-    another kind of device, or (an older checkpoint's list, one per GPU of the machine that
-    saved it) for a GPU this machine lacks."""
+    """Put back rng_state()'s states; False where the GPU's could not be: saved on another kind
+    of device, or (an older checkpoint's list, one per GPU that saved it) for a GPU not here."""
     # .cpu(): a checkpoint resumed on a GPU is loaded onto it, but random states are CPU bytes.
     random.setstate(state["python"])
-    name, keys, position, has_gauss, cached_gauss = state["numpy"]
-    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), position, has_gauss,
-                         cached_gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"].cpu())
     gpu = state.get("gpu")
     if state.get("cuda"):  # the older list: this process's GPU is the current one

@@ -19,7 +19,7 @@ startup.exit_at_once_on_ctrl_c(__name__)  # while torch loads: before any other 
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -63,11 +63,15 @@ def main(argv=None):
                          for _ in range(config.gradient_accumulation_steps)]
         loss = train_step(train_model, optimizer, scaler, micro_batches, config, run)
         training.progress.step_done(step + 1, loss, lr)  # loss, tokens/s every log_interval
-    finish(training, step, stopping)  # where the checkpoint is, its best weights; a sample
+    runs.finish(training, step, stopping)  # where the checkpoint is, its best weights
+    if run.is_master and config.sample_tokens > 0:
+        sample = sample_text(training, config.sample_tokens)
+        print("\nSample:\n" + sample)
+        training.progress.record(dict(step=step, sample=sample))
+    runs.end_distributed()  # under torchrun: once rank 0 has saved
 
 
-# ---------------------------------------------------------------------------------------------
-# The steps of main(), in the order it calls them
+# --- The steps of main(), in the order it calls them ------------------------------------------
 
 @dataclass
 class Training:
@@ -78,14 +82,19 @@ class Training:
     val_data: ValSet  # the val tokens evaluate() scores, on the device
     model: GPTModel  # the plain model, which evaluation, saving and sampling use
     optimizer: torch.optim.Optimizer  # AdamW; with Muon, speedups.MuonAdamW, used the same way
-    best: "BestEvaluation" = field(default_factory=lambda: BestEvaluation())
     val_loss: float = math.nan  # the latest evaluation's (NaN on ranks other than 0)
+    # The evaluation with the lowest val loss yet. A model trained too long on a small text gets
+    # worse on the val split (it overfits): the checkpoint keeps these weights too, as
+    # best_model, and generate.py samples them unless asked for --weights last.
+    best_step: int = -1
+    best_val_loss: float = math.inf
+    best_weights: dict = None  # a copy on the CPU, taken when they became the best
     progress: runs.Progress = None  # made once the first step is known
 
 
 def load_tokens(config, run):
-    """(corpus, val set): the text's tokens, prepared once into a file that every rank maps
-    (dataset.py), and the val tokens evaluate() scores, on the device."""
+    """The text's tokens, prepared once into a file every rank maps (dataset.py), and the val
+    tokens evaluate() scores, on the device."""
     corpus = load_corpus(config, run.rank, run.world_size)
     if corpus.n_train <= config.block_size or corpus.n_val < 2:
         need = math.ceil((config.block_size + 2) / 0.9)
@@ -108,9 +117,9 @@ def build_model(vocab_size, config, run):
 def make_optimizer(model, config):
     """AdamW, decaying the weight matrices only (biases and LayerNorm gains are not shrunk);
     with --optimizer muon, Muon for the blocks' matrices and AdamW for the rest (speedups.py)."""
+    muon = config.optimizer == "muon"
     named = list(model.named_parameters())
-    for_muon = [p for name, p in named
-                if config.optimizer == "muon" and p.dim() == 2 and name.startswith("blocks.")]
+    for_muon = [p for name, p in named if muon and p.dim() == 2 and name.startswith("blocks.")]
     rest = [p for _, p in named if all(p is not q for q in for_muon)]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
@@ -120,9 +129,9 @@ def make_optimizer(model, config):
         adamw = torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas, **fused)
     except (RuntimeError, TypeError):  # a device or PyTorch version without fused AdamW
         adamw = torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas)
-    if not for_muon:
-        return adamw
-    return speedups.MuonAdamW(adamw, for_muon, config.muon_lr, config.weight_decay)
+    if muon:
+        return speedups.MuonAdamW(adamw, for_muon, config.muon_lr, config.weight_decay)
+    return adamw
 
 
 def wrap_for_training(model, config, run):
@@ -169,12 +178,12 @@ def set_learning_rate(optimizer, step, config):
 
 def train_step(train_model, optimizer, scaler, micro_batches, config, run):
     """One optimizer step on the summed gradients of the micro-batches; returns the last loss.
-
-    The gradients stay in .grad until the next step (they are cleared first, not last).
-    """
+    The gradients stay in .grad until the next step (they are cleared first, not last)."""
     optimizer.zero_grad(set_to_none=True)
+    # Under DDP, all-reduce the gradients once, after the last micro-batch, not after each.
+    no_sync = getattr(train_model, "no_sync", contextlib.nullcontext)
     for i, (x, y) in enumerate(micro_batches):
-        with sync_gradients_only_if(i == len(micro_batches) - 1, train_model):
+        with no_sync() if i < len(micro_batches) - 1 else contextlib.nullcontext():
             with autocast(run.device, run.dtype):  # forward in bf16/fp16 where chosen
                 _, loss = train_model(x, y)
             # Gradients add up over micro-batches; dividing makes the sum their mean.
@@ -188,89 +197,51 @@ def train_step(train_model, optimizer, scaler, micro_batches, config, run):
     return loss  # the last micro-batch's, for the progress bar
 
 
-def sync_gradients_only_if(is_last, train_model):
-    """Under DDP, all-reduce the gradients once, after the last micro-batch, not after each;
-    elsewhere a context that does nothing."""
-    if is_last or not hasattr(train_model, "no_sync"):
-        return contextlib.nullcontext()
-    return train_model.no_sync()
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluating: the loss on both splits, the best weights, samples
+# --- Evaluating: the loss on both splits, the best weights, samples ---------------------------
 
 def evaluate_and_save(t, step, last_step):
-    """Rank 0 evaluates and prints the eval line (marked when its val loss is the best yet);
-    every rank's random state goes into the checkpoint, which rank 0 saves (atomically) after
-    step 0, with the best evaluation's weights. t: main()'s Training."""
+    """Rank 0 evaluates, prints the eval line ("new best" when it beats every earlier one) and
+    saves the checkpoint (atomically) after step 0, with every rank's random state and the best
+    evaluation's weights. t: main()'s Training."""
     config, run, model, progress = t.config, t.run, t.model, t.progress
     if run.is_master:
         train_loss, t.val_loss = evaluate(model, t.corpus, t.val_data, config, run)
         val_bpc = bits_per_char(t.val_loss, t.val_data.n_predictions, t.val_data.n_chars)
         elapsed = time.time() - startup.STARTED_AT
-        improved = t.best.update(step, t.val_loss, model)
+        improved = t.val_loss < t.best_val_loss  # also False for NaN
+        new_best = improved and t.best_step >= 0  # it beat an earlier evaluation
+        if improved:
+            t.best_step, t.best_val_loss = step, t.val_loss
+            t.best_weights = {name: w.detach().to("cpu", copy=True)
+                              for name, w in model.state_dict().items()}
         progress.write(f"Step {step}: train loss {train_loss:.4f}, val loss {t.val_loss:.4f} "
                        f"({t.val_data.note}), val bpc {val_bpc:.4f} ({elapsed:.1f}s)"
-                       + (" new best" if improved else ""))
+                       + (" new best" if new_best else ""))
         if not (math.isfinite(train_loss) and math.isfinite(t.val_loss)):
             runs.stop_on_nan(progress, config.checkpoint)
         metrics = dict(step=step, train_loss=train_loss, val_loss=t.val_loss, val_bpc=val_bpc,
                        elapsed=elapsed)
-        if config.eval_sample_tokens > 0:
-            metrics["sample"] = eval_sample(model, t.corpus.tokenizer, config, run)
+        if config.eval_sample_tokens > 0:  # to watch the text go from noise to Shakespeare
+            # From a generator of its own, seeded alike at every evaluation: the samples differ
+            # only by what the model learned; training's random stream (so --resume) is untouched.
+            generator = torch.Generator(run.device).manual_seed(config.seed)
+            metrics["sample"] = sample_text(t, config.eval_sample_tokens, generator)
             progress.write(f"Sample at step {step}:\n{metrics['sample'].strip()}\n")
     # Taken after rank 0's evaluation (which draws batches), so --resume continues exactly.
     rng_states = runs.gather_from_all_ranks(runs.rng_state(), run)
     if run.is_master and step > 0:
-        runs.save_or_stop(dict(model=model.state_dict(),
-                          model_args=asdict(model.config),
-                          tokenizer=t.corpus.tokenizer.to_dict(), config=asdict(config),
-                          optimizer=t.optimizer.state_dict(), step=step, val_loss=t.val_loss,
-                          val_bpc=val_bpc, rng=rng_states, text_sha256=t.corpus.sha256,
-                          **t.best.in_checkpoint(step)),
-                     config.checkpoint, progress)
+        # The best weights, unless they are this step's (then they are the model already).
+        best_model = {} if t.best_step == step else dict(best_model=t.best_weights)
+        runs.save_or_stop(dict(model=model.state_dict(), model_args=asdict(model.config),
+                               tokenizer=t.corpus.tokenizer.to_dict(), config=asdict(config),
+                               optimizer=t.optimizer.state_dict(), step=step,
+                               val_loss=t.val_loss, val_bpc=val_bpc, rng=rng_states,
+                               text_sha256=t.corpus.sha256, **best_model,
+                               best=dict(step=t.best_step, val_loss=t.best_val_loss)),
+                          config.checkpoint, progress)
     if run.is_master:  # after saving: a fresh run's log replaces an earlier run's only then
         progress.record(metrics, draw_curve=last_step, saved=step > 0)
     progress.restart_timer()  # keep evaluation time out of tokens/s
-
-
-@dataclass
-class BestEvaluation:
-    """The evaluation with the lowest val loss so far. A model trained too long on a small text
-    gets worse on the val split (it overfits): the checkpoint keeps these weights too, as
-    best_model, and generate.py samples them unless asked for --weights last."""
-    step: int = -1
-    val_loss: float = math.inf
-    weights: dict = None  # a copy on the CPU, taken when they became the best
-
-    def update(self, step, val_loss, model):
-        """Remember this evaluation if its val loss is the lowest yet; True if it beat an
-        earlier one."""
-        if not val_loss < self.val_loss:  # also False for NaN
-            return False
-        improved = self.step >= 0
-        self.step, self.val_loss = step, val_loss
-        self.weights = {name: w.detach().to("cpu", copy=True)
-                        for name, w in model.state_dict().items()}
-        return improved
-
-    def in_checkpoint(self, step):
-        """The checkpoint's entries: the best step and val loss, and its weights unless they
-        are those of this step (then they are the checkpoint's model already)."""
-        entries = dict(best=dict(step=self.step, val_loss=self.val_loss))
-        if self.step != step:
-            entries["best_model"] = self.weights
-        return entries
-
-    def restore(self, checkpoint):
-        """From a checkpoint being resumed; one saved before best weights were kept has only
-        its last weights, the best known then."""
-        last = dict(step=checkpoint["step"], val_loss=checkpoint["val_loss"])
-        record = checkpoint.get("best", last)
-        weights = checkpoint.get("best_model", checkpoint["model"])
-        self.step = record["step"]
-        self.val_loss = record["val_loss"] if math.isfinite(record["val_loss"]) else math.inf
-        self.weights = {name: w.to("cpu", copy=True) for name, w in weights.items()}
 
 
 def evaluate(model, corpus, val_data, config, run):
@@ -278,10 +249,9 @@ def evaluate(model, corpus, val_data, config, run):
     when it is small, else over a fixed subset: dataset.val_set decides)."""
     model.eval()
     with torch.no_grad(), autocast(run.device, run.dtype):
-        train_losses = [model(*get_batch(corpus, config.batch_size, config.block_size,
-                                         run.device))[1]
-                        for _ in range(config.eval_iters)]
-        train_loss = torch.stack(train_losses).mean().item()
+        batches = (get_batch(corpus, config.batch_size, config.block_size, run.device)
+                   for _ in range(config.eval_iters))
+        train_loss = torch.stack([model(x, y)[1] for x, y in batches]).mean().item()
         if val_data.exact:
             val_loss = exact_loss(model, val_data.tokens, config.block_size, config.batch_size)
         else:
@@ -290,92 +260,40 @@ def evaluate(model, corpus, val_data, config, run):
     return train_loss, val_loss
 
 
-def eval_sample(model, tokenizer, config, run):
-    """--eval_sample_tokens: a short sample to watch the text go from noise to Shakespeare.
-
-    Drawn from its own generator, seeded the same at every evaluation: the samples of a run
-    differ only by what the model has learned in between, and the training's random stream
-    (batches, dropout), and so --resume, is left exactly as it was.
-    """
-    generator = torch.Generator(run.device).manual_seed(config.seed)
-    sample = sample_text(model, tokenizer, config.eval_sample_tokens, run.device, generator)
-    model.train()
-    return sample
-
-
 def exact_loss(model, data, block_size, batch_size):
-    """Mean loss over every next-token prediction in data, cut into consecutive blocks.
-
-    Each token is predicted exactly once (from the tokens before it in its block), so this is
-    the split's true loss rather than a noisy estimate from random batches.
-    """
+    """Mean loss over every next-token prediction in data, cut into consecutive blocks. Each
+    token is predicted exactly once (from the tokens before it in its block), so this is the
+    split's true loss rather than a noisy estimate from random batches."""
     n_blocks = (len(data) - 1) // block_size
-    batch_size = eval_rows(model, batch_size, block_size)
-    inputs = data[:n_blocks * block_size].view(n_blocks, block_size)
-    targets = data[1:n_blocks * block_size + 1].view(n_blocks, block_size)
-    pieces = [(inputs[i:i + batch_size], targets[i:i + batch_size])
-              for i in range(0, n_blocks, batch_size)]
-    rest = data[n_blocks * block_size:]
-    if len(rest) > 1:  # the last partial block
-        pieces.append((rest[None, :-1], rest[None, 1:]))
-    return mean_loss(model, pieces)
+    starts = torch.arange(n_blocks, device=data.device)[:, None] * block_size
+    blocks = data[starts + torch.arange(block_size + 1, device=data.device)]  # (n_blocks, T + 1)
+    return windows_loss(model, blocks, batch_size, partial=data[n_blocks * block_size:])
 
 
-def windows_loss(model, windows, batch_size):
-    """Mean loss over every prediction in windows (N, T + 1): each row's last T tokens are
-    predicted from the ones before them, as in exact_loss's blocks."""
-    batch_size = eval_rows(model, batch_size, windows.shape[1] - 1)
-    return mean_loss(model, [(rows[:, :-1], rows[:, 1:]) for rows in windows.split(batch_size)])
+def windows_loss(model, windows, batch_size, partial=None):
+    """Mean loss over every prediction in windows (N, T + 1), and in partial, a shorter row:
+    each row's tokens after the first are predicted from the ones before them."""
+    # No gradients are kept, so a pass takes more rows than training: 16,384 tokens, fewer with
+    # a big vocabulary, whose logits (tokens x vocab) would fill the memory: 2**24 (64 MB) at most.
+    tokens_per_pass = min(16384, 2**24 // model.lm_head.out_features)
+    n_rows = max(batch_size, tokens_per_pass // (windows.shape[1] - 1))
+    pieces = [rows for rows in windows.split(n_rows) if len(rows)]
+    if partial is not None and len(partial) > 1:
+        pieces.append(partial[None])
+    total_loss, n_predictions = 0.0, 0
+    for rows in pieces:
+        _, loss = model(rows[:, :-1], rows[:, 1:])
+        total_loss += loss.item() * rows[:, 1:].numel()
+        n_predictions += rows[:, 1:].numel()
+    return total_loss / n_predictions
 
 
-def eval_rows(model, batch_size, block_size):
-    """Sequences per forward pass when evaluating. No gradients are kept, so more than in
-    training: 16,384 tokens, fewer with a big vocabulary, whose logits (tokens x vocab) would
-    take most of the memory: at most 2**24 of them (64 MB in float32)."""
-    tokens = min(16384, 2**24 // model.lm_head.out_features)
-    return max(batch_size, tokens // block_size)
-
-
-def mean_loss(model, pieces):
-    """The mean loss over every target in the (x, y) pieces, whatever their sizes."""
-    total_loss, n_tokens = 0.0, 0
-    for x, y in pieces:
-        _, loss = model(x, y)
-        total_loss += loss.item() * y.numel()
-        n_tokens += y.numel()
-    return total_loss / n_tokens
-
-
-def finish(training, step, stopping):
-    """Say where the checkpoint is and which weights in it are the best, print a sample, and
-    let every rank leave together."""
-    config, run, best = training.config, training.run, training.best
-    training.progress.close()
-    if run.is_master:
-        if stopping and step == 0:
-            print("Stopped before the first step; no checkpoint saved")
-        elif stopping:
-            print(f"Stopped at step {step}; checkpoint saved to {config.checkpoint}")
-        else:
-            print(f"Saved checkpoint to {config.checkpoint} (val loss {training.val_loss:.4f})")
-        if step > 0 and best.step == step:
-            print(f"Best: val loss {best.val_loss:.4f} at step {best.step}, the last step")
-        elif step > 0:
-            print(f"Best: val loss {best.val_loss:.4f} at step {best.step}, kept in the checkpoint "
-                  f"too: generate.py samples it (--weights last: step {step}'s)")
-        if config.sample_tokens > 0:
-            sample = sample_text(training.model, training.corpus.tokenizer, config.sample_tokens,
-                                 run.device)
-            print("\nSample:\n" + sample)
-            training.progress.record(dict(step=step, sample=sample))
-    runs.end_distributed()  # under torchrun: once rank 0 has saved
-
-
-def sample_text(model, tokenizer, n_tokens, device, generator=None):
-    model.eval()
-    idx = torch.tensor([start_tokens(tokenizer)], dtype=torch.long, device=device)
-    tokens = model.generate(idx, n_tokens, temperature=0.8, top_k=200, generator=generator)
-    return tokenizer.decode(tokens[0].tolist())
+def sample_text(t, n_tokens, generator=None):
+    t.model.eval()
+    idx = torch.tensor([start_tokens(t.corpus.tokenizer)], dtype=torch.long, device=t.run.device)
+    tokens = t.model.generate(idx, n_tokens, temperature=0.8, top_k=200, generator=generator)
+    t.model.train()
+    return t.corpus.tokenizer.decode(tokens[0].tolist())
 
 
 if __name__ == "__main__":
