@@ -109,8 +109,8 @@ def build_model(vocab_size, config, run):
     model = GPTModel(GPTConfig(vocab_size, config.n_embd, config.n_layer, config.n_head,
                                config.block_size, config.dropout,
                                use_flash(config.flash, run.device))).to(run.device)
-    if run.device == "cpu" and not config.reference:
-        speedups.use_fast_cpu_dropout(model)  # a quarter of the random numbers per mask
+    if run.device == "cpu" and config.dropout > 0 and not config.reference:
+        speedups.use_fast_cpu_dropout(model)  # same job, a quarter of the random numbers
     return model
 
 
@@ -171,7 +171,7 @@ def set_learning_rate(optimizer, step, config):
     """Set every parameter group's rate for this step, and return it. (With Muon,
     speedups.MuonAdamW scales this rate for its matrices when it steps.)"""
     lr = learning_rate_at(step, config)
-    for group in optimizer.param_groups:
+    for group in optimizer.param_groups:  # with Muon, its groups too: rescaled in its step()
         group["lr"] = lr
     return lr
 
