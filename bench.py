@@ -434,7 +434,13 @@ def eval_points(flags, seconds, name, stop_at=float("-inf")):
     with launch_train_py(flags) as process, tqdm(
             total=seconds, unit="s", desc=name, file=sys.stdout,
             bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}]") as bar:
-        deadline = threading.Timer(seconds, process.kill)  # its output ends when it is stopped
+        at_deadline = threading.Event()  # set just before the deadline stops it (exit -9)
+
+        def stop_at_deadline():
+            at_deadline.set()
+            process.kill()  # its output then ends
+
+        deadline = threading.Timer(seconds, stop_at_deadline)
         deadline.start()
         try:
             for line in process.stdout:
@@ -445,8 +451,8 @@ def eval_points(flags, seconds, name, stop_at=float("-inf")):
                     bar.set_postfix_str(f"val {points[-1][2]:.4f} at step {points[-1][1]}")
                 if points and points[-1][2] <= stop_at:
                     break
-            else:  # the output ended; -9: stopped at the deadline
-                if process.wait() not in (0, -9):
+            else:  # the output ended: it finished, or the deadline stopped it
+                if process.wait() != 0 and not (process.returncode == -9 and at_deadline.is_set()):
                     raise UsageError(f"{name} failed (exit {process.returncode}): "
                                      f"{last_line or 'no output'}")
         finally:

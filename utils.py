@@ -215,7 +215,8 @@ def gpu_has_native_bf16(device):
 
 def cpu_has_native_bf16():
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        return any(flag in f.read() for flag in ("avx512_bf16", "amx_bf16"))
+        flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
     return False
 
 

@@ -515,3 +515,17 @@ def test_interactive_with_no_input_left_ends_quietly(home, stdin):
     assert result.returncode == 0 and not result.stderr, result.stderr
     # The prompt's line ended (a closed stdin fails before the prompt shows), nothing else said.
     assert result.stdout.endswith("> \n" if stdin == "empty" else "quits.\n\n"), result.stdout
+
+
+def test_bench_curve_fails_when_train_py_is_killed_before_its_deadline(monkeypatch):
+    # A train.py killed by something else (the OOM killer's SIGKILL) is a failure, not the
+    # curve's own deadline: the same exit code, -9, must not pass for a finished curve.
+    script = ("import os, signal; print('Step 0: train loss 4.1, val loss 4.2 (exact) (1.0s)', "
+              "flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    monkeypatch.setattr(bench, "launch_train_py", lambda flags: subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True))
+    code, out, err = run_in_process(bench.main, ["curve", "--device", "cpu", "--seconds", "60"])
+    assert code == 2, (out[-2000:], err)
+    [line] = err.strip().splitlines()
+    assert "train.py --preset cpu failed (exit -9)" in line

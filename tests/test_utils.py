@@ -7,6 +7,7 @@ import pickle
 import pytest
 import torch
 
+import utils
 from checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from model import GPTConfig, GPTModel
 from tokenizer import CharTokenizer, tokenizer_from_dict
@@ -199,3 +200,14 @@ def test_cuda_without_gpu_is_a_clear_error(monkeypatch):
 def test_unknown_device():
     with pytest.raises(UsageError, match="unknown device"):
         pick_device("tpu")
+
+
+@pytest.mark.parametrize("flags, native", [("fpu avx512_bf16", True), ("fpu amx_bf16", True),
+                                           ("fpu avx512f", False)])
+def test_cpu_bf16_is_read_from_either_flag(monkeypatch, tmp_path, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor : 0\nflags : {flags}\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *args, **kwargs: real_open(
+        cpuinfo if path == "/proc/cpuinfo" else path, *args, **kwargs))
+    assert utils.cpu_has_native_bf16() is native
