@@ -399,13 +399,25 @@ def scan(chunks, want_vocab):
     return n_chars, (np.flatnonzero(seen) if want_vocab else None)
 
 
+def split_at(chunks, n_train_chars):
+    """("train", text) for the first n_train_chars characters of the chunks, then ("val", text)."""
+    position = 0
+    for text in chunks:
+        cut = min(len(text), max(0, n_train_chars - position))
+        if cut > 0:
+            yield "train", text[:cut]
+        if cut < len(text):
+            yield "val", text[cut:]
+        position += len(text)
+
+
 def char_ids(sources, code_points, n_train_chars, chunk_bytes):
     """(split, ids) of the text, chunk by chunk: each character's id is its rank among the code
     points, looked up in a table."""
     table = np.zeros(sys.maxunicode + 1, dtype=token_dtype(len(code_points)))  # code point -> id
     table[code_points] = np.arange(len(code_points))
     chunks = read_text_chunks(sources, chunk_bytes, "Encoding")
-    for split, text in fast_bpe.split_at(chunks, n_train_chars):
+    for split, text in split_at(chunks, n_train_chars):
         yield split, table[code_points_of(text)]
 
 
@@ -436,7 +448,7 @@ def bpe_ids(sources, n_train_chars, tokenizer, chunk_bytes, piece_chars, workers
     """(split, ids) of the train split, then the val split, encoded in pieces on `workers`
     processes."""
     byte_lengths = np.array([len(b) for b in tokenizer.token_bytes])
-    chunks = fast_bpe.split_at(read_text_chunks(sources, chunk_bytes, "Encoding (BPE)"),
+    chunks = split_at(read_text_chunks(sources, chunk_bytes, "Encoding (BPE)"),
                                n_train_chars)
     pieces = fast_bpe.word_end_pieces(chunks, piece_chars)
     dtype = token_dtype(tokenizer.vocab_size)

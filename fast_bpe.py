@@ -83,18 +83,6 @@ def train(text, vocab_size):
 # ---------------------------------------------------------------------------------------------
 # Encoding in pieces, on every core
 
-def split_at(chunks, n_train_chars):
-    """("train", text) for the first n_train_chars characters of the chunks, then ("val", text)."""
-    position = 0
-    for text in chunks:
-        cut = min(len(text), max(0, n_train_chars - position))
-        if cut > 0:
-            yield "train", text[:cut]
-        if cut < len(text):
-            yield "val", text[cut:]
-        position += len(text)
-
-
 def word_end_pieces(tagged_chunks, piece_chars):
     """(split, piece): each split's text cut into pieces of about piece_chars characters. A cut
     goes after a character that is not whitespace and before one that is: BPE's chunks

@@ -89,7 +89,7 @@ def test_pieces_cut_at_word_ends_split_into_the_same_bpe_chunks():
     for _ in range(500):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
         n_train = rng.randint(0, len(text))
-        tagged = fast_bpe.split_at([text[i:i + 5] for i in range(0, len(text), 5)], n_train)
+        tagged = dataset.split_at([text[i:i + 5] for i in range(0, len(text), 5)], n_train)
         # Pieces of at least 1/8 of the text: never a forced cut (a "word" 8 pieces long).
         pieces = list(fast_bpe.word_end_pieces(tagged, len(text) // 8 + rng.randint(1, 5)))
         train_pieces = [p for split, p in pieces if split == "train"]
