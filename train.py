@@ -239,8 +239,7 @@ class BestEvaluation:
     weights: dict = None  # a copy on the CPU, taken when they became the best
 
     def update(self, step, val_loss, model):
-        """Remember this evaluation if its val loss is the lowest yet; True if it beat an
-        earlier one."""
+        """Keep this evaluation if its val loss is the lowest yet; True if it beat earlier ones."""
         if not val_loss < self.val_loss:  # a NaN is never lower: never the best
             return False
         beat_an_earlier_one = self.step >= 0
