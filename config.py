@@ -128,29 +128,12 @@ def parse_config(argv=None, prog="train.py"):
 
 
 TYPE_NAMES = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
-RULES = [  # (the fields, the test each value must pass, what its error says is accepted)
-    (("n_embd", "n_layer", "n_head", "block_size", "batch_size", "max_iters", "eval_interval",
-      "eval_iters", "gradient_accumulation_steps", "log_interval"), lambda v: v >= 1, "at least 1"),
-    (("warmup_iters", "lr_decay_iters", "sample_tokens", "eval_sample_tokens"), lambda v: v >= 0,
-     "0 or more"),
-    (("weight_decay", "grad_clip"), lambda v: v >= 0, "0 or more (0 = off)"),
-    (("bpe_sample_chars",), lambda v: v >= 0, "0 (the whole train split) or more"),
-    (("learning_rate", "muon_lr"), lambda v: v > 0, "above 0"),
-    # AdamW's moving averages (betas): 1 would never forget.
-    (("dropout", "beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
-    (("seed",), lambda v: 0 <= v < 2**63, "from 0 to 2**63 - 1"),  # torch takes 64 bits
-    (("tokenizer",), lambda v: v in ("char", "bpe"), "char or bpe"),
-    (("optimizer",), lambda v: v in ("adamw", "muon"), "adamw or muon"),
-    (("dtype",), lambda v: v in ("auto", "float32", "bfloat16", "float16"),
-     "auto, float32, bfloat16 or float16"),
-    (("compile", "flash"), lambda v: v in ("auto", "true", "false"), "auto, true or false"),
-    (("device",), DEVICE_NAME.fullmatch, "auto, cuda, cuda:N, mps or cpu"),
-]
 
 
 def check_config(config):
     """Every field's type and range, and the relations between fields, checked before any
-    work starts: a bad value is one line naming the flag, the value and what is accepted."""
+    work starts: a bad value is one line naming the flag, the value and what is accepted.
+    The checks run in this order, so with several bad flags the first named is the one here."""
     for field in fields(Config):
         value = getattr(config, field.name)
         accepted = (int, float) if field.type is float else field.type
@@ -161,25 +144,36 @@ def check_config(config):
     for name in ("data", "checkpoint", "wandb_project"):
         if not getattr(config, name).strip():
             raise UsageError(f"--{name} must not be empty")
-    for names, passes, accepted in RULES:
-        for name in names:
-            if not passes(getattr(config, name)):
-                raise UsageError(f"--{name} must be {accepted}, got {getattr(config, name)!r}")
+    check_each(config, ("n_embd", "n_layer", "n_head", "block_size", "batch_size", "max_iters",
+                        "eval_interval", "eval_iters", "gradient_accumulation_steps",
+                        "log_interval"), lambda v: v >= 1, "at least 1")
     if config.n_embd % config.n_head != 0:
         # The largest divisor of n_embd up to n_head (looking no further than a million down).
         divisor = next(d for d in range(min(config.n_head, config.n_embd, 10**6), 0, -1)
                        if config.n_embd % d == 0)
         raise UsageError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}); "
                          f"pick e.g. --n_head {divisor}")
+    check_each(config, ("warmup_iters", "lr_decay_iters", "sample_tokens", "eval_sample_tokens"),
+               lambda v: v >= 0, "0 or more")
+    check_each(config, ("dropout",), lambda v: 0 <= v < 1, "in [0, 1)")
+    check_each(config, ("learning_rate", "muon_lr"), lambda v: v > 0, "above 0")
     if not 0 <= config.min_lr <= config.learning_rate:
         raise UsageError(f"--min_lr must be from 0 to --learning_rate ({config.learning_rate}), "
                          f"got {config.min_lr}")
+    check_each(config, ("weight_decay", "grad_clip"), lambda v: v >= 0, "0 or more (0 = off)")
     rates = ["learning_rate"] + (["muon_lr"] if config.optimizer == "muon" else [])
     for name in rates:  # each step multiplies every decayed weight by 1 - lr * weight_decay
         if config.weight_decay * getattr(config, name) >= 1:
             raise UsageError(f"--weight_decay times --{name} must be below 1 (each step shrinks "
                              f"the weights by that fraction), got {config.weight_decay} x "
                              f"{getattr(config, name)}")
+    # AdamW's moving averages: 1 would never forget.
+    check_each(config, ("beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)")
+    # torch takes 64 bits; each DDP rank adds its rank to the seed (runs.set_up).
+    check_each(config, ("seed",), lambda v: 0 <= v < 2**63, "from 0 to 2**63 - 1")
+    check_each(config, ("dtype",), lambda v: v in ("auto", "float32", "bfloat16", "float16"),
+               "auto, float32, bfloat16 or float16")
+    check_each(config, ("tokenizer",), lambda v: v in ("char", "bpe"), "char or bpe")
     if config.vocab_size < 256:  # BPE training stops by itself when nothing is left to merge
         raise UsageError(f"--vocab_size (for --tokenizer bpe) must be at least 256, the byte "
                          f"tokens, got {config.vocab_size}")
@@ -187,12 +181,24 @@ def check_config(config):
         raise UsageError(f"--eval_tokens must be 0 (auto) or more than block_size "
                          f"({config.block_size}): the val subset is blocks of block_size + 1 "
                          f"tokens; got {config.eval_tokens}")
+    check_each(config, ("bpe_sample_chars",), lambda v: v >= 0, "0 (the whole train split) or more")
+    check_each(config, ("optimizer",), lambda v: v in ("adamw", "muon"), "adamw or muon")
     if config.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
         raise UsageError(f"--optimizer muon needs torch.optim.Muon (PyTorch 2.9 or newer; this is "
                          f"{torch.__version__}): pip install -U torch, or pass --optimizer adamw")
+    check_each(config, ("compile", "flash"), lambda v: v in ("auto", "true", "false"),
+               "auto, true or false")
+    check_each(config, ("device",), DEVICE_NAME.fullmatch, "auto, cuda, cuda:N, mps or cpu")
     if re.search(r"[/\\#?%:]", config.wandb_project) or len(config.wandb_project) > 128:
         raise UsageError(f"--wandb_project must be at most 128 characters, none of / \\ # ? % :, "
                          f"got {config.wandb_project!r}")
+
+
+def check_each(config, names, passes, accepted):
+    """Refuse the first of these fields whose value fails passes(value), saying what is accepted."""
+    for name in names:
+        if not passes(getattr(config, name)):
+            raise UsageError(f"--{name} must be {accepted}, got {getattr(config, name)!r}")
 
 
 def field_comments():

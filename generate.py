@@ -96,6 +96,15 @@ def load_model(path, device, dtype="float32", flash=True, weights="best"):
     return for_sampling(model, device, dtype), tokenizer, which
 
 
+def check_samples_fit(model, num_samples, device):
+    """Each sample needs a KV cache (2 x n_layer x block_size x n_embd numbers) and logits for
+    its prompt's positions, 4 bytes each: refuse, before sampling, what cannot fit."""
+    config = model.config  # the model's shape (a GPTConfig)
+    per_sample = 4 * config.block_size * (2 * config.n_layer * config.n_embd + config.vocab_size)
+    check_fits_in_memory(num_samples * per_sample, device, f"--num_samples {num_samples}",
+                         "ask for fewer samples")
+
+
 def for_sampling(model, device, dtype):
     """The model in eval mode on device, its weights in dtype (float32, bfloat16, float16, int8).
     Sampling reads every weight once per token, so 16-bit weights halve the bytes to move and
@@ -168,12 +177,7 @@ def main(argv=None):
     flash = use_flash("false" if args.reference else "auto", device)  # as in training
     model, tokenizer, which = load_model(args.checkpoint, device, pick_dtype(args.dtype, device),
                                          flash=flash, weights=args.weights)
-    # Each sample needs a KV cache (2 x n_layer x block_size x n_embd numbers) and logits for its
-    # prompt's positions: refuse, before sampling, what cannot fit.
-    shape = model.config
-    per_sample = 4 * shape.block_size * (2 * shape.n_layer * shape.n_embd + shape.vocab_size)
-    check_fits_in_memory(args.num_samples * per_sample, device, f"--num_samples "
-                         f"{args.num_samples}", "ask for fewer samples")
+    check_samples_fit(model, args.num_samples, device)
     compile_decode(model, device, args.compile)
     torch.manual_seed(args.seed)
 
@@ -194,11 +198,17 @@ def main(argv=None):
         return
 
     tokenizer.encode(args.prompt)  # fail on unknown characters before printing anything
-    top_p = [f"Top-p: {args.top_p}"] if args.top_p is not None else []  # only when asked for
-    print("GENERATING TEXT", "=" * 60, f"Prompt: {args.prompt}",
-          f"Max tokens: {args.max_new_tokens}", f"Temperature: {args.temperature}",
-          f"Top-k: {args.top_k}", *top_p, f"Weights: {args.weights}, {which}", "=" * 60, "",
-          sep="\n")
+    print("GENERATING TEXT")
+    print("=" * 60)
+    print(f"Prompt: {args.prompt}")
+    print(f"Max tokens: {args.max_new_tokens}")
+    print(f"Temperature: {args.temperature}")
+    print(f"Top-k: {args.top_k}")
+    if args.top_p is not None:  # only when asked for
+        print(f"Top-p: {args.top_p}")
+    print(f"Weights: {args.weights}, {which}")
+    print("=" * 60)
+    print()
     print_completion(model, tokenizer, args.prompt, args, device)
 
 

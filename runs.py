@@ -277,7 +277,7 @@ def checkpoint_on_disk(path):
 
 def finish(training, step, stopping):
     """Close the progress bar; say where the checkpoint is and which weights in it are best."""
-    config, best_step = training.config, training.best_step
+    config, best = training.config, training.best
     training.progress.close()
     if not training.run.is_master:
         return
@@ -287,11 +287,11 @@ def finish(training, step, stopping):
         print(f"Stopped at step {step}; checkpoint saved to {config.checkpoint}")
     else:
         print(f"Saved checkpoint to {config.checkpoint} (val loss {training.val_loss:.4f})")
-    if step > 0 and best_step == step:
-        print(f"Best: val loss {training.best_val_loss:.4f} at step {step}, the last step")
+    if step > 0 and best.step == step:
+        print(f"Best: val loss {best.val_loss:.4f} at step {step}, the last step")
     elif step > 0:
-        print(f"Best: val loss {training.best_val_loss:.4f} at step {best_step}, kept in the "
-              f"checkpoint too: generate.py samples it (--weights last: step {step}'s)")
+        print(f"Best: val loss {best.val_loss:.4f} at step {best.step}, kept in the checkpoint "
+              f"too: generate.py samples it (--weights last: step {step}'s)")
 
 
 # Dense peak FLOP/s of known GPUs for MFU: (bf16/fp16 tensor cores, float32: TF32 tensor cores
@@ -436,42 +436,37 @@ def resume(training):
     val loss) and this rank's random state; returns the step to go on from."""
     config, model, run = training.config, training.model, training.run
     path = resume_path(config)
-    saved = checkpoint.load_checkpoint(path, run.device)
-    check_same_tokens(saved, training.corpus, config, path)
-    shape, wanted = saved["model_args"], asdict(model.config)
-    changed = ", ".join(f"{k} {shape[k]} -> {wanted[k]}"
-                        for k in checkpoint.MODEL_SHAPE if shape[k] != wanted[k])
+    ckpt = checkpoint.load_checkpoint(path, run.device)
+    check_same_tokens(ckpt, training.corpus, config, path)
+    model_args, wanted = ckpt["model_args"], asdict(model.config)
+    changed = ", ".join(f"{k} {model_args[k]} -> {wanted[k]}"
+                        for k in checkpoint.MODEL_SHAPE if model_args[k] != wanted[k])
     if changed:
         raise UsageError(f"cannot resume {path}: the model shape differs ({changed}); drop "
                          f"those flags or start a fresh run")
-    if not ({"optimizer", "rng", "step", "config", "val_loss"} <= saved.keys()
-            and isinstance(saved["config"], dict) and type(saved["step"]) is int
-            and saved["step"] >= 0 and isinstance(saved["val_loss"], float)
-            and isinstance(saved["rng"], list) and saved["rng"]):
+    if not ({"optimizer", "rng", "step", "config", "val_loss"} <= ckpt.keys()
+            and isinstance(ckpt["config"], dict) and type(ckpt["step"]) is int
+            and ckpt["step"] >= 0 and isinstance(ckpt["val_loss"], float)
+            and isinstance(ckpt["rng"], list) and ckpt["rng"]):
         raise UsageError(f"cannot resume {path}: it has no optimizer or random state, or a "
                          f"damaged one; start a fresh run")
-    saved_optimizer = saved["config"].get("optimizer", "adamw")
+    saved_optimizer = ckpt["config"].get("optimizer", "adamw")
     if saved_optimizer != config.optimizer:
         raise UsageError(f"cannot resume {path}: it was trained with --optimizer "
                          f"{saved_optimizer}; pass --optimizer {saved_optimizer}")
-    step = saved["step"]
+    step = ckpt["step"]
     if step >= config.max_iters:  # nothing to train, nothing to save
         raise UsageError(f"{path} is at step {step}, {'past' if step > config.max_iters else 'at'} "
                          f"--max_iters {config.max_iters}; pass a larger --max_iters to train on")
-    model.load_state_dict(saved["model"])
-    training.val_loss = saved["val_loss"]
-    # The best evaluation; a checkpoint saved before best weights were kept has only its last.
-    best = saved.get("best", dict(step=step, val_loss=saved["val_loss"]))
-    training.best_step = best["step"]
-    training.best_val_loss = best["val_loss"] if math.isfinite(best["val_loss"]) else math.inf
-    training.best_weights = {name: w.to("cpu", copy=True)
-                             for name, w in saved.get("best_model", saved["model"]).items()}
+    model.load_state_dict(ckpt["model"])
+    training.best.restore(ckpt)
+    training.val_loss = ckpt["val_loss"]
     try:
-        training.optimizer.load_state_dict(saved["optimizer"])
+        training.optimizer.load_state_dict(ckpt["optimizer"])
         # One random state per rank of the run that saved it. Another number of processes:
         # only rank 0 can go on where it was; the others go on from a seed.
-        if len(saved["rng"]) == run.world_size or run.rank == 0:
-            restored = restore_rng(saved["rng"][run.rank])
+        if len(ckpt["rng"]) == run.world_size or run.rank == 0:
+            restored = restore_rng(ckpt["rng"][run.rank])
         else:
             torch.manual_seed(torch.initial_seed() + step)  # seeded per rank in set_up
             restored = True
@@ -485,20 +480,20 @@ def resume(training):
     return step
 
 
-def check_same_tokens(saved, corpus, config, path):
+def check_same_tokens(ckpt, corpus, config, path):
     """Refuse other tokens than the checkpoint learned: another --tokenizer or --vocab_size, or
     another text (its sha256: the same characters in another text give the same vocabulary)."""
-    kind = saved["tokenizer"].get("kind")
+    kind = ckpt["tokenizer"].get("kind")
     if kind != config.tokenizer:
         raise UsageError(f"cannot resume {path}: it was trained with --tokenizer {kind}; pass "
                          f"--tokenizer {kind}")
-    saved_config = saved.get("config")
+    saved_config = ckpt.get("config")
     saved_vocab = saved_config.get("vocab_size") if isinstance(saved_config, dict) else None
     if config.tokenizer == "bpe" and saved_vocab not in (None, config.vocab_size):
         raise UsageError(f"cannot resume {path}: it was trained with --vocab_size "
                          f"{saved_vocab}; pass --vocab_size {saved_vocab}")
-    if saved.get("text_sha256", corpus.sha256) != corpus.sha256 or \
-            saved["tokenizer"] != corpus.tokenizer.to_dict():
+    if ckpt.get("text_sha256", corpus.sha256) != corpus.sha256 or \
+            ckpt["tokenizer"] != corpus.tokenizer.to_dict():
         raise UsageError(f"cannot resume {path}: it was trained on another text than --data "
                          f"{config.data}; pass the --data it was trained on, or start a fresh run")
 

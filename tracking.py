@@ -35,12 +35,12 @@ def metrics_recorder(config):
     wandb_run = start_wandb(config) if config.wandb else None
     failed = set()  # "log", "png", "W&B": what failed once and is not tried again
 
-    def attempt(name, what, action):
+    def attempt(name, what, errors, action):
         if name in failed:
             return
         try:
             action()
-        except Exception as err:  # OSError; matplotlib's or W&B's own (network, quota, ...)
+        except errors as err:  # what each may fail with; any other error is a bug: it shows
             failed.add(name)
             reason = getattr(err, "strerror", None) or f"{type(err).__name__}: {str(err)[:100]}"
             tqdm.write(f"Note: {what} failed ({reason}); training goes on without it")
@@ -51,13 +51,14 @@ def metrics_recorder(config):
             held_back.append(metrics)
         else:
             rows, mode = ([metrics], "a") if held_back is None else ([*held_back, metrics], "w")
-            attempt("log", f"writing the metrics log {jsonl_path}",
+            attempt("log", f"writing the metrics log {jsonl_path}", OSError,
                     lambda: write_rows(jsonl_path, rows, mode))
             held_back = None
         if wandb_run is not None:
-            attempt("W&B", "logging to W&B", lambda: log_to_wandb(wandb_run, metrics))
+            attempt("W&B", "logging to W&B", Exception,  # W&B's own: network, quota, ...
+                    lambda: log_to_wandb(wandb_run, metrics))
         if can_draw and draw_curve and held_back is None and "log" not in failed:
-            attempt("png", f"drawing the loss curve {png_path}",
+            attempt("png", f"drawing the loss curve {png_path}", Exception,  # matplotlib's too
                     lambda: plot_losses(jsonl_path, png_path))
 
     return record

@@ -19,7 +19,7 @@ startup.exit_at_once_on_ctrl_c(__name__)  # while torch loads: before any other 
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -83,12 +83,8 @@ class Training:
     model: GPTModel  # the plain model, which evaluation, saving and sampling use
     optimizer: torch.optim.Optimizer  # AdamW; with Muon, speedups.MuonAdamW, used the same way
     val_loss: float = math.nan  # the latest evaluation's (NaN on ranks other than 0)
-    # The evaluation with the lowest val loss yet. A model trained too long on a small text gets
-    # worse on the val split (it overfits): the checkpoint keeps these weights too, as
-    # best_model, and generate.py samples them unless asked for --weights last.
-    best_step: int = -1
-    best_val_loss: float = math.inf
-    best_weights: dict = None  # a copy on the CPU, taken when they became the best
+    # The evaluation with the lowest val loss yet (BestEvaluation is below, with evaluating).
+    best: "BestEvaluation" = field(default_factory=lambda: BestEvaluation())
     progress: runs.Progress = None  # made once the first step is known
 
 
@@ -208,12 +204,7 @@ def evaluate_and_save(t, step, last_step):
         train_loss, t.val_loss = evaluate(model, t.corpus, t.val_data, config, run)
         val_bpc = bits_per_char(t.val_loss, t.val_data.n_predictions, t.val_data.n_chars)
         elapsed = time.time() - startup.STARTED_AT
-        improved = t.val_loss < t.best_val_loss  # also False for NaN
-        new_best = improved and t.best_step >= 0  # it beat an earlier evaluation
-        if improved:
-            t.best_step, t.best_val_loss = step, t.val_loss
-            t.best_weights = {name: w.detach().to("cpu", copy=True)
-                              for name, w in model.state_dict().items()}
+        new_best = t.best.update(step, t.val_loss, model)
         progress.write(f"Step {step}: train loss {train_loss:.4f}, val loss {t.val_loss:.4f} "
                        f"({t.val_data.note}), val bpc {val_bpc:.4f} ({elapsed:.1f}s)"
                        + (" new best" if new_best else ""))
@@ -221,27 +212,59 @@ def evaluate_and_save(t, step, last_step):
             runs.stop_on_nan(progress, config.checkpoint)
         metrics = dict(step=step, train_loss=train_loss, val_loss=t.val_loss, val_bpc=val_bpc,
                        elapsed=elapsed)
-        if config.eval_sample_tokens > 0:  # to watch the text go from noise to Shakespeare
-            # From a generator of its own, seeded alike at every evaluation: the samples differ
-            # only by what the model learned; training's random stream (so --resume) is untouched.
-            generator = torch.Generator(run.device).manual_seed(config.seed)
-            metrics["sample"] = sample_text(t, config.eval_sample_tokens, generator)
+        if config.eval_sample_tokens > 0:
+            metrics["sample"] = eval_sample(t)
             progress.write(f"Sample at step {step}:\n{metrics['sample'].strip()}\n")
     # Taken after rank 0's evaluation (which draws batches), so --resume continues exactly.
     rng_states = runs.gather_from_all_ranks(runs.rng_state(), run)
     if run.is_master and step > 0:
-        # The best weights, unless they are this step's (then they are the model already).
-        best_model = {} if t.best_step == step else dict(best_model=t.best_weights)
         runs.save_or_stop(dict(model=model.state_dict(), model_args=asdict(model.config),
                                tokenizer=t.corpus.tokenizer.to_dict(), config=asdict(config),
                                optimizer=t.optimizer.state_dict(), step=step,
                                val_loss=t.val_loss, val_bpc=val_bpc, rng=rng_states,
-                               text_sha256=t.corpus.sha256, **best_model,
-                               best=dict(step=t.best_step, val_loss=t.best_val_loss)),
+                               text_sha256=t.corpus.sha256, **t.best.in_checkpoint(step)),
                           config.checkpoint, progress)
     if run.is_master:  # after saving: a fresh run's log replaces an earlier run's only then
         progress.record(metrics, draw_curve=last_step, saved=step > 0)
     progress.restart_timer()  # keep evaluation time out of tokens/s
+
+
+@dataclass
+class BestEvaluation:
+    """The evaluation with the lowest val loss yet. A model trained too long on a small text gets
+    worse on the val split (it overfits): the checkpoint keeps these weights too, as best_model,
+    and generate.py samples them unless asked for --weights last."""
+    step: int = -1
+    val_loss: float = math.inf
+    weights: dict = None  # a copy on the CPU, taken when they became the best
+
+    def update(self, step, val_loss, model):
+        """Keep this evaluation if its val loss is the lowest yet; True if it beat earlier ones."""
+        if not val_loss < self.val_loss:  # a NaN is never lower: never the best
+            return False
+        beat_an_earlier_one = self.step >= 0
+        self.step, self.val_loss = step, val_loss
+        self.weights = {name: w.detach().to("cpu", copy=True)
+                        for name, w in model.state_dict().items()}
+        return beat_an_earlier_one
+
+    def in_checkpoint(self, step):
+        """The checkpoint's entries: the best step and val loss, and its weights unless they are
+        this step's (then they are the checkpoint's model already)."""
+        best = dict(step=self.step, val_loss=self.val_loss)
+        if self.step == step:
+            return dict(best=best)
+        return dict(best_model=self.weights, best=best)
+
+    def restore(self, checkpoint):
+        """From the checkpoint being resumed; one saved before best weights were kept has only
+        its last weights, the best known then."""
+        last = dict(step=checkpoint["step"], val_loss=checkpoint["val_loss"])
+        best = checkpoint.get("best", last)
+        self.step = best["step"]
+        self.val_loss = best["val_loss"] if math.isfinite(best["val_loss"]) else math.inf
+        self.weights = {name: w.to("cpu", copy=True)
+                        for name, w in checkpoint.get("best_model", checkpoint["model"]).items()}
 
 
 def evaluate(model, corpus, val_data, config, run):
@@ -265,27 +288,42 @@ def exact_loss(model, data, block_size, batch_size):
     token is predicted exactly once (from the tokens before it in its block), so this is the
     split's true loss rather than a noisy estimate from random batches."""
     n_blocks = (len(data) - 1) // block_size
-    starts = torch.arange(n_blocks, device=data.device)[:, None] * block_size
-    blocks = data[starts + torch.arange(block_size + 1, device=data.device)]  # (n_blocks, T + 1)
-    return windows_loss(model, blocks, batch_size, partial=data[n_blocks * block_size:])
+    inputs = data[:n_blocks * block_size].view(n_blocks, block_size)  # views: nothing is copied
+    targets = data[1:n_blocks * block_size + 1].view(n_blocks, block_size)
+    total_loss = summed_loss(model, inputs, targets, batch_size)
+    rest = data[n_blocks * block_size:]
+    if len(rest) > 1:  # the last, partial block
+        total_loss += summed_loss(model, rest[None, :-1], rest[None, 1:], batch_size)
+    return total_loss / (len(data) - 1)  # every token but the first is predicted once
 
 
-def windows_loss(model, windows, batch_size, partial=None):
-    """Mean loss over every prediction in windows (N, T + 1), and in partial, a shorter row:
-    each row's tokens after the first are predicted from the ones before them."""
+def windows_loss(model, windows, batch_size):
+    """Mean loss over every prediction in windows (N, T + 1): each row's last T tokens are
+    predicted from the ones before them, as in exact_loss's blocks."""
+    targets = windows[:, 1:]
+    return summed_loss(model, windows[:, :-1], targets, batch_size) / targets.numel()
+
+
+def summed_loss(model, inputs, targets, batch_size):
+    """The loss summed over every target in targets (N, T), predicted from inputs (N, T)."""
     # No gradients are kept, so a pass takes more rows than training: 16,384 tokens, fewer with
     # a big vocabulary, whose logits (tokens x vocab) would fill the memory: 2**24 (64 MB) at most.
     tokens_per_pass = min(16384, 2**24 // model.lm_head.out_features)
-    n_rows = max(batch_size, tokens_per_pass // (windows.shape[1] - 1))
-    pieces = [rows for rows in windows.split(n_rows) if len(rows)]
-    if partial is not None and len(partial) > 1:
-        pieces.append(partial[None])
-    total_loss, n_predictions = 0.0, 0
-    for rows in pieces:
-        _, loss = model(rows[:, :-1], rows[:, 1:])
-        total_loss += loss.item() * rows[:, 1:].numel()
-        n_predictions += rows[:, 1:].numel()
-    return total_loss / n_predictions
+    n_rows = max(batch_size, tokens_per_pass // inputs.shape[1])
+    total_loss = 0.0
+    for first in range(0, len(inputs), n_rows):  # no pass at all when there are no rows
+        x, y = inputs[first:first + n_rows], targets[first:first + n_rows]
+        _, loss = model(x, y)
+        total_loss += loss.item() * y.numel()
+    return total_loss
+
+
+def eval_sample(t):
+    """--eval_sample_tokens: a short sample to watch the text go from noise to Shakespeare.
+    From a generator of its own, seeded alike at every evaluation: the samples differ only by
+    what the model learned, and training's random stream (so --resume) is untouched."""
+    generator = torch.Generator(t.run.device).manual_seed(t.config.seed)
+    return sample_text(t, t.config.eval_sample_tokens, generator)
 
 
 def sample_text(t, n_tokens, generator=None):

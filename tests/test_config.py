@@ -67,6 +67,18 @@ def test_bad_values_are_usage_errors(argv, message):
         parse_config(argv)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--n_head", "5", "--dropout", "2"],
+     r"n_embd \(384\) must be divisible by n_head \(5\); pick e.g. --n_head 4"),
+    (["--learning_rate", "0", "--dropout", "2"], r"--dropout must be in \[0, 1\)"),
+    (["--weight_decay", "-1", "--min_lr", "1"], "--min_lr must be from 0 to --learning_rate"),
+])
+def test_with_several_bad_flags_the_first_checked_is_named(argv, message):
+    # The shape first, then the ranges and relations in check_config's order.
+    with pytest.raises(UsageError, match=message):
+        parse_config(argv)
+
+
 def test_muon_on_a_pytorch_without_it_says_what_to_do(monkeypatch):
     monkeypatch.delattr(torch.optim, "Muon", raising=False)
     with pytest.raises(UsageError, match="PyTorch 2.9 or newer.*--optimizer adamw"):

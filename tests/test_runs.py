@@ -110,6 +110,13 @@ def test_metrics_log_and_loss_curve(tmp_path, tiny_data):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_bug_writing_the_metrics_log_is_not_passed_off_as_a_note(tmp_path, capsys):
+    record = tracking.metrics_recorder(Config(checkpoint=str(tmp_path / "run.pt")))
+    with pytest.raises(TypeError):  # json cannot write an object: a bug, not a full disk
+        record(dict(step=0, val_loss=object()))
+    assert "Note:" not in capsys.readouterr().out
+
+
 def test_wandb_offline_run_holds_the_history(tmp_path, tiny_data):
     pytest.importorskip("wandb")
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
