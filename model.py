@@ -73,11 +73,13 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size): each head attends on its own slice of C.
-        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
-        if layer_cache is not None:  # generating: keep k, v in the KVCache at their positions,
-            keys, values = layer_cache  # then attend over every key and value it holds
-            k = keys.index_copy_(2, positions, k)  # (B, n_head, block_size, head_size)
-            v = values.index_copy_(2, positions, v)
+        q = q.view(B, T, self.n_head, -1).transpose(1, 2)
+        k = k.view(B, T, self.n_head, -1).transpose(1, 2)
+        v = v.view(B, T, self.n_head, -1).transpose(1, 2)
+        if layer_cache is not None:
+            # Generating: store k, v in the KVCache at their positions, then attend over all its
+            # slots, the earlier tokens' keys and values too: k, v grow from T to block_size.
+            k, v = store_in_cache(layer_cache, positions, k, v)  # (B, nh, block_size, hs)
         if not self.flash:
             # Scale by 1/sqrt(head_size) so the dot products keep unit variance and the
             # softmax does not saturate into a one-hot as head_size grows. (Scaling q (T, hs)
@@ -148,12 +150,13 @@ class GPTModel(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
         # Small normal weights (std 0.02, as GPT-2) keep the first logits near zero, so the
-        # step-0 loss is close to ln(vocab_size): every token equally likely.
-        for name, param in self.named_parameters():
-            if param.dim() == 2:  # the Linear and Embedding weights; LayerNorm's gains stay 1
-                nn.init.normal_(param, mean=0.0, std=0.02)
-            elif name.endswith("bias"):
-                nn.init.zeros_(param)
+        # step-0 loss is close to ln(vocab_size): every token equally likely. (The LayerNorms
+        # keep PyTorch's start: gain 1, bias 0.)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
         # GPT-2: scale the layers that write into the residual stream by 1/sqrt(2 * n_layer),
         # so the stream's variance does not grow with depth (two such writes per block).
         for name, param in self.named_parameters():
@@ -270,6 +273,15 @@ class KVCache:
         return self.keys[index], self.values[index]
 
 
+def store_in_cache(layer_cache, positions, k, v):
+    """Store k, v (B, n_head, T, head_size) at their positions (T,) in one layer's cache;
+    return all its keys and values, (B, n_head, block_size, head_size) each: every slot."""
+    keys, values = layer_cache
+    keys.index_copy_(2, positions, k)
+    values.index_copy_(2, positions, v)
+    return keys, values
+
+
 # ---------------------------------------------------------------------------------------------
 # python model.py: the architecture tree with parameter counts and output shapes
 
@@ -277,15 +289,19 @@ def describe(model, batch_size=64):
     """Lines of the architecture tree for a (batch_size, block_size) batch of token ids: each
     box with its parameter count and the shape of what it outputs, from a real forward pass."""
     modules = dict(model.named_modules())
-    names = {module: name for name, module in modules.items() if name}
     shapes = {}  # module name -> shape of its output at its first call
 
-    def remember_shape(module, inputs, output):  # a hook run after each module's forward
-        if module in names:
-            shapes.setdefault(names[module], tuple(output.shape))
+    def remember_shape(name):  # a hook for the module called name
+        def hook(module, inputs, output):  # PyTorch calls it after the module's forward
+            shapes.setdefault(name, tuple(output.shape))  # (returning None keeps the output)
+        return hook
 
-    with torch.no_grad(), nn.modules.module.register_module_forward_hook(remember_shape):
+    hooks = [module.register_forward_hook(remember_shape(name))
+             for name, module in modules.items() if name]
+    with torch.no_grad():
         logits, _ = model(torch.zeros((batch_size, model.block_size), dtype=torch.long))
+    for hook in hooks:
+        hook.remove()
     shapes[""] = tuple(logits.shape)
     shapes["causal_mask (buffer)"] = tuple(model.blocks[0].attn.causal_mask.shape)
     n_embd, n_layer = model.config.n_embd, model.config.n_layer
