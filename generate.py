@@ -178,7 +178,7 @@ def main(argv=None):
     model, tokenizer, which = load_model(args.checkpoint, device, pick_dtype(args.dtype, device),
                                          flash=flash, weights=args.weights)
     check_samples_fit(model, args.num_samples, device)
-    compile_decode(model, device, args.compile)
+    compile_decode(model, device, args.compile)  # --compile auto: on a GPU only
     torch.manual_seed(args.seed)
 
     if args.interactive:

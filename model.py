@@ -99,7 +99,8 @@ class CausalSelfAttention(nn.Module):
 
     def mask_for(self, positions, keys):
         """The causal mask's rows for the queries' positions, over every key there is: (T, Tk);
-        Tk = T in training, block_size with a KV cache. In the keys' dtype (autocast's, if on)."""
+        Tk = T in training, block_size with a KV cache, whose empty slots lie after every query's
+        position, so the same mask hides them. In the keys' dtype (autocast's, if on)."""
         return self.causal_mask[positions, :keys.size(2)].to(keys.dtype)
 
 
