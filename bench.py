@@ -433,7 +433,7 @@ def eval_points(flags, seconds, name, stop_at=float("-inf")):
     points, last_line = [], ""
     with launch_train_py(flags) as process, tqdm(
             total=seconds, unit="s", desc=name, file=sys.stdout,
-            bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}]") as bar:
+            bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]") as bar:
         at_deadline = threading.Event()  # set just before the deadline stops it (exit -9)
 
         def stop_at_deadline():

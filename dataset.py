@@ -448,8 +448,7 @@ def bpe_ids(sources, n_train_chars, tokenizer, chunk_bytes, piece_chars, workers
     """(split, ids) of the train split, then the val split, encoded in pieces on `workers`
     processes."""
     byte_lengths = np.array([len(b) for b in tokenizer.token_bytes])
-    chunks = split_at(read_text_chunks(sources, chunk_bytes, "Encoding (BPE)"),
-                               n_train_chars)
+    chunks = split_at(read_text_chunks(sources, chunk_bytes, "Encoding (BPE)"), n_train_chars)
     pieces = fast_bpe.word_end_pieces(chunks, piece_chars)
     dtype = token_dtype(tokenizer.vocab_size)
     for split, piece, ids in fast_bpe.encode_pieces(pieces, tokenizer.merges, dtype, workers):

@@ -68,20 +68,21 @@ def check_args(args):
     """Each flag's range, before anything is loaded: the first problem, as one line naming the
     flag and the value. Below 1e-6, temperature and top-p are greedy in all but name; then
     logits / temperature can overflow, and top-p rounds to 0 in float32, which drops all."""
-    problems = [
-        (not (args.temperature == 0 or 1e-6 <= args.temperature < math.inf),
-         f"--temperature must be 0 (greedy) or a finite number >= 1e-6, got {args.temperature}"),
-        (args.top_k < 1, f"--top_k must be at least 1, got {args.top_k}"),
-        (args.top_p is not None and not 1e-6 <= args.top_p <= 1,  # also refuses NaN
-         f"--top_p must be from 1e-6 to 1, got {args.top_p}"),
-        (args.max_new_tokens < 0, f"--max_new_tokens must be >= 0, got {args.max_new_tokens}"),
-        (args.num_samples < 1, f"--num_samples must be at least 1, got {args.num_samples}"),
-        (not 0 <= args.seed < 2**63, f"--seed must be from 0 to 2**63 - 1, got {args.seed}"),
-        (not args.checkpoint.strip(),
-         "--checkpoint must not be empty; pass the file train.py saved")]
-    for failed, message in problems:
-        if failed:
-            raise UsageError(message)
+    if not (args.temperature == 0 or 1e-6 <= args.temperature < math.inf):
+        raise UsageError(f"--temperature must be 0 (greedy) or a finite number >= 1e-6, "
+                         f"got {args.temperature}")
+    if args.top_k < 1:
+        raise UsageError(f"--top_k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 1e-6 <= args.top_p <= 1:  # also refuses NaN
+        raise UsageError(f"--top_p must be from 1e-6 to 1, got {args.top_p}")
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        raise UsageError(f"--num_samples must be at least 1, got {args.num_samples}")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be from 0 to 2**63 - 1, got {args.seed}")
+    if not args.checkpoint.strip():
+        raise UsageError("--checkpoint must not be empty; pass the file train.py saved")
 
 
 def load_model(path, device, dtype="float32", flash=True, weights="best"):
@@ -178,7 +179,7 @@ def main(argv=None):
     model, tokenizer, which = load_model(args.checkpoint, device, pick_dtype(args.dtype, device),
                                          flash=flash, weights=args.weights)
     check_samples_fit(model, args.num_samples, device)
-    compile_decode(model, device, args.compile)  # --compile auto: on a GPU only
+    compile_decode(model, device, args.compile)  # --compile auto: on CUDA only
     torch.manual_seed(args.seed)
 
     if args.interactive:

@@ -12,6 +12,7 @@ Both travel inside the checkpoint as plain data (to_dict, then tokenizer_from_di
 generate.py needs nothing but the checkpoint. dataset.py runs them over the training text
 (fast_bpe.py learns the same merges as BPETokenizer.train, faster).
 """
+
 import collections
 import re
 
