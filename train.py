@@ -176,10 +176,8 @@ def train_step(train_model, optimizer, scaler, micro_batches, config, run):
     """One optimizer step on the summed gradients of the micro-batches; returns the last loss.
     The gradients stay in .grad until the next step (they are cleared first, not last)."""
     optimizer.zero_grad(set_to_none=True)
-    # Under DDP, all-reduce the gradients once, after the last micro-batch, not after each.
-    no_sync = getattr(train_model, "no_sync", contextlib.nullcontext)
     for i, (x, y) in enumerate(micro_batches):
-        with no_sync() if i < len(micro_batches) - 1 else contextlib.nullcontext():
+        with sync_gradients_only_if(i == len(micro_batches) - 1, train_model):
             with autocast(run.device, run.dtype):  # forward in bf16/fp16 where chosen
                 _, loss = train_model(x, y)
             # Gradients add up over micro-batches; dividing makes the sum their mean.
@@ -191,6 +189,14 @@ def train_step(train_model, optimizer, scaler, micro_batches, config, run):
     scaler.step(optimizer)  # optimizer.step(), skipped if float16 gradients overflowed
     scaler.update()
     return loss  # the last micro-batch's, for the progress bar
+
+
+def sync_gradients_only_if(is_last, train_model):
+    """Under DDP, all-reduce the gradients once, after the last micro-batch, not after each;
+    elsewhere a context that does nothing."""
+    if is_last or not hasattr(train_model, "no_sync"):
+        return contextlib.nullcontext()
+    return train_model.no_sync()
 
 
 # --- Evaluating: the loss on both splits, the best weights, samples ---------------------------
