@@ -85,8 +85,10 @@ def get_batch(corpus, batch_size, block_size, device, split="train"):
     tokens = split_tokens(corpus, split)
     starts = torch.randint(len(tokens) - block_size, (batch_size,))
     windows = checked_ids(tokens[starts.numpy()[:, None] + np.arange(block_size + 1)], corpus)
-    cuda = device.startswith("cuda")  # from pinned memory the copy can overlap the GPU's work
-    windows = (windows.pin_memory() if cuda else windows).to(device, non_blocking=cuda)
+    if device.startswith("cuda"):  # from pinned memory the copy can overlap the GPU's work
+        windows = windows.pin_memory().to(device, non_blocking=True)
+    else:
+        windows = windows.to(device)
     return windows[:, :-1], windows[:, 1:]
 
 

@@ -41,10 +41,11 @@ def parse_args(argv=None):
     parser.add_argument("--weights", default="best", choices=["best", "last"],
                         help="best: the weights of the run's lowest val loss; last: its last step's")
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16",
-                        "float16", "int8"], help="number format of the weights while sampling; "
-                        "auto = as in training (bfloat16 where the chip has it, else float32); "
-                        "int8 (CPU only, speedups.py) is the fastest on CPUs with native bf16")
+    parser.add_argument("--dtype", default="auto",
+                        choices=["auto", "float32", "bfloat16", "float16", "int8"],
+                        help="number format of the weights while sampling; auto = as in "
+                             "training (bfloat16 where the chip has it, else float32); int8 "
+                             "(CPU only, speedups.py) is the fastest on CPUs with native bf16")
     parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                         help="torch.compile the one-token decode step (CUDA graphs on GPUs); "
                              "auto = on for CUDA, where it pays back its start-up time")

@@ -28,7 +28,8 @@ from startup import STARTED_AT
 from tracking import log_paths, metrics_recorder
 from utils import UsageError
 
-# --- Where this process runs, checked before any work -----------------------------------------
+# ---------------------------------------------------------------------------------------------
+# Where this process runs, checked before any work
 
 @dataclass
 class Run:
@@ -193,7 +194,8 @@ def resume_path(config):  # plain --resume goes on from --checkpoint
     return config.checkpoint if config.resume == "true" else config.resume
 
 
-# --- Progress, speed figures, stopping: Ctrl-C, NaN, a failed save ----------------------------
+# ---------------------------------------------------------------------------------------------
+# Progress, speed figures, stopping: Ctrl-C, NaN, a failed save
 
 class Progress(tqdm):
     """The progress bar: every log_interval steps the loss, learning rate, tokens/s (and MFU on
@@ -338,7 +340,8 @@ def gpu_peak_flops(run):
     return None
 
 
-# --- Several GPUs (or CPU processes): PyTorch DDP, launched by torchrun -----------------------
+# ---------------------------------------------------------------------------------------------
+# Several GPUs (or CPU processes): PyTorch DDP, launched by torchrun
 
 def start_distributed(device):
     """(rank, local_rank, world_size, device): torchrun sets RANK and friends; each process
@@ -429,7 +432,8 @@ def end_distributed():  # every rank leaves together, once rank 0 has saved
         torch.distributed.destroy_process_group()
 
 
-# --- Exact resume: weights, optimizer, step and the random state of batches and dropout -------
+# ---------------------------------------------------------------------------------------------
+# Exact resume: weights, optimizer, step and the random state of batches and dropout
 
 def resume(training):
     """Load the --resume checkpoint into train.py's Training (model, optimizer, best evaluation,

@@ -147,20 +147,22 @@ class BPETokenizer:
 
 def merge_pair(tokens, pair, new_token):
     """tokens with every occurrence of the adjacent pair replaced by new_token, left to right."""
-    merged = []
-    for token in tokens:
-        # new_token is never part of pair, so a token just merged is not merged again.
-        if merged and (merged[-1], token) == pair:
-            merged[-1] = new_token
+    merged, i = [], 0
+    while i < len(tokens):
+        if i + 1 < len(tokens) and (tokens[i], tokens[i + 1]) == pair:
+            merged.append(new_token)
+            i += 2
         else:
-            merged.append(token)
+            merged.append(tokens[i])
+            i += 1
     return merged
 
 
 def check_decodable(text):
     """Refuse lone surrogates: how Python passes on the bytes of an argument that the terminal's
     locale could not decode (U+DC80 to U+DCFF). They are not characters at all."""
-    if undecodable := re.search("[\ud800-\udfff]", text):
+    undecodable = re.search("[\ud800-\udfff]", text)
+    if undecodable:
         raise UsageError(f"the text has a character that is not valid Unicode "
                          f"({undecodable[0]!r}): bytes the terminal's locale could not decode; "
                          f"use a UTF-8 locale (e.g. LANG=C.UTF-8) or remove them")

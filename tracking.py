@@ -89,6 +89,7 @@ def start_wandb(config):
     except Exception as err:  # not logged in, offline, ...: train anyway
         print(f"Note: W&B did not start ({type(err).__name__}: {str(err)[:100]}); training "
               f"goes on without it")
+        return None
 
 
 def matplotlib_or_note(what):

@@ -71,7 +71,8 @@ def main(argv=None):
     runs.end_distributed()  # under torchrun: once rank 0 has saved
 
 
-# --- The steps of main(), in the order it calls them ------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# The steps of main(), in the order it calls them
 
 @dataclass
 class Training:
@@ -199,7 +200,8 @@ def sync_gradients_only_if(is_last, train_model):
     return train_model.no_sync()
 
 
-# --- Evaluating: the loss on both splits, the best weights, samples ---------------------------
+# ---------------------------------------------------------------------------------------------
+# Evaluating: the loss on both splits, the best weights, samples
 
 def evaluate_and_save(t, step, last_step):
     """Rank 0 evaluates, prints the eval line ("new best" when it beats every earlier one) and
