@@ -210,11 +210,17 @@ class GPTModel(nn.Module):
             if cache is not None and cache.length + next_input.size(1) > self.block_size:
                 cache.length = 0  # start the cache again from the last half window
                 next_input = idx[:, -(self.block_size // 2):]
-            logits, _ = self(next_input, cache=cache)
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+            next_token = self.next_token(next_input, cache, temperature, top_k, top_p, generator)
             idx = torch.cat([idx, next_token[:, None]], dim=1)
             next_input = next_token[:, None] if cache is not None else idx[:, -self.block_size:]
             yield next_token
+
+    def next_token(self, idx, cache, temperature, top_k, top_p, generator):
+        """One step of stream: run idx (B, T), after the cached positions if there is a cache,
+        and draw the next token (B,) from the last position's logits. (speedups.compile_decode
+        replaces this on one model: a one-token step and its draw become one compiled graph.)"""
+        logits, _ = self(idx, cache=cache)
+        return sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
 
     def generate(self, idx, max_new_tokens, **sampling):
         """Return idx (B, T) extended by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
@@ -248,7 +254,12 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    # The random draw: token i wins with probability probs[i] if each token gets a random time
+    # E_i ~ Exponential(1) and the smallest E_i / probs[i] wins (a race of exponential clocks).
+    # torch.multinomial(probs, 1) does just this, with the same random numbers, but first checks
+    # the probabilities on the host: on a GPU every token would wait for that check.
+    race_times = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race_times).argmax(dim=-1)
 
 
 class KVCache:

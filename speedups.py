@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import GPTModel
+from model import GPTModel, sample_next_token
 from utils import UsageError, use_compile
 
 # ---------------------------------------------------------------------------------------------
@@ -176,24 +176,33 @@ class Int8Linear(nn.Module):
 
 
 def compile_decode(model, device, setting="true"):
-    """Send every one-new-token step of the KV-cached loop through torch.compile (setting:
-    true, false, or auto = on CUDA only). Returns whether it did; where torch.compile cannot
-    work, it prints why and leaves the model as it was.
+    """Send every one-new-token step of the KV-cached loop, its random draw included, through
+    torch.compile (setting: true, false, or auto = on CUDA only). Returns whether it did; where
+    torch.compile cannot work, it prints why and leaves the model as it was.
 
-    Why: a step of the default model is ~150 small kernels; on a GPU, launching them one by one
-    from Python costs far more than running them. A one-token step always has the same shapes
-    (model.KVCache), so one compiled graph serves every step, and on CUDA "reduce-overhead"
-    records it as a CUDA graph replayed with one launch. Prompts (a new length each time) stay
-    eager. Compiling takes tens of seconds: on a CPU, where the step is not launch-bound, it
-    is off by default. It replaces model.logits and model.new_cache (which forward and stream
-    call) on this one model object; the class and every other model are untouched.
+    Why: a step of the default model is ~150 small kernels, and sampling (temperature, top-k,
+    top-p, the draw) a dozen more; on a GPU, launching them one by one from Python costs far
+    more than running them. A one-token step always has the same shapes (model.KVCache), so
+    one compiled graph serves every step, and on CUDA "reduce-overhead" records it as a CUDA
+    graph replayed with one launch: the host never waits for the GPU, and the tokens stay there
+    until generate.py copies a few at a time. Prompts (a new length each time) and draws from a
+    generator of their own stay eager; so does the random stream: the same --seed gives other
+    text compiled than eager (greedy, --temperature 0, gives the same). Compiling takes tens of
+    seconds: on a CPU, where the step is not launch-bound, it is off by default. It replaces
+    model.next_token and model.new_cache (which stream calls) on this one model object; the
+    class and every other model are untouched.
     """
     if not use_compile(setting, device, "decoding"):
         return False
     on_cuda = device.startswith("cuda")
-    compiled = torch.compile(model.logits, mode="reduce-overhead" if on_cuda else None,
+
+    def decode_step(idx, positions, cache, temperature, top_k, top_p):  # -> the tokens (B,)
+        return sample_next_token(model.logits(idx, positions, cache)[:, -1, :], temperature,
+                                 top_k, top_p)
+
+    compiled = torch.compile(decode_step, mode="reduce-overhead" if on_cuda else None,
                              fullgraph=True, dynamic=False)
-    eager, caches = model.logits, {}
+    eager, caches = model.next_token, {}
 
     def new_cache(batch_size):
         # One cache per batch size, reused: the compiled graph is tied to these buffers, and a
@@ -205,22 +214,25 @@ def compile_decode(model, device, setting="true"):
         caches[batch_size].length = 0  # empty again
         return caches[batch_size]
 
-    def logits(idx, positions, cache=None):
+    def next_token(idx, cache, temperature, top_k, top_p, generator):
         nonlocal compiled
-        if compiled is None or cache is None or idx.size(1) != 1:
-            return eager(idx, positions, cache)
+        if compiled is None or cache is None or idx.size(1) != 1 or generator is not None:
+            return eager(idx, cache, temperature, top_k, top_p, generator)
         if not idx.is_inference():  # a one-token prompt made outside torch.inference_mode:
             idx = idx.clone()  # copied in it, like every later token, or it compiles twice
+        positions = torch.arange(cache.length, cache.length + 1, device=idx.device)  # as forward
         if on_cuda:
             torch.compiler.cudagraph_mark_step_begin()
         try:
             # clone: a replayed CUDA graph writes its next output over this one.
-            return compiled(idx, positions, cache).clone()
+            token = compiled(idx, positions, cache, temperature, top_k, top_p).clone()
         except Exception as error:  # compiling happens at the first call: fail there, go eager
             print(f"\nNote: decoding without torch.compile: it failed with "
                   f"{type(error).__name__} (see TROUBLESHOOTING.md)", flush=True)
             compiled = None
-            return eager(idx, positions, cache)
+            return eager(idx, cache, temperature, top_k, top_p, generator)
+        cache.length += 1  # as forward does
+        return token
 
-    model.logits, model.new_cache = logits, new_cache
+    model.next_token, model.new_cache = next_token, new_cache
     return True

@@ -209,6 +209,12 @@ def test_compiled_decode_step_on_cuda_gives_the_eager_tokens(monkeypatch, capsys
     model_bf16 = tiny_model().to("cuda", torch.bfloat16)
     assert speedups.compile_decode(model_bf16, "cuda")
     assert model_bf16.generate(prompts[0], 100).shape == (1, 103)
+    # The random draw runs inside the CUDA graph too: the same seed gives the same text.
+    samples = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        samples.append(model.generate(prompts[0], 40, temperature=0.8, top_p=0.9))
+    assert torch.equal(*samples)
     assert "without torch.compile" not in capsys.readouterr().out  # it compiled, no fallback
 
 

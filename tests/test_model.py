@@ -160,6 +160,21 @@ def test_top_p_one_changes_nothing():
     assert torch.equal(plain, nucleus)
 
 
+def test_the_draw_picks_what_torch_multinomial_picks_without_a_host_check():
+    # The race of exponential clocks uses torch.multinomial's own random numbers and rule, so
+    # a seed gives the same tokens; the frequencies follow the probabilities.
+    logits = torch.randn(4, 65) * 3
+    for seed in range(20):
+        drawn = sample_next_token(logits, generator=torch.Generator().manual_seed(seed))
+        expected = torch.multinomial(torch.softmax(logits, dim=-1), 1,
+                                     generator=torch.Generator().manual_seed(seed)).squeeze(1)
+        assert torch.equal(drawn, expected)
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    picks = sample_next_token(probs.log().repeat(20000, 1),
+                              generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(torch.bincount(picks, minlength=3) / 20000, probs, atol=0.02)
+
+
 def test_top_p_keeps_only_the_nucleus():
     # probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.7 keeps the first two (0.5 < 0.7 <= 0.8)
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(2000, 1)

@@ -131,6 +131,28 @@ def test_compiled_decode_step_matches_eager_and_compiles_once():
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_compiled_decode_step_draws_inside_the_graph_and_follows_the_seed():
+    if utils.compile_problem("cpu"):
+        pytest.skip(utils.compile_problem("cpu"))
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model()
+    prompt = torch.tensor([[1, 2, 3]])
+    greedy = model.generate(prompt, 40, temperature=0)
+    assert speedups.compile_decode(model, "cpu", "true")
+    # top-k 1 leaves the draw one token: the likeliest, drawn inside the compiled graph.
+    assert torch.equal(model.generate(prompt, 40, temperature=0.8, top_k=1), greedy)
+    samples = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        samples.append(model.generate(prompt, 40, temperature=0.8, top_p=0.9))
+    assert torch.equal(*samples)  # the same seed, the same text
+    assert not torch.equal(samples[0], greedy)
+    # One graph per sampling setting, each the model's step and its draw (fullgraph: no break).
+    assert counters["stats"]["unique_graphs"] == 2
+
+
 def test_a_decode_step_that_fails_to_compile_falls_back_to_eager(monkeypatch, capsys):
     def broken_compile(function, **options):
         def compiled(*args):
