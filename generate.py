@@ -8,6 +8,8 @@
 
 main() reads the flags, loads the checkpoint, and prints the text as it is generated, each new
 token costing one position thanks to model.py's KV cache (--no_cache: re-run the whole context).
+Below it, in the order main() calls them, the steps a learner reads; at the end of the file the
+flags and their checks, which a first read can skip.
 speedups.py adds two flags: int8 weights on CPUs (--dtype int8) and, on CUDA, a compiled
 one-token step replayed as a CUDA graph (--compile, on by default there).
 """
@@ -27,6 +29,131 @@ from speedups import compile_decode, quantize_int8
 from tokenizer import start_tokens, tokenizer_from_dict
 from utils import UsageError, check_fits_in_memory, pick_device, pick_dtype, run_main, use_flash
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    flash = use_flash("false" if args.reference else "auto", device)  # as in training
+    model, tokenizer, which = load_model(args.checkpoint, device, pick_dtype(args.dtype, device),
+                                         flash=flash, weights=args.weights)
+    check_samples_fit(model, args.num_samples, device)
+    compile_decode(model, device, args.compile)  # --compile auto: on CUDA only
+    torch.manual_seed(args.seed)
+
+    if args.interactive:
+        print("Type a prompt and press Enter; an empty line or Ctrl-D quits.")
+        while True:
+            try:
+                prompt = input("> ")
+            except (EOFError, RuntimeError):  # Ctrl-D, no input left, or stdin closed
+                print()  # end the prompt's line, quietly
+                break
+            if not prompt:
+                break
+            try:
+                print_completion(model, tokenizer, prompt, args, device)
+            except UsageError as err:  # e.g. a character the model never saw: ask again
+                print(f"error: {err}")
+        return
+
+    tokenizer.encode(args.prompt)  # fail on unknown characters before printing anything
+    print("GENERATING TEXT")
+    print("=" * 60)
+    print(f"Prompt: {args.prompt}")
+    print(f"Max tokens: {args.max_new_tokens}")
+    print(f"Temperature: {args.temperature}")
+    print(f"Top-k: {args.top_k}")
+    if args.top_p is not None:  # only when asked for
+        print(f"Top-p: {args.top_p}")
+    print(f"Weights: {args.weights}, {which}")
+    print("=" * 60)
+    print()
+    print_completion(model, tokenizer, args.prompt, args, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps of main(), in the order it calls them
+
+def load_model(path, device, dtype="float32", flash=True, weights="best"):
+    """(model in eval mode on device, tokenizer, which weights in words) from a train.py
+    checkpoint: by default the weights of its lowest val loss (checkpoint.chosen_weights)."""
+    checkpoint = load_checkpoint(path, device)
+    state_dict, which = chosen_weights(checkpoint, weights)
+    # flash picks the attention path (SDPA or written out), whatever the model trained with.
+    model = GPTModel(GPTConfig(**{**checkpoint["model_args"], "flash": flash}))
+    model.load_state_dict(state_dict)  # load_checkpoint made sure that the shapes match
+    tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
+    return for_sampling(model, device, dtype), tokenizer, which
+
+
+def for_sampling(model, device, dtype):
+    """The model in eval mode on device, its weights in dtype (float32, bfloat16, float16, int8).
+    Sampling reads every weight once per token, so 16-bit weights halve the bytes to move and
+    8-bit ones (speedups.quantize_int8, CPU only) quarter them."""
+    if dtype == "int8":
+        if device != "cpu":
+            raise UsageError(f"--dtype int8 runs on the CPU only; use --device cpu, "
+                             f"or --dtype bfloat16 on {device}")
+        return quantize_int8(model).eval()
+    return model.to(device=device, dtype=getattr(torch, dtype)).eval()
+
+
+def print_completion(model, tokenizer, prompt, args, device):
+    prompt_ids = prompt_ids_for(prompt, tokenizer)
+    if args.num_samples == 1:
+        print(prompt, end="", flush=True)
+        for piece in stream_text(model, tokenizer, prompt_ids, args, device):
+            print(piece, end="", flush=True)
+        print()
+        return
+    for i, sample in enumerate(generate_batch(model, tokenizer, prompt_ids, args, device)):
+        print(f"--- sample {i + 1} of {args.num_samples} ---")
+        print(prompt + sample)
+
+
+def prompt_ids_for(prompt, tokenizer):
+    return tokenizer.encode(prompt) if prompt else start_tokens(tokenizer)
+
+
+def stream_text(model, tokenizer, prompt_ids, args, device, chunk=None, generator=None):
+    """Yield the generated text piece by piece; the pieces join to the full decoded sample.
+    Random draws come from generator (torch.Generator), else from torch's global one. Only the
+    tokens not yet shown are decoded each time, so a long sample costs time in proportion to its
+    length. On a GPU the new tokens come to the host a few at a time: reading each one as it
+    comes would make every step wait for the copy."""
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    chunk = chunk or (1 if device == "cpu" else 8)  # 8 tokens: milliseconds on a GPU: smooth
+    on_device, unshown = [], []
+    for token in model.stream(idx, args.max_new_tokens, **sampling_options(args),
+                              generator=generator):
+        on_device.append(token)
+        if len(on_device) < chunk:
+            continue
+        unshown += torch.cat(on_device).tolist()
+        on_device = []
+        text = tokenizer.decode(unshown)
+        if not text.endswith("\ufffd"):  # BPE: a character cut between tokens; wait for the rest
+            yield text
+            unshown = []
+    if on_device:
+        unshown += torch.cat(on_device).tolist()
+    yield tokenizer.decode(unshown)
+
+
+def sampling_options(args):
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                use_cache=not args.no_cache)
+
+
+def generate_batch(model, tokenizer, prompt_ids, args, device):
+    """num_samples continuations of the same prompt in one batched pass: a list of strings."""
+    idx = torch.tensor([prompt_ids] * args.num_samples, dtype=torch.long, device=device)
+    tokens = model.generate(idx, args.max_new_tokens, **sampling_options(args))
+    return [tokenizer.decode(row.tolist()) for row in tokens[:, len(prompt_ids):]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The flags and their checks: every mistake refused before any work (a first read can skip)
 
 def parse_args(argv=None):
     parser = ArgumentParser(prog="generate.py", description="Sample text from a checkpoint.")
@@ -86,18 +213,6 @@ def check_args(args):
         raise UsageError("--checkpoint must not be empty; pass the file train.py saved")
 
 
-def load_model(path, device, dtype="float32", flash=True, weights="best"):
-    """(model in eval mode on device, tokenizer, which weights in words) from a train.py
-    checkpoint: by default the weights of its lowest val loss (checkpoint.chosen_weights)."""
-    checkpoint = load_checkpoint(path, device)
-    state_dict, which = chosen_weights(checkpoint, weights)
-    # flash picks the attention path (SDPA or written out), whatever the model trained with.
-    model = GPTModel(GPTConfig(**{**checkpoint["model_args"], "flash": flash}))
-    model.load_state_dict(state_dict)  # load_checkpoint made sure that the shapes match
-    tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
-    return for_sampling(model, device, dtype), tokenizer, which
-
-
 def check_samples_fit(model, num_samples, device):
     """Each sample needs a KV cache (2 x n_layer x block_size x n_embd numbers) and logits for
     its prompt's positions, 4 bytes each: refuse, before sampling, what cannot fit."""
@@ -105,113 +220,6 @@ def check_samples_fit(model, num_samples, device):
     per_sample = 4 * config.block_size * (2 * config.n_layer * config.n_embd + config.vocab_size)
     check_fits_in_memory(num_samples * per_sample, device, f"--num_samples {num_samples}",
                          "ask for fewer samples")
-
-
-def for_sampling(model, device, dtype):
-    """The model in eval mode on device, its weights in dtype (float32, bfloat16, float16, int8).
-    Sampling reads every weight once per token, so 16-bit weights halve the bytes to move and
-    8-bit ones (speedups.quantize_int8, CPU only) quarter them."""
-    if dtype == "int8":
-        if device != "cpu":
-            raise UsageError(f"--dtype int8 runs on the CPU only; use --device cpu, "
-                             f"or --dtype bfloat16 on {device}")
-        return quantize_int8(model).eval()
-    return model.to(device=device, dtype=getattr(torch, dtype)).eval()
-
-
-def stream_text(model, tokenizer, prompt_ids, args, device, chunk=None, generator=None):
-    """Yield the generated text piece by piece; the pieces join to the full decoded sample.
-    Random draws come from generator (torch.Generator), else from torch's global one. Only the
-    tokens not yet shown are decoded each time, so a long sample costs time in proportion to its
-    length. On a GPU the new tokens come to the host a few at a time: reading each one as it
-    comes would make every step wait for the copy."""
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    chunk = chunk or (1 if device == "cpu" else 8)  # 8 tokens: milliseconds on a GPU: smooth
-    on_device, unshown = [], []
-    for token in model.stream(idx, args.max_new_tokens, **sampling_options(args),
-                              generator=generator):
-        on_device.append(token)
-        if len(on_device) < chunk:
-            continue
-        unshown += torch.cat(on_device).tolist()
-        on_device = []
-        text = tokenizer.decode(unshown)
-        if not text.endswith("\ufffd"):  # BPE: a character cut between tokens; wait for the rest
-            yield text
-            unshown = []
-    if on_device:
-        unshown += torch.cat(on_device).tolist()
-    yield tokenizer.decode(unshown)
-
-
-def generate_batch(model, tokenizer, prompt_ids, args, device):
-    """num_samples continuations of the same prompt in one batched pass: a list of strings."""
-    idx = torch.tensor([prompt_ids] * args.num_samples, dtype=torch.long, device=device)
-    tokens = model.generate(idx, args.max_new_tokens, **sampling_options(args))
-    return [tokenizer.decode(row.tolist()) for row in tokens[:, len(prompt_ids):]]
-
-
-def sampling_options(args):
-    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                use_cache=not args.no_cache)
-
-
-def prompt_ids_for(prompt, tokenizer):
-    return tokenizer.encode(prompt) if prompt else start_tokens(tokenizer)
-
-
-def print_completion(model, tokenizer, prompt, args, device):
-    prompt_ids = prompt_ids_for(prompt, tokenizer)
-    if args.num_samples == 1:
-        print(prompt, end="", flush=True)
-        for piece in stream_text(model, tokenizer, prompt_ids, args, device):
-            print(piece, end="", flush=True)
-        print()
-        return
-    for i, sample in enumerate(generate_batch(model, tokenizer, prompt_ids, args, device)):
-        print(f"--- sample {i + 1} of {args.num_samples} ---")
-        print(prompt + sample)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    device = pick_device(args.device)
-    flash = use_flash("false" if args.reference else "auto", device)  # as in training
-    model, tokenizer, which = load_model(args.checkpoint, device, pick_dtype(args.dtype, device),
-                                         flash=flash, weights=args.weights)
-    check_samples_fit(model, args.num_samples, device)
-    compile_decode(model, device, args.compile)  # --compile auto: on CUDA only
-    torch.manual_seed(args.seed)
-
-    if args.interactive:
-        print("Type a prompt and press Enter; an empty line or Ctrl-D quits.")
-        while True:
-            try:
-                prompt = input("> ")
-            except (EOFError, RuntimeError):  # Ctrl-D, no input left, or stdin closed
-                print()  # end the prompt's line, quietly
-                break
-            if not prompt:
-                break
-            try:
-                print_completion(model, tokenizer, prompt, args, device)
-            except UsageError as err:  # e.g. a character the model never saw: ask again
-                print(f"error: {err}")
-        return
-
-    tokenizer.encode(args.prompt)  # fail on unknown characters before printing anything
-    print("GENERATING TEXT")
-    print("=" * 60)
-    print(f"Prompt: {args.prompt}")
-    print(f"Max tokens: {args.max_new_tokens}")
-    print(f"Temperature: {args.temperature}")
-    print(f"Top-k: {args.top_k}")
-    if args.top_p is not None:  # only when asked for
-        print(f"Top-p: {args.top_p}")
-    print(f"Weights: {args.weights}, {which}")
-    print("=" * 60)
-    print()
-    print_completion(model, tokenizer, args.prompt, args, device)
 
 
 if __name__ == "__main__":

@@ -98,9 +98,10 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.proj(y))
 
     def mask_for(self, positions, keys):
-        """The causal mask's rows for the queries' positions, over every key there is: (T, Tk);
-        Tk = T in training, block_size with a KV cache, whose empty slots lie after every query's
-        position, so the same mask hides them. In the keys' dtype (autocast's, if on)."""
+        """The causal mask's rows for the queries' positions, over every key there is: (T, Tk).
+        In training positions are 0..T-1 and there are T keys: causal_mask[:T, :T]. With a KV
+        cache Tk = block_size, and the empty slots lie after every query's position, so the same
+        mask hides them. In the keys' dtype (autocast's, if on)."""
         return self.causal_mask[positions, :keys.size(2)].to(keys.dtype)
 
 
