@@ -24,9 +24,10 @@ class UsageError(Exception):
 
 
 def run_main(main):
-    """Run a script's main(): a UsageError is one line on stderr and exit code 2; Ctrl-C, or
-    SIGTERM (what `timeout` or a cluster's scheduler sends before a kill), exits with 130 and no
-    traceback, half-written files cleaned up on the way. Under torchrun only rank 0 prints."""
+    """Run a script's main(): a UsageError, or running out of memory, is one line on stderr and
+    exit code 2; Ctrl-C, or SIGTERM (what `timeout` or a cluster's scheduler sends before a
+    kill), exits with 130 and no traceback, half-written files cleaned up on the way. Under
+    torchrun only rank 0 prints."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the scripts quiet it while importing
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     if hasattr(sys.stdout, "reconfigure"):
@@ -38,6 +39,14 @@ def run_main(main):
     except UsageError as err:
         if os.environ.get("RANK", "0") == "0":  # every rank meets the same error: say it once
             print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as err:  # torch.OutOfMemoryError (GPUs) is one too
+        if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)):
+            raise  # a bug: its traceback shows
+        if os.environ.get("RANK", "0") == "0":  # files already saved were written whole: kept
+            print(f"error: out of memory ({str(err).splitlines()[0][:150]}); ask for less: a "
+                  f"lower --batch_size (--gradient_accumulation_steps keeps the tokens per "
+                  f"step), --block_size or model size, or fewer --num_samples", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -11,7 +11,7 @@ import runs
 import train
 import utils
 from config import Config, parse_config
-from conftest import needs_muon, random_batch, tiny_model
+from conftest import TINY_FLAGS, needs_muon, random_batch, run_in_process, tiny_model
 from runs import Run
 
 
@@ -220,3 +220,39 @@ def test_memory_check_refuses_only_what_cannot_fit(monkeypatch):
         runs.check_model_fits(Config(n_embd=10**5), Run("cpu", "float32"))
     with pytest.raises(utils.UsageError, match="needs at least"):  # one (T, T) mask: 4 TB
         runs.check_model_fits(Config(block_size=10**6), Run("cpu", "float32"))
+
+
+def test_running_out_of_memory_is_one_line_and_the_saved_checkpoint_stays(tmp_path, tiny_data,
+                                                                           monkeypatch):
+    checkpoint = tmp_path / "run.pt"
+    flags = ["--data", tiny_data, *TINY_FLAGS, "--eval_interval", "2", "--sample_tokens", "0",
+             "--checkpoint", checkpoint]
+    assert run_in_process(train.main, [*flags, "--max_iters", "2"])[0] == 0
+    saved = checkpoint.read_bytes()
+
+    def out_of_memory(*args):
+        torch.empty(2**50, dtype=torch.uint8)  # a petabyte: the CPU allocator refuses it
+
+    monkeypatch.setattr(train, "train_step", out_of_memory)
+    code, _, err = run_in_process(train.main, [*flags, "--max_iters", "4", "--resume"])
+    assert code == 2
+    [line] = err.strip().splitlines()
+    assert line.startswith("error: out of memory (") and "lower --batch_size" in line, line
+    assert checkpoint.read_bytes() == saved
+
+
+def test_out_of_memory_on_a_gpu_is_one_line_and_other_errors_keep_their_traceback():
+    def gpu_out_of_memory(argv):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nMore.")
+
+    code, _, err = run_in_process(gpu_out_of_memory, [])
+    assert code == 2
+    assert err == ("error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB.); ask "
+                   "for less: a lower --batch_size (--gradient_accumulation_steps keeps the "
+                   "tokens per step), --block_size or model size, or fewer --num_samples\n")
+
+    def a_bug(argv):
+        raise RuntimeError("shapes do not match")
+
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        run_in_process(a_bug, [])
