@@ -40,8 +40,10 @@ def run_main(main):
         if os.environ.get("RANK", "0") == "0":  # every rank meets the same error: say it once
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except RuntimeError as err:  # torch.OutOfMemoryError (GPUs) is one too
-        if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)):
+    except RuntimeError as err:  # torch.OutOfMemoryError (CUDA) is one too
+        # The CPU allocator says "can't allocate memory", Apple GPUs "MPS backend out of memory".
+        if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+                or "out of memory" in str(err)):
             raise  # a bug: its traceback shows
         if os.environ.get("RANK", "0") == "0":  # files already saved were written whole: kept
             print(f"error: out of memory ({str(err).splitlines()[0][:150]}); ask for less: a "
