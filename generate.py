@@ -77,6 +77,8 @@ def main(argv=None):
 def load_model(path, device, dtype="float32", flash=True, weights="best"):
     """(model in eval mode on device, tokenizer, which weights in words) from a train.py
     checkpoint: by default the weights of its lowest val loss (checkpoint.chosen_weights)."""
+    # A dict of tensors and plain values: torch.load(weights_only=True), once checks have
+    # refused a missing, foreign or damaged file with one line (checkpoint.py, a later read).
     checkpoint = load_checkpoint(path, device)
     state_dict, which = chosen_weights(checkpoint, weights)
     # flash picks the attention path (SDPA or written out), whatever the model trained with.
