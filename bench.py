@@ -41,7 +41,13 @@ from tqdm import tqdm
 import dataset
 import runs
 import train
-from checkpoint import atomic_write, check_output_path, check_outputs_spare_inputs, save_checkpoint
+from checkpoint import (
+    atomic_write,
+    check_output_path,
+    check_outputs_spare_inputs,
+    check_replaceable,
+    save_checkpoint,
+)
 from config import PRESETS, ArgumentParser, parse_config
 from generate import for_sampling, stream_text
 from model import GPTConfig, GPTModel
@@ -381,13 +387,14 @@ def check_report_path(path):
     check_outputs_spare_inputs({path: "--json"}, {dataset.DEFAULT_DATA: "the --data file"},
                                "pick another --json")
     check_output_path(path, "--json", "bench_report.json")
-    if os.path.exists(path):
-        earlier = None
-        with contextlib.suppress(OSError, ValueError):
-            earlier = json.loads(pathlib.Path(path).read_text())
-        if not (isinstance(earlier, dict) and {"environment", "rows"} <= earlier.keys()):
-            raise UsageError(f"--json {path} is a file that bench.py did not write; pick "
-                             f"another --json, or move that file away")
+    check_replaceable(path, "--json", "bench.py", is_report)
+
+
+def is_report(path):
+    earlier = None
+    with contextlib.suppress(OSError, ValueError):
+        earlier = json.loads(pathlib.Path(path).read_text())
+    return isinstance(earlier, dict) and {"environment", "rows"} <= earlier.keys()
 
 
 def time_to_target_row(device, quick):

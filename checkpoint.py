@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from model import GPTConfig, GPTModel
-from utils import UsageError, check_fits_in_memory, check_regular_file
+from utils import UsageError, check_fits_in_memory, check_regular_file, regular_file_problem
 
 # ---------------------------------------------------------------------------------------------
 # Files written whole, outputs that spare the inputs
@@ -86,6 +86,21 @@ def check_output_path(path, flag, example_name):
                          f"can write to") from None
 
 
+def check_replaceable(path, flag, writer, is_ours):
+    """Refuse, before any work, to replace what lies at path unless writer wrote it (is_ours(path)
+    says): a file named by mistake, or a FIFO or device, which the rename would put a file over."""
+    problem = regular_file_problem(path)
+    if problem != "does not exist" and (problem or not is_ours(path)):
+        raise UsageError(f"{flag} {path} {problem or f'is a file that {writer} did not write'}; "
+                         f"pick another {flag}, or move that file away")
+
+
+def is_checkpoint(path):
+    with contextlib.suppress(Exception):  # not a file torch.save wrote
+        return "model_args" in torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return False
+
+
 def write_failure(err):
     """Why writing failed, in words: torch.save reports a full disk as a RuntimeError."""
     if isinstance(err, OSError):
@@ -99,12 +114,13 @@ def save_checkpoint(checkpoint, path):
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path, device="cpu", flag="--checkpoint"):
+    """The checkpoint at path, checked; flag: the one that named it (--resume, --compare)."""
     if os.path.isdir(path):
-        raise UsageError(f"--checkpoint {path} is a folder; pass the checkpoint file in it")
-    check_regular_file(path, "--checkpoint", "pass the checkpoint file train.py saved",
+        raise UsageError(f"{flag} {path} is a folder; pass the checkpoint file in it")
+    check_regular_file(path, flag, "pass the checkpoint file train.py saved",
                        f"checkpoint not found: {path}; train one with `python train.py` or pass "
-                       f"--checkpoint PATH")
+                       f"{flag} PATH")
     try:
         with warnings.catch_warnings():  # a file that is not a checkpoint: our line says so
             warnings.simplefilter("ignore")
@@ -117,7 +133,7 @@ def load_checkpoint(path, device="cpu"):
     problem = checkpoint_problem(checkpoint)
     if problem:
         raise UsageError(f"{path} is a damaged checkpoint: {problem}; retrain, or pass another "
-                         f"--checkpoint")
+                         f"{flag}")
     model_args, weights = checkpoint["model_args"], checkpoint["model"]
     # The causal masks are not stored: they are built from block_size, so check their size.
     masks = model_args["n_layer"] * model_args["block_size"] ** 2

@@ -18,13 +18,14 @@ import startup
 
 startup.exit_at_once_on_ctrl_c(__name__)  # while torch loads: before any other import
 
+import contextlib
 import math
 import os
 
 import torch
 import torch.nn.functional as F
 
-from checkpoint import check_outputs_spare_inputs, tmp_path_for
+from checkpoint import check_outputs_spare_inputs, check_replaceable, tmp_path_for
 from config import ArgumentParser
 from generate import load_model
 from tracking import matplotlib_or_note, pyplot
@@ -32,6 +33,7 @@ from utils import UsageError, pick_device, run_main
 
 SHOWN = {" ": "␣", "\n": "↵", "\t": "⇥"}  # whitespace, drawn so that it can be seen
 LABEL_SIZE = 12  # points, for the characters in embeddings.png
+PICTURE_TAG = {"Software": "Mini-GPT explore.py"}  # in each PNG: --out replaces only these
 
 
 def parse_args(argv=None):
@@ -176,7 +178,8 @@ def print_next_token_table(probs, prompt_ids, token_text, top_k):
 
 def output_folder(out, checkpoint):
     """The folder for the pictures, created, once it is proven that both can be written there
-    and that neither would overwrite the checkpoint."""
+    and that neither would overwrite the checkpoint, nor, in --out, a file explore.py did not
+    draw."""
     folder = out or checkpoint + ".explore"
     try:
         os.makedirs(folder, exist_ok=True)
@@ -195,7 +198,15 @@ def output_folder(out, checkpoint):
         except OSError as err:
             raise UsageError(f"cannot write {picture} ({err.strerror}); pass --out DIR to a "
                              f"folder you can write") from None
+        if out:  # the default folder holds only explore's pictures
+            check_replaceable(picture, "--out", "explore.py", is_our_picture)
     return folder
+
+
+def is_our_picture(path):
+    with contextlib.suppress(OSError), open(path, "rb") as f:  # text chunks precede the pixels
+        return b"Software\x00" + PICTURE_TAG["Software"].encode() in f.read(4096)
+    return False
 
 
 def draw_attention(attention, labels, path):
@@ -224,7 +235,7 @@ def draw_attention(attention, labels, path):
     figure.suptitle("Attention weights of the prompt. Row: the position that looks (query); "
                     "column: the position it looks at (key). ␣ space, ↵ newline", fontsize=12)
     figure.colorbar(image, ax=axes, shrink=0.5, pad=0.01, label="weight (each row sums to 1)")
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, metadata=PICTURE_TAG)
     plt.close(figure)
     return path
 
@@ -293,7 +304,7 @@ def draw_embeddings(weight, token_text, prompt_ids, path):
                     textcoords="offset points", fontsize=LABEL_SIZE, fontweight="bold",
                     color=colour, va="bottom", bbox=dict(boxstyle="round,pad=0.15", alpha=0.9,
                     facecolor="white", edgecolor=colour, linewidth=0.8))
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, metadata=PICTURE_TAG)
     plt.close(figure)
     return path
 

@@ -62,11 +62,12 @@ class RequestError(UsageError):
 # ---------------------------------------------------------------------------------------------
 # Loading: the model(s) the page looks into
 
-def load_explorer(path, device, weights="best"):
+def load_explorer(path, device, weights="best", flag="--checkpoint"):
     """A model with everything the page asks of it: the model, its tokenizer, its facts, a lock
     (one forward pass at a time: the KV caches are shared) and its kept prompts.
-    weights: best (as generate.py samples) or last."""
-    facts = load_checkpoint(path)  # read once more for the step and losses load_model drops
+    weights: best (as generate.py samples) or last; flag: the one that named path."""
+    # Read once more for the step and losses load_model drops.
+    facts = load_checkpoint(path, flag=flag)
     model, tokenizer, _ = load_model(path, device, weights=weights)
     step, val_loss, val_bpc = (facts.get(name) for name in ("step", "val_loss", "val_bpc"))
     if weights == "best" and "best_model" in facts:
@@ -165,8 +166,8 @@ def number(body, name, default, kind):
         return None
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or (kind is int and value != int(value)) or abs(value) > 2**64:
-        raise RequestError(f"{name} must be a{' whole' if kind is int else ''} number, got "
-                           f"{json.dumps(value)[:40]}")
+        raise RequestError(f"{name} must be a{' whole' if kind is int else ''} number of at "
+                           f"most 2**64, got {json.dumps(value)[:40]}")
     return kind(value)
 
 
@@ -239,7 +240,7 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(f"the request body is {length} bytes; at most {MAX_BODY}", 413)
         try:
             body = json.loads(self.rfile.read(length))
-        except ValueError as err:  # bad JSON or bad UTF-8
+        except (ValueError, RecursionError) as err:  # bad JSON, bad UTF-8, nested too deep
             raise RequestError(f"the request body is not JSON: {err}") from None
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
@@ -269,7 +270,8 @@ def start_server(args, device):
     """Load the checkpoint(s) and bind the port: a server ready to serve_forever. Every problem
     (no checkpoint, a damaged one, a port in use, two tokenizers) is a UsageError."""
     explorer = load_explorer(args.checkpoint, device, args.weights)
-    other = load_explorer(args.compare, device, args.weights) if args.compare else None
+    other = load_explorer(args.compare, device, args.weights, "--compare") if args.compare \
+        else None
     if other and other.tokenizer.to_dict() != explorer.tokenizer.to_dict():
         raise UsageError(f"--compare {args.compare} has another tokenizer than {args.checkpoint}; "
                          f"compare checkpoints trained on the same text with the same --tokenizer")

@@ -181,6 +181,7 @@ def check_paths(config, run):
             raise UsageError(f"--checkpoint {path} ends in {suffix}, as a run's own side files "
                              f"do; pick another name, e.g. --checkpoint run.pt")
     checkpoint.check_output_path(path, "--checkpoint", "ckpt.pt")
+    checkpoint.check_replaceable(path, "--checkpoint", "train.py", checkpoint.is_checkpoint)
     # Lock it, so that a second run saving to the same file at the same time is refused (the
     # lock goes when this run ends, however it ends); then remove killed runs' temporary files.
     holder = utils.hold_lock(f"{path}.lock")
@@ -281,6 +282,7 @@ def finish(training, step, stopping):
     """Close the progress bar; say where the checkpoint is and which weights in it are best."""
     config, best = training.config, training.best
     training.progress.close()
+    utils.quit_on_signals()  # saved: a signal during the sample need not wait for its end
     if not training.run.is_master:
         return
     if stopping and step == 0:
@@ -440,7 +442,7 @@ def resume(training):
     val loss) and this rank's random state; returns the step to go on from."""
     config, model, run = training.config, training.model, training.run
     path = resume_path(config)
-    ckpt = checkpoint.load_checkpoint(path, run.device)
+    ckpt = checkpoint.load_checkpoint(path, run.device, "--resume")
     check_same_tokens(ckpt, training.corpus, config, path)
     model_args, wanted = ckpt["model_args"], asdict(model.config)
     changed = ", ".join(f"{k} {model_args[k]} -> {wanted[k]}"
@@ -456,8 +458,10 @@ def resume(training):
                          f"damaged one; start a fresh run")
     saved_optimizer = ckpt["config"].get("optimizer", "adamw")
     if saved_optimizer != config.optimizer:
+        fix = "drop --reference (it means AdamW)" if config.reference else \
+            f"pass --optimizer {saved_optimizer}"
         raise UsageError(f"cannot resume {path}: it was trained with --optimizer "
-                         f"{saved_optimizer}; pass --optimizer {saved_optimizer}")
+                         f"{saved_optimizer}; {fix}")
     step = ckpt["step"]
     if step >= config.max_iters:  # nothing to train, nothing to save
         raise UsageError(f"{path} is at step {step}, {'past' if step > config.max_iters else 'at'} "

@@ -28,8 +28,7 @@ def run_main(main):
     exit code 2; Ctrl-C, or SIGTERM (what `timeout` or a cluster's scheduler sends before a
     kill), exits with 130 and no traceback, half-written files cleaned up on the way. Under
     torchrun only rank 0 prints."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # the scripts quiet it while importing
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    quit_on_signals()  # the scripts quiet Ctrl-C while importing
     if hasattr(sys.stdout, "reconfigure"):
         # A path or prompt that is not valid UTF-8 (a terminal's lone byte arrives as a lone
         # surrogate, "\udcff") prints escaped instead of ending the run.
@@ -58,6 +57,12 @@ def run_main(main):
         sys.exit(0)
     finally:
         release_locks()
+
+
+def quit_on_signals():
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt: run_main exits with 130."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 # ---------------------------------------------------------------------------------------------

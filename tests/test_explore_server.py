@@ -216,6 +216,8 @@ BAD_REQUESTS = [  # (path, JSON body or raw bytes, expected status, words in the
     ("/api/look", b"{not json", 400, "not JSON"),
     ("/api/look", b"\xff\xfe", 400, "not JSON"),
     ("/api/look", b"[1, 2]", 400, "must be a JSON object"),
+    ("/api/look", b"[" * 50_000, 400, "not JSON"),  # nested too deep for Python's parser
+    ("/api/continue", dict(temperature=1e300), 400, "temperature must be a number of at most"),
     ("/api/look", b"x" * (explore_server.MAX_BODY + 1), 413, "at most 65536"),
     ("/api/nothing", dict(prompt="a"), 404, "no such request"),
     ("/../model.py", None, 404, "no such page"),

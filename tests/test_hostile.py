@@ -438,6 +438,21 @@ def test_a_second_run_on_the_same_checkpoint_is_refused_and_sigterm_saves(tmp_pa
     assert again.returncode == 0, again.stderr
 
 
+def test_sigterm_while_the_last_sample_is_written_quits_at_once(tmp_path, tiny_data):
+    process = subprocess.Popen(  # a sample far too long to wait for: the step is saved first
+        [sys.executable, os.path.join(ROOT, "train.py"), "--data", tiny_data, "--checkpoint",
+         tmp_path / "run.pt", *TINY_FLAGS, "--max_iters", "2", "--sample_tokens", "10000000"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:
+        if line.startswith("Saved checkpoint to"):
+            break
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130 and "Traceback" not in err, err
+    assert torch.load(tmp_path / "run.pt", weights_only=True)["step"] == 2
+
+
 def test_a_killed_preparation_leaves_no_worker_behind(tmp_path):
     script = tmp_path / "prepare.py"  # encodes for ever in two workers, until killed
     script.write_text(
@@ -529,3 +544,10 @@ def test_bench_curve_fails_when_train_py_is_killed_before_its_deadline(monkeypat
     assert code == 2, (out[-2000:], err)
     [line] = err.strip().splitlines()
     assert "train.py --preset cpu failed (exit -9)" in line
+
+
+def test_bench_report_json_that_is_a_fifo_is_refused_not_read(tmp_path):
+    os.mkfifo(tmp_path / "report.json")  # reading it would wait for a writer for ever
+    result = run_script("bench.py", "report", "--device", "cpu", "--quick", "--json",
+                        tmp_path / "report.json", timeout=60)
+    expect_one_error_line(result, "is a FIFO or a socket")

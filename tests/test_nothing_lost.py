@@ -15,7 +15,7 @@ import tracking
 import train
 import utils
 from config import Config
-from conftest import TINY_FLAGS, TINY_TEXT, run_in_process
+from conftest import TINY_FLAGS, TINY_TEXT, needs_muon, run_in_process
 
 # Two steps, evaluating and saving after each: a tiny run of about a second.
 FLAGS = [*TINY_FLAGS, "--max_iters", "2", "--eval_interval", "1", "--sample_tokens", "0",
@@ -416,3 +416,55 @@ def test_a_checkpoint_that_is_a_dead_link_or_a_fifo_is_named_as_such(tmp_path, t
                    "is a symlink to nothing")
     one_error_line(train_run(tiny_data, tmp_path / "run.pt", "--resume", tmp_path / "pipe.pt"),
                    "is a FIFO or a socket, not a regular file")
+
+
+def test_a_fresh_run_replaces_only_a_checkpoint(tmp_path, tiny_data):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    one_error_line(train_run(tiny_data, notes), "is a file that train.py did not write")
+    assert notes.read_text() == "my notes" and not os.path.exists(f"{notes}.metrics.jsonl")
+    os.mkfifo(tmp_path / "pipe.pt")  # a rename would put a file in place of the FIFO
+    one_error_line(train_run(tiny_data, tmp_path / "pipe.pt"), "is a FIFO or a socket")
+    assert os.path.exists(tmp_path / "pipe.pt") and not os.path.isfile(tmp_path / "pipe.pt")
+    assert train_run(tiny_data, tmp_path / "run.pt")[0] == 0
+    assert train_run(tiny_data, tmp_path / "run.pt")[0] == 0  # an earlier checkpoint: replaced
+
+
+def test_explore_replaces_only_its_own_pictures_in_out(tmp_path, tiny_data):
+    pytest.importorskip("matplotlib")
+    import explore
+    checkpoint = tmp_path / "run.pt"
+    assert train_run(tiny_data, checkpoint)[0] == 0
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "attention.png").write_text("my own picture")
+    os.symlink(tiny_data, photos / "embeddings.png")  # written through, it would hit the text
+    explore_args = ["--checkpoint", checkpoint, "--prompt", "ROMEO:", "--out", photos]
+    one_error_line(run_in_process(explore.main, explore_args), "did not write")
+    assert (photos / "attention.png").read_text() == "my own picture"
+    assert open(tiny_data, encoding="utf-8").read() == TINY_TEXT
+    os.remove(photos / "attention.png")
+    os.remove(photos / "embeddings.png")
+    for _ in range(2):  # the second run replaces the first run's pictures
+        assert run_in_process(explore.main, explore_args)[0] == 0
+
+
+def test_a_bad_resume_or_compare_checkpoint_names_its_own_flag(tmp_path, tiny_data):
+    import explore
+    assert train_run(tiny_data, tmp_path / "run.pt")[0] == 0
+    damaged = torch.load(tmp_path / "run.pt", weights_only=True)
+    damaged["model"]["tok_emb.weight"][0, 0] = float("nan")
+    torch.save(damaged, tmp_path / "nan.pt")
+    one_error_line(train_run(tiny_data, tmp_path / "new.pt", "--resume", tmp_path / "nan.pt"),
+                   "retrain, or pass another --resume")
+    serve = ["--serve", "--checkpoint", tmp_path / "run.pt", "--port", "0", "--compare"]
+    one_error_line(run_in_process(explore.main, [*serve, tmp_path / "missing.pt"]),
+                   "or pass --compare PATH")
+    one_error_line(run_in_process(explore.main, [*serve, tmp_path]), f"--compare {tmp_path} is")
+
+
+@needs_muon
+def test_resuming_a_muon_run_with_reference_says_to_drop_reference(tmp_path, tiny_data):
+    assert train_run(tiny_data, tmp_path / "run.pt", "--optimizer", "muon")[0] == 0
+    one_error_line(train_run(tiny_data, tmp_path / "run.pt", "--resume", "--reference",
+                             "--max_iters", "4"), "drop --reference")
