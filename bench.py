@@ -31,7 +31,6 @@ import sys
 import tempfile
 import threading
 import time
-import types
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 
@@ -50,6 +49,7 @@ from checkpoint import (
 )
 from config import PRESETS, ArgumentParser, parse_config
 from generate import for_sampling, stream_text
+from generate import parse_args as generate_flags
 from model import GPTConfig, GPTModel
 from speedups import compile_decode
 from tokenizer import CharTokenizer
@@ -90,14 +90,16 @@ def generate_speed(device, use_cache, n_tokens, dtype, compile_setting, model_ar
     model = for_sampling(GPTModel(config), device, dtype)  # the attention generate.py runs
     if use_cache:
         compile_decode(model, device, compile_setting)
-    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
-    # Warm-up: compilation, and every path the timed tokens take (with the cache: a window slide).
-    model.generate(prompt, model.block_size + 10 if use_cache else 10, use_cache=use_cache)
-    # What a user runs: generate.py's streaming loop, which also brings the tokens to the host
-    # and decodes them (a terminal's printing is not timed).
+    # What a user runs: generate.py's streaming loop with its default sampling (temperature 0.8,
+    # top-k 200), which also brings the tokens to the host and decodes them (a terminal's
+    # printing is not timed). First a warm-up: compilation, and every path the timed tokens take
+    # (with the cache: a window slide).
     tokenizer = CharTokenizer([chr(ord("!") + i) for i in range(VOCAB_SIZE)])
-    options = types.SimpleNamespace(max_new_tokens=n_tokens, temperature=1.0, top_k=None,
-                                    top_p=None, no_cache=not use_cache)
+    options = generate_flags([] if use_cache else ["--no_cache"])
+    options.max_new_tokens = model.block_size + 10 if use_cache else 10
+    for _ in stream_text(model, tokenizer, [0], options, device):
+        pass
+    options.max_new_tokens = n_tokens
     start = clock(device)
     with tqdm(total=n_tokens, file=sys.stdout,
               desc=f"generate ({'cache' if use_cache else 'no cache'}, {dtype})") as progress:
