@@ -187,7 +187,9 @@ def train_step(train_model, optimizer, scaler, micro_batches, config, run):
     if config.grad_clip > 0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
         torch.nn.utils.clip_grad_norm_(train_model.parameters(), config.grad_clip)
-    scaler.step(optimizer)  # optimizer.step(), skipped if float16 gradients overflowed
+    # optimizer.step() (MuonAdamW's too: it has the step and param_groups the scaler uses),
+    # skipped if float16 gradients overflowed
+    scaler.step(optimizer)
     scaler.update()
     return loss  # the last micro-batch's, for the progress bar
 
