@@ -27,7 +27,7 @@ def run_main(main):
     """Run a script's main(): a UsageError, or running out of memory, is one line on stderr and
     exit code 2; Ctrl-C, or SIGTERM (what `timeout` or a cluster's scheduler sends before a
     kill), exits with 130 and no traceback, half-written files cleaned up on the way. Under
-    torchrun only rank 0 prints."""
+    torchrun only rank 0 prints a UsageError."""
     quit_on_signals()  # the scripts quiet Ctrl-C while importing
     if hasattr(sys.stdout, "reconfigure"):
         # A path or prompt that is not valid UTF-8 (a terminal's lone byte arrives as a lone
@@ -44,10 +44,11 @@ def run_main(main):
         if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
                 or "out of memory" in str(err)):
             raise  # a bug: its traceback shows
-        if os.environ.get("RANK", "0") == "0":  # files already saved were written whole: kept
-            print(f"error: out of memory ({str(err).splitlines()[0][:150]}); ask for less: a "
-                  f"lower --batch_size (--gradient_accumulation_steps keeps the tokens per "
-                  f"step), --block_size or model size, or fewer --num_samples", file=sys.stderr)
+        # Every rank that runs out says so (under torchrun it may be any one: the others see only
+        # a lost connection). Files already saved were written whole: kept.
+        print(f"error: out of memory ({str(err).splitlines()[0][:150]}); ask for less: a lower "
+              f"--batch_size (--gradient_accumulation_steps keeps the tokens per step), "
+              f"--block_size or model size, or fewer --num_samples", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(file=sys.stderr)

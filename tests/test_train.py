@@ -256,3 +256,14 @@ def test_out_of_memory_on_a_gpu_is_one_line_and_other_errors_keep_their_tracebac
 
     with pytest.raises(RuntimeError, match="shapes do not match"):
         run_in_process(a_bug, [])
+
+
+def test_out_of_memory_on_a_rank_other_than_0_is_said_there(monkeypatch):
+    # Each rank has its own memory: under torchrun the rank that ran out may be any; the others
+    # then see only a lost connection, so the line must come from the rank that ran out.
+    def out_of_memory(argv):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+    monkeypatch.setenv("RANK", "1")
+    code, _, err = run_in_process(out_of_memory, [])
+    assert code == 2 and err.startswith("error: out of memory (CUDA out of memory."), err

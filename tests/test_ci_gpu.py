@@ -1,0 +1,43 @@
+""".ci/gpu's tables, from train.py's eval lines: here a stand-in `python` prints them (no GPU)."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
+
+DIVERGED = """Step 0: train loss 4.1869, val loss 4.1911 (exact), val bpc 6.0464 (5.5s)
+Step 250: train loss 2.1000, val loss 2.2000 (exact), val bpc 3.1000 (20.5s) new best
+Step 500: train loss nan, val loss nan (exact), val bpc nan (40.5s)
+error: the loss became NaN or infinite
+"""
+
+
+def ci_gpu_table(tmp_path, train_output, *stage):
+    """$OUT/table.md after `.ci/gpu STAGE`, each train.py run printing train_output."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "train_output.txt").write_text(train_output)
+    python = tmp_path / "bin" / "python"
+    python.write_text(f"#!/bin/sh\ncat '{tmp_path / 'train_output.txt'}'\n")
+    python.chmod(0o755)
+    env = {**os.environ, "PATH": f"{python.parent}{os.pathsep}{os.environ['PATH']}",
+           "OUT": str(tmp_path / "out"), "DEVICE": "cpu"}
+    subprocess.run(["bash", os.path.join(ROOT, ".ci", "gpu"), *stage], env=env, check=True,
+                   capture_output=True, timeout=60)
+    return (tmp_path / "out" / "table.md").read_text()
+
+
+def test_a_recipe_whose_loss_became_nan_has_not_reached_the_target(tmp_path):
+    (tmp_path / "recipes.txt").write_text("--preset fast  # the one recipe\n")
+    table = ci_gpu_table(tmp_path, DIVERGED, "sweep", str(tmp_path / "recipes.txt"))
+    assert table.splitlines()[-1] == ("| `--preset fast` | not reached | 2.2000 at step 250 | "
+                                      "nan at step 500, 40.5 s |")
+
+
+def test_the_default_run_s_table_says_its_own_time_limit(tmp_path):
+    table = ci_gpu_table(tmp_path, DIVERGED, "default")
+    assert "limit 400 s a run" in table
