@@ -112,12 +112,18 @@ def test_int8_linear_is_the_rounded_weights_times_their_scales():
     assert (int8_linear(x).float() - expected).abs().max().item() < 0.05
 
 
-def test_compiled_decode_step_matches_eager_and_compiles_once():
+def fresh_compile_counters():
+    """torch.compile's counters, from zero (skips the test where no compiler can run)."""
     if utils.compile_problem("cpu"):
         pytest.skip(utils.compile_problem("cpu"))
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
+    return counters
+
+
+def test_compiled_decode_step_matches_eager_and_compiles_once():
+    counters = fresh_compile_counters()
     model = tiny_model()
     # A one-token prompt goes through the compiled step at once (generate.py's empty prompt).
     prompts = [torch.tensor([[1, 2, 3]]), torch.tensor([[4, 5]]), torch.tensor([[6]])]
@@ -132,11 +138,7 @@ def test_compiled_decode_step_matches_eager_and_compiles_once():
 
 
 def test_compiled_decode_step_draws_inside_the_graph_and_follows_the_seed():
-    if utils.compile_problem("cpu"):
-        pytest.skip(utils.compile_problem("cpu"))
-    from torch._dynamo.utils import counters
-    torch._dynamo.reset()
-    counters.clear()
+    counters = fresh_compile_counters()
     model = tiny_model()
     prompt = torch.tensor([[1, 2, 3]])
     greedy = model.generate(prompt, 40, temperature=0)
