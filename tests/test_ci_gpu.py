@@ -41,3 +41,14 @@ def test_a_recipe_whose_loss_became_nan_has_not_reached_the_target(tmp_path):
 def test_the_default_run_s_table_says_its_own_time_limit(tmp_path):
     table = ci_gpu_table(tmp_path, DIVERGED, "default")
     assert "limit 400 s a run" in table
+
+
+def test_the_default_recipes_keep_the_default_run_s_fixed_settings(tmp_path):
+    """`sweep default` tries only what the default run may change: 5000 steps, dropout 0.2,
+    the seed's model and an evaluation every 500 stay, under the default run's time limit."""
+    table = ci_gpu_table(tmp_path, DIVERGED, "sweep", "default")
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 3 and "limit 400 s a run" in table
+    for name in ("max_iters", "dropout", "n_embd", "n_layer", "n_head", "block_size",
+                 "eval_interval", "preset"):
+        assert not any(f"--{name}" in row for row in rows), name
