@@ -41,20 +41,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     if args.interactive:
-        print("Type a prompt and press Enter; an empty line or Ctrl-D quits.")
-        while True:
-            try:
-                prompt = input("> ")
-            except (EOFError, RuntimeError):  # Ctrl-D, no input left, or stdin closed
-                print()  # end the prompt's line, quietly
-                break
-            if not prompt:
-                break
-            try:
-                print_completion(model, tokenizer, prompt, args, device)
-            except UsageError as err:  # e.g. a character the model never saw: ask again
-                print(f"error: {err}")
-        return
+        return prompt_loop(model, tokenizer, args, device)
 
     tokenizer.encode(args.prompt)  # fail on unknown characters before printing anything
     print("GENERATING TEXT")
@@ -152,6 +139,24 @@ def generate_batch(model, tokenizer, prompt_ids, args, device):
     idx = torch.tensor([prompt_ids] * args.num_samples, dtype=torch.long, device=device)
     tokens = model.generate(idx, args.max_new_tokens, **sampling_options(args))
     return [tokenizer.decode(row.tolist()) for row in tokens[:, len(prompt_ids):]]
+
+
+def prompt_loop(model, tokenizer, args, device):
+    """--interactive: a completion for each prompt typed, until an empty line or Ctrl-D."""
+    print("Type a prompt and press Enter; an empty line or Ctrl-D quits.")
+    while prompt := read_prompt():
+        try:
+            print_completion(model, tokenizer, prompt, args, device)
+        except UsageError as err:  # e.g. a character the model never saw: ask again
+            print(f"error: {err}")
+
+
+def read_prompt():
+    try:
+        return input("> ")
+    except (EOFError, RuntimeError):  # Ctrl-D, no input left, or stdin closed
+        print()  # end the prompt's line, quietly
+        return ""
 
 
 # ---------------------------------------------------------------------------------------------
