@@ -172,13 +172,26 @@ def pick_device(name="auto"):
 
 
 def device_memory(device):
-    """Bytes of memory on device: the GPU's, else the machine's RAM; None where unknown."""
+    """Bytes of memory on device: the GPU's, else the machine's RAM or, in a container with
+    less, the container's limit (else the kernel stops the run halfway); None where unknown."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_properties(device).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
-        return None
+    ram = None
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # no sysconf (Windows)
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    known = [n for n in (ram, container_memory_limit()) if n]
+    return min(known, default=None)
+
+
+# A container's memory limit: cgroup v2's file, then v1's (which says about 2**63 for no limit).
+CGROUP_MEMORY_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def container_memory_limit():
+    for path in CGROUP_MEMORY_FILES:
+        with contextlib.suppress(OSError, ValueError), open(path) as f:
+            return int(f.read())  # v2 writes "max" for no limit: a ValueError, then None
+    return None
 
 
 def check_fits_in_memory(n_bytes, device, what, fix):

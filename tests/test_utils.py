@@ -211,3 +211,24 @@ def test_cpu_bf16_is_read_from_either_flag(monkeypatch, tmp_path, flags, native)
     monkeypatch.setattr("builtins.open", lambda path, *args, **kwargs: real_open(
         cpuinfo if path == "/proc/cpuinfo" else path, *args, **kwargs))
     assert utils.cpu_has_native_bf16() is native
+
+
+@pytest.mark.parametrize("v2, v1, expected_gib", [
+    ("1073741824\n", None, 1.0),  # cgroup v2: a 1 GiB container
+    ("max\n", None, None),  # v2 without a limit: the machine's RAM
+    (None, "2147483648\n", 2.0),  # cgroup v1
+    (None, "9223372036854771712\n", None),  # v1 without a limit (about 2**63)
+    (None, None, None)])  # no cgroup files (macOS, Windows)
+def test_a_container_s_memory_limit_counts_as_the_cpu_s_memory(tmp_path, monkeypatch, v2, v1,
+                                                                  expected_gib):
+    files = []
+    for name, text in (("memory.max", v2), ("memory.limit_in_bytes", v1)):
+        files.append(str(tmp_path / name))
+        if text is not None:
+            (tmp_path / name).write_text(text)
+    monkeypatch.setattr(utils, "CGROUP_MEMORY_FILES", tuple(files))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert utils.device_memory("cpu") == (expected_gib * 2**30 if expected_gib else ram)
+    if expected_gib:  # a run that fits the machine but not the container is refused
+        with pytest.raises(UsageError, match=f"more than the {expected_gib:.1f} GiB on cpu"):
+            utils.check_fits_in_memory(int(1.5 * expected_gib * 2**30), "cpu", "this", "less")
