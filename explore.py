@@ -73,14 +73,15 @@ def main(argv=None):
         from explore_server import serve
         return serve(args, device)
     model, tokenizer, which = load_model(args.checkpoint, device, weights=args.weights)
-    print(f"{args.checkpoint}, {args.weights} weights: {which}\n")
     prompt_ids = encode_prompt(args.prompt, tokenizer, model.block_size)
+    # Where the pictures go is checked before any work, as every flag is.
+    out_dir = output_folder(args.out, args.checkpoint) if matplotlib_or_note("pictures") else None
+    print(f"{args.checkpoint}, {args.weights} weights: {which}\n")
     probs, attention = look_inside(model, prompt_ids)
     token_text = [readable(tokenizer.decode([i])) for i in range(tokenizer.vocab_size)]
     print_next_token_table(probs, prompt_ids, token_text, min(args.top_k, tokenizer.vocab_size))
-    if not matplotlib_or_note("pictures"):
+    if out_dir is None:
         return
-    out_dir = output_folder(args.out, args.checkpoint)
     attention_png = draw_attention(attention, [token_text[i] for i in prompt_ids],
                                    os.path.join(out_dir, "attention.png"))
     embeddings_png = draw_embeddings(model.tok_emb.weight.detach().cpu(), token_text,

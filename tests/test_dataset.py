@@ -317,6 +317,32 @@ def test_unreadable_data_file(tmp_path, monkeypatch):
         list(dataset.read_blocks(str(path), 1024, newline=False))
 
 
+def test_an_input_output_error_while_reading_the_data_is_one_line(tmp_path, monkeypatch):
+    path = tmp_path / "on_a_failing_disk.txt"
+    path.write_text("To be, or not to be " * 100)
+    real_open = open
+
+    class FailingDisk:  # opens, then fails on the second read, as a failing disk does
+        def __init__(self, *args, **kwargs):
+            self.file, self.reads = real_open(*args, **kwargs), 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def read(self, n):
+            self.reads += 1
+            if self.reads == 2:
+                raise OSError(5, "Input/output error")
+            return self.file.read(n)
+
+    monkeypatch.setattr("builtins.open", FailingDisk)
+    with pytest.raises(UsageError, match=r"cannot read data file .*: Input/output error; check"):
+        list(dataset.read_blocks(str(path), 512, newline=False))
+
+
 def test_a_symlink_loop_or_a_name_too_long_is_named(tmp_path):
     loop = tmp_path / "loop.txt"
     loop.symlink_to(loop)

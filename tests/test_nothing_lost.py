@@ -440,7 +440,9 @@ def test_explore_replaces_only_its_own_pictures_in_out(tmp_path, tiny_data):
     (photos / "attention.png").write_text("my own picture")
     os.symlink(tiny_data, photos / "embeddings.png")  # written through, it would hit the text
     explore_args = ["--checkpoint", checkpoint, "--prompt", "ROMEO:", "--out", photos]
-    one_error_line(run_in_process(explore.main, explore_args), "did not write")
+    refused = run_in_process(explore.main, explore_args)
+    one_error_line(refused, "did not write")
+    assert "After each token" not in refused[1]  # refused before the work: no table printed
     assert (photos / "attention.png").read_text() == "my own picture"
     assert open(tiny_data, encoding="utf-8").read() == TINY_TEXT
     os.remove(photos / "attention.png")
