@@ -369,8 +369,10 @@ def read_blocks(path, chunk_bytes, newline):
             while block := f.read(chunk_bytes):
                 yield offset, block
                 offset, last = offset + len(block), block[-1:]
-    except PermissionError:
-        raise UsageError(f"cannot read data file {path}: permission denied")
+    except OSError as err:  # permission denied; an I/O error (a failing disk, a network drive)
+        reason = "permission denied" if isinstance(err, PermissionError) else err.strerror or err
+        raise UsageError(f"cannot read data file {path}: {reason}; check the file (its "
+                         f"permissions, its disk), or pass another --data") from None
     if newline and last != b"\n":
         yield offset, b"\n"
     yield offset, b""
