@@ -564,3 +564,19 @@ def test_rank_set_without_torchrun_is_one_line_naming_it(env):
     assert result.stderr.strip().splitlines() == [
         "error: RANK is set, but not the MASTER_ADDR, LOCAL_RANK and WORLD_SIZE (whole numbers) "
         "that torchrun sets; unset RANK to train in one process, or start with torchrun"]
+
+
+def test_bench_prepare_on_a_text_too_short_names_no_flag_bench_lacks(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("abc")
+    code, _, err = run_in_process(bench.main, ["prepare", "--data", short, "--device", "cpu"])
+    assert code == 2 and err.startswith(f"error: {short} has 3 characters"), err
+    assert "--block_size" not in err and "longer text" in err, err
+
+
+def test_bench_prepare_refuses_a_text_bigger_than_the_free_disk(monkeypatch):
+    # Else it writes until the disk is full, other programs' files failing with it.
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(0, 0, 2**20))
+    code, _, err = run_in_process(bench.main, ["prepare", "--size_mb", "1", "--device", "cpu"])
+    assert code == 2 and err.startswith("error: --size_mb 1 needs about 3 MiB free"), err
+    assert "set TMPDIR to a folder on a bigger disk" in err, err
