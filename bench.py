@@ -26,6 +26,7 @@ import pathlib
 import platform
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -270,6 +271,11 @@ def write_bench_text(folder, kind, size_mb):
     """A generated text of about size_mb MiB in folder; returns its path."""
     path = os.path.join(folder, f"{kind}-{size_mb}mb.txt")
     size = size_mb * 2**20
+    free = shutil.disk_usage(folder).free  # for the text and its token file (2 bytes a char)
+    if 3 * size > free:
+        raise UsageError(f"--size_mb {size_mb} needs about {3 * size_mb:,} MiB free in {folder} "
+                         f"(the text and its token file), which has {free // 2**20:,} MiB; ask "
+                         f"for less, or set TMPDIR to a folder on a bigger disk")
     blocks = itertools.repeat(shakespeare()) if kind == "shakespeare" else synthetic_blocks()
     with open(path, "wb") as f, tqdm(total=size, desc=f"writing {kind} text", unit="B",
                                      unit_scale=True, file=sys.stdout) as bar:
@@ -325,7 +331,10 @@ def second_run(flags, steps, launched):
     the corpus mapped and the first step done; peak MiB after `steps` more and an evaluation."""
     config, _ = parse_config(flags)
     run = runs.set_up(config)
-    corpus, val_data = train.load_tokens(config, run)
+    try:
+        corpus, val_data = train.load_tokens(config, run)
+    except UsageError as err:  # its fix names --block_size, which bench.py does not have
+        raise UsageError(str(err).replace(" or a smaller --block_size", "")) from None
     loaded = time.time() - launched
     model = train.build_model(corpus.tokenizer.vocab_size, config, run)
     optimizer = train.make_optimizer(model, config)

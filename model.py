@@ -349,12 +349,29 @@ def describe(model, batch_size=64):
 
 
 if __name__ == "__main__":
-    import argparse
-    parser = argparse.ArgumentParser(description="Print the architecture tree with parameter "
-                                     "counts and output shapes (vocab_size 65: Tiny Shakespeare's).")
-    shape = GPTConfig(vocab_size=65, dropout=0.0)  # the default model
-    for name in ("vocab_size", "n_embd", "n_layer", "n_head", "block_size", "batch_size"):
-        parser.add_argument(f"--{name}", type=int, default=getattr(shape, name, 64))  # batch: 64
-    args = vars(parser.parse_args())
-    batch_size = args.pop("batch_size")
-    print("\n".join(describe(GPTModel(replace(shape, **args)).eval(), batch_size)))
+    from config import ArgumentParser, Config, check_config
+    from runs import param_count
+    from utils import UsageError, check_fits_in_memory, run_main
+
+    def main():
+        parser = ArgumentParser(prog="model.py", description="Print the architecture tree with "
+                                "parameter counts and output shapes (vocab_size 65: Tiny "
+                                "Shakespeare's).")
+        shape = GPTConfig(vocab_size=65, dropout=0.0)  # the default model
+        for name in ("vocab_size", "n_embd", "n_layer", "n_head", "block_size", "batch_size"):
+            parser.add_argument(f"--{name}", type=int, default=getattr(shape, name, 64))  # batch 64
+        args = vars(parser.parse_args())
+        batch_size = args.pop("batch_size")
+        V, C, L, T = (args[name] for name in ("vocab_size", "n_embd", "n_layer", "block_size"))
+        # train.py's checks of the shape flags (Config's vocab_size is BPE's: checked here)
+        check_config(Config(n_embd=C, n_layer=L, n_head=args["n_head"], block_size=T,
+                            batch_size=batch_size))
+        if V < 1:
+            raise UsageError(f"--vocab_size must be at least 1, got {V}")
+        # The weights, each block's (T, T) mask, a forward pass's logits and widest activations.
+        n_bytes = 4 * (param_count(V, C, L, T) + L * T * T + batch_size * T * (V + 4 * C))
+        check_fits_in_memory(n_bytes, "cpu", "this model", "lower --n_embd, --n_layer, "
+                             "--block_size, --vocab_size or --batch_size")
+        print("\n".join(describe(GPTModel(replace(shape, **args)).eval(), batch_size)))
+
+    run_main(main)

@@ -350,6 +350,11 @@ def start_distributed(device):
     takes GPU LOCAL_RANK. Without torchrun: (0, 0, 1, device)."""
     if "RANK" not in os.environ:
         return 0, 0, 1, device
+    if "MASTER_ADDR" not in os.environ or not all(
+            os.environ.get(name, "").isdigit() for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        raise UsageError("RANK is set, but not the MASTER_ADDR, LOCAL_RANK and WORLD_SIZE (whole "
+                         "numbers) that torchrun sets; unset RANK to train in one process, or "
+                         "start with torchrun")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "mps":  # gloo, torchrun's only backend on a Mac, moves CPU and CUDA tensors
         raise UsageError("torchrun cannot train on an Apple GPU (MPS): run python train.py, "
@@ -478,7 +483,7 @@ def resume(training):
         else:
             torch.manual_seed(torch.initial_seed() + step)  # seeded per rank in set_up
             restored = True
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise UsageError(f"cannot resume {path}: its optimizer or random state is damaged "
                          f"({type(err).__name__}: {str(err)[:80]}); start a fresh run") from None
     if not restored:

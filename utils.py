@@ -36,7 +36,8 @@ def run_main(main):
     try:
         main()
     except UsageError as err:
-        if os.environ.get("RANK", "0") == "0":  # every rank meets the same error: say it once
+        # Under torchrun every rank meets the same error: say it once.
+        if os.environ.get("RANK", "0") == "0" or "MASTER_ADDR" not in os.environ:
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as err:  # torch.OutOfMemoryError (CUDA) is one too

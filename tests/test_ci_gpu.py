@@ -27,7 +27,7 @@ def ci_gpu_table(tmp_path, train_output, *stage):
     env = {**os.environ, "PATH": f"{python.parent}{os.pathsep}{os.environ['PATH']}",
            "OUT": str(tmp_path / "out"), "DEVICE": "cpu"}
     subprocess.run(["bash", os.path.join(ROOT, ".ci", "gpu"), *stage], env=env, check=True,
-                   capture_output=True, timeout=60)
+                   capture_output=True, timeout=60, cwd=tmp_path)
     return (tmp_path / "out" / "table.md").read_text()
 
 
@@ -52,3 +52,18 @@ def test_the_default_recipes_keep_the_default_run_s_fixed_settings(tmp_path):
     for name in ("max_iters", "dropout", "n_embd", "n_layer", "n_head", "block_size",
                  "eval_interval", "preset"):
         assert not any(f"--{name}" in row for row in rows), name
+
+
+def test_a_recipe_file_is_read_from_where_the_user_is(tmp_path):
+    (tmp_path / "recipes.txt").write_text("--preset fast\n")
+    table = ci_gpu_table(tmp_path, DIVERGED, "sweep", "recipes.txt")  # relative to the cwd
+    assert table.splitlines()[-1].startswith("| `--preset fast` | not reached |")
+
+
+def test_a_recipe_file_that_is_not_there_is_one_line_and_exit_2(tmp_path):
+    result = subprocess.run(["bash", os.path.join(ROOT, ".ci", "gpu"), "sweep", "nothere.txt"],
+                            env={**os.environ, "OUT": str(tmp_path / "out")}, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    assert result.stderr.splitlines()[-1] == ("error: cannot read the recipe file nothere.txt; "
+                                              "pass fast, default, or a file of train.py flags, one run a line")

@@ -93,6 +93,21 @@ def test_python_model_py_prints_the_tree_with_the_total():
     assert lines[-1].startswith("total of the five top-level boxes: 10,788,929 parameters")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--n_head", "5"], "error: n_embd (384) must be divisible by n_head (5); pick e.g. --n_head 4"),
+    (["--n_embd", "0"], "error: --n_embd must be at least 1, got 0"),
+    (["--batch_size", "0"], "error: --batch_size must be at least 1, got 0"),
+    (["--vocab_size", "0"], "error: --vocab_size must be at least 1, got 0"),
+    (["--n_layer", "1000000"], "error: this model needs at least"),  # would swap for hours
+    (["--block_size", "1" + "0" * 30], "error: this model needs at least"),
+    (["--n_layer", "abc"], "model.py: error: argument --n_layer: invalid int value: 'abc'")])
+def test_python_model_py_refuses_a_bad_shape_in_one_line(args, message):
+    result = run_script("model.py", *args)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(message), \
+        result.stderr
+
+
 # --- explore.py ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

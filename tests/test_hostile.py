@@ -551,3 +551,32 @@ def test_bench_report_json_that_is_a_fifo_is_refused_not_read(tmp_path):
     result = run_script("bench.py", "report", "--device", "cpu", "--quick", "--json",
                         tmp_path / "report.json", timeout=60)
     expect_one_error_line(result, "is a FIFO or a socket")
+
+
+@pytest.mark.parametrize("env", [dict(RANK="1", WORLD_SIZE="2"), dict(RANK="0", WORLD_SIZE="1"),
+                                 dict(RANK="x", WORLD_SIZE="y")])
+def test_rank_set_without_torchrun_is_one_line_naming_it(env):
+    # A RANK left in the shell (or a launcher's half of torchrun's variables): not a traceback
+    # from the process group, and said even by a process that thinks it is rank 1.
+    result = subprocess.run([sys.executable, "train.py", "--device", "cpu"], cwd=ROOT,
+                            env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: RANK is set, but not the MASTER_ADDR, LOCAL_RANK and WORLD_SIZE (whole numbers) "
+        "that torchrun sets; unset RANK to train in one process, or start with torchrun"]
+
+
+def test_bench_prepare_on_a_text_too_short_names_no_flag_bench_lacks(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("abc")
+    code, _, err = run_in_process(bench.main, ["prepare", "--data", short, "--device", "cpu"])
+    assert code == 2 and err.startswith(f"error: {short} has 3 characters"), err
+    assert "--block_size" not in err and "longer text" in err, err
+
+
+def test_bench_prepare_refuses_a_text_bigger_than_the_free_disk(monkeypatch):
+    # Else it writes until the disk is full, other programs' files failing with it.
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(0, 0, 2**20))
+    code, _, err = run_in_process(bench.main, ["prepare", "--size_mb", "1", "--device", "cpu"])
+    assert code == 2 and err.startswith("error: --size_mb 1 needs about 3 MiB free"), err
+    assert "set TMPDIR to a folder on a bigger disk" in err, err

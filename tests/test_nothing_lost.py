@@ -201,7 +201,7 @@ def test_resuming_a_checkpoint_with_damaged_optimizer_state_is_a_clear_error(tmp
     assert train_run(tiny_data, checkpoint)[0] == 0
     saved = torch.load(checkpoint, weights_only=True)
     for damage in ({"optimizer": {"state": {}, "param_groups": []}},  # groups do not match
-                   {"rng": []}, {"step": "2"}, {"config": None}):
+                   {"optimizer": None}, {"rng": []}, {"step": "2"}, {"config": None}):
         torch.save({**saved, **damage}, tmp_path / "damaged.pt")
         one_error_line(train_run(tiny_data, tmp_path / "new.pt", "--max_iters", "4",
                                  "--resume", tmp_path / "damaged.pt"), "cannot resume")
