@@ -65,5 +65,6 @@ def test_a_recipe_file_that_is_not_there_is_one_line_and_exit_2(tmp_path):
                             env={**os.environ, "OUT": str(tmp_path / "out")}, cwd=tmp_path,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stdout == "", result.stdout
-    assert result.stderr.splitlines()[-1] == ("error: cannot read the recipe file nothere.txt; "
-                                              "pass fast, default, or a file of train.py flags, one run a line")
+    assert result.stderr.splitlines()[-1] == (
+        "error: cannot read the recipe file nothere.txt; pass fast, default, or a file of train.py "
+        "flags, one run a line")
