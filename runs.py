@@ -350,12 +350,11 @@ def start_distributed(device):
     takes GPU LOCAL_RANK. Without torchrun: (0, 0, 1, device)."""
     if "RANK" not in os.environ:
         return 0, 0, 1, device
-    if "MASTER_ADDR" not in os.environ or not all(
-            os.environ.get(name, "").isdigit() for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
-        raise UsageError("RANK is set, but not the MASTER_ADDR, LOCAL_RANK and WORLD_SIZE (whole "
-                         "numbers) that torchrun sets; unset RANK to train in one process, or "
-                         "start with torchrun")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if not utils.started_by_torchrun():
+        raise UsageError("RANK is set, but not the MASTER_ADDR, MASTER_PORT, LOCAL_RANK and "
+                         "WORLD_SIZE (whole numbers) that torchrun sets; unset RANK to train in "
+                         "one process, or start with torchrun")
+    local_rank = int(os.environ["LOCAL_RANK"])
     if device == "mps":  # gloo, torchrun's only backend on a Mac, moves CPU and CUDA tensors
         raise UsageError("torchrun cannot train on an Apple GPU (MPS): run python train.py, "
                          "one process, or pass --device cpu for several CPU processes")

@@ -37,7 +37,7 @@ def run_main(main):
         main()
     except UsageError as err:
         # Under torchrun every rank meets the same error: say it once.
-        if os.environ.get("RANK", "0") == "0" or "MASTER_ADDR" not in os.environ:
+        if os.environ.get("RANK", "0") == "0" or not started_by_torchrun():
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as err:  # torch.OutOfMemoryError (CUDA) is one too
@@ -59,6 +59,12 @@ def run_main(main):
         sys.exit(0)
     finally:
         release_locks()
+
+
+def started_by_torchrun():
+    """torchrun sets all five; a RANK alone may be left in a shell or come from another tool."""
+    return "MASTER_ADDR" in os.environ and all(os.environ.get(name, "").isdigit() for name in
+                                               ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"))
 
 
 def quit_on_signals():

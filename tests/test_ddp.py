@@ -103,8 +103,8 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_saves(tmp_path, 
 def under_torchrun(monkeypatch):
     """As torchrun starts local rank 1 of 2, on a machine pretending to have two CUDA GPUs;
     the process group is not really started (init_process_group records its backend)."""
-    for name, value in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2",
-                            MASTER_ADDR="127.0.0.1").items():
+    for name, value in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="29500").items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -553,17 +553,19 @@ def test_bench_report_json_that_is_a_fifo_is_refused_not_read(tmp_path):
     expect_one_error_line(result, "is a FIFO or a socket")
 
 
-@pytest.mark.parametrize("env", [dict(RANK="1", WORLD_SIZE="2"), dict(RANK="0", WORLD_SIZE="1"),
-                                 dict(RANK="x", WORLD_SIZE="y")])
+@pytest.mark.parametrize("env", [
+    dict(RANK="1", WORLD_SIZE="2"), dict(RANK="0", WORLD_SIZE="1"), dict(RANK="x", WORLD_SIZE="y"),
+    dict(RANK="1", MASTER_ADDR="node1"),  # a job script's: else exit 2 and not a word
+    dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="node1")])  # else torch's traceback
 def test_rank_set_without_torchrun_is_one_line_naming_it(env):
-    # A RANK left in the shell (or a launcher's half of torchrun's variables): not a traceback
+    # A RANK left in the shell (or a launcher's part of torchrun's variables): not a traceback
     # from the process group, and said even by a process that thinks it is rank 1.
     result = subprocess.run([sys.executable, "train.py", "--device", "cpu"], cwd=ROOT,
                             env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines() == [
-        "error: RANK is set, but not the MASTER_ADDR, LOCAL_RANK and WORLD_SIZE (whole numbers) "
-        "that torchrun sets; unset RANK to train in one process, or start with torchrun"]
+        "error: RANK is set, but not the MASTER_ADDR, MASTER_PORT, LOCAL_RANK and WORLD_SIZE (whole "
+        "numbers) that torchrun sets; unset RANK to train in one process, or start with torchrun"]
 
 
 def test_bench_prepare_on_a_text_too_short_names_no_flag_bench_lacks(tmp_path):
