@@ -68,3 +68,8 @@ def test_a_recipe_file_that_is_not_there_is_one_line_and_exit_2(tmp_path):
     assert result.stderr.splitlines()[-1] == (
         "error: cannot read the recipe file nothere.txt; pass fast, default, or a file of train.py "
         "flags, one run a line")
+
+
+def test_a_time_limit_the_user_sets_holds_for_the_default_run_too(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIMIT", "7")  # e.g. DEVICE=cpu LIMIT=5: trying the script, not training
+    assert "limit 7 s a run" in ci_gpu_table(tmp_path, DIVERGED, "sweep", "default")
