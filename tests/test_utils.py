@@ -9,6 +9,7 @@ import torch
 
 import utils
 from checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from conftest import run_in_process
 from model import GPTConfig, GPTModel
 from tokenizer import CharTokenizer, tokenizer_from_dict
 from utils import UsageError, pick_device
@@ -232,3 +233,16 @@ def test_a_container_s_memory_limit_counts_as_the_cpu_s_memory(tmp_path, monkeyp
     if expected_gib:  # a run that fits the machine but not the container is refused
         with pytest.raises(UsageError, match=f"more than the {expected_gib:.1f} GiB on cpu"):
             utils.check_fits_in_memory(int(1.5 * expected_gib * 2**30), "cpu", "this", "less")
+
+
+@pytest.mark.parametrize("rank, said", [("0", True), ("1", False)])
+def test_under_torchrun_only_rank_0_says_a_usage_error(monkeypatch, rank, said):
+    for name, value in dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
+
+    def bad_flag(argv):
+        raise UsageError("--max_iters must be at least 1, got 0")
+
+    code, _, err = run_in_process(bad_flag, [])
+    assert code == 2 and (err == "error: --max_iters must be at least 1, got 0\n") is said, err
