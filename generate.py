@@ -144,19 +144,18 @@ def generate_batch(model, tokenizer, prompt_ids, args, device):
 def prompt_loop(model, tokenizer, args, device):
     """--interactive: a completion for each prompt typed, until an empty line or Ctrl-D."""
     print("Type a prompt and press Enter; an empty line or Ctrl-D quits.")
-    while prompt := read_prompt():
+    while True:
+        try:
+            prompt = input("> ")
+        except (EOFError, RuntimeError):  # Ctrl-D, no input left, or stdin closed
+            print()  # end the prompt's line, quietly
+            return
+        if not prompt:
+            return
         try:
             print_completion(model, tokenizer, prompt, args, device)
         except UsageError as err:  # e.g. a character the model never saw: ask again
             print(f"error: {err}")
-
-
-def read_prompt():
-    try:
-        return input("> ")
-    except (EOFError, RuntimeError):  # Ctrl-D, no input left, or stdin closed
-        print()  # end the prompt's line, quietly
-        return ""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -457,7 +457,8 @@ def resume(training):
     if not ({"optimizer", "rng", "step", "config", "val_loss"} <= ckpt.keys()
             and isinstance(ckpt["config"], dict) and type(ckpt["step"]) is int
             and ckpt["step"] >= 0 and isinstance(ckpt["val_loss"], float)
-            and isinstance(ckpt["rng"], list) and ckpt["rng"]):
+            and isinstance(ckpt["rng"], list) and ckpt["rng"]
+            and isinstance(ckpt["optimizer"], dict)):
         raise UsageError(f"cannot resume {path}: it has no optimizer or random state, or a "
                          f"damaged one; start a fresh run")
     saved_optimizer = ckpt["config"].get("optimizer", "adamw")
@@ -482,7 +483,7 @@ def resume(training):
         else:
             torch.manual_seed(torch.initial_seed() + step)  # seeded per rank in set_up
             restored = True
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
         raise UsageError(f"cannot resume {path}: its optimizer or random state is damaged "
                          f"({type(err).__name__}: {str(err)[:80]}); start a fresh run") from None
     if not restored:

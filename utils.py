@@ -197,7 +197,7 @@ CGROUP_MEMORY_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memor
 def container_memory_limit():
     for path in CGROUP_MEMORY_FILES:
         with contextlib.suppress(OSError, ValueError), open(path) as f:
-            return int(f.read())  # v2 writes "max" for no limit: a ValueError, then None
+            return int(f.read())  # v2 writes "max" for no limit: a ValueError, read on
     return None
 
 
