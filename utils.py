@@ -100,7 +100,12 @@ def take_lock(path, wait):
     if fcntl is None:
         return None
     while True:
-        f = open(path, "a+")
+        try:  # never through a symlink: the lock file's text would land in the file it names
+            f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
+                                  0o644), "a+")
+        except OSError as err:
+            why = "it is a symlink" if os.path.islink(path) else err.strerror
+            raise UsageError(f"cannot use the lock file {path} ({why}); move it away") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:

@@ -408,6 +408,14 @@ def test_releasing_a_lock_never_deletes_a_file_put_in_its_place(tmp_path):
     assert open(lock_path).read().startswith("another run's checkpoint")
 
 
+def test_a_lock_file_that_is_a_symlink_is_never_written_through(tmp_path, tiny_data):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    os.symlink(notes, tmp_path / "run.pt.lock")  # the name of the run's lock, made by hand
+    one_error_line(train_run(tiny_data, tmp_path / "run.pt"), "lock file")
+    assert notes.read_text() == "my notes" and os.path.islink(tmp_path / "run.pt.lock")
+
+
 def test_a_checkpoint_that_is_a_dead_link_or_a_fifo_is_named_as_such(tmp_path, tiny_data):
     import generate
     os.symlink(tmp_path / "nowhere.pt", tmp_path / "dead.pt")
