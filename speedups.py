@@ -3,8 +3,9 @@ int8 weights and Muon, changing it a little, measurably). model.py, train.py and
 are the whole GPT without them; `--reference` runs them with every speed-up off. Skip this file
 on a first read, but for its Muon section: the CPU presets train with Muon.
 
-In order: keep_freed_memory and FastCPUDropout (CPU training), MuonAdamW (fewer steps to the
-same loss), quantize_int8 (CPU sampling), compile_decode (GPU sampling). Each says why it pays;
+In order: keep_freed_memory and FastCPUDropout (CPU training), Muon (its step written out, then
+MuonAdamW: fewer steps to the same loss), quantize_int8 (CPU sampling), compile_decode (GPU
+sampling). Each says why it pays;
 docs/results.md (CPU) and docs/gpu.md (GPU) have what it gained and the command that measures
 it. Mixed precision, SDPA attention and compiling training are PyTorch switches (train.py).
 """
@@ -88,6 +89,33 @@ def use_fast_cpu_dropout(model):
 # (the Newton-Schulz matmuls); in short runs the steps saved repay it (docs/results.md).
 # It suits the hidden matrices only (an embedding's rows are not directions of a linear map):
 # the embeddings, the output head, biases and LayerNorm gains stay with AdamW.
+# The training runs torch.optim.Muon; muon_direction below is its step written out, the same
+# numbers up to bfloat16's rounding (tests/test_speedups.py compares them).
+
+def muon_direction(momentum, grad, beta=0.95):
+    """Muon's step for one weight matrix (rows, cols), before the learning rate: the momentum,
+    updated in place, one step ahead (Nesterov), made nearly orthogonal; scaled by
+    sqrt(rows / cols) for tall matrices, so that its size does not depend on their shape."""
+    momentum.mul_(beta).add_(grad)  # M = beta M + g, as SGD with momentum keeps it
+    rows, cols = grad.shape
+    return nearly_orthogonal(grad + beta * momentum) * max(1, rows / cols) ** 0.5
+
+
+def nearly_orthogonal(M, steps=5):
+    """About U V^T for M = U S V^T, without an SVD: scaled so that every singular value is at
+    most 1, then each pass maps every singular value s to a s + b s^3 + c s^5, which pushes
+    them towards 1: after 5 passes all but the tiniest lie between about 0.7 and 1.2, close
+    enough for a step direction."""
+    a, b, c = 3.4445, -4.7750, 2.0315  # chosen to lift small singular values fast
+    X = M.bfloat16()  # matmuls only, so bfloat16 suffices
+    if M.size(0) > M.size(1):  # work on the wide shape: X X^T is the smaller matrix
+        return nearly_orthogonal(M.T, steps).T
+    X = X / X.norm().clamp(min=1e-7)  # the Frobenius norm bounds the largest singular value
+    for _ in range(steps):
+        gram = X @ X.T  # (rows, rows); (X X^T)^k X has X's singular vectors, values s^(2k+1)
+        X = a * X + (b * gram + c * gram @ gram) @ X
+    return X
+
 
 class MuonAdamW:
     """Muon for the Transformer blocks' weight matrices, AdamW for everything else, used as one

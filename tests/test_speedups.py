@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import generate
 import runs
@@ -69,6 +70,27 @@ def test_reference_switch_turns_every_speed_up_off():
     assert type(optimizer) is torch.optim.AdamW and not optimizer.defaults.get("fused")
     with pytest.raises(UsageError, match="--reference runs the plain code"):
         parse_config(["--reference", "--dtype", "bfloat16"])
+
+
+@needs_muon
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48), (32, 32)])  # tall, wide, square
+def test_muon_direction_is_the_step_torch_optim_muon_takes(shape):
+    """speedups.muon_direction, the Muon step written out for reading, moves a weight matrix as
+    torch.optim.Muon (what the CPU presets train with) does, over steps that use its momentum;
+    equal up to bfloat16's rounding of the matmuls, done in another order."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(shape))
+    muon = torch.optim.Muon([weight], lr=0.02, weight_decay=0.0)
+    momentum = torch.zeros(shape)
+    for _ in range(3):
+        before, weight.grad = weight.detach().clone(), torch.randn(shape)
+        written_out = speedups.muon_direction(momentum, weight.grad).float()
+        muon.step()
+        taken = (before - weight.detach()) / 0.02
+        assert F.cosine_similarity(taken.flatten(), written_out.flatten(), dim=0) > 0.998
+        assert (taken - written_out).abs().max() < 0.1 * taken.abs().max()
+    singular_values = torch.linalg.svdvals(speedups.nearly_orthogonal(torch.randn(64, 16)).float())
+    assert 0.6 < singular_values.min() and singular_values.max() < 1.25  # nearly orthogonal
 
 
 @needs_muon
@@ -173,6 +195,7 @@ def test_a_decode_step_that_fails_to_compile_falls_back_to_eager(monkeypatch, ca
 FAULTS_OF_BIG_TENSORS = """
 import resource, sys
 import torch
+import torch.nn.functional as F
 import speedups
 if sys.argv[1] == "keep" and not speedups.keep_freed_memory():
     print("unsupported")
