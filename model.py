@@ -256,7 +256,9 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
     # The random draw: token i wins with probability probs[i] if each token gets a random time
-    # E_i ~ Exponential(1) and the smallest E_i / probs[i] wins (a race of exponential clocks).
+    # E_i ~ Exponential(1) and the smallest E_i / probs[i] wins (a race of exponential clocks:
+    # E_i / probs[i] rings at rate probs[i], and the first of such clocks to ring is clock i
+    # with probability probs[i] / sum(probs)).
     # torch.multinomial(probs, 1) does just this, with the same random numbers, but first checks
     # the probabilities on the host: on a GPU every token would wait for that check.
     race_times = torch.empty_like(probs).exponential_(generator=generator)
