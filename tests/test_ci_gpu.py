@@ -17,15 +17,15 @@ error: the loss became NaN or infinite
 """
 
 
-def ci_gpu_table(tmp_path, train_output, *stage):
+def ci_gpu_table(tmp_path, train_output, *stage, **settings):
     """$OUT/table.md after `.ci/gpu STAGE`, each train.py run printing train_output."""
-    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin").mkdir(parents=True)
     (tmp_path / "train_output.txt").write_text(train_output)
     python = tmp_path / "bin" / "python"
     python.write_text(f"#!/bin/sh\ncat '{tmp_path / 'train_output.txt'}'\n")
     python.chmod(0o755)
     env = {**os.environ, "PATH": f"{python.parent}{os.pathsep}{os.environ['PATH']}",
-           "OUT": str(tmp_path / "out"), "DEVICE": "cpu"}
+           "OUT": str(tmp_path / "out"), "DEVICE": "cpu", **settings}
     subprocess.run(["bash", os.path.join(ROOT, ".ci", "gpu"), *stage], env=env, check=True,
                    capture_output=True, timeout=60, cwd=tmp_path)
     return (tmp_path / "out" / "table.md").read_text()
@@ -73,3 +73,17 @@ def test_a_recipe_file_that_is_not_there_is_one_line_and_exit_2(tmp_path):
 def test_a_time_limit_the_user_sets_holds_for_the_default_run_too(tmp_path, monkeypatch):
     monkeypatch.setenv("LIMIT", "7")  # e.g. DEVICE=cpu LIMIT=5: trying the script, not training
     assert "limit 7 s a run" in ci_gpu_table(tmp_path, DIVERGED, "sweep", "default")
+
+
+def recipe_rows(table):
+    return [line for line in table.splitlines() if line.startswith("| `")]
+
+
+def test_all_runs_every_stage_and_skips_what_its_budget_leaves_no_time_for(tmp_path):
+    table = ci_gpu_table(tmp_path / "ample", DIVERGED, "all")
+    assert "Recipes: fast" in table and "Recipes: default" in table
+    assert len(recipe_rows(table)) >= 6 and "skipped" not in table
+    assert {"generate.log", "cuda-tests.log"} <= set(os.listdir(tmp_path / "ample" / "out"))
+    spent = recipe_rows(ci_gpu_table(tmp_path / "spent", DIVERGED, "all", BUDGET="5"))
+    assert len(spent) == len(recipe_rows(table))
+    assert all(row.endswith("| skipped: the 5 s budget is spent | | |") for row in spent)
