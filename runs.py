@@ -204,7 +204,8 @@ class Progress(tqdm):
 
     def __init__(self, config, run, model, start_step):
         self.config, self.run, self.model = config, run, model
-        self.record = metrics_recorder(config) if run.is_master else None
+        resumed = (resume_path(config), start_step) if config.resume else None
+        self.record = metrics_recorder(config, resumed) if run.is_master else None
         run.log(f"\nStarting training for {config.max_iters} iterations...")
         super().__init__(total=config.max_iters, initial=start_step, unit="step",
                          dynamic_ncols=True, file=sys.stdout, disable=not run.is_master)

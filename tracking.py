@@ -2,13 +2,16 @@
 and Weights & Biases on request (--wandb). matplotlib and wandb are optional extras, imported
 only when used."""
 
+import contextlib
 import importlib.util
 import json
+import math
 import os
 from dataclasses import asdict
 
 from tqdm import tqdm
 
+from checkpoint import atomic_write
 from utils import UsageError
 
 
@@ -18,7 +21,7 @@ def log_paths(checkpoint):
     return f"{checkpoint}.metrics.jsonl", f"{checkpoint}.loss.png"
 
 
-def metrics_recorder(config):
+def metrics_recorder(config, resumed=None):
     """Return record(dict): appends to <checkpoint>.metrics.jsonl and logs to W&B with --wandb;
     record(dict, draw_curve=True) also draws <checkpoint>.loss.png (with matplotlib), once, after
     the last evaluation: at every evaluation it would slow short runs measurably.
@@ -26,11 +29,15 @@ def metrics_recorder(config):
     A fresh run with the same --checkpoint as an earlier run overwrites that run's checkpoint at
     its first save, and only then its log: until record(dict, saved=True) the new rows wait in
     memory, so a run stopped early (a mistyped flag, Ctrl-C) leaves the earlier log intact.
+    A resumed run (resumed: the checkpoint's path and step) does the same, its log starting
+    with the resumed run's rows up to that step: not those of steps a killed run logged after
+    its last save, which this run trains again, nor another run's log of the same name.
     These files and W&B are a convenience: if one fails (a full disk, a read-only folder, no
     network), a note says so once and training goes on without it."""
     jsonl_path, png_path = log_paths(config.checkpoint)
     # Rows held back while an earlier run's log is still the one that goes with the checkpoint.
-    held_back = [] if not config.resume and os.path.exists(jsonl_path) else None
+    held_back = logged_rows(log_paths(resumed[0])[0], resumed[1]) if resumed else \
+        [] if os.path.exists(jsonl_path) else None
     can_draw = matplotlib_or_note("loss-curve PNG")
     wandb_run = start_wandb(config) if config.wandb else None
     failed = set()  # "log", "png", "W&B": what failed once and is not tried again
@@ -50,9 +57,9 @@ def metrics_recorder(config):
         if held_back is not None and not saved:  # the earlier run's log is still the one
             held_back.append(metrics)
         else:
-            rows, mode = ([metrics], "a") if held_back is None else ([*held_back, metrics], "w")
             attempt("log", f"writing the metrics log {jsonl_path}", OSError,
-                    lambda: write_rows(jsonl_path, rows, mode))
+                    lambda: write_rows(jsonl_path, [metrics]) if held_back is None else
+                    atomic_write(jsonl_path, lambda tmp: write_rows(tmp, [*held_back, metrics])))
             held_back = None
         if wandb_run is not None:
             attempt("W&B", "logging to W&B", Exception,  # W&B's own: network, quota, ...
@@ -64,9 +71,21 @@ def metrics_recorder(config):
     return record
 
 
-def write_rows(path, rows, mode):
-    with open(path, mode) as f:
+def write_rows(path, rows):
+    with open(path, "a") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def logged_rows(path, last_step):
+    """The rows of the log at path up to last_step; none if it cannot be read. A line that a
+    killed run cut in half is left out."""
+    rows = []
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        with open(path) as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    rows.append(json.loads(line))
+    return [row for row in rows if isinstance(row, dict) and row.get("step", 0) <= last_step]
 
 
 def log_to_wandb(wandb_run, metrics):
@@ -110,8 +129,7 @@ def pyplot():
 
 def plot_losses(jsonl_path, png_path):
     plt = pyplot()
-    with open(jsonl_path) as f:
-        rows = [json.loads(line) for line in f]
+    rows = logged_rows(jsonl_path, math.inf)
     figure, axes = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in rows if "loss" in r]
     axes.plot(steps, [r["loss"] for r in rows if "loss" in r], alpha=0.3, label="batch loss")

@@ -478,3 +478,24 @@ def test_resuming_a_muon_run_with_reference_says_to_drop_reference(tmp_path, tin
     assert train_run(tiny_data, tmp_path / "run.pt", "--optimizer", "muon")[0] == 0
     one_error_line(train_run(tiny_data, tmp_path / "run.pt", "--resume", "--reference",
                              "--max_iters", "4"), "drop --reference")
+
+
+def test_a_resumed_run_logs_each_step_once_and_starts_from_the_run_it_resumes(tmp_path,
+                                                                             tiny_data):
+    checkpoint, log = tmp_path / "run.pt", tmp_path / "run.pt.metrics.jsonl"
+    assert train_run(tiny_data, checkpoint)[0] == 0
+    # A run killed after its last save (a second Ctrl-C, a kill -9) had logged steps past it,
+    # and a line cut in half.
+    with open(log, "a") as f:
+        f.write(json.dumps(dict(step=3, train_loss=1.0, val_loss=1.0)) + '\n{"step": 4, "lo')
+    assert train_run(tiny_data, checkpoint, "--max_iters", "4", "--resume")[0] == 0
+    assert val_steps(log) == [0, 1, 2, 3, 4]
+    assert [json.loads(line)["val_loss"] for line in log.read_text().splitlines()
+            if "val_loss" in line][3] != 1.0  # step 3 as this run evaluated it
+    # Resumed into another checkpoint: its log is the resumed run's up to there, then its own,
+    # never appended to an unrelated log of that name.
+    assert train_run(tiny_data, tmp_path / "other.pt", "--max_iters", "3")[0] == 0
+    assert train_run(tiny_data, tmp_path / "other.pt", "--resume", str(checkpoint),
+                     "--max_iters", "6")[0] == 0
+    assert val_steps(tmp_path / "other.pt.metrics.jsonl") == [0, 1, 2, 3, 4, 5, 6]
+    assert val_steps(log) == [0, 1, 2, 3, 4]
