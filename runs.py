@@ -496,7 +496,8 @@ def resume(training):
 
 def check_same_tokens(ckpt, corpus, config, path):
     """Refuse other tokens than the checkpoint learned: another --tokenizer or --vocab_size, or
-    another text (its sha256: the same characters in another text give the same vocabulary)."""
+    another text (its sha256: the same characters in another text give the same vocabulary), or
+    another --bpe_sample_chars that learned other merges from it."""
     kind = ckpt["tokenizer"].get("kind")
     if kind != config.tokenizer:
         raise UsageError(f"cannot resume {path}: it was trained with --tokenizer {kind}; pass "
@@ -506,8 +507,13 @@ def check_same_tokens(ckpt, corpus, config, path):
     if config.tokenizer == "bpe" and saved_vocab not in (None, config.vocab_size):
         raise UsageError(f"cannot resume {path}: it was trained with --vocab_size "
                          f"{saved_vocab}; pass --vocab_size {saved_vocab}")
-    if ckpt.get("text_sha256", corpus.sha256) != corpus.sha256 or \
-            ckpt["tokenizer"] != corpus.tokenizer.to_dict():
+    same_text = ckpt.get("text_sha256", corpus.sha256) == corpus.sha256
+    saved_sample = saved_config.get("bpe_sample_chars") if saved_vocab else None
+    if same_text and ckpt["tokenizer"] != corpus.tokenizer.to_dict() and \
+            saved_sample not in (None, config.bpe_sample_chars):  # the same text, other merges
+        raise UsageError(f"cannot resume {path}: it was trained with --bpe_sample_chars "
+                         f"{saved_sample}; pass --bpe_sample_chars {saved_sample}")
+    if not same_text or ckpt["tokenizer"] != corpus.tokenizer.to_dict():
         raise UsageError(f"cannot resume {path}: it was trained on another text than --data "
                          f"{config.data}; pass the --data it was trained on, or start a fresh run")
 

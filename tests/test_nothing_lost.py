@@ -341,6 +341,10 @@ def test_resume_with_another_tokenizer_or_vocabulary_names_it(tmp_path, tiny_dat
     one_error_line(train_run(tiny_data, tmp_path / "bpe.pt", "--max_iters", "4", "--resume",
                              "--tokenizer", "bpe", "--vocab_size", "280"),
                    "--vocab_size 300; pass --vocab_size 300")
+    # Another BPE sample learns other merges from the same text: the flag is named, not the text.
+    one_error_line(train_run(tiny_data, tmp_path / "bpe.pt", "--max_iters", "4", "--resume",
+                             *bpe, "--bpe_sample_chars", "100"),
+                   "--bpe_sample_chars 10000000; pass --bpe_sample_chars 10000000")
 
 
 def test_a_folder_where_the_token_file_goes_is_named_as_such(tmp_path, tiny_data):
