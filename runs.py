@@ -508,12 +508,12 @@ def check_same_tokens(ckpt, corpus, config, path):
         raise UsageError(f"cannot resume {path}: it was trained with --vocab_size "
                          f"{saved_vocab}; pass --vocab_size {saved_vocab}")
     same_text = ckpt.get("text_sha256", corpus.sha256) == corpus.sha256
+    same_tokens = ckpt["tokenizer"] == corpus.tokenizer.to_dict()
     saved_sample = saved_config.get("bpe_sample_chars") if saved_vocab else None
-    if same_text and ckpt["tokenizer"] != corpus.tokenizer.to_dict() and \
-            saved_sample not in (None, config.bpe_sample_chars):  # the same text, other merges
-        raise UsageError(f"cannot resume {path}: it was trained with --bpe_sample_chars "
+    if same_text and not same_tokens and saved_sample not in (None, config.bpe_sample_chars):
+        raise UsageError(f"cannot resume {path}: it was trained with --bpe_sample_chars "  # merges
                          f"{saved_sample}; pass --bpe_sample_chars {saved_sample}")
-    if not same_text or ckpt["tokenizer"] != corpus.tokenizer.to_dict():
+    if not (same_text and same_tokens):
         raise UsageError(f"cannot resume {path}: it was trained on another text than --data "
                          f"{config.data}; pass the --data it was trained on, or start a fresh run")
 

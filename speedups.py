@@ -5,9 +5,9 @@ on a first read, but for its Muon section: the CPU presets train with Muon.
 
 In order: keep_freed_memory and FastCPUDropout (CPU training), Muon (its step written out, then
 MuonAdamW: fewer steps to the same loss), quantize_int8 (CPU sampling), compile_decode (GPU
-sampling). Each says why it pays;
-docs/results.md (CPU) and docs/gpu.md (GPU) have what it gained and the command that measures
-it. Mixed precision, SDPA attention and compiling training are PyTorch switches (train.py).
+sampling). Each says why it pays; docs/results.md (CPU) and docs/gpu.md (GPU) have what it
+gained and the command that measures it. Mixed precision, SDPA attention and compiling
+training are PyTorch switches (train.py).
 """
 
 import ctypes
@@ -106,10 +106,10 @@ def nearly_orthogonal(M, steps=5):
     most 1, then each pass maps every singular value s to a s + b s^3 + c s^5, which pushes
     them towards 1: after 5 passes all but the tiniest lie between about 0.7 and 1.2, close
     enough for a step direction."""
-    a, b, c = 3.4445, -4.7750, 2.0315  # chosen to lift small singular values fast
-    X = M.bfloat16()  # matmuls only, so bfloat16 suffices
     if M.size(0) > M.size(1):  # work on the wide shape: X X^T is the smaller matrix
         return nearly_orthogonal(M.T, steps).T
+    a, b, c = 3.4445, -4.7750, 2.0315  # chosen to lift small singular values fast
+    X = M.bfloat16()  # matmuls only, so bfloat16 suffices
     X = X / X.norm().clamp(min=1e-7)  # the Frobenius norm bounds the largest singular value
     for _ in range(steps):
         gram = X @ X.T  # (rows, rows); (X X^T)^k X has X's singular vectors, values s^(2k+1)

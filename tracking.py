@@ -36,8 +36,11 @@ def metrics_recorder(config, resumed=None):
     network), a note says so once and training goes on without it."""
     jsonl_path, png_path = log_paths(config.checkpoint)
     # Rows held back while an earlier run's log is still the one that goes with the checkpoint.
-    held_back = logged_rows(log_paths(resumed[0])[0], resumed[1]) if resumed else \
-        [] if os.path.exists(jsonl_path) else None
+    held_back = None  # None: append each row as it comes
+    if resumed:  # the resumed run's rows up to its step
+        held_back = logged_rows(log_paths(resumed[0])[0], resumed[1])
+    elif os.path.exists(jsonl_path):
+        held_back = []
     can_draw = matplotlib_or_note("loss-curve PNG")
     wandb_run = start_wandb(config) if config.wandb else None
     failed = set()  # "log", "png", "W&B": what failed once and is not tried again
