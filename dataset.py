@@ -8,8 +8,7 @@ train.py, for corpora far larger than Tiny Shakespeare, in bounded memory (docs/
 --data is a UTF-8 text file or a folder of .txt files, joined in sorted order; the first 90% of
 its characters is the train split. The first run streams it in chunks into <data>.char.tokens
 (or .bpeN.tokens: every token id) and .tokens.json (what it takes to trust that file later);
-later runs check those and map the file at once. BPE learns its merges from a bounded sample of
-the train split, then encodes in pieces on every core (fast_bpe.py).
+later runs check those and map the file at once.
 """
 
 import codecs
@@ -30,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 import fast_bpe
-from checkpoint import atomic_write, remove_leftover_tmp, tmp_path_for, tokenizer_problem
+from checkpoint import atomic_write, remove_leftover_tmp, tokenizer_problem
 from tokenizer import CharTokenizer, tokenizer_from_dict
 from utils import UsageError, check_regular_file, regular_file_problem, release_lock, take_lock
 
@@ -78,10 +77,9 @@ def split_tokens(corpus, split):
 
 
 def get_batch(corpus, batch_size, block_size, device, split="train"):
-    """Random (x, y) blocks of the split: (B, T) each, y is x shifted left by one token. Only
-    these B * (T + 1) tokens are read. The map is made afresh each time (in microseconds): the
-    pages a map has read count as this process's memory until it is closed, so one map for a
-    whole run would look like holding the whole file (nanoGPT does the same)."""
+    """Random (x, y) blocks of the split: (B, T) each, y is x shifted left by one token. A fresh
+    map each time (microseconds), as in nanoGPT: the pages a map has read count as this process's
+    memory until it is closed, so one map kept for a whole run would look like the whole file."""
     tokens = split_tokens(corpus, split)
     starts = torch.randint(len(tokens) - block_size, (batch_size,))
     # (B, T + 1) indices: row b is starts[b], starts[b] + 1, ..., starts[b] + T.
@@ -106,27 +104,23 @@ def val_set(corpus, eval_tokens, block_size, device):
     """The whole val split if it has at most eval_tokens tokens (its loss is then exact), else
     eval_tokens // (T + 1) windows of T + 1 tokens spread evenly over it: the same subset at
     every evaluation, so the curve stays comparable, and a cost that does not grow with it.
-    eval_tokens 0: the tokens that EVAL_CHARS characters of the val text make."""
+    eval_tokens 0: the val tokens of EVAL_CHARS characters at the split's own characters per
+    token: an evaluation scores as much text as on Tiny Shakespeare, with either tokenizer."""
     tokens, decode = split_tokens(corpus, "val"), corpus.tokenizer.decode
+    val_chars = corpus.n_chars - int(corpus.n_chars * (1 - VAL_FRACTION))
+    auto_eval_tokens = math.ceil(EVAL_CHARS * corpus.n_val / max(1, val_chars))
     # (At least one window: a huge block_size could outgrow the automatic bound.)
-    eval_tokens = max(eval_tokens or auto_eval_tokens(corpus), block_size + 1)
+    eval_tokens = max(eval_tokens or auto_eval_tokens, block_size + 1)
     if len(tokens) <= eval_tokens:
         exact = checked_ids(tokens, corpus)
         n_chars = len(decode(exact[1:].tolist()))  # what the predictions cover
         return ValSet(exact.to(device), True, len(exact) - 1, n_chars, "exact")
-    n_windows = max(1, eval_tokens // (block_size + 1))
+    n_windows = eval_tokens // (block_size + 1)
     starts = np.linspace(0, len(tokens) - block_size - 1, n_windows).astype(np.int64)
     windows = checked_ids(tokens[starts[:, None] + np.arange(block_size + 1)], corpus)  # (n, T+1)
     n_chars = sum(len(decode(window[1:].tolist())) for window in windows)
     return ValSet(windows.to(device), False, n_windows * block_size, n_chars,
                   f"on {n_windows * block_size:,} of {len(tokens):,} tokens")
-
-
-def auto_eval_tokens(corpus):
-    """The val tokens of EVAL_CHARS characters, at the val split's own characters per token:
-    evaluating so much text costs what Tiny Shakespeare's does, with either tokenizer."""
-    val_chars = corpus.n_chars - int(corpus.n_chars * (1 - VAL_FRACTION))
-    return math.ceil(EVAL_CHARS * corpus.n_val / max(1, val_chars))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +224,7 @@ def prepare_if_needed(sources, settings, stem):
                 return meta
             # Touched or copied but maybe not changed (git checkout, cp): compare the bytes.
             if [s[:2] for s in meta["sources"]] == [s[:2] for s in stats] and \
-                    text_sha256(sources) == meta["sha256"]:
+                    scan(sources, CHUNK_BYTES, "Checking")[2] == meta["sha256"]:
                 meta["sources"] = stats
                 write_meta(stem, meta)
                 return meta
@@ -285,22 +279,22 @@ def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=fast_b
             workers=None):
     """Tokenize the sources into <stem>.tokens, then write <stem>.tokens.json; returns the
     metadata. chunk_bytes, piece_chars and workers are small in tests, to cut text anywhere."""
-    started, stats, sha256 = time.time(), source_stats(sources), hashlib.sha256()
-    n_chars, code_points = scan(read_text_chunks(sources, chunk_bytes, "Reading", sha256),
-                                want_vocab=settings["tokenizer"] == "char")
+    started, stats = time.time(), source_stats(sources)
+    char_level = settings["tokenizer"] == "char"
+    n_chars, code_points, sha256 = scan(sources, chunk_bytes, "Reading", want_vocab=char_level)
     n_train_chars = int(n_chars * (1 - VAL_FRACTION))
-    tmp_path, n_tokens = tmp_path_for(f"{stem}.tokens"), {"train": 0, "val": 0}
-    try:
+    if char_level:
+        tokenizer = CharTokenizer("".join(map(chr, code_points)))
+        encoded = char_ids(sources, code_points, n_train_chars, chunk_bytes)
+    else:
+        sample = bpe_sample(sources, n_train_chars, settings["bpe_sample_chars"], chunk_bytes)
+        tokenizer = fast_bpe.train(sample, settings["vocab_size"])
+        encoded = bpe_ids(sources, n_train_chars, tokenizer, chunk_bytes, piece_chars,
+                          workers or fast_bpe.cpu_count())
+    n_tokens = {"train": 0, "val": 0}
+
+    def write_tokens(tmp_path):
         with open(tmp_path, "wb") as out:
-            if settings["tokenizer"] == "char":
-                tokenizer = CharTokenizer("".join(map(chr, code_points)))
-                encoded = char_ids(sources, code_points, n_train_chars, chunk_bytes)
-            else:
-                sample = bpe_sample(sources, n_train_chars, settings["bpe_sample_chars"],
-                                    chunk_bytes)
-                tokenizer = fast_bpe.train(sample, settings["vocab_size"])
-                encoded = bpe_ids(sources, n_train_chars, tokenizer, chunk_bytes, piece_chars,
-                                  workers or fast_bpe.cpu_count())
             for split, ids in encoded:
                 ids.tofile(out)
                 n_tokens[split] += len(ids)
@@ -312,17 +306,16 @@ def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=fast_b
                                  f"prepared; run again once nothing is writing to it")
         if os.path.lexists(f"{stem}.tokens.json"):
             os.remove(f"{stem}.tokens.json")  # the old metadata must never describe new tokens
-        os.replace(tmp_path, f"{stem}.tokens")
-        meta = dict(format=FORMAT, settings=settings, sources=stats, sha256=sha256.hexdigest(),
+
+    try:
+        atomic_write(f"{stem}.tokens", write_tokens)
+        meta = dict(format=FORMAT, settings=settings, sources=stats, sha256=sha256,
                     n_chars=n_chars, n_train_chars=n_train_chars, tokenizer=tokenizer.to_dict(),
                     dtype=token_dtype(tokenizer.vocab_size), n_train=n_tokens["train"],
                     n_val=n_tokens["val"], seconds=round(time.time() - started, 1))
         write_meta(stem, meta)
     except OSError as err:
         raise UsageError(cannot_write_tokens(stem, err)) from None
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
     return meta
 
 
@@ -340,9 +333,8 @@ def cannot_write_tokens(stem, err):
 
 def read_text_chunks(sources, chunk_bytes, what, sha256=None):
     """The joined text of the sources, as str chunks of about chunk_bytes bytes each, under a
-    progress bar named what (bytes, MB/s, time left; shown if the pass takes over a second).
-    Each file gets its own UTF-8 decoder, which holds back a character cut by a chunk edge
-    until the next chunk completes it."""
+    progress bar named what. Each file gets its own UTF-8 decoder, which holds back a character
+    cut by a chunk edge until the next chunk completes it."""
     with tqdm(total=sum(os.path.getsize(p) for p in sources), desc=what, unit="B",
               unit_scale=True, delay=1, dynamic_ncols=True, file=sys.stderr) as bar:
         for i, path in enumerate(sources):
@@ -379,14 +371,6 @@ def read_blocks(path, chunk_bytes, newline):
     yield offset, b""
 
 
-def text_sha256(sources):
-    """sha256 of the joined text, to tell a touched file from a changed one."""
-    sha256 = hashlib.sha256()
-    for _ in read_text_chunks(sources, CHUNK_BYTES, "Checking", sha256):
-        pass
-    return sha256.hexdigest()
-
-
 def code_points_of(text):
     """The text's characters as Unicode code points (N,), vectorised: no Python loop."""
     if text.isascii():  # the common case, 4x less memory: one byte per character
@@ -394,14 +378,16 @@ def code_points_of(text):
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 
-def scan(chunks, want_vocab):
-    """(number of characters, sorted distinct code points or None) of the text in chunks."""
-    n_chars, seen = 0, np.zeros(sys.maxunicode + 1, dtype=bool) if want_vocab else None
-    for text in chunks:
+def scan(sources, chunk_bytes, what, want_vocab=False):
+    """(number of characters, sorted distinct code points or None, sha256) of the joined text,
+    in one pass; the sha256 tells a touched file from a changed one."""
+    n_chars, sha256 = 0, hashlib.sha256()
+    seen = np.zeros(sys.maxunicode + 1, dtype=bool) if want_vocab else None
+    for text in read_text_chunks(sources, chunk_bytes, what, sha256):
         n_chars += len(text)
         if want_vocab:
             seen[code_points_of(text)] = True
-    return n_chars, (np.flatnonzero(seen) if want_vocab else None)
+    return n_chars, (np.flatnonzero(seen) if want_vocab else None), sha256.hexdigest()
 
 
 def split_at(chunks, n_train_chars):
@@ -417,8 +403,7 @@ def split_at(chunks, n_train_chars):
 
 
 def char_ids(sources, code_points, n_train_chars, chunk_bytes):
-    """(split, ids) of the text, chunk by chunk: each character's id is its rank among the code
-    points, looked up in a table."""
+    """(split, ids) of the text, chunk by chunk: a character's id is its code point's rank."""
     table = np.zeros(sys.maxunicode + 1, dtype=token_dtype(len(code_points)))  # code point -> id
     table[code_points] = np.arange(len(code_points))
     chunks = read_text_chunks(sources, chunk_bytes, "Encoding")
@@ -450,8 +435,7 @@ def bpe_sample(sources, n_train_chars, sample_chars, chunk_bytes):
 
 
 def bpe_ids(sources, n_train_chars, tokenizer, chunk_bytes, piece_chars, workers):
-    """(split, ids) of the train split, then the val split, encoded in pieces on `workers`
-    processes."""
+    """(split, ids) of the train split, then the val split, encoded in pieces in parallel."""
     byte_lengths = np.array([len(b) for b in tokenizer.token_bytes])
     chunks = split_at(read_text_chunks(sources, chunk_bytes, "Encoding (BPE)"), n_train_chars)
     pieces = fast_bpe.word_end_pieces(chunks, piece_chars)

@@ -127,7 +127,7 @@ def test_a_changed_text_is_prepared_again_a_touched_one_is_not(tmp_path, monkeyp
     with monkeypatch.context() as patch:
         patch.setattr(dataset, "prepare", lambda *args, **kwargs: pytest.fail("prepared again"))
         assert dataset.load_corpus(config).n_chars == 39 * 20  # hashed: the same bytes
-        patch.setattr(dataset, "text_sha256", lambda *args: pytest.fail("hashed again"))
+        patch.setattr(dataset, "scan", lambda *args: pytest.fail("hashed again"))
         assert dataset.load_corpus(config).n_chars == 39 * 20  # the new time was saved
     settings = dataset.corpus_settings(config)
     meta = dataset.read_meta(dataset.prepared_stem(str(path), settings))
