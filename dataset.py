@@ -84,10 +84,8 @@ def get_batch(corpus, batch_size, block_size, device, split="train"):
     starts = torch.randint(len(tokens) - block_size, (batch_size,))
     # (B, T + 1) indices: row b is starts[b], starts[b] + 1, ..., starts[b] + T.
     windows = checked_ids(tokens[starts.numpy()[:, None] + np.arange(block_size + 1)], corpus)
-    if device.startswith("cuda"):  # from pinned memory the copy can overlap the GPU's work
-        windows = windows.pin_memory().to(device, non_blocking=True)
-    else:
-        windows = windows.to(device)
+    cuda = device.startswith("cuda")  # from pinned memory the copy can overlap the GPU's work
+    windows = (windows.pin_memory() if cuda else windows).to(device, non_blocking=cuda)
     return windows[:, :-1], windows[:, 1:]
 
 
