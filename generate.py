@@ -8,10 +8,9 @@
 
 main() reads the flags, loads the checkpoint, and prints the text as it is generated, each new
 token costing one position thanks to model.py's KV cache (--no_cache: re-run the whole context).
-Below it, in the order main() calls them, the steps a learner reads; at the end of the file the
-flags and their checks, which a first read can skip.
-speedups.py adds two flags: int8 weights on CPUs (--dtype int8) and, on CUDA, a compiled
-one-token step replayed as a CUDA graph (--compile, on by default there).
+Below it, the steps in the order main() calls them; last, the flags and their checks, which a
+first read can skip. speedups.py adds two flags: int8 weights on CPUs (--dtype int8) and, on
+CUDA, a compiled one-token step replayed as a CUDA graph (--compile, on by default there).
 """
 
 import startup

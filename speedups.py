@@ -69,11 +69,10 @@ def use_fast_cpu_dropout(model):
 # Muon: an optimizer that learns more per step (the CPU presets train with it; read this part)
 #
 # What it does. For each weight matrix W (C_out, C_in) of the blocks, Muon keeps a momentum M
-# of the gradient, as SGD with momentum does. But it does not step along M itself: it steps
-# along the orthogonal matrix closest to M. Write M = U S V^T (its singular value
-# decomposition: U and V rotations, S the strengths of its directions); Muon's update is U V^T,
-# every strength set to 1. A few Newton-Schulz iterations (a handful of matmuls) get close
-# enough to U V^T without computing an SVD.
+# of the gradient, as SGD with momentum does, but steps along the orthogonal matrix closest to
+# M: for M = U S V^T (its singular value decomposition: U and V rotations, S the strengths of
+# its directions), the update is U V^T, every strength set to 1. A few Newton-Schulz
+# iterations (a handful of matmuls) get close enough to U V^T without computing an SVD.
 #
 # Why it learns more per step. A weight matrix's gradient is dominated by a few directions:
 # its largest singular values are far above the rest. AdamW's update, element by element, keeps
