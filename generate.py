@@ -8,10 +8,9 @@
 
 main() reads the flags, loads the checkpoint, and prints the text as it is generated, each new
 token costing one position thanks to model.py's KV cache (--no_cache: re-run the whole context).
-Below it, in the order main() calls them, the steps a learner reads; at the end of the file the
-flags and their checks, which a first read can skip.
-speedups.py adds two flags: int8 weights on CPUs (--dtype int8) and, on CUDA, a compiled
-one-token step replayed as a CUDA graph (--compile, on by default there).
+Below it, the steps in the order main() calls them; last, the flags and their checks, which a
+first read can skip. speedups.py adds two flags: int8 weights on CPUs (--dtype int8) and, on
+CUDA, a compiled one-token step replayed as a CUDA graph (--compile, on by default there).
 """
 
 import startup
@@ -23,7 +22,7 @@ import math
 import torch
 
 from checkpoint import chosen_weights, load_checkpoint
-from config import ArgumentParser
+from config import ArgumentParser, check_each
 from model import GPTConfig, GPTModel
 from speedups import compile_decode, quantize_int8
 from tokenizer import start_tokens, tokenizer_from_dict
@@ -202,19 +201,13 @@ def check_args(args):
     """Each flag's range, before anything is loaded: the first problem, as one line naming the
     flag and the value. Below 1e-6, temperature and top-p are greedy in all but name; then
     logits / temperature can overflow, and top-p rounds to 0 in float32, which drops all."""
-    if not (args.temperature == 0 or 1e-6 <= args.temperature < math.inf):
-        raise UsageError(f"--temperature must be 0 (greedy) or a finite number >= 1e-6, "
-                         f"got {args.temperature}")
-    if args.top_k < 1:
-        raise UsageError(f"--top_k must be at least 1, got {args.top_k}")
-    if args.top_p is not None and not 1e-6 <= args.top_p <= 1:  # also refuses NaN
-        raise UsageError(f"--top_p must be from 1e-6 to 1, got {args.top_p}")
-    if args.max_new_tokens < 0:
-        raise UsageError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
-    if args.num_samples < 1:
-        raise UsageError(f"--num_samples must be at least 1, got {args.num_samples}")
-    if not 0 <= args.seed < 2**63:
-        raise UsageError(f"--seed must be from 0 to 2**63 - 1, got {args.seed}")
+    check_each(args, ("temperature",), lambda v: v == 0 or 1e-6 <= v < math.inf,
+               "0 (greedy) or a finite number >= 1e-6")
+    check_each(args, ("top_k",), lambda v: v >= 1, "at least 1")
+    check_each(args, ("top_p",), lambda v: v is None or 1e-6 <= v <= 1, "from 1e-6 to 1")  # NaN fails
+    check_each(args, ("max_new_tokens",), lambda v: v >= 0, ">= 0")
+    check_each(args, ("num_samples",), lambda v: v >= 1, "at least 1")
+    check_each(args, ("seed",), lambda v: 0 <= v < 2**63, "from 0 to 2**63 - 1")
     if not args.checkpoint.strip():
         raise UsageError("--checkpoint must not be empty; pass the file train.py saved")
 

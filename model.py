@@ -79,7 +79,9 @@ class CausalSelfAttention(nn.Module):
         if layer_cache is not None:
             # Generating: store k, v in the KVCache at their positions, then attend over all its
             # slots, the earlier tokens' keys and values too: k, v grow from T to block_size.
-            k, v = store_in_cache(layer_cache, positions, k, v)  # (B, nh, block_size, hs)
+            cached_keys, cached_values = layer_cache  # (B, nh, block_size, hs) each
+            k = cached_keys.index_copy_(2, positions, k)  # in place; returns the whole cache
+            v = cached_values.index_copy_(2, positions, v)
         if not self.flash:
             # Scale by 1/sqrt(head_size) so the dot products keep unit variance and the
             # softmax does not saturate into a one-hot as head_size grows. (Scaling q (T, hs)
@@ -255,12 +257,11 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
-    # The random draw: token i wins with probability probs[i] if each token gets a random time
-    # E_i ~ Exponential(1) and the smallest E_i / probs[i] wins (a race of exponential clocks:
-    # E_i / probs[i] rings at rate probs[i], and the first of such clocks to ring is clock i
-    # with probability probs[i] / sum(probs)).
-    # torch.multinomial(probs, 1) does just this, with the same random numbers, but first checks
-    # the probabilities on the host: on a GPU every token would wait for that check.
+    # The random draw: each token gets a random time E_i ~ Exponential(1), and the smallest
+    # E_i / probs[i] wins: a race of exponential clocks ringing at rates probs[i], which clock i
+    # wins with probability probs[i] / sum(probs). torch.multinomial(probs, 1) does just this,
+    # from the same random numbers, but first checks the probabilities on the host: on a GPU
+    # every token would wait for that check.
     race_times = torch.empty_like(probs).exponential_(generator=generator)
     return (probs / race_times).argmax(dim=-1)
 
@@ -288,15 +289,6 @@ class KVCache:
         return self.keys[index], self.values[index]
 
 
-def store_in_cache(layer_cache, positions, k, v):
-    """Store k, v (B, n_head, T, head_size) at their positions (T,) in one layer's cache;
-    return all its keys and values, (B, n_head, block_size, head_size) each: every slot."""
-    keys, values = layer_cache
-    keys.index_copy_(2, positions, k)
-    values.index_copy_(2, positions, v)
-    return keys, values
-
-
 # ---------------------------------------------------------------------------------------------
 # python model.py: the architecture tree with parameter counts and output shapes
 
@@ -304,15 +296,13 @@ def describe(model, batch_size=64):
     """Lines of the architecture tree for a (batch_size, block_size) batch of token ids: each
     box with its parameter count and the shape of what it outputs, from a real forward pass."""
     modules = dict(model.named_modules())
+    names = {module: name for name, module in modules.items() if name}  # all but the model
     shapes = {}  # module name -> shape of its output at its first call
 
-    def remember_shape(name):  # a hook for the module called name
-        def hook(module, inputs, output):  # PyTorch calls it after the module's forward
-            shapes.setdefault(name, tuple(output.shape))  # (returning None keeps the output)
-        return hook
+    def remember_shape(module, inputs, output):  # PyTorch calls it after the module's forward
+        shapes.setdefault(names[module], tuple(output.shape))  # (returning None keeps the output)
 
-    hooks = [module.register_forward_hook(remember_shape(name))
-             for name, module in modules.items() if name]
+    hooks = [module.register_forward_hook(remember_shape) for module in names]
     with torch.no_grad():
         logits, _ = model(torch.zeros((batch_size, model.block_size), dtype=torch.long))
     for hook in hooks:
@@ -363,17 +353,15 @@ if __name__ == "__main__":
         for name in ("vocab_size", "n_embd", "n_layer", "n_head", "block_size", "batch_size"):
             parser.add_argument(f"--{name}", type=int, default=getattr(shape, name, 64))  # batch 64
         args = vars(parser.parse_args())
-        batch_size = args.pop("batch_size")
-        V, C, L, T = (args[name] for name in ("vocab_size", "n_embd", "n_layer", "block_size"))
-        # train.py's checks of the shape flags (Config's vocab_size is BPE's: checked here)
-        check_config(Config(n_embd=C, n_layer=L, n_head=args["n_head"], block_size=T,
-                            batch_size=batch_size))
+        V, B = args.pop("vocab_size"), args.pop("batch_size")
+        check_config(Config(**args, batch_size=B))  # train.py's checks (its vocab_size is BPE's)
         if V < 1:
             raise UsageError(f"--vocab_size must be at least 1, got {V}")
+        C, L, T = args["n_embd"], args["n_layer"], args["block_size"]
         # The weights, each block's (T, T) mask, a forward pass's logits and widest activations.
-        n_bytes = 4 * (param_count(V, C, L, T) + L * T * T + batch_size * T * (V + 4 * C))
-        check_fits_in_memory(n_bytes, "cpu", "this model", "lower --n_embd, --n_layer, "
-                             "--block_size, --vocab_size or --batch_size")
-        print("\n".join(describe(GPTModel(replace(shape, **args)).eval(), batch_size)))
+        check_fits_in_memory(4 * (param_count(V, C, L, T) + L * T * T + B * T * (V + 4 * C)), "cpu",
+                             "this model", "lower --n_embd, --n_layer, --block_size, --vocab_size "
+                             "or --batch_size")
+        print("\n".join(describe(GPTModel(replace(shape, vocab_size=V, **args)).eval(), B)))
 
     run_main(main)

@@ -3,11 +3,9 @@ int8 weights and Muon, changing it a little, measurably). model.py, train.py and
 are the whole GPT without them; `--reference` runs them with every speed-up off. Skip this file
 on a first read, but for its Muon section: the CPU presets train with Muon.
 
-In order: keep_freed_memory and FastCPUDropout (CPU training), Muon (its step written out, then
-MuonAdamW: fewer steps to the same loss), quantize_int8 (CPU sampling), compile_decode (GPU
-sampling). Each says why it pays; docs/results.md (CPU) and docs/gpu.md (GPU) have what it
-gained and the command that measures it. Mixed precision, SDPA attention and compiling
-training are PyTorch switches (train.py).
+Each speed-up says why it pays; docs/results.md (CPU) and docs/gpu.md (GPU) have what it gained
+and the command that measures it. Mixed precision, SDPA attention and compiling training are
+PyTorch switches (train.py).
 """
 
 import ctypes
@@ -28,8 +26,7 @@ def keep_freed_memory():
     Why: glibc gives every allocation over 32 MB (most activations of the default model at
     batch 64) fresh pages and unmaps them on free, so every training step the kernel maps and
     zeroes gigabytes again: hundreds of thousands of page faults. The cost: the process keeps
-    its peak memory until it exits (and a little more: freed blocks do not always fit).
-    """
+    its peak memory until it exits (and a little more: freed blocks do not always fit)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt  # glibc's; other C libraries have none
     except (OSError, AttributeError):
@@ -42,13 +39,10 @@ def keep_freed_memory():
 
 class FastCPUDropout(nn.Dropout):
     """nn.Dropout (zero each element with probability p, scale the rest by 1/(1-p)) for CPUs.
-
     Why: on a CPU, torch's dropout draws one random number per element, and with dropout 0.2
     those draws took a large part of a training step of the default model (the attention
     weights alone are (B, n_head, T, T): 25M elements per layer at batch 64). Here one 64-bit
-    random integer is split into four 16-bit ones, and an element is dropped when its 16-bit
-    number falls in the lowest p * 65536 of the 65536 possible values. GPUs keep torch's own.
-    """
+    random number gives four 16-bit ones. GPUs keep torch's own."""
 
     def forward(self, x):
         if x.device.type != "cpu" or not self.training or self.p == 0:
@@ -75,11 +69,10 @@ def use_fast_cpu_dropout(model):
 # Muon: an optimizer that learns more per step (the CPU presets train with it; read this part)
 #
 # What it does. For each weight matrix W (C_out, C_in) of the blocks, Muon keeps a momentum M
-# of the gradient, as SGD with momentum does. But it does not step along M itself: it steps
-# along the orthogonal matrix closest to M. Write M = U S V^T (its singular value
-# decomposition: U and V rotations, S the strengths of its directions); Muon's update is U V^T,
-# every strength set to 1. A few Newton-Schulz iterations (a handful of matmuls) get close
-# enough to U V^T without computing an SVD.
+# of the gradient, as SGD with momentum does, but steps along the orthogonal matrix closest to
+# M: for M = U S V^T (its singular value decomposition: U and V rotations, S the strengths of
+# its directions), the update is U V^T, every strength set to 1. A few Newton-Schulz
+# iterations (a handful of matmuls) get close enough to U V^T without computing an SVD.
 #
 # Why it learns more per step. A weight matrix's gradient is dominated by a few directions:
 # its largest singular values are far above the rest. AdamW's update, element by element, keeps
@@ -120,10 +113,8 @@ def nearly_orthogonal(M, steps=5):
 class MuonAdamW:
     """Muon for the Transformer blocks' weight matrices, AdamW for everything else, used as one
     optimizer: zero_grad, step, state_dict, and param_groups for the learning-rate schedule.
-
     train.set_learning_rate sets AdamW's rate on every group; step() gives Muon's group the same
-    curve scaled to peak at muon_lr (Muon's updates have another size, so another peak rate).
-    """
+    curve scaled to peak at muon_lr (Muon's updates have another size, so another peak rate)."""
 
     def __init__(self, adamw, muon_params, muon_lr, weight_decay):
         self.adamw = adamw  # built with lr = learning_rate, AdamW's peak rate
@@ -157,13 +148,10 @@ class MuonAdamW:
 
 def quantize_int8(model):
     """The model (on the CPU) with every Linear's weight stored as int8 (Int8Linear below); the
-    rest (embeddings, LayerNorms, attention, the KV cache) stays float32.
-
-    Why: sampling one sequence multiplies a single vector by every weight matrix per token, so
-    its time goes into reading the weights from memory: 43 MB a token in float32 for the
-    default model, 11 MB in int8. Weight-only: activations are not quantized; the val loss
-    barely moves.
-    """
+    rest (embeddings, LayerNorms, attention, the KV cache) stays float32. Why: sampling one
+    sequence multiplies a single vector by every weight matrix per token, so its time goes into
+    reading the weights: 43 MB a token in float32 for the default model, 11 MB in int8.
+    Weight-only: activations are not quantized; the val loss barely moves."""
     if not hasattr(torch, "_weight_int8pack_mm"):
         raise UsageError(f"this PyTorch ({torch.__version__}) has no int8 weight-only matmul; "
                          f"use --dtype bfloat16, or PyTorch 2.3 or newer")
@@ -204,22 +192,19 @@ class Int8Linear(nn.Module):
 
 
 def compile_decode(model, device, setting="true"):
-    """Send every one-new-token step of the KV-cached loop, its random draw included, through
-    torch.compile (setting: true, false, or auto = on CUDA only). Returns whether it did; where
-    torch.compile cannot work, it prints why and leaves the model as it was.
-
-    Why: a step of the default model is ~150 small kernels, and sampling (temperature, top-k,
-    top-p, the draw) a dozen more; on a GPU, launching them one by one from Python costs far
-    more than running them. A one-token step always has the same shapes (model.KVCache), so
-    one compiled graph serves every step, and on CUDA "reduce-overhead" records it as a CUDA
-    graph replayed with one launch: the host never waits for the GPU, and the tokens stay there
-    until generate.py copies a few at a time. Prompts (a new length each time) and draws from a
-    generator of their own stay eager; so does the random stream: the same --seed gives other
-    text compiled than eager (greedy, --temperature 0, gives the same). Compiling takes tens of
-    seconds: on a CPU, where the step is not launch-bound, it is off by default. It replaces
-    model.next_token and model.new_cache (which stream calls) on this one model object; the
-    class and every other model are untouched.
-    """
+    """Send every one-new-token step of model.stream, its random draw included, through
+    torch.compile (setting: true, false, or auto = on CUDA only); True if it did. Where
+    torch.compile cannot work it says why and changes nothing; else it changes this one model
+    object only (its next_token and new_cache).
+    Why: a step of the default model is ~150 small kernels, and sampling a dozen more; on a
+    GPU, launching them one by one from Python costs far more than running them. A one-token
+    step always has the same shapes (model.KVCache), so one compiled graph serves every step,
+    and on CUDA "reduce-overhead" replays it as a CUDA graph with one launch: the host never
+    waits for the GPU, and the tokens stay there until generate.py copies a few at a time.
+    Prompts (a new length each time) and draws from a generator of their own stay eager.
+    Compiled, the draw takes other random numbers: the same --seed gives other text than eager
+    (greedy, --temperature 0, gives the same). Compiling takes tens of seconds: on a CPU, where
+    the step is not launch-bound, it is off by default."""
     if not use_compile(setting, device, "decoding"):
         return False
     on_cuda = device.startswith("cuda")
