@@ -126,13 +126,12 @@ def look_inside(model, prompt_ids, cache=None, start=0):
         for hook in hooks:
             hook.remove()
     may_look = torch.ones(len(prompt_ids), end, dtype=torch.bool, device=idx.device).tril(start)
-    attention = []
-    for layer, qkv in enumerate(qkv_outputs):
-        q = qkv[0, :, :n_head * head_size].view(-1, n_head, head_size).transpose(0, 1)
-        keys = cache.keys[layer, 0, :, :end]  # (nh, end, hs), queries q: (nh, T, hs)
-        scores = (q @ keys.transpose(-2, -1)).float() / math.sqrt(head_size)  # (nh, T, end)
-        attention.append(F.softmax(scores.masked_fill(~may_look, float("-inf")), dim=-1))
-    return F.softmax(logits[0].float(), dim=-1).cpu(), torch.stack(attention).cpu()
+    q = torch.cat(qkv_outputs)[..., :n_head * head_size]  # every layer's queries (n_layer, T, C)
+    q = q.view(n_layer, -1, n_head, head_size).transpose(1, 2)  # (n_layer, nh, T, hs)
+    keys = cache.keys[:, 0, :, :end]  # (n_layer, nh, end, hs)
+    scores = (q @ keys.transpose(-2, -1)).float() / math.sqrt(head_size)  # (n_layer, nh, T, end)
+    attention = F.softmax(scores.masked_fill(~may_look, float("-inf")), dim=-1)
+    return F.softmax(logits[0].float(), dim=-1).cpu(), attention.cpu()
 
 
 def readable(text):

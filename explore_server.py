@@ -101,6 +101,8 @@ def look(explorer, prompt, known=None):
     """POST /api/look for one model: the prompt's last block_size tokens, the next-token table
     of every position, and the attention rows of the positions from `start` on: those the page
     does not hold yet (it holds rows for the token ids `known`; None: it needs none)."""
+    if known is not None and not (isinstance(known, list) and all(type(i) is int for i in known)):
+        raise RequestError("known must be a list of token ids")
     ids = encode(explorer.tokenizer, prompt)
     cut = max(0, len(ids) - explorer.model.block_size)
     ids = ids[cut:]
@@ -199,17 +201,14 @@ class Handler(BaseHTTPRequestHandler):
             return self.send(page.read_bytes(), f"{CONTENT_TYPES[page.suffix]}; charset=utf-8")
         body = self.read_json()
         if path == "/api/look":
-            known = body.get("known", [])
-            if not (isinstance(known, list) and all(type(i) is int for i in known)):
-                raise RequestError("known must be a list of token ids")
-            answer = look(explorer, body.get("prompt"), known)
+            answer = look(explorer, body.get("prompt"), body.get("known", []))
             if other:  # the second model's table for the same prompt (its rows only)
                 answer["compare"] = look(other, body.get("prompt"))["rows"]
             return self.send(answer)
         if path != "/api/continue":
             raise RequestError(f"no such request: POST {path[:100]}", 404)
         args, prompt = sampling_args(body), body.get("prompt", "")
-        encode(explorer.tokenizer, prompt)  # refuse bad characters before streaming
+        encode(explorer.tokenizer, prompt)  # refuse a prompt that is no string, or too long
         generator = torch.Generator(explorer.device).manual_seed(args.seed)
         pieces = stream_text(explorer.model, explorer.tokenizer,
                              prompt_ids_for(prompt, explorer.tokenizer), args, explorer.device,
