@@ -34,6 +34,9 @@ from utils import UsageError, pick_device, run_main
 SHOWN = {" ": "␣", "\n": "↵", "\t": "⇥"}  # whitespace, drawn so that it can be seen
 LABEL_SIZE = 12  # points, for the characters in embeddings.png
 PICTURE_TAG = {"Software": "Mini-GPT explore.py"}  # in each PNG: --out replaces only these
+KIND_COLOURS = {"vowel": "tab:red", "consonant": "tab:blue", "capital": "tab:green",  # kind_of
+                "punctuation": "tab:orange", "space, newline": "tab:purple",
+                "digit": "tab:brown", "longer token": "tab:gray", "byte": "tab:pink"}
 
 
 def parse_args(argv=None):
@@ -102,14 +105,11 @@ def encode_prompt(prompt, tokenizer, block_size):
 
 @torch.inference_mode()
 def look_inside(model, prompt_ids, cache=None, start=0):
-    """Run prompt_ids (T tokens) at positions start.. with a KV cache holding positions
-    0..start-1 (explore_server.py: the prompt before the newly typed characters): (next-token
-    probabilities (T, V), attention weights (n_layer, n_head, T, start + T)), on the CPU.
-
-    The model is not changed to show its attention, and either attention path will do: a hook
-    catches each layer's queries, and the weights are computed again from them and the keys
-    the model put in the cache.
-    """
+    """(next-token probabilities (T, V), attention weights (n_layer, n_head, T, start + T)), on
+    the CPU, of prompt_ids (T tokens) at positions start.., the KV cache holding 0..start-1
+    (explore_server.py: the prompt before the newly typed characters). Either attention path
+    will do: a hook catches each layer's queries, and the weights are computed again from them
+    and the keys the model put in the cache."""
     if cache is None:
         cache = model.new_cache(batch_size=1)
     end, (n_layer, _, n_head, _, head_size) = start + len(prompt_ids), cache.keys.shape
@@ -126,13 +126,12 @@ def look_inside(model, prompt_ids, cache=None, start=0):
         for hook in hooks:
             hook.remove()
     may_look = torch.ones(len(prompt_ids), end, dtype=torch.bool, device=idx.device).tril(start)
-    attention = []
-    for layer, qkv in enumerate(qkv_outputs):
-        q = qkv[0, :, :n_head * head_size].view(-1, n_head, head_size).transpose(0, 1)
-        keys = cache.keys[layer, 0, :, :end]  # (nh, end, hs), queries q: (nh, T, hs)
-        scores = (q @ keys.transpose(-2, -1)).float() / math.sqrt(head_size)  # (nh, T, end)
-        attention.append(F.softmax(scores.masked_fill(~may_look, float("-inf")), dim=-1))
-    return F.softmax(logits[0].float(), dim=-1).cpu(), torch.stack(attention).cpu()
+    q = torch.cat(qkv_outputs)[..., :n_head * head_size]  # every layer's queries (n_layer, T, C)
+    q = q.view(n_layer, -1, n_head, head_size).transpose(1, 2)  # (n_layer, nh, T, hs)
+    keys = cache.keys[:, 0, :, :end]  # (n_layer, nh, end, hs)
+    scores = (q @ keys.transpose(-2, -1)).float() / math.sqrt(head_size)  # (n_layer, nh, T, end)
+    attention = F.softmax(scores.masked_fill(~may_look, float("-inf")), dim=-1)
+    return F.softmax(logits[0].float(), dim=-1).cpu(), attention.cpu()
 
 
 def readable(text):
@@ -178,9 +177,8 @@ def print_next_token_table(probs, prompt_ids, token_text, top_k):
 # The pictures (matplotlib is imported only here, as an optional extra)
 
 def output_folder(out, checkpoint):
-    """The folder for the pictures, created, once it is proven that both can be written there
-    and that neither would overwrite the checkpoint, nor, in --out, a file explore.py did not
-    draw."""
+    """The folder for the pictures, created, once it is proven that both can be written there,
+    over neither the checkpoint nor, in --out, a file explore.py did not draw."""
     folder = out or checkpoint + ".explore"
     try:
         os.makedirs(folder, exist_ok=True)
@@ -268,11 +266,6 @@ def kind_of(text):
     if text in SHOWN.values():
         return "space, newline"
     return "digit" if text.isdigit() else "punctuation"
-
-
-KIND_COLOURS = {"vowel": "tab:red", "consonant": "tab:blue", "capital": "tab:green",
-                "punctuation": "tab:orange", "space, newline": "tab:purple",
-                "digit": "tab:brown", "longer token": "tab:gray", "byte": "tab:pink"}
 
 
 def draw_embeddings(weight, token_text, prompt_ids, path):

@@ -66,8 +66,7 @@ def load_explorer(path, device, weights="best", flag="--checkpoint"):
     """A model with everything the page asks of it: the model, its tokenizer, its facts, a lock
     (one forward pass at a time: the KV caches are shared) and its kept prompts.
     weights: best (as generate.py samples) or last; flag: the one that named path."""
-    # Read once more for the step and losses load_model drops.
-    facts = load_checkpoint(path, flag=flag)
+    facts = load_checkpoint(path, flag=flag)  # read once more: load_model drops step and losses
     model, tokenizer, _ = load_model(path, device, weights=weights)
     step, val_loss, val_bpc = (facts.get(name) for name in ("step", "val_loss", "val_bpc"))
     if weights == "best" and "best_model" in facts:
@@ -99,10 +98,11 @@ def model_answer(explorer, other):
 # Looking inside, one new position at a time
 
 def look(explorer, prompt, known=None):
-    """POST /api/look for one model: the prompt's tokens (the last block_size of them), the
-    next-token table of every position, and the attention rows of the positions from `start`
-    on: those the page does not hold yet (it holds rows for the token ids `known`; None: it
-    needs no attention rows)."""
+    """POST /api/look for one model: the prompt's last block_size tokens, the next-token table
+    of every position, and the attention rows of the positions from `start` on: those the page
+    does not hold yet (it holds rows for the token ids `known`; None: it needs none)."""
+    if known is not None and not (isinstance(known, list) and all(type(i) is int for i in known)):
+        raise RequestError("known must be a list of token ids")
     ids = encode(explorer.tokenizer, prompt)
     cut = max(0, len(ids) - explorer.model.block_size)
     ids = ids[cut:]
@@ -179,12 +179,8 @@ class Handler(BaseHTTPRequestHandler):
     default_request_version = "HTTP/1.0"  # so that even a garbled request gets a status line
 
     def do_GET(self):  # and do_POST: any error becomes a JSON error answer, never a dead server
-        path = urlsplit(self.path).path
         try:
-            if self.command == "GET":
-                self.get(path, self.server.explorer)
-            else:
-                self.post(path, self.server.explorer, self.server.other)
+            self.respond(urlsplit(self.path).path, self.server.explorer, self.server.other)
         except UsageError as err:  # a RequestError, or a bad prompt or setting: the page's fault
             self.send({"error": str(err)}, status=getattr(err, "status", 400))
         except (BrokenPipeError, ConnectionResetError):
@@ -195,28 +191,24 @@ class Handler(BaseHTTPRequestHandler):
 
     do_POST = do_GET
 
-    def get(self, path, explorer):
-        if path == "/api/model":
-            return self.send(model_answer(explorer, self.server.other))
-        if path not in PAGE_FILES:
-            raise RequestError(f"no such page: {path[:100]}", 404)
-        page = WEB_DIR / PAGE_FILES[path]
-        self.send(page.read_bytes(), f"{CONTENT_TYPES[page.suffix]}; charset=utf-8")
-
-    def post(self, path, explorer, other):
+    def respond(self, path, explorer, other):
+        if self.command == "GET":
+            if path == "/api/model":
+                return self.send(model_answer(explorer, other))
+            if path not in PAGE_FILES:
+                raise RequestError(f"no such page: {path[:100]}", 404)
+            page = WEB_DIR / PAGE_FILES[path]
+            return self.send(page.read_bytes(), f"{CONTENT_TYPES[page.suffix]}; charset=utf-8")
         body = self.read_json()
         if path == "/api/look":
-            known = body.get("known", [])
-            if not (isinstance(known, list) and all(type(i) is int for i in known)):
-                raise RequestError("known must be a list of token ids")
-            answer = look(explorer, body.get("prompt"), known)
+            answer = look(explorer, body.get("prompt"), body.get("known", []))
             if other:  # the second model's table for the same prompt (its rows only)
                 answer["compare"] = look(other, body.get("prompt"))["rows"]
             return self.send(answer)
         if path != "/api/continue":
             raise RequestError(f"no such request: POST {path[:100]}", 404)
         args, prompt = sampling_args(body), body.get("prompt", "")
-        encode(explorer.tokenizer, prompt)  # refuse bad characters before streaming
+        encode(explorer.tokenizer, prompt)  # refuse a prompt that is no string, or too long
         generator = torch.Generator(explorer.device).manual_seed(args.seed)
         pieces = stream_text(explorer.model, explorer.tokenizer,
                              prompt_ids_for(prompt, explorer.tokenizer), args, explorer.device,
@@ -270,8 +262,7 @@ def start_server(args, device):
     """Load the checkpoint(s) and bind the port: a server ready to serve_forever. Every problem
     (no checkpoint, a damaged one, a port in use, two tokenizers) is a UsageError."""
     explorer = load_explorer(args.checkpoint, device, args.weights)
-    other = load_explorer(args.compare, device, args.weights, "--compare") if args.compare \
-        else None
+    other = load_explorer(args.compare, device, args.weights, "--compare") if args.compare else None
     if other and other.tokenizer.to_dict() != explorer.tokenizer.to_dict():
         raise UsageError(f"--compare {args.compare} has another tokenizer than {args.checkpoint}; "
                          f"compare checkpoints trained on the same text with the same --tokenizer")
