@@ -448,13 +448,6 @@ def resume(training):
     config, model, run = training.config, training.model, training.run
     path = resume_path(config)
     ckpt = checkpoint.load_checkpoint(path, run.device, "--resume")
-    check_same_tokens(ckpt, training.corpus, config, path)
-    model_args, wanted = ckpt["model_args"], asdict(model.config)
-    changed = ", ".join(f"{k} {model_args[k]} -> {wanted[k]}"
-                        for k in checkpoint.MODEL_SHAPE if model_args[k] != wanted[k])
-    if changed:
-        raise UsageError(f"cannot resume {path}: the model shape differs ({changed}); drop "
-                         f"those flags or start a fresh run")
     if not ({"optimizer", "rng", "step", "config", "val_loss"} <= ckpt.keys()
             and isinstance(ckpt["config"], dict) and type(ckpt["step"]) is int
             and ckpt["step"] >= 0 and isinstance(ckpt["val_loss"], float)
@@ -462,6 +455,13 @@ def resume(training):
             and isinstance(ckpt["optimizer"], dict)):
         raise UsageError(f"cannot resume {path}: it has no optimizer or random state, or a "
                          f"damaged one; start a fresh run")
+    check_same_tokens(ckpt, training.corpus, config, path)
+    model_args, wanted = ckpt["model_args"], asdict(model.config)
+    changed = ", ".join(f"{k} {model_args[k]} -> {wanted[k]}"
+                        for k in checkpoint.MODEL_SHAPE if model_args[k] != wanted[k])
+    if changed:
+        raise UsageError(f"cannot resume {path}: the model shape differs ({changed}); drop "
+                         f"those flags or start a fresh run")
     saved_optimizer = ckpt["config"].get("optimizer", "adamw")
     if saved_optimizer != config.optimizer:
         fix = "drop --reference (it means AdamW)" if config.reference else \
@@ -495,24 +495,17 @@ def resume(training):
 
 
 def check_same_tokens(ckpt, corpus, config, path):
-    """Refuse other tokens than the checkpoint learned: another --tokenizer or --vocab_size, or
-    another text (its sha256: the same characters in another text give the same vocabulary), or
-    another --bpe_sample_chars that learned other merges from it."""
-    kind = ckpt["tokenizer"].get("kind")
-    if kind != config.tokenizer:
-        raise UsageError(f"cannot resume {path}: it was trained with --tokenizer {kind}; pass "
-                         f"--tokenizer {kind}")
-    saved_config = ckpt.get("config")
-    saved_vocab = saved_config.get("vocab_size") if isinstance(saved_config, dict) else None
-    if config.tokenizer == "bpe" and saved_vocab not in (None, config.vocab_size):
-        raise UsageError(f"cannot resume {path}: it was trained with --vocab_size "
-                         f"{saved_vocab}; pass --vocab_size {saved_vocab}")
+    """Refuse other tokens than the checkpoint learned: another --tokenizer, --vocab_size (BPE's),
+    or --bpe_sample_chars (a BPE sample of the same text that learned other merges), or another
+    text (its sha256: the same characters in another text give the same vocabulary)."""
+    saved = dict(ckpt["config"], tokenizer=ckpt["tokenizer"]["kind"])
     same_text = ckpt.get("text_sha256", corpus.sha256) == corpus.sha256
     same_tokens = ckpt["tokenizer"] == corpus.tokenizer.to_dict()
-    saved_sample = saved_config.get("bpe_sample_chars") if saved_vocab else None
-    if same_text and not same_tokens and saved_sample not in (None, config.bpe_sample_chars):
-        raise UsageError(f"cannot resume {path}: it was trained with --bpe_sample_chars "  # merges
-                         f"{saved_sample}; pass --bpe_sample_chars {saved_sample}")
+    for flag, matters in (("tokenizer", True), ("vocab_size", config.tokenizer == "bpe"),
+                          ("bpe_sample_chars", same_text and not same_tokens)):
+        if matters and saved.get(flag, getattr(config, flag)) != getattr(config, flag):
+            raise UsageError(f"cannot resume {path}: it was trained with --{flag} {saved[flag]}; "
+                             f"pass --{flag} {saved[flag]}")
     if not (same_text and same_tokens):
         raise UsageError(f"cannot resume {path}: it was trained on another text than --data "
                          f"{config.data}; pass the --data it was trained on, or start a fresh run")
