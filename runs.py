@@ -222,7 +222,7 @@ class Progress(tqdm):
             return
         loss = loss.item()  # waits for a GPU to finish the step: only every log_interval steps
         if not math.isfinite(loss):
-            stop_on_nan(self, self.config.checkpoint)
+            stop_on_nan(self)
         tokens_per_sec = self.steps / (time.time() - self.started) \
             * tokens_per_step(self.config, self.run)
         mfu = model_flops_utilization(self.model, self.config, self.run, tokens_per_sec)
@@ -252,31 +252,30 @@ def catch_ctrl_c(run):
     return on_any_rank(lambda: bool(first_at), run)
 
 
-def stop_on_nan(progress, checkpoint_path):
-    progress.close()
-    raise UsageError(f"the loss became NaN or infinite; {checkpoint_on_disk(checkpoint_path)}. "
-                     f"Lower --learning_rate, keep --grad_clip on, or try --dtype float32")
+def stop_on_nan(progress):
+    stop(progress, "the loss became NaN or infinite",
+         "Lower --learning_rate, keep --grad_clip on, or try --dtype float32")
 
 
 def save_or_stop(state, path, progress):
-    """Save atomically; if that fails (a full or read-only disk), stop with one line naming the
-    checkpoint still on disk, which the failed save left as it was (checkpoint.atomic_write)."""
+    """Save atomically: a failed save (a full or read-only disk) leaves the file as it was."""
     try:
         checkpoint.save_checkpoint(state, path)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
-        progress.close()
-        raise UsageError(f"could not save the checkpoint to {path} "
-                         f"({checkpoint.write_failure(err)}); {checkpoint_on_disk(path)}. Free "
-                         f"some disk space, or pass a --checkpoint in another folder") from None
+        stop(progress, f"could not save the checkpoint to {path} ({checkpoint.write_failure(err)})",
+             "Free some disk space, or pass a --checkpoint in another folder")
 
 
-def checkpoint_on_disk(path):
-    """What a stopped run leaves behind, in words: the step of the checkpoint at path, if any."""
+def stop(progress, problem, fix):
+    """Close the bar; stop with one line: the problem, the checkpoint left on disk, the fix."""
+    progress.close()
+    path = progress.config.checkpoint
     try:
         step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+        left = f"the last good checkpoint, {path}, is kept (step {step})"
     except Exception:  # no file there, or not a checkpoint
-        return f"no checkpoint was saved to {path}"
-    return f"the last good checkpoint, {path}, is kept (step {step})"
+        left = f"no checkpoint was saved to {path}"
+    raise UsageError(f"{problem}; {left}. {fix}") from None
 
 
 def finish(training, step, stopping):
@@ -292,11 +291,10 @@ def finish(training, step, stopping):
         print(f"Stopped at step {step}; checkpoint saved to {config.checkpoint}")
     else:
         print(f"Saved checkpoint to {config.checkpoint} (val loss {training.val_loss:.4f})")
-    if step > 0 and best.step == step:
-        print(f"Best: val loss {best.val_loss:.4f} at step {step}, the last step")
-    elif step > 0:
-        print(f"Best: val loss {best.val_loss:.4f} at step {best.step}, kept in the checkpoint "
-              f"too: generate.py samples it (--weights last: step {step}'s)")
+    if step > 0:
+        kept = "the last step" if best.step == step else \
+            f"kept in the checkpoint too: generate.py samples it (--weights last: step {step}'s)"
+        print(f"Best: val loss {best.val_loss:.4f} at step {best.step}, {kept}")
 
 
 # Dense peak FLOP/s of known GPUs for MFU: (bf16/fp16 tensor cores, float32: TF32 tensor cores

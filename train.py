@@ -219,7 +219,7 @@ def evaluate_and_save(t, step, last_step):
                        f"({t.val_data.note}), val bpc {val_bpc:.4f} ({elapsed:.1f}s)"
                        + (" new best" if new_best else ""))
         if not (math.isfinite(train_loss) and math.isfinite(t.val_loss)):
-            runs.stop_on_nan(progress, config.checkpoint)
+            runs.stop_on_nan(progress)
         metrics = dict(step=step, train_loss=train_loss, val_loss=t.val_loss, val_bpc=val_bpc,
                        elapsed=elapsed)
         if config.eval_sample_tokens > 0:  # watch the text go from noise to Shakespeare
