@@ -29,9 +29,10 @@ def metrics_recorder(config, resumed=None):
     An earlier run's log is replaced only with its checkpoint, at this run's first save
     (record(dict, saved=True)): until then the rows wait in memory, so a run stopped early (a
     mistyped flag, Ctrl-C) leaves it intact. A resumed run (resumed: the checkpoint's path and
-    step) starts from that run's rows up to its step, not those a killed run logged after its
-    last save, which this run trains again. If a file or W&B fails (a full disk, a read-only
-    folder, no network), a note says so once and training goes on: they are a convenience."""
+    step) starts from that run's rows up to its step: not another run's log of the same name,
+    nor the steps a killed run logged after its last save, which this run trains again. If a
+    file or W&B fails (a full disk, a read-only folder, no network), a note says so once and
+    training goes on: they are a convenience."""
     jsonl_path, png_path = log_paths(config.checkpoint)
     # Rows held back while an earlier run's log is still the one that goes with the checkpoint.
     held_back = None  # None: append each row as it comes
