@@ -222,7 +222,7 @@ class Progress(tqdm):
             return
         loss = loss.item()  # waits for a GPU to finish the step: only every log_interval steps
         if not math.isfinite(loss):
-            stop_on_nan(self, self.config.checkpoint)
+            stop_on_nan(self)
         tokens_per_sec = self.steps / (time.time() - self.started) \
             * tokens_per_step(self.config, self.run)
         mfu = model_flops_utilization(self.model, self.config, self.run, tokens_per_sec)
@@ -252,31 +252,30 @@ def catch_ctrl_c(run):
     return on_any_rank(lambda: bool(first_at), run)
 
 
-def stop_on_nan(progress, checkpoint_path):
-    progress.close()
-    raise UsageError(f"the loss became NaN or infinite; {checkpoint_on_disk(checkpoint_path)}. "
-                     f"Lower --learning_rate, keep --grad_clip on, or try --dtype float32")
+def stop_on_nan(progress):
+    stop(progress, "the loss became NaN or infinite",
+         "Lower --learning_rate, keep --grad_clip on, or try --dtype float32")
 
 
 def save_or_stop(state, path, progress):
-    """Save atomically; if that fails (a full or read-only disk), stop with one line naming the
-    checkpoint still on disk, which the failed save left as it was (checkpoint.atomic_write)."""
+    """Save atomically: a failed save (a full or read-only disk) leaves the file as it was."""
     try:
         checkpoint.save_checkpoint(state, path)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
-        progress.close()
-        raise UsageError(f"could not save the checkpoint to {path} "
-                         f"({checkpoint.write_failure(err)}); {checkpoint_on_disk(path)}. Free "
-                         f"some disk space, or pass a --checkpoint in another folder") from None
+        stop(progress, f"could not save the checkpoint to {path} ({checkpoint.write_failure(err)})",
+             "Free some disk space, or pass a --checkpoint in another folder")
 
 
-def checkpoint_on_disk(path):
-    """What a stopped run leaves behind, in words: the step of the checkpoint at path, if any."""
+def stop(progress, problem, fix):
+    """Close the bar; stop with one line: the problem, the checkpoint left on disk, the fix."""
+    progress.close()
+    path = progress.config.checkpoint
     try:
         step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+        left = f"the last good checkpoint, {path}, is kept (step {step})"
     except Exception:  # no file there, or not a checkpoint
-        return f"no checkpoint was saved to {path}"
-    return f"the last good checkpoint, {path}, is kept (step {step})"
+        left = f"no checkpoint was saved to {path}"
+    raise UsageError(f"{problem}; {left}. {fix}") from None
 
 
 def finish(training, step, stopping):
@@ -292,11 +291,10 @@ def finish(training, step, stopping):
         print(f"Stopped at step {step}; checkpoint saved to {config.checkpoint}")
     else:
         print(f"Saved checkpoint to {config.checkpoint} (val loss {training.val_loss:.4f})")
-    if step > 0 and best.step == step:
-        print(f"Best: val loss {best.val_loss:.4f} at step {step}, the last step")
-    elif step > 0:
-        print(f"Best: val loss {best.val_loss:.4f} at step {best.step}, kept in the checkpoint "
-              f"too: generate.py samples it (--weights last: step {step}'s)")
+    if step > 0:
+        kept = "the last step" if best.step == step else \
+            f"kept in the checkpoint too: generate.py samples it (--weights last: step {step}'s)"
+        print(f"Best: val loss {best.val_loss:.4f} at step {best.step}, {kept}")
 
 
 # Dense peak FLOP/s of known GPUs for MFU: (bf16/fp16 tensor cores, float32: TF32 tensor cores
@@ -448,13 +446,6 @@ def resume(training):
     config, model, run = training.config, training.model, training.run
     path = resume_path(config)
     ckpt = checkpoint.load_checkpoint(path, run.device, "--resume")
-    check_same_tokens(ckpt, training.corpus, config, path)
-    model_args, wanted = ckpt["model_args"], asdict(model.config)
-    changed = ", ".join(f"{k} {model_args[k]} -> {wanted[k]}"
-                        for k in checkpoint.MODEL_SHAPE if model_args[k] != wanted[k])
-    if changed:
-        raise UsageError(f"cannot resume {path}: the model shape differs ({changed}); drop "
-                         f"those flags or start a fresh run")
     if not ({"optimizer", "rng", "step", "config", "val_loss"} <= ckpt.keys()
             and isinstance(ckpt["config"], dict) and type(ckpt["step"]) is int
             and ckpt["step"] >= 0 and isinstance(ckpt["val_loss"], float)
@@ -462,6 +453,13 @@ def resume(training):
             and isinstance(ckpt["optimizer"], dict)):
         raise UsageError(f"cannot resume {path}: it has no optimizer or random state, or a "
                          f"damaged one; start a fresh run")
+    check_same_tokens(ckpt, training.corpus, config, path)
+    model_args, wanted = ckpt["model_args"], asdict(model.config)
+    changed = ", ".join(f"{k} {model_args[k]} -> {wanted[k]}"
+                        for k in checkpoint.MODEL_SHAPE if model_args[k] != wanted[k])
+    if changed:
+        raise UsageError(f"cannot resume {path}: the model shape differs ({changed}); drop "
+                         f"those flags or start a fresh run")
     saved_optimizer = ckpt["config"].get("optimizer", "adamw")
     if saved_optimizer != config.optimizer:
         fix = "drop --reference (it means AdamW)" if config.reference else \
@@ -495,24 +493,17 @@ def resume(training):
 
 
 def check_same_tokens(ckpt, corpus, config, path):
-    """Refuse other tokens than the checkpoint learned: another --tokenizer or --vocab_size, or
-    another text (its sha256: the same characters in another text give the same vocabulary), or
-    another --bpe_sample_chars that learned other merges from it."""
-    kind = ckpt["tokenizer"].get("kind")
-    if kind != config.tokenizer:
-        raise UsageError(f"cannot resume {path}: it was trained with --tokenizer {kind}; pass "
-                         f"--tokenizer {kind}")
-    saved_config = ckpt.get("config")
-    saved_vocab = saved_config.get("vocab_size") if isinstance(saved_config, dict) else None
-    if config.tokenizer == "bpe" and saved_vocab not in (None, config.vocab_size):
-        raise UsageError(f"cannot resume {path}: it was trained with --vocab_size "
-                         f"{saved_vocab}; pass --vocab_size {saved_vocab}")
+    """Refuse other tokens than the checkpoint learned: another --tokenizer, --vocab_size (BPE's),
+    or --bpe_sample_chars (a BPE sample of the same text that learned other merges), or another
+    text (its sha256: the same characters in another text give the same vocabulary)."""
+    saved = dict(ckpt["config"], tokenizer=ckpt["tokenizer"]["kind"])
     same_text = ckpt.get("text_sha256", corpus.sha256) == corpus.sha256
     same_tokens = ckpt["tokenizer"] == corpus.tokenizer.to_dict()
-    saved_sample = saved_config.get("bpe_sample_chars") if saved_vocab else None
-    if same_text and not same_tokens and saved_sample not in (None, config.bpe_sample_chars):
-        raise UsageError(f"cannot resume {path}: it was trained with --bpe_sample_chars "  # merges
-                         f"{saved_sample}; pass --bpe_sample_chars {saved_sample}")
+    for flag, matters in (("tokenizer", True), ("vocab_size", config.tokenizer == "bpe"),
+                          ("bpe_sample_chars", same_text and not same_tokens)):
+        if matters and saved.get(flag, getattr(config, flag)) != getattr(config, flag):
+            raise UsageError(f"cannot resume {path}: it was trained with --{flag} {saved[flag]}; "
+                             f"pass --{flag} {saved[flag]}")
     if not (same_text and same_tokens):
         raise UsageError(f"cannot resume {path}: it was trained on another text than --data "
                          f"{config.data}; pass the --data it was trained on, or start a fresh run")

@@ -23,17 +23,16 @@ def log_paths(checkpoint):
 
 def metrics_recorder(config, resumed=None):
     """Return record(dict): appends to <checkpoint>.metrics.jsonl and logs to W&B with --wandb;
-    record(dict, draw_curve=True) also draws <checkpoint>.loss.png (with matplotlib), once, after
-    the last evaluation: at every evaluation it would slow short runs measurably.
+    record(dict, draw_curve=True) also draws <checkpoint>.loss.png, once, after the last
+    evaluation (at every one it would slow short runs measurably).
 
-    A fresh run with the same --checkpoint as an earlier run overwrites that run's checkpoint at
-    its first save, and only then its log: until record(dict, saved=True) the new rows wait in
-    memory, so a run stopped early (a mistyped flag, Ctrl-C) leaves the earlier log intact.
-    A resumed run (resumed: the checkpoint's path and step) does the same, its log starting
-    with the resumed run's rows up to that step: not those of steps a killed run logged after
-    its last save, which this run trains again, nor another run's log of the same name.
-    These files and W&B are a convenience: if one fails (a full disk, a read-only folder, no
-    network), a note says so once and training goes on without it."""
+    An earlier run's log is replaced only with its checkpoint, at this run's first save
+    (record(dict, saved=True)): until then the rows wait in memory, so a run stopped early (a
+    mistyped flag, Ctrl-C) leaves it intact. A resumed run (resumed: the checkpoint's path and
+    step) starts from that run's rows up to its step: not another run's log of the same name,
+    nor the steps a killed run logged after its last save, which this run trains again. If a
+    file or W&B fails (a full disk, a read-only folder, no network), a note says so once and
+    training goes on: they are a convenience."""
     jsonl_path, png_path = log_paths(config.checkpoint)
     # Rows held back while an earlier run's log is still the one that goes with the checkpoint.
     held_back = None  # None: append each row as it comes

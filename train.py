@@ -219,11 +219,14 @@ def evaluate_and_save(t, step, last_step):
                        f"({t.val_data.note}), val bpc {val_bpc:.4f} ({elapsed:.1f}s)"
                        + (" new best" if new_best else ""))
         if not (math.isfinite(train_loss) and math.isfinite(t.val_loss)):
-            runs.stop_on_nan(progress, config.checkpoint)
+            runs.stop_on_nan(progress)
         metrics = dict(step=step, train_loss=train_loss, val_loss=t.val_loss, val_bpc=val_bpc,
                        elapsed=elapsed)
-        if config.eval_sample_tokens > 0:
-            metrics["sample"] = eval_sample(t)
+        if config.eval_sample_tokens > 0:  # watch the text go from noise to Shakespeare
+            # A generator of its own, seeded alike each time: the samples differ only by what
+            # the model learned, and training's random stream (so --resume) is untouched.
+            generator = torch.Generator(run.device).manual_seed(config.seed)
+            metrics["sample"] = sample_text(t, config.eval_sample_tokens, generator)
             progress.write(f"Sample at step {step}:\n{metrics['sample'].strip()}\n")
     # Taken after rank 0's evaluation (which draws batches), so --resume continues exactly.
     rng_states = runs.gather_from_all_ranks(runs.rng_state(), run)
@@ -262,9 +265,7 @@ class BestEvaluation:
         """The checkpoint's entries: the best step and val loss, and its weights unless they are
         this step's (then they are the checkpoint's model already)."""
         best = dict(step=self.step, val_loss=self.val_loss)
-        if self.step == step:
-            return dict(best=best)
-        return dict(best_model=self.weights, best=best)
+        return dict(best=best) if self.step == step else dict(best=best, best_model=self.weights)
 
     def restore(self, checkpoint):
         """From the checkpoint being resumed; one saved before best weights were kept has only
@@ -326,14 +327,6 @@ def summed_loss(model, inputs, targets, batch_size):
         _, loss = model(x, y)
         total_loss += loss.item() * y.numel()
     return total_loss
-
-
-def eval_sample(t):
-    """--eval_sample_tokens: a short sample to watch the text go from noise to Shakespeare.
-    From a generator of its own, seeded alike at every evaluation: the samples differ only by
-    what the model learned, and training's random stream (so --resume) is untouched."""
-    generator = torch.Generator(t.run.device).manual_seed(t.config.seed)
-    return sample_text(t, t.config.eval_sample_tokens, generator)
 
 
 def sample_text(t, n_tokens, generator=None):
