@@ -191,8 +191,7 @@ def device_memory(device):
     ram = None
     with contextlib.suppress(AttributeError, ValueError, OSError):  # no sysconf (Windows)
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    known = [n for n in (ram, container_memory_limit()) if n]
-    return min(known, default=None)
+    return min(filter(None, (ram, container_memory_limit())), default=None)
 
 
 # A container's memory limit: cgroup v2's file, then v1's (which says about 2**63 for no limit).
@@ -202,7 +201,9 @@ CGROUP_MEMORY_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memor
 def container_memory_limit():
     for path in CGROUP_MEMORY_FILES:
         with contextlib.suppress(OSError, ValueError), open(path) as f:
-            return int(f.read())  # v2 writes "max" for no limit: a ValueError, read on
+            limit = int(f.read())  # v2 writes "max" for no limit: a ValueError, read on
+            if limit > 0:  # nor is a zero or negative number a limit
+                return limit
     return None
 
 
