@@ -41,8 +41,9 @@ def run_main(main):
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as err:  # torch.OutOfMemoryError (CUDA) is one too
-        # The CPU allocator says "can't allocate memory", Apple GPUs "MPS backend out of memory".
-        if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+        # The CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate
+        # memory", on Windows "...: not enough memory"); Apple GPUs say "MPS backend out of memory".
+        if not (isinstance(err, torch.OutOfMemoryError) or "DefaultCPUAllocator" in str(err)
                 or "out of memory" in str(err)):
             raise  # a bug: its traceback shows
         # Every rank that runs out says so (under torchrun it may be any one: the others see only
