@@ -228,7 +228,7 @@ def weights_problem(weights, model_args):
         if found != shape:
             return f"weight {name} is {found}, the model_args say {shape}"
     with torch.device("meta"):
-        expected = GPTModel(GPTConfig(**{k: model_args[k] for k in MODEL_SHAPE})).state_dict()
+        expected = GPTModel(GPTConfig(**model_args)).state_dict()
     if weights.keys() != expected.keys():
         odd = sorted(weights.keys() ^ expected.keys())
         return f"the weights do not match the model_args ({', '.join(odd[:3])} ...)"
