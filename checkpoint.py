@@ -146,8 +146,8 @@ def chosen_weights(checkpoint, which="best"):
     """(weights, what they are in words, as the eval lines print it: "val loss 1.4811 at step
     1500"). "last": the last step's, which --resume goes on from. "best": the lowest val loss's,
     which train.py keeps beside them (best_model) once a later step is worse."""
-    best = checkpoint.get("best", {})
     if which == "best" and "best_model" in checkpoint:
+        best = checkpoint["best"]  # load_checkpoint made sure it comes with the best weights
         return checkpoint["best_model"], f"val loss {best['val_loss']:.4f} at step {best['step']}"
     step, val_loss = checkpoint.get("step"), checkpoint.get("val_loss")
     if type(step) is not int or not isinstance(val_loss, float):  # hand-made: no figures in it
@@ -161,13 +161,12 @@ def unreadable_checkpoint(path, err):
     if "Unsupported global" in str(err):
         return (f"{path} needs pickle to load, which can run code; refusing. Use a checkpoint "
                 f"saved by this project's train.py")
-    try:
-        with open(path, "rb") as f:
-            is_zip = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
-    except OSError as os_error:  # permission denied, an I/O error, ...
-        return f"cannot read {path} ({os_error.strerror or os_error}); pass a readable file"
-    if is_zip:
-        return f"{path} is a damaged checkpoint (cut short or corrupted); retrain, or copy it again"
+    if isinstance(err, OSError):  # permission denied, an I/O error, ...
+        return f"cannot read {path} ({err.strerror or err}); pass a readable file"
+    with open(path, "rb") as f:
+        if f.read(4) == b"PK\x03\x04":  # torch.save writes a zip archive
+            return (f"{path} is a damaged checkpoint (cut short or corrupted); retrain, or copy "
+                    f"it again")
     return (f"{path} is not a Mini-GPT checkpoint (not a file that torch.save wrote); pass one "
             f"saved by train.py")
 
@@ -220,16 +219,16 @@ def weights_problem(weights, model_args):
         return "its weights are not a dictionary of tensors"
     # Build the model on the "meta" device, which records shapes and allocates nothing; first
     # make sure the sizes match the tensors stored, or a huge number would take forever.
-    layers = {name.split(".")[1] for name in weights if name.startswith("blocks.")}
-    if layers != {str(i) for i in range(len(layers))} or len(layers) != model_args["n_layer"]:
-        return f"model_args n_layer is {model_args['n_layer']}, the weights hold {len(layers)} blocks"
+    n_blocks = len({name.split(".")[1] for name in weights if name.startswith("blocks.")})
+    if n_blocks != model_args["n_layer"]:
+        return f"model_args n_layer is {model_args['n_layer']}, the weights hold {n_blocks} blocks"
     for name, rows in (("tok_emb.weight", "vocab_size"), ("pos_emb.weight", "block_size")):
         shape = (model_args[rows], model_args["n_embd"])
-        if name not in weights or weights[name].shape != shape:
-            found = tuple(weights[name].shape) if name in weights else "missing"
+        found = tuple(weights[name].shape) if name in weights else "missing"
+        if found != shape:
             return f"weight {name} is {found}, the model_args say {shape}"
     with torch.device("meta"):
-        expected = GPTModel(GPTConfig(**{k: model_args[k] for k in MODEL_SHAPE})).state_dict()
+        expected = GPTModel(GPTConfig(**model_args)).state_dict()
     if weights.keys() != expected.keys():
         odd = sorted(weights.keys() ^ expected.keys())
         return f"the weights do not match the model_args ({', '.join(odd[:3])} ...)"

@@ -95,9 +95,9 @@ PRESETS = {
 }
 
 
-def parse_config(argv=None, prog="train.py"):
+def parse_config(argv=None):
     """Build a Config from defaults, then --preset, then the other flags given."""
-    parser = ArgumentParser(prog=prog, description="Train Mini-GPT.",
+    parser = ArgumentParser(prog="train.py", description="Train Mini-GPT.",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="named set of overrides")
     comments = field_comments()
@@ -157,9 +157,8 @@ def check_config(config):
                lambda v: v >= 0, "0 or more")
     check_each(config, ("dropout",), lambda v: 0 <= v < 1, "in [0, 1)")
     check_each(config, ("learning_rate", "muon_lr"), lambda v: v > 0, "above 0")
-    if not 0 <= config.min_lr <= config.learning_rate:
-        raise UsageError(f"--min_lr must be from 0 to --learning_rate ({config.learning_rate}), "
-                         f"got {config.min_lr}")
+    check_each(config, ("min_lr",), lambda v: 0 <= v <= config.learning_rate,
+               f"from 0 to --learning_rate ({config.learning_rate})")
     check_each(config, ("weight_decay", "grad_clip"), lambda v: v >= 0, "0 or more (0 = off)")
     rates = ["learning_rate"] + (["muon_lr"] if config.optimizer == "muon" else [])
     for name in rates:  # each step multiplies every decayed weight by 1 - lr * weight_decay

@@ -72,7 +72,7 @@ def set_up(config):
     dtype = utils.pick_dtype(config.dtype, device)  # --reference: float32
     # torch.optim.Muon runs its iteration in bfloat16, whatever --dtype says.
     if device == "mps" and (dtype == "bfloat16" or config.optimizer == "muon") \
-            and not utils.mps_has_bf16():
+            and not torch.backends.mps.is_macos_or_newer(14, 0):
         raise UsageError("bfloat16 (--dtype bfloat16, or Muon's iteration) needs macOS 14 or "
                          "newer on an Apple GPU; update macOS, or pass --dtype float32 and "
                          "--optimizer adamw")

@@ -41,8 +41,9 @@ def run_main(main):
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as err:  # torch.OutOfMemoryError (CUDA) is one too
-        # The CPU allocator says "can't allocate memory", Apple GPUs "MPS backend out of memory".
-        if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+        # The CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate
+        # memory", on Windows "...: not enough memory"); Apple GPUs say "MPS backend out of memory".
+        if not (isinstance(err, torch.OutOfMemoryError) or "DefaultCPUAllocator" in str(err)
                 or "out of memory" in str(err)):
             raise  # a bug: its traceback shows
         # Every rank that runs out says so (under torchrun it may be any one: the others see only
@@ -109,10 +110,9 @@ def take_lock(path, wait):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            return holder
+            with f:
+                f.seek(0)
+                return f.read().strip() or "another process"
         with contextlib.suppress(OSError):
             if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
                 break  # else the holder deleted the file while we waited: take the new one
@@ -191,8 +191,7 @@ def device_memory(device):
     ram = None
     with contextlib.suppress(AttributeError, ValueError, OSError):  # no sysconf (Windows)
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    known = [n for n in (ram, container_memory_limit()) if n]
-    return min(known, default=None)
+    return min(filter(None, (ram, container_memory_limit())), default=None)
 
 
 # A container's memory limit: cgroup v2's file, then v1's (which says about 2**63 for no limit).
@@ -202,7 +201,9 @@ CGROUP_MEMORY_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memor
 def container_memory_limit():
     for path in CGROUP_MEMORY_FILES:
         with contextlib.suppress(OSError, ValueError), open(path) as f:
-            return int(f.read())  # v2 writes "max" for no limit: a ValueError, read on
+            limit = int(f.read())  # v2 writes "max" for no limit: a ValueError, read on
+            if limit > 0:  # nor is a zero or negative number a limit
+                return limit
     return None
 
 
@@ -219,15 +220,6 @@ def gibibytes(n_bytes):
     return f"{n_gib:,.1f} GiB" if n_gib < 1e6 else f"{n_gib:.1e} GiB"
 
 
-# Apple GPUs (MPS; docs/training.md, "Apple GPUs": not yet run on a Mac) compute in float32:
-# bfloat16 comes with macOS 14 only (mps_has_bf16), is not native on every Apple GPU, and float16
-# would need loss scaling. No torch.compile: its MPS backend is a prototype (compile_problem).
-
-
-def mps_has_bf16():
-    return torch.backends.mps.is_macos_or_newer(14, 0)
-
-
 def use_flash(setting, device):
     """SDPA or the written-out attention. On CPUs the written-out one trains faster (SDPA's CPU
     kernels, with dropout a slower fallback, lose to plain matmuls; docs/results.md), and
@@ -237,7 +229,9 @@ def use_flash(setting, device):
 
 def pick_dtype(name, device):
     """'auto': bf16 where the chip computes in it natively, else float16 on GPUs, float32 on
-    Apple GPUs and CPUs (docs/results.md has the measured speed-ups)."""
+    CPUs and Apple GPUs (MPS; docs/training.md: not yet run on a Mac), where bf16 needs macOS 14
+    (runs.set_up) and is not native on every chip, and float16 would need loss scaling.
+    docs/results.md has the measured speed-ups."""
     if name != "auto":
         return name
     if device.startswith("cuda"):
@@ -275,9 +269,7 @@ def use_compile(setting, device, doing):
 
 def compile_problem(device):
     """Why torch.compile cannot work here, or None."""
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            return "no CUDA GPU is available"
+    if device.startswith("cuda"):  # pick_device made sure there is one
         major, minor = torch.cuda.get_device_capability(device)
         if major < 7:  # e.g. a P100 (6.0) or a GTX 10xx (6.1)
             return (f"this GPU (compute capability {major}.{minor}) is older than Triton, "

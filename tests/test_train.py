@@ -251,6 +251,13 @@ def test_out_of_memory_on_a_gpu_is_one_line_and_other_errors_keep_their_tracebac
                    "for less: a lower --batch_size (--gradient_accumulation_steps keeps the "
                    "tokens per step), --block_size or model size, or fewer --num_samples\n")
 
+    def windows_cpu_out_of_memory(argv):  # the CPU allocator's words on Windows
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not "
+                           "enough memory: you tried to allocate 1125899906842624 bytes.")
+
+    code, _, err = run_in_process(windows_cpu_out_of_memory, [])
+    assert code == 2 and err.startswith("error: out of memory ([enforce fail"), err
+
     def a_bug(argv):
         raise RuntimeError("shapes do not match")
 

@@ -219,6 +219,9 @@ def test_cpu_bf16_is_read_from_either_flag(monkeypatch, tmp_path, flags, native)
     ("max\n", None, None),  # v2 without a limit: the machine's RAM
     (None, "2147483648\n", 2.0),  # cgroup v1
     (None, "9223372036854771712\n", None),  # v1 without a limit (about 2**63)
+    ("-1\n", None, None),  # a negative or zero number is no limit either: unknown
+    (None, "-1\n", None),
+    ("0\n", "2147483648\n", 2.0),  # and the next file is read on
     (None, None, None)])  # no cgroup files (macOS, Windows)
 def test_a_container_s_memory_limit_counts_as_the_cpu_s_memory(tmp_path, monkeypatch, v2, v1,
                                                                   expected_gib):
