@@ -51,6 +51,8 @@ from utils import UsageError, compile_problem, pick_device, pick_dtype, run_main
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VOCAB_SIZE = 65  # Tiny Shakespeare's
+# Made-up characters for the untrained models timed here: what the text says changes no timing.
+TOKENIZER = CharTokenizer([chr(c) for c in range(32, 32 + VOCAB_SIZE - 1)] + ["\n"])
 
 
 def measure_training(flags, steps, warmup_steps, label):
@@ -68,8 +70,8 @@ def measure_training(flags, steps, warmup_steps, label):
             start = clock(run.device)
         windows = torch.randint(VOCAB_SIZE, (config.batch_size, config.block_size + 1),
                                 device=run.device)  # random tokens: only the speed counts here
-        train.train_step(train_model, optimizer, scaler, [(windows[:, :-1], windows[:, 1:])],
-                         config, run)
+        batch = windows[:, :-1], windows[:, 1:]
+        train.train_step(train_model, optimizer, scaler, [batch], config, run)
     tokens_per_sec = steps * config.batch_size * config.block_size / (clock(run.device) - start)
     mfu = runs.model_flops_utilization(model, config, run, tokens_per_sec)
     return tokens_per_sec, peak_mib(run.device), dict(mfu=mfu, dtype=run.dtype,
@@ -77,8 +79,8 @@ def measure_training(flags, steps, warmup_steps, label):
 
 
 def generate_speed(device, use_cache, n_tokens, dtype, compile_setting, model_args=None):
-    """(tokens/s, peak MiB, whether the decode step was compiled) of generating n_tokens, batch 1,
-    from a one-character prompt, as generate.py does. model_args: another model shape."""
+    """(tokens/s, peak MiB, dict(dtype, compiled: the cached decode step)) of generating n_tokens,
+    batch 1, from a one-character prompt, as generate.py does. model_args: another model shape."""
     dtype = pick_dtype(dtype, device)
     config = GPTConfig(VOCAB_SIZE, **{"flash": use_flash("auto", device), **(model_args or {})})
     model = generate.for_sampling(GPTModel(config), device, dtype)  # the attention generate.py runs
@@ -87,17 +89,17 @@ def generate_speed(device, use_cache, n_tokens, dtype, compile_setting, model_ar
     # top-k 200), which also brings the tokens to the host and decodes them (a terminal's
     # printing is not timed). First a warm-up: compilation, and every path the timed tokens take
     # (with the cache: a window slide).
-    tokenizer = CharTokenizer([chr(ord("!") + i) for i in range(VOCAB_SIZE)])
     options = generate.parse_args([] if use_cache else ["--no_cache"])
     options.max_new_tokens = model.block_size + 10 if use_cache else 10
-    list(generate.stream_text(model, tokenizer, [0], options, device))  # the warm-up
+    list(generate.stream_text(model, TOKENIZER, [0], options, device))  # the warm-up
     options.max_new_tokens = n_tokens
     start = clock(device)
     with tqdm(total=n_tokens, file=sys.stdout,
               desc=f"generate ({'cache' if use_cache else 'no cache'}, {dtype})") as progress:
-        for piece in generate.stream_text(model, tokenizer, [0], options, device):
+        for piece in generate.stream_text(model, TOKENIZER, [0], options, device):
             progress.update(len(piece))  # one character per token
-    return n_tokens / (clock(device) - start), peak_mib(device), compiled
+    tokens_per_sec = n_tokens / (clock(device) - start)
+    return tokens_per_sec, peak_mib(device), dict(dtype=dtype, compiled=compiled)
 
 
 def clock(device):
@@ -114,8 +116,7 @@ def peak_mib(device):
 
 
 def in_fresh_process(function, *args):
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(function, *args).result()
 
 
@@ -201,19 +202,18 @@ def explore_speed(device, repeats):
     """Median server time (the model's work, the JSON answer) of the live page: a character typed
     after 255 (only it runs, through the KV cache), and 256 characters pasted at once."""
     import explore_server
-    tokenizer = CharTokenizer([chr(c) for c in range(32, 32 + VOCAB_SIZE - 1)] + ["\n"])
     model = GPTModel(GPTConfig(VOCAB_SIZE))
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "default.pt")
         checkpoint.save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config),
-                                        tokenizer=tokenizer.to_dict()), path)
+                                        tokenizer=TOKENIZER.to_dict()), path)
         explorer = explore_server.load_explorer(path, device)
     print(f"the default model ({explorer.model.num_params():,} parameters), "
           f"{torch.get_num_threads()} threads")
     generator = torch.Generator().manual_seed(0)
     timings = {"keystroke (255 -> 256 characters)": [], "paste (256 characters)": []}
     for _ in tqdm(range(repeats), desc="explore", unit="round"):
-        prompt = tokenizer.decode(torch.randint(VOCAB_SIZE, (256,), generator=generator).tolist())
+        prompt = TOKENIZER.decode(torch.randint(VOCAB_SIZE, (256,), generator=generator).tolist())
         before = explore_server.look(explorer, prompt[:255], [])["ids"]
         for name, known in zip(timings, (before, [])):
             start = time.perf_counter()
@@ -260,7 +260,6 @@ def shakespeare():
 
 
 def write_bench_text(folder, kind, size_mb):
-    """A generated text of about size_mb MiB in folder; returns its path."""
     path = os.path.join(folder, f"{kind}-{size_mb}mb.txt")
     size = size_mb * 2**20
     free = shutil.disk_usage(folder).free  # for the text and its token file (2 bytes a char)
@@ -382,7 +381,6 @@ def report(device, quick, json_path, n_tokens):
 
 
 def is_report(path):
-    """Whether path holds an earlier report: the only file --json may replace."""
     with contextlib.suppress(OSError, ValueError):
         earlier = json.loads(pathlib.Path(path).read_text())
         return isinstance(earlier, dict) and {"environment", "rows"} <= earlier.keys()
@@ -420,7 +418,6 @@ def time_to_target_row(device, quick):
 
 
 def launch_train_py(flags):
-    """train.py with flags, in a process whose output (stdout and stderr) the caller reads."""
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *flags], cwd=ROOT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"},  # lines as printed
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -486,14 +483,13 @@ def generation_row(device, use_cache, compile_setting, quick, n_tokens):
     weights' number format generate.py picks by default."""
     asked = use_cache and compile_setting == "true"
     setting, eager = compile_choice(asked, device, quick)
-    dtype = pick_dtype("auto", device)
-    tokens_per_sec, peak, compiled = generate_speed(device, use_cache, n_tokens, dtype, setting,
-                                                    QUICK_MODEL if quick else None)
+    tokens_per_sec, peak, facts = generate_speed(device, use_cache, n_tokens, "auto", setting,
+                                                 QUICK_MODEL if quick else None)
     kind = "KV cache, compiled" if asked else "KV cache" if use_cache else "no cache"
     return dict(measurement=f"generation tokens/s, batch 1, {kind}",
                 value=tokens_per_sec, unit="tokens/s", result=f"{tokens_per_sec:,.0f} tokens/s",
-                details=f"{dtype}, {'compiled' if compiled else eager}, {n_tokens} tokens, "
-                        f"peak {peak:,.0f} MiB", dtype=dtype, compiled=compiled, peak_mib=peak)
+                details=f"{facts['dtype']}, {'compiled' if facts['compiled'] else eager}, "
+                        f"{n_tokens} tokens, peak {peak:,.0f} MiB", **facts, peak_mib=peak)
 
 
 def environment(device):
