@@ -38,19 +38,12 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import dataset
+import generate
 import runs
 import train
-from checkpoint import (
-    atomic_write,
-    check_output_path,
-    check_outputs_spare_inputs,
-    check_replaceable,
-    save_checkpoint,
-)
-from config import PRESETS, ArgumentParser, parse_config
-from generate import for_sampling, stream_text
-from generate import parse_args as generate_flags
+from config import PRESETS, ArgumentParser, Config, check_each, parse_config
 from model import GPTConfig, GPTModel
 from speedups import compile_decode
 from tokenizer import CharTokenizer
@@ -58,6 +51,8 @@ from utils import UsageError, compile_problem, pick_device, pick_dtype, run_main
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VOCAB_SIZE = 65  # Tiny Shakespeare's
+# Made-up characters for the untrained models timed here: what the text says changes no timing.
+TOKENIZER = CharTokenizer([chr(c) for c in range(32, 32 + VOCAB_SIZE - 1)] + ["\n"])
 
 
 def measure_training(flags, steps, warmup_steps, label):
@@ -84,29 +79,27 @@ def measure_training(flags, steps, warmup_steps, label):
 
 
 def generate_speed(device, use_cache, n_tokens, dtype, compile_setting, model_args=None):
-    """(tokens/s, peak MiB) of generating n_tokens, batch 1, from a one-character prompt, as
-    generate.py does (--compile: of the cached decode step). model_args: another model shape."""
+    """(tokens/s, peak MiB, dict(dtype, compiled: the cached decode step)) of generating n_tokens,
+    batch 1, from a one-character prompt, as generate.py does. model_args: another model shape."""
     dtype = pick_dtype(dtype, device)
     config = GPTConfig(VOCAB_SIZE, **{"flash": use_flash("auto", device), **(model_args or {})})
-    model = for_sampling(GPTModel(config), device, dtype)  # the attention generate.py runs
-    if use_cache:
-        compile_decode(model, device, compile_setting)
+    model = generate.for_sampling(GPTModel(config), device, dtype)  # the attention generate.py runs
+    compiled = use_cache and compile_decode(model, device, compile_setting)
     # What a user runs: generate.py's streaming loop with its default sampling (temperature 0.8,
     # top-k 200), which also brings the tokens to the host and decodes them (a terminal's
     # printing is not timed). First a warm-up: compilation, and every path the timed tokens take
     # (with the cache: a window slide).
-    tokenizer = CharTokenizer([chr(ord("!") + i) for i in range(VOCAB_SIZE)])
-    options = generate_flags([] if use_cache else ["--no_cache"])
+    options = generate.parse_args([] if use_cache else ["--no_cache"])
     options.max_new_tokens = model.block_size + 10 if use_cache else 10
-    for _ in stream_text(model, tokenizer, [0], options, device):
-        pass
+    list(generate.stream_text(model, TOKENIZER, [0], options, device))  # the warm-up
     options.max_new_tokens = n_tokens
     start = clock(device)
     with tqdm(total=n_tokens, file=sys.stdout,
               desc=f"generate ({'cache' if use_cache else 'no cache'}, {dtype})") as progress:
-        for piece in stream_text(model, tokenizer, [0], options, device):
+        for piece in generate.stream_text(model, TOKENIZER, [0], options, device):
             progress.update(len(piece))  # one character per token
-    return n_tokens / (clock(device) - start), peak_mib(device)
+    tokens_per_sec = n_tokens / (clock(device) - start)
+    return tokens_per_sec, peak_mib(device), dict(dtype=dtype, compiled=compiled)
 
 
 def clock(device):
@@ -123,8 +116,7 @@ def peak_mib(device):
 
 
 def in_fresh_process(function, *args):
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(function, *args).result()
 
 
@@ -156,11 +148,11 @@ def main(argv=None):
          "beside it, as train.py would)")
     flag("--tokenizer", default="char", choices=["char", "bpe"])
     flag("--vocab_size", type=int, default=4096, help="prepare: BPE vocabulary")
-    flag("--bpe_sample_chars", type=int, help="prepare: as train.py's (default: config.py's)")
+    flag("--bpe_sample_chars", type=int, default=Config.bpe_sample_chars,
+         help="prepare: as train.py's (default: config.py's)")
     args = parser.parse_args(argv)
-    for name in ("steps", "tokens", "seconds", "points", "size_mb"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    check_each(args, ("steps", "tokens", "seconds", "points", "size_mb"),
+               lambda value: value is None or value >= 1, "at least 1")
     if args.what == "prepare":  # the same checks as train.py's for these flags
         if args.data is not None and not args.data.strip():
             raise UsageError("--data must not be empty; leave it out to generate a text")
@@ -171,7 +163,10 @@ def main(argv=None):
     if args.what == "train":  # the default model at --batch_size: refused here if it cannot fit
         runs.check_model_fits(parse_config(flags)[0], runs.Run(device, "float32"))
     elif args.what == "report":  # minutes of work: prove first that the JSON can be saved
-        check_report_path(args.json)
+        checkpoint.check_outputs_spare_inputs(
+            {args.json: "--json"}, {dataset.DEFAULT_DATA: "the --data file"}, "pick another --json")
+        checkpoint.check_output_path(args.json, "--json", "bench_report.json")
+        checkpoint.check_replaceable(args.json, "--json", "bench.py", is_report)
     elif args.dtype == "int8" and device != "cpu":
         raise UsageError(f"--dtype int8 runs on the CPU only; use --device cpu, or --dtype "
                          f"bfloat16 on {device}")
@@ -189,9 +184,8 @@ def main(argv=None):
         variants = {name: (measure_training, flags + extra, *timing, name)
                     for name, extra in (("fast", []), ("reference", ["--reference"]))}
     else:
-        setting = (args.tokens, args.dtype, args.compile)
-        variants = {"cache": (generate_speed, device, True, *setting),
-                    "no-cache": (generate_speed, device, False, *setting)}
+        variants = {name: (generate_speed, device, cache, args.tokens, args.dtype, args.compile)
+                    for name, cache in (("cache", True), ("no-cache", False))}
     speeds = {name: in_fresh_process(*call)[:2] for name, call in variants.items()}
     print(f"{'variant':<10} {'tok/s':>10} {'peak MiB':>10}")
     for name, (tokens_per_sec, mib) in speeds.items():
@@ -208,19 +202,18 @@ def explore_speed(device, repeats):
     """Median server time (the model's work, the JSON answer) of the live page: a character typed
     after 255 (only it runs, through the KV cache), and 256 characters pasted at once."""
     import explore_server
-    tokenizer = CharTokenizer([chr(c) for c in range(32, 32 + VOCAB_SIZE - 1)] + ["\n"])
     model = GPTModel(GPTConfig(VOCAB_SIZE))
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "default.pt")
-        save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config),
-                             tokenizer=tokenizer.to_dict()), path)
+        checkpoint.save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config),
+                                        tokenizer=TOKENIZER.to_dict()), path)
         explorer = explore_server.load_explorer(path, device)
     print(f"the default model ({explorer.model.num_params():,} parameters), "
           f"{torch.get_num_threads()} threads")
     generator = torch.Generator().manual_seed(0)
     timings = {"keystroke (255 -> 256 characters)": [], "paste (256 characters)": []}
     for _ in tqdm(range(repeats), desc="explore", unit="round"):
-        prompt = tokenizer.decode(torch.randint(VOCAB_SIZE, (256,), generator=generator).tolist())
+        prompt = TOKENIZER.decode(torch.randint(VOCAB_SIZE, (256,), generator=generator).tolist())
         before = explore_server.look(explorer, prompt[:255], [])["ids"]
         for name, known in zip(timings, (before, [])):
             start = time.perf_counter()
@@ -235,9 +228,8 @@ def explore_speed(device, repeats):
 # python bench.py prepare: a big text prepared into a token file, then a second run's start
 
 def tokenizer_flags(args):
-    flags = [f"--tokenizer={args.tokenizer}", f"--vocab_size={args.vocab_size}"]
-    chars = args.bpe_sample_chars
-    return flags if chars is None else flags + [f"--bpe_sample_chars={chars}"]
+    return [f"--tokenizer={args.tokenizer}", f"--vocab_size={args.vocab_size}",
+            f"--bpe_sample_chars={args.bpe_sample_chars}"]
 
 
 def prepare_benchmark(args, device):
@@ -268,7 +260,6 @@ def shakespeare():
 
 
 def write_bench_text(folder, kind, size_mb):
-    """A generated text of about size_mb MiB in folder; returns its path."""
     path = os.path.join(folder, f"{kind}-{size_mb}mb.txt")
     size = size_mb * 2**20
     free = shutil.disk_usage(folder).free  # for the text and its token file (2 bytes a char)
@@ -286,12 +277,12 @@ def write_bench_text(folder, kind, size_mb):
     return path
 
 
-def synthetic_blocks(n_words=1_000_000, seed=0):
+def synthetic_blocks(n_words=1_000_000):
     """Text in blocks of about 6 MB, the same every time: Zipf-drawn words from a million made-up
     ones (some accented or Chinese), with punctuation and new lines. Unlike Tiny Shakespeare
     repeated, new words keep coming, as in a real corpus: what BPE's caches and vocabulary feel."""
     import numpy as np
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
     frequency = np.array([12.7, 9.1, 8.2, 7.5, 7.0, 6.7, 6.3, 6.1, 6.0, 4.3, 4.0, 2.8, 2.8, 2.4,
                           2.4, 2.2, 2.0, 2.0, 1.9, 1.5, 1.0, 0.8, 0.2, 0.2, 0.1, 0.1])
@@ -314,8 +305,7 @@ def timed_prepare(flags):
     settings = dataset.corpus_settings(config)
     stem = dataset.prepared_stem(config.data, settings)
     for path in (f"{stem}.tokens", f"{stem}.tokens.json"):  # measure a first run
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
+        pathlib.Path(path).unlink(missing_ok=True)
     start = time.time()
     meta = dataset.prepare(dataset.find_sources(config.data), settings, stem)
     seconds = time.time() - start
@@ -331,10 +321,7 @@ def second_run(flags, steps, launched):
     the corpus mapped and the first step done; peak MiB after `steps` more and an evaluation."""
     config, _ = parse_config(flags)
     run = runs.set_up(config)
-    try:
-        corpus, val_data = train.load_tokens(config, run)
-    except UsageError as err:  # its fix names --block_size, which bench.py does not have
-        raise UsageError(str(err).replace(" or a smaller --block_size", "")) from None
+    corpus, val_data = train.load_tokens(config, run, fix="use a longer text")  # no --block_size
     loaded = time.time() - launched
     model = train.build_model(corpus.tokenizer.vocab_size, config, run)
     optimizer = train.make_optimizer(model, config)
@@ -388,30 +375,25 @@ def report(device, quick, json_path, n_tokens):
     result = dict(environment=info, quick=quick, rows=rows, markdown="\n".join(lines))
     print("\n" + result["markdown"])
     replacing = os.path.exists(json_path)
-    atomic_write(json_path, lambda tmp: pathlib.Path(tmp).write_text(
+    checkpoint.atomic_write(json_path, lambda tmp: pathlib.Path(tmp).write_text(
         json.dumps(result, indent=2) + "\n"))
     print(f"\nWrote {json_path}" + (" (replacing the report that was there)" if replacing else ""))
 
 
-def check_report_path(path):
-    """--json can be written, spares the training text, and holds nothing but an old report."""
-    check_outputs_spare_inputs({path: "--json"}, {dataset.DEFAULT_DATA: "the --data file"},
-                               "pick another --json")
-    check_output_path(path, "--json", "bench_report.json")
-    check_replaceable(path, "--json", "bench.py", is_report)
-
-
 def is_report(path):
-    earlier = None
     with contextlib.suppress(OSError, ValueError):
         earlier = json.loads(pathlib.Path(path).read_text())
-    return isinstance(earlier, dict) and {"environment", "rows"} <= earlier.keys()
+        return isinstance(earlier, dict) and {"environment", "rows"} <= earlier.keys()
+    return False
 
 
 def time_to_target_row(device, quick):
     """Launch train.py (--preset fast; --quick: the tiny model) until an eval line reaches the
     target val loss, or the time limit; its time is train.py's: since it started, imports too."""
     target = QUICK_TARGET if quick else TARGET_VAL_LOSS
+    row = dict(measurement=f"time to val <= {target} "
+                           f"({'tiny model' if quick else '--preset fast'})",
+               value=None, unit="s", details="seconds since train.py started, imports included")
     with tempfile.TemporaryDirectory() as folder:  # the checkpoint and its logs go here
         flags = ["--device", device, "--checkpoint", os.path.join(folder, "ckpt.pt"),
                  "--sample_tokens", "0"]
@@ -423,23 +405,19 @@ def time_to_target_row(device, quick):
         else:
             flags += ["--preset", "fast"]
         try:
-            points, failed = eval_points(flags, TARGET_TIME_LIMIT, "train.py", target), None
+            points = eval_points(flags, TARGET_TIME_LIMIT, "train.py", target)
         except UsageError as failure:
-            points, failed = [], str(failure)
-    row = dict(measurement=f"time to val <= {target} " + ("(tiny model)" if quick
-                                                           else "(--preset fast)"),
-               value=None, unit="s", details="seconds since train.py started, imports included")
+            return dict(row, result=str(failure))
     if points and points[-1][2] <= target:
         seconds, step, val_loss = points[-1]
         return dict(row, value=seconds, step=step, val_loss=val_loss,
                     result=f"{seconds:.1f} s (step {step}, val {val_loss:.4f})")
     best = min(points, key=lambda point: point[2], default=None)
-    return dict(row, result=failed or "not reached" + (
+    return dict(row, result="not reached" + (
         f" (best val {best[2]:.4f} at step {best[1]})" if best else ""))
 
 
 def launch_train_py(flags):
-    """train.py with flags, in a process whose output (stdout and stderr) the caller reads."""
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *flags], cwd=ROOT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"},  # lines as printed
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -452,14 +430,9 @@ def eval_points(flags, seconds, name, stop_at=float("-inf")):
     with launch_train_py(flags) as process, tqdm(
             total=seconds, unit="s", desc=name, file=sys.stdout,
             bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]") as bar:
-        at_deadline = threading.Event()  # set just before the deadline stops it (exit -9)
-
-        def stop_at_deadline():
-            at_deadline.set()
-            process.kill()  # its output then ends
-
-        deadline = threading.Timer(seconds, stop_at_deadline)
-        deadline.start()
+        deadline = time.monotonic() + seconds
+        killer = threading.Timer(seconds, process.kill)  # at the deadline: its output then ends
+        killer.start()
         try:
             for line in process.stdout:
                 last_line = line.strip() or last_line
@@ -469,12 +442,13 @@ def eval_points(flags, seconds, name, stop_at=float("-inf")):
                     bar.set_postfix_str(f"val {points[-1][2]:.4f} at step {points[-1][1]}")
                 if points and points[-1][2] <= stop_at:
                     break
-            else:  # the output ended: it finished, or the deadline stopped it
-                if process.wait() != 0 and not (process.returncode == -9 and at_deadline.is_set()):
+            else:  # the output ended: it finished, or the deadline killed it (exit -9)
+                killed_at_deadline = process.wait() == -9 and time.monotonic() >= deadline
+                if process.returncode != 0 and not killed_at_deadline:
                     raise UsageError(f"{name} failed (exit {process.returncode}): "
                                      f"{last_line or 'no output'}")
         finally:
-            deadline.cancel()
+            killer.cancel()
             process.kill()
     return points
 
@@ -509,15 +483,13 @@ def generation_row(device, use_cache, compile_setting, quick, n_tokens):
     weights' number format generate.py picks by default."""
     asked = use_cache and compile_setting == "true"
     setting, eager = compile_choice(asked, device, quick)
-    dtype = pick_dtype("auto", device)
-    tokens_per_sec, peak = generate_speed(device, use_cache, n_tokens, dtype, setting,
-                                          QUICK_MODEL if quick else None)
-    compiled = setting == "true" and not compile_problem(device)
+    tokens_per_sec, peak, facts = generate_speed(device, use_cache, n_tokens, "auto", setting,
+                                                 QUICK_MODEL if quick else None)
     kind = "KV cache, compiled" if asked else "KV cache" if use_cache else "no cache"
     return dict(measurement=f"generation tokens/s, batch 1, {kind}",
                 value=tokens_per_sec, unit="tokens/s", result=f"{tokens_per_sec:,.0f} tokens/s",
-                details=f"{dtype}, {'compiled' if compiled else eager}, {n_tokens} tokens, "
-                        f"peak {peak:,.0f} MiB", dtype=dtype, compiled=compiled, peak_mib=peak)
+                details=f"{facts['dtype']}, {'compiled' if facts['compiled'] else eager}, "
+                        f"{n_tokens} tokens, peak {peak:,.0f} MiB", **facts, peak_mib=peak)
 
 
 def environment(device):
@@ -558,7 +530,6 @@ def curve(preset, seconds, points, device):
         within = [point for point in found if point[0] <= seconds]
         elapsed, step, val = within[-1] if within else (float("nan"), 0, float("nan"))
         print(f"| --preset {name} | {val:.4f} | {elapsed:.1f} s | {step} |")
-    return results
 
 
 if __name__ == "__main__":

@@ -89,15 +89,14 @@ class Training:
     progress: runs.Progress = None  # made once the first step is known
 
 
-def load_tokens(config, run):
+def load_tokens(config, run, fix="use a longer text or a smaller --block_size"):
     """The text's tokens, prepared once into a file every rank maps (dataset.py), and the val
-    tokens evaluate() scores, on the device."""
+    tokens evaluate() scores, on the device. fix: what to do about a text too short."""
     corpus = load_corpus(config, run.rank, run.world_size)
     if corpus.n_train <= config.block_size or corpus.n_val < 2:
         need = math.ceil((config.block_size + 2) / 0.9)
         raise UsageError(f"{config.data} has {corpus.n_chars} characters, too few for block_size "
-                         f"{config.block_size}: need at least {need}; use a longer text or a "
-                         f"smaller --block_size")
+                         f"{config.block_size}: need at least {need}; {fix}")
     return corpus, val_set(corpus, config.eval_tokens, config.block_size, run.device)
 
 
