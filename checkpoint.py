@@ -161,12 +161,13 @@ def unreadable_checkpoint(path, err):
     if "Unsupported global" in str(err):
         return (f"{path} needs pickle to load, which can run code; refusing. Use a checkpoint "
                 f"saved by this project's train.py")
-    if isinstance(err, OSError):  # permission denied, an I/O error, ...
-        return f"cannot read {path} ({err.strerror or err}); pass a readable file"
-    with open(path, "rb") as f:
-        if f.read(4) == b"PK\x03\x04":  # torch.save writes a zip archive
-            return (f"{path} is a damaged checkpoint (cut short or corrupted); retrain, or copy "
-                    f"it again")
+    try:
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+    except OSError as os_error:  # permission denied, an I/O error, ...
+        return f"cannot read {path} ({os_error.strerror or os_error}); pass a readable file"
+    if is_zip:
+        return f"{path} is a damaged checkpoint (cut short or corrupted); retrain, or copy it again"
     return (f"{path} is not a Mini-GPT checkpoint (not a file that torch.save wrote); pass one "
             f"saved by train.py")
 
