@@ -256,6 +256,26 @@ def test_a_text_that_changes_while_it_is_prepared_is_refused(tmp_path, monkeypat
     assert not [name for name in os.listdir(tmp_path) if name.endswith((".tokens", ".tmp"))]
 
 
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+def test_a_data_file_deleted_while_it_is_prepared_is_one_line(tmp_path, monkeypatch, tokenizer):
+    import dataset
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (folder / name).write_text(TINY_TEXT)
+    real_scan = dataset.scan
+
+    def scan_then_delete(*args, **kwargs):  # another program deletes a file after the first pass
+        result = real_scan(*args, **kwargs)
+        (folder / "b.txt").unlink()
+        return result
+
+    monkeypatch.setattr(dataset, "scan", scan_then_delete)
+    with pytest.raises(utils.UsageError, match="No such file or directory"):
+        dataset.load_corpus(Config(data=str(folder), tokenizer=tokenizer, vocab_size=300))
+    assert not [name for name in os.listdir(tmp_path) if name.endswith((".tokens", ".tmp"))]
+
+
 @pytest.mark.parametrize("damage", [[1, 2], {"format": 1}, "n_train", "dtype", "tokenizer"])
 def test_damaged_token_metadata_is_prepared_anew(tmp_path, tiny_data, damage):
     import dataset
