@@ -281,14 +281,6 @@ def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=fast_b
     char_level = settings["tokenizer"] == "char"
     n_chars, code_points, sha256 = scan(sources, chunk_bytes, "Reading", want_vocab=char_level)
     n_train_chars = int(n_chars * (1 - VAL_FRACTION))
-    if char_level:
-        tokenizer = CharTokenizer("".join(map(chr, code_points)))
-        encoded = char_ids(sources, code_points, n_train_chars, chunk_bytes)
-    else:
-        sample = bpe_sample(sources, n_train_chars, settings["bpe_sample_chars"], chunk_bytes)
-        tokenizer = fast_bpe.train(sample, settings["vocab_size"])
-        encoded = bpe_ids(sources, n_train_chars, tokenizer, chunk_bytes, piece_chars,
-                          workers or fast_bpe.cpu_count())
     n_tokens = {"train": 0, "val": 0}
 
     def write_tokens(tmp_path):
@@ -305,8 +297,16 @@ def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=fast_b
         if os.path.lexists(f"{stem}.tokens.json"):
             os.remove(f"{stem}.tokens.json")  # the old metadata must never describe new tokens
 
-    try:
-        atomic_write(f"{stem}.tokens", write_tokens)
+    try:  # learning reads the text again: a file deleted since is an OSError too
+        if char_level:
+            tokenizer = CharTokenizer("".join(map(chr, code_points)))
+            encoded = char_ids(sources, code_points, n_train_chars, chunk_bytes)
+        else:
+            sample = bpe_sample(sources, n_train_chars, settings["bpe_sample_chars"], chunk_bytes)
+            tokenizer = fast_bpe.train(sample, settings["vocab_size"])
+            encoded = bpe_ids(sources, n_train_chars, tokenizer, chunk_bytes, piece_chars,
+                              workers or fast_bpe.cpu_count())
+        atomic_write(f"{stem}.tokens", write_tokens)  # encodes as it writes
         meta = dict(format=FORMAT, settings=settings, sources=stats, sha256=sha256,
                     n_chars=n_chars, n_train_chars=n_train_chars, tokenizer=tokenizer.to_dict(),
                     dtype=token_dtype(tokenizer.vocab_size), n_train=n_tokens["train"],

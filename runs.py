@@ -446,13 +446,6 @@ def resume(training):
     config, model, run = training.config, training.model, training.run
     path = resume_path(config)
     ckpt = checkpoint.load_checkpoint(path, run.device, "--resume")
-    if not ({"optimizer", "rng", "step", "config", "val_loss"} <= ckpt.keys()
-            and isinstance(ckpt["config"], dict) and type(ckpt["step"]) is int
-            and ckpt["step"] >= 0 and isinstance(ckpt["val_loss"], float)
-            and isinstance(ckpt["rng"], list) and ckpt["rng"]
-            and isinstance(ckpt["optimizer"], dict)):
-        raise UsageError(f"cannot resume {path}: it has no optimizer or random state, or a "
-                         f"damaged one; start a fresh run")
     check_same_tokens(ckpt, training.corpus, config, path)
     model_args, wanted = ckpt["model_args"], asdict(model.config)
     changed = ", ".join(f"{k} {model_args[k]} -> {wanted[k]}"
@@ -460,6 +453,13 @@ def resume(training):
     if changed:
         raise UsageError(f"cannot resume {path}: the model shape differs ({changed}); drop "
                          f"those flags or start a fresh run")
+    if not ({"optimizer", "rng", "step", "config", "val_loss"} <= ckpt.keys()
+            and isinstance(ckpt["config"], dict) and type(ckpt["step"]) is int
+            and ckpt["step"] >= 0 and isinstance(ckpt["val_loss"], float)
+            and isinstance(ckpt["rng"], list) and ckpt["rng"]
+            and isinstance(ckpt["optimizer"], dict)):
+        raise UsageError(f"cannot resume {path}: it has no optimizer or random state, or a "
+                         f"damaged one; start a fresh run")
     saved_optimizer = ckpt["config"].get("optimizer", "adamw")
     if saved_optimizer != config.optimizer:
         fix = "drop --reference (it means AdamW)" if config.reference else \
@@ -496,12 +496,13 @@ def check_same_tokens(ckpt, corpus, config, path):
     """Refuse other tokens than the checkpoint learned: another --tokenizer, --vocab_size (BPE's),
     or --bpe_sample_chars (a BPE sample of the same text that learned other merges), or another
     text (its sha256: the same characters in another text give the same vocabulary)."""
-    saved = dict(ckpt["config"], tokenizer=ckpt["tokenizer"]["kind"])
+    saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}  # hand-made: none
+    saved = dict(saved, tokenizer=ckpt["tokenizer"]["kind"])
     same_text = ckpt.get("text_sha256", corpus.sha256) == corpus.sha256
     same_tokens = ckpt["tokenizer"] == corpus.tokenizer.to_dict()
     for flag, matters in (("tokenizer", True), ("vocab_size", config.tokenizer == "bpe"),
                           ("bpe_sample_chars", same_text and not same_tokens)):
-        if matters and saved.get(flag, getattr(config, flag)) != getattr(config, flag):
+        if matters and saved.get(flag) not in (None, getattr(config, flag)):  # None: unknown
             raise UsageError(f"cannot resume {path}: it was trained with --{flag} {saved[flag]}; "
                              f"pass --{flag} {saved[flag]}")
     if not (same_text and same_tokens):

@@ -256,6 +256,26 @@ def test_a_text_that_changes_while_it_is_prepared_is_refused(tmp_path, monkeypat
     assert not [name for name in os.listdir(tmp_path) if name.endswith((".tokens", ".tmp"))]
 
 
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+def test_a_data_file_deleted_while_it_is_prepared_is_one_line(tmp_path, monkeypatch, tokenizer):
+    import dataset
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (folder / name).write_text(TINY_TEXT)
+    real_scan = dataset.scan
+
+    def scan_then_delete(*args, **kwargs):  # another program deletes a file after the first pass
+        result = real_scan(*args, **kwargs)
+        (folder / "b.txt").unlink()
+        return result
+
+    monkeypatch.setattr(dataset, "scan", scan_then_delete)
+    with pytest.raises(utils.UsageError, match="No such file or directory"):
+        dataset.load_corpus(Config(data=str(folder), tokenizer=tokenizer, vocab_size=300))
+    assert not [name for name in os.listdir(tmp_path) if name.endswith((".tokens", ".tmp"))]
+
+
 @pytest.mark.parametrize("damage", [[1, 2], {"format": 1}, "n_train", "dtype", "tokenizer"])
 def test_damaged_token_metadata_is_prepared_anew(tmp_path, tiny_data, damage):
     import dataset
@@ -345,6 +365,27 @@ def test_resume_with_another_tokenizer_or_vocabulary_names_it(tmp_path, tiny_dat
     one_error_line(train_run(tiny_data, tmp_path / "bpe.pt", "--max_iters", "4", "--resume",
                              *bpe, "--bpe_sample_chars", "100"),
                    "--bpe_sample_chars 10000000; pass --bpe_sample_chars 10000000")
+
+
+@pytest.mark.parametrize("damage", ["no optimizer state", "vocab_size None"])
+def test_resume_names_the_flags_first_and_a_saved_none_is_unknown(tmp_path, tiny_data, damage):
+    """Another --tokenizer, text or shape is named before the state the checkpoint lacks (a
+    hand-made one has no optimizer); a flag saved as None is unknown, as if not saved."""
+    bpe = ["--tokenizer", "bpe", "--vocab_size", "300"]
+    assert train_run(tiny_data, tmp_path / "bpe.pt", *bpe)[0] == 0
+    checkpoint = torch.load(tmp_path / "bpe.pt", weights_only=True)
+    if damage == "no optimizer state":
+        del checkpoint["optimizer"], checkpoint["config"]
+        torch.save(checkpoint, tmp_path / "bpe.pt")
+        one_error_line(train_run(tiny_data, tmp_path / "bpe.pt", "--max_iters", "4", "--resume"),
+                       "it was trained with --tokenizer bpe; pass --tokenizer bpe")
+        one_error_line(train_run(tiny_data, tmp_path / "bpe.pt", "--max_iters", "4", "--resume",
+                                 *bpe, "--n_layer", "3"), "the model shape differs (n_layer 2 -> 3)")
+    else:
+        checkpoint["config"]["vocab_size"] = None
+        torch.save(checkpoint, tmp_path / "bpe.pt")
+        assert train_run(tiny_data, tmp_path / "bpe.pt", "--max_iters", "4", "--resume",
+                         *bpe)[0] == 0
 
 
 def test_a_folder_where_the_token_file_goes_is_named_as_such(tmp_path, tiny_data):
