@@ -283,7 +283,7 @@ def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=fast_b
     n_train_chars = int(n_chars * (1 - VAL_FRACTION))
     n_tokens = {"train": 0, "val": 0}
 
-    def write_tokens(tmp_path):
+    def write_tokens(tmp_path):  # atomic_write calls it below, once `encoded` is made
         with open(tmp_path, "wb") as out:
             for split, ids in encoded:
                 ids.tofile(out)

@@ -204,7 +204,8 @@ def check_args(args):
     check_each(args, ("temperature",), lambda v: v == 0 or 1e-6 <= v < math.inf,
                "0 (greedy) or a finite number >= 1e-6")
     check_each(args, ("top_k",), lambda v: v >= 1, "at least 1")
-    check_each(args, ("top_p",), lambda v: v is None or 1e-6 <= v <= 1, "from 1e-6 to 1")  # NaN fails
+    # (A NaN fails every comparison, so it is refused too.)
+    check_each(args, ("top_p",), lambda v: v is None or 1e-6 <= v <= 1, "from 1e-6 to 1")
     check_each(args, ("max_new_tokens",), lambda v: v >= 0, ">= 0")
     check_each(args, ("num_samples",), lambda v: v >= 1, "at least 1")
     check_each(args, ("seed",), lambda v: 0 <= v < 2**63, "from 0 to 2**63 - 1")

@@ -359,9 +359,9 @@ if __name__ == "__main__":
             raise UsageError(f"--vocab_size must be at least 1, got {V}")
         C, L, T = args["n_embd"], args["n_layer"], args["block_size"]
         # The weights, each block's (T, T) mask, a forward pass's logits and widest activations.
-        check_fits_in_memory(4 * (param_count(V, C, L, T) + L * T * T + B * T * (V + 4 * C)), "cpu",
-                             "this model", "lower --n_embd, --n_layer, --block_size, --vocab_size "
-                             "or --batch_size")
+        n_bytes = 4 * (param_count(V, C, L, T) + L * T * T + B * T * (V + 4 * C))
+        check_fits_in_memory(n_bytes, "cpu", "this model", "lower --n_embd, --n_layer, "
+                             "--block_size, --vocab_size or --batch_size")
         print("\n".join(describe(GPTModel(replace(shape, vocab_size=V, **args)).eval(), B)))
 
     run_main(main)
