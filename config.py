@@ -8,8 +8,6 @@ import math
 import re
 from dataclasses import dataclass, fields
 
-import torch
-
 from utils import DEVICE_NAME, UsageError
 
 
@@ -182,9 +180,6 @@ def check_config(config):
                          f"tokens; got {config.eval_tokens}")
     check_each(config, ("bpe_sample_chars",), lambda v: v >= 0, "0 (the whole train split) or more")
     check_each(config, ("optimizer",), lambda v: v in ("adamw", "muon"), "adamw or muon")
-    if config.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-        raise UsageError(f"--optimizer muon needs torch.optim.Muon (PyTorch 2.9 or newer; this is "
-                         f"{torch.__version__}): pip install -U torch, or pass --optimizer adamw")
     check_each(config, ("compile", "flash"), lambda v: v in ("auto", "true", "false"),
                "auto, true or false")
     check_each(config, ("device",), DEVICE_NAME.fullmatch, "auto, cuda, cuda:N, mps or cpu")

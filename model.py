@@ -203,9 +203,11 @@ class GPTModel(nn.Module):
 
         Without a cache every step re-runs the last block_size tokens (as in nanoGPT); with one,
         the prompt runs once (prefill), then each step one position. Position embeddings stop
-        at block_size - 1, so a full cache slides: the last block_size // 2 tokens run again as
-        a fresh prefill. Past block_size the cached path thus sees block_size/2 to block_size
-        tokens, the cropped one always block_size; up to block_size they are identical.
+        at block_size - 1, so a full cache starts again. With block_size 8 and a 6-token
+        prompt: the prompt fills positions 0-5, the next two tokens 6 and 7; the token after
+        them would need position 8, so the last 4 tokens (block_size // 2) run again as a fresh
+        prefill at positions 0-3, and the steps go on from 4. Up to block_size tokens the two
+        paths are identical; past it the cached one sees 4 to 8 tokens, the cropped one 8.
         """
         cache = self.new_cache(idx.size(0)) if use_cache else None
         next_input = idx[:, -self.block_size:]
@@ -257,12 +259,12 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
-    # The random draw: each token gets a random time E_i ~ Exponential(1), and the smallest
-    # E_i / probs[i] wins: a race of exponential clocks ringing at rates probs[i], which clock i
-    # wins with probability probs[i] / sum(probs). torch.multinomial(probs, 1) does just this,
-    # from the same random numbers, but first checks the probabilities on the host: on a GPU
-    # every token would wait for that check.
-    race_times = torch.empty_like(probs).exponential_(generator=generator)
+    # The random draw: token i's clock rings at time E_i / probs[i], E_i ~ Exponential(1), and
+    # the first to ring (the largest probs[i] / E_i) wins: a race of exponential clocks with
+    # rates probs[i], which clock i wins with probability probs[i] / sum(probs).
+    # torch.multinomial(probs, 1) does just this, from the same random numbers, but first
+    # checks the probabilities on the host: on a GPU every token would wait for that check.
+    race_times = torch.empty_like(probs).exponential_(generator=generator)  # the E_i
     return (probs / race_times).argmax(dim=-1)
 
 

@@ -70,7 +70,7 @@ def set_up(config):
         torch.cuda.set_device(device)  # the current GPU: whose random state rng_state saves
     torch.manual_seed(config.seed + rank)  # each rank draws its own batches and dropout masks
     dtype = utils.pick_dtype(config.dtype, device)  # --reference: float32
-    # torch.optim.Muon runs its iteration in bfloat16, whatever --dtype says.
+    # Muon's iteration runs in bfloat16 (speedups.nearly_orthogonal), whatever --dtype says.
     if device == "mps" and (dtype == "bfloat16" or config.optimizer == "muon") \
             and not torch.backends.mps.is_macos_or_newer(14, 0):
         raise UsageError("bfloat16 (--dtype bfloat16, or Muon's iteration) needs macOS 14 or "

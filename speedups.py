@@ -9,6 +9,7 @@ PyTorch switches (train.py).
 """
 
 import ctypes
+import math
 
 import torch
 import torch.nn as nn
@@ -82,16 +83,15 @@ def use_fast_cpu_dropout(model):
 # (the Newton-Schulz matmuls); in short runs the steps saved repay it (docs/results.md).
 # It suits the hidden matrices only (an embedding's rows are not directions of a linear map):
 # the embeddings, the output head, biases and LayerNorm gains stay with AdamW.
-# The training runs torch.optim.Muon; muon_direction below is its step written out, the same
-# numbers up to bfloat16's rounding (tests/test_speedups.py compares them).
+# The training runs the code below: muon_direction and nearly_orthogonal are the whole of
+# Muon's step, and Muon (the optimizer class) applies it to each matrix. Its numbers are
+# torch.optim.Muon's (PyTorch 2.9 and newer) to the last bit (tests/test_speedups.py).
 
 def muon_direction(momentum, grad, beta=0.95):
-    """Muon's step for one weight matrix (rows, cols), before the learning rate: the momentum,
-    updated in place, one step ahead (Nesterov), made nearly orthogonal; scaled by
-    sqrt(rows / cols) for tall matrices, so that its size does not depend on their shape."""
-    momentum.mul_(beta).add_(grad)  # M = beta M + g, as SGD with momentum keeps it
-    rows, cols = grad.shape
-    return nearly_orthogonal(grad + beta * momentum) * max(1, rows / cols) ** 0.5
+    """Muon's step for one weight matrix, before the learning rate: the momentum (updated in
+    place), one step ahead (Nesterov), made nearly orthogonal; in bfloat16."""
+    momentum.lerp_(grad, 1 - beta)  # M = beta M + (1 - beta) g: a running mean of gradients
+    return nearly_orthogonal(grad.lerp(momentum, beta))  # (1 - beta) g + beta M: a step ahead
 
 
 def nearly_orthogonal(M, steps=5):
@@ -99,15 +99,43 @@ def nearly_orthogonal(M, steps=5):
     most 1, then each pass maps every singular value s to a s + b s^3 + c s^5, which pushes
     them towards 1: after 5 passes all but the tiniest lie between about 0.7 and 1.2, close
     enough for a step direction."""
-    if M.size(0) > M.size(1):  # work on the wide shape: X X^T is the smaller matrix
-        return nearly_orthogonal(M.T, steps).T
     a, b, c = 3.4445, -4.7750, 2.0315  # chosen to lift small singular values fast
     X = M.bfloat16()  # matmuls only, so bfloat16 suffices
+    tall = X.size(0) > X.size(1)
+    if tall:  # work on the wide shape: X X^T is then the smaller matrix
+        X = X.T
     X = X / X.norm().clamp(min=1e-7)  # the Frobenius norm bounds the largest singular value
     for _ in range(steps):
         gram = X @ X.T  # (rows, rows); (X X^T)^k X has X's singular vectors, values s^(2k+1)
-        X = a * X + (b * gram + c * gram @ gram) @ X
-    return X
+        # X = a X + (b gram + c gram @ gram) @ X, as two fused multiply-adds:
+        # torch.addmm(input, m1, m2, beta=, alpha=) is beta * input + alpha * (m1 @ m2).
+        X = torch.addmm(X, torch.addmm(gram, gram, gram, beta=b, alpha=c), X, beta=a)
+    return X.T if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D weight matrices: each step, shrink W by its weight decay (as AdamW does),
+    then W -= lr * muon_direction(...), the learning rate scaled by sqrt(rows / cols) for tall
+    matrices so that a step's size does not depend on their shape."""
+
+    def __init__(self, params, lr, weight_decay, momentum=0.95):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr = group["lr"]
+            for weight in group["params"]:
+                if weight.grad is None:
+                    continue
+                state = self.state[weight]  # saved with the checkpoint, for exact resume
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(weight.grad)
+                direction = muon_direction(state["momentum_buffer"], weight.grad,
+                                           group["momentum"])
+                rows, cols = weight.shape
+                weight.mul_(1 - lr * group["weight_decay"])
+                weight.add_(direction, alpha=-lr * math.sqrt(max(1, rows / cols)))
 
 
 class MuonAdamW:
@@ -118,7 +146,7 @@ class MuonAdamW:
 
     def __init__(self, adamw, muon_params, muon_lr, weight_decay):
         self.adamw = adamw  # built with lr = learning_rate, AdamW's peak rate
-        self.muon = torch.optim.Muon(muon_params, lr=muon_lr, weight_decay=weight_decay)
+        self.muon = Muon(muon_params, lr=muon_lr, weight_decay=weight_decay)
 
     @property
     def param_groups(self):  # GradScaler.unscale_ and the learning-rate schedule read these

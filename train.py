@@ -139,7 +139,8 @@ def wrap_for_training(model, config, run):
         model = DistributedDataParallel(
             model, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
         # The only buffers, the causal masks, never change: rank 0 need not send them to every
-        # rank before every forward, DDP's default. (Set here: PyTorch 2.13 renamed the flag.)
+        # rank before every forward, DDP's default. (Set as an attribute, which every PyTorch
+        # reads: as DDP's argument, this name warns from PyTorch 2.13, which renamed it.)
         model.broadcast_buffers = False
     return model
 

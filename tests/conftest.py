@@ -32,9 +32,6 @@ def pytest_configure(config):
                    "just these (tests/test_cuda.py)")
 
 
-# For the tests of --optimizer muon: torch.optim.Muon came with PyTorch 2.9.
-needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"),
-                                reason="torch.optim.Muon is in PyTorch 2.9 and newer")
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """What config.py promises: the default model's settings, every field a flag, presets, clear errors."""
 
 import pytest
-import torch
 
 from config import PRESETS, Config, check_config, field_comments, parse_config
 from utils import UsageError
@@ -77,12 +76,6 @@ def test_with_several_bad_flags_the_first_checked_is_named(argv, message):
     # The shape first, then the ranges and relations in check_config's order.
     with pytest.raises(UsageError, match=message):
         parse_config(argv)
-
-
-def test_muon_on_a_pytorch_without_it_says_what_to_do(monkeypatch):
-    monkeypatch.delattr(torch.optim, "Muon", raising=False)
-    with pytest.raises(UsageError, match="PyTorch 2.9 or newer.*--optimizer adamw"):
-        parse_config(["--preset", "cpu"])
 
 
 @pytest.mark.parametrize("argv, message", [

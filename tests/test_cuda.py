@@ -27,7 +27,7 @@ import train
 import utils
 from checkpoint import save_checkpoint
 from config import Config, parse_config
-from conftest import ROOT, TINY_FLAGS, needs_muon, random_batch, run_script, tiny_model
+from conftest import ROOT, TINY_FLAGS, random_batch, run_script, tiny_model
 from runs import Run
 from tokenizer import CharTokenizer
 
@@ -91,7 +91,6 @@ def test_fused_adamw_takes_the_steps_of_plain_adamw(device):
         assert torch.allclose(fused_param, plain_param, atol=1e-5)
 
 
-@needs_muon
 @pytest.mark.parametrize("device", DEVICES)
 def test_muon_learns_under_bf16_autocast(device):
     model = tiny_model().train().to(device)
@@ -131,7 +130,7 @@ def test_compiled_training_follows_eager_training(dtype, tolerance):
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("muon", marks=needs_muon)])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resume_on_cuda_continues_where_it_stopped(tmp_path, tiny_data, optimizer):
     # As test_runs.py does on the CPU. The GPU's random state (it draws the batches and the
     # dropout masks here) must go into the checkpoint and come back.
@@ -415,7 +414,6 @@ def test_what_train_py_picks_on_an_apple_gpu(monkeypatch, capsys):
     assert "its Apple GPU (MPS) backend is a prototype" in capsys.readouterr().out
 
 
-@needs_muon
 @pytest.mark.parametrize("flags", [["--dtype", "bfloat16"], ["--optimizer", "muon"]])
 def test_bfloat16_on_an_apple_gpu_needs_macos_14(monkeypatch, flags):
     pretend_mac(monkeypatch, (14, 0))

@@ -15,7 +15,7 @@ import tracking
 import train
 import utils
 from config import Config
-from conftest import TINY_FLAGS, TINY_TEXT, needs_muon, run_in_process
+from conftest import TINY_FLAGS, TINY_TEXT, run_in_process
 
 # Two steps, evaluating and saving after each: a tiny run of about a second.
 FLAGS = [*TINY_FLAGS, "--max_iters", "2", "--eval_interval", "1", "--sample_tokens", "0",
@@ -518,7 +518,6 @@ def test_a_bad_resume_or_compare_checkpoint_names_its_own_flag(tmp_path, tiny_da
     one_error_line(run_in_process(explore.main, [*serve, tmp_path]), f"--compare {tmp_path} is")
 
 
-@needs_muon
 def test_resuming_a_muon_run_with_reference_says_to_drop_reference(tmp_path, tiny_data):
     assert train_run(tiny_data, tmp_path / "run.pt", "--optimizer", "muon")[0] == 0
     one_error_line(train_run(tiny_data, tmp_path / "run.pt", "--resume", "--reference",

@@ -23,7 +23,7 @@ import tracking
 import train
 from checkpoint import load_checkpoint
 from config import Config
-from conftest import ROOT, TINY_FLAGS, needs_muon, random_batch, run_in_process, run_script, tiny_model
+from conftest import ROOT, TINY_FLAGS, random_batch, run_in_process, run_script, tiny_model
 
 
 def losses_by_step(jsonl_path):
@@ -31,7 +31,7 @@ def losses_by_step(jsonl_path):
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("muon", marks=needs_muon)])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resume_continues_exactly(tmp_path, tiny_data, optimizer):
     flags = ["--data", tiny_data, *TINY_FLAGS, "--dropout", "0.1", "--log_interval", "1",
              "--eval_interval", "6", "--lr_decay_iters", "12", "--sample_tokens", "0",
@@ -62,10 +62,8 @@ def test_resume_with_another_shape_or_text_is_refused(tmp_path, tiny_data):
     other_text.write_text("completely different words, zebra quiz! " * 40)
     result = run_script("train.py", *flags, "--max_iters", "4", "--resume", "--data", other_text)
     assert result.returncode == 2 and "trained on another text" in result.stderr
-    if hasattr(torch.optim, "Muon"):
-        result = run_script("train.py", *flags, "--max_iters", "4", "--resume",
-                            "--optimizer", "muon")
-        assert result.returncode == 2 and "pass --optimizer adamw" in result.stderr
+    result = run_script("train.py", *flags, "--max_iters", "4", "--resume", "--optimizer", "muon")
+    assert result.returncode == 2 and "pass --optimizer adamw" in result.stderr
 
 
 def test_sigkill_never_leaves_an_unreadable_checkpoint(tmp_path, tiny_data):

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import generate
 import runs
@@ -14,7 +13,7 @@ import speedups
 import train
 import utils
 from config import Config, parse_config
-from conftest import ROOT, needs_muon, tiny_model
+from conftest import ROOT, tiny_model
 from speedups import FastCPUDropout
 from utils import UsageError
 
@@ -72,28 +71,40 @@ def test_reference_switch_turns_every_speed_up_off():
         parse_config(["--reference", "--dtype", "bfloat16"])
 
 
-@needs_muon
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="PyTorch 2.9 brought its Muon")
 @pytest.mark.parametrize("shape", [(48, 16), (16, 48), (32, 32)])  # tall, wide, square
-def test_muon_direction_is_the_step_torch_optim_muon_takes(shape):
-    """speedups.muon_direction, the Muon step written out for reading, moves a weight matrix as
-    torch.optim.Muon (what the CPU presets train with) does, over steps that use its momentum;
-    equal up to bfloat16's rounding of the matmuls, done in another order."""
+def test_muon_takes_the_steps_of_torch_optim_muon_to_the_last_bit(shape):
+    """speedups.Muon, the step the CPU presets train with, written out for reading, moves a
+    weight matrix exactly as PyTorch's own torch.optim.Muon does, over steps that use its
+    momentum and weight decay, with a learning rate that changes; and a checkpoint's state
+    saved by either loads into the other."""
     torch.manual_seed(0)
-    weight = torch.nn.Parameter(torch.randn(shape))
-    muon = torch.optim.Muon([weight], lr=0.02, weight_decay=0.0)
-    momentum = torch.zeros(shape)
-    for _ in range(3):
-        before, weight.grad = weight.detach().clone(), torch.randn(shape)
-        written_out = speedups.muon_direction(momentum, weight.grad).float()
-        muon.step()
-        taken = (before - weight.detach()) / 0.02
-        assert F.cosine_similarity(taken.flatten(), written_out.flatten(), dim=0) > 0.998
-        assert (taken - written_out).abs().max() < 0.1 * taken.abs().max()
-    singular_values = torch.linalg.svdvals(speedups.nearly_orthogonal(torch.randn(64, 16)).float())
-    assert 0.6 < singular_values.min() and singular_values.max() < 1.25  # nearly orthogonal
+    ours = torch.nn.Parameter(torch.randn(shape))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    muon = speedups.Muon([ours], lr=0.02, weight_decay=0.1)
+    torch_muon = torch.optim.Muon([theirs], lr=0.02, weight_decay=0.1)
+    for step in range(4):
+        ours.grad = torch.randn(shape)
+        theirs.grad = ours.grad.clone()
+        for optimizer in (muon, torch_muon):
+            optimizer.param_groups[0]["lr"] = 0.02 * (step + 1) / 4
+            optimizer.step()
+        assert torch.equal(ours, theirs) and not torch.equal(ours, ours.grad)
+    resumed = speedups.Muon([torch.nn.Parameter(theirs.detach().clone())], lr=0.02,
+                            weight_decay=0.1)
+    resumed.load_state_dict(torch_muon.state_dict())  # a checkpoint of torch.optim.Muon's
+    assert torch.equal(next(iter(resumed.state.values()))["momentum_buffer"],
+                       muon.state[ours]["momentum_buffer"])
 
 
-@needs_muon
+def test_nearly_orthogonal_brings_every_singular_value_near_1():
+    torch.manual_seed(0)
+    matrix = torch.randn(64, 16) @ torch.diag(torch.logspace(-1, 1, 16))  # strengths 0.1 to 10
+    for M in (matrix, matrix.T):  # tall and wide
+        singular_values = torch.linalg.svdvals(speedups.nearly_orthogonal(M).float())
+        assert 0.6 < singular_values.min() and singular_values.max() < 1.25
+
+
 def test_muon_adamw_saves_and_loads_as_one_optimizer():
     config = Config(optimizer="muon", muon_lr=0.02)
     model = tiny_model().train()

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import runs
+import speedups
 import train
 import utils
 from config import Config, parse_config
-from conftest import TINY_FLAGS, needs_muon, random_batch, run_in_process, tiny_model
+from conftest import TINY_FLAGS, random_batch, run_in_process, tiny_model
 from runs import Run
 
 
@@ -97,13 +98,12 @@ def test_the_first_lines_say_what_runs_and_why(flags, device, dtype, expected):
     assert runs.what_runs(config, Run(device, dtype), preset).splitlines() == expected
 
 
-@needs_muon
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model = tiny_model()
     config = Config(optimizer="muon", learning_rate=1e-3, muon_lr=0.02, warmup_iters=10)
     optimizer = train.make_optimizer(model, config)
     adamw, muon = optimizer.adamw, optimizer.muon
-    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, speedups.Muon)
     names = {id(p): name for name, p in model.named_parameters()}
     in_muon = {names[id(p)] for group in muon.param_groups for p in group["params"]}
     in_adamw = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
@@ -118,7 +118,6 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert all(group["lr"] == pytest.approx(5e-4) for group in adamw.param_groups)
 
 
-@needs_muon
 def test_muon_training_lowers_the_loss():
     torch.manual_seed(0)
     model = tiny_model().train()
@@ -175,7 +174,7 @@ def test_mfu_only_for_known_gpus():
     assert runs.gpu_peak_flops(Run("cpu", "bfloat16")) is None
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("muon", marks=needs_muon)])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_float16_with_loss_scaling_trains(optimizer):
     # The path older GPUs take (no bf16): fp16 autocast + GradScaler; it runs on the CPU too.
     # With Muon the scaler unscales and steps both of MuonAdamW's optimizers.
