@@ -10,7 +10,8 @@
 
 Each variant runs in a fresh process, so the peak memory printed is its own. The token ids are
 random: what the text says does not change how long the arithmetic takes. `prepare` writes its
-generated text (and the prepared token file) to a temporary folder and deletes it afterwards.
+generated text (or a link to --data) and the token file to a temporary folder and deletes it
+afterwards: the token files beside a --data text are never touched.
 """
 
 import startup
@@ -120,15 +121,36 @@ def in_fresh_process(function, *args):
         return pool.submit(function, *args).result()
 
 
+NO_ROOM = "free some disk space, or set TMPDIR to a folder on a bigger disk"
+
+
+def temporary_folder():
+    """A fresh folder for a benchmark's files (in TMPDIR), deleted at the end of its `with`."""
+    try:
+        return tempfile.TemporaryDirectory(prefix="mini-gpt-bench-")
+    except OSError as err:  # TMPDIR full, read-only or not there
+        raise UsageError(f"cannot make a temporary folder ({err.strerror or err}); "
+                         f"{NO_ROOM}") from None
+
+
+def write_or_stop(path, write, fix=NO_ROOM):
+    """checkpoint.atomic_write(path, write): a full disk or a file-size limit is one line."""
+    try:
+        checkpoint.atomic_write(path, write)
+    except (OSError, RuntimeError) as err:  # torch.save says a full disk with a RuntimeError
+        raise UsageError(f"cannot write {path} ({checkpoint.write_failure(err)}); {fix}") from None
+
+
 def main(argv=None):
     parser = ArgumentParser(prog="bench.py", description=__doc__.split("\n")[0])
     flag = parser.add_argument
     flag("what", choices=["train", "generate", "report", "curve", "prepare", "explore"])
     flag("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
-    flag("--steps", type=int, help="timed training steps (default: 20 on a GPU, 3 on a CPU); "
-         "explore: rounds (default: 20)")
-    flag("--batch_size", type=int, default=64, help="training batch size")
-    flag("--tokens", type=int, default=1000, help="tokens to generate")
+    flag("--steps", type=int, help="train: timed steps (default: 20 on a GPU, 3 on a CPU); "
+         "prepare: the second run's (3); explore: rounds (20)")
+    flag("--batch_size", type=int, default=64, help="train: the batch size")
+    flag("--tokens", type=int, default=1000, help="generate, report: tokens to generate "
+         "(report --quick: 50)")
     flag("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
          help="generate: the weights' number format, as generate.py's --dtype")
     flag("--compile", default="auto", choices=["auto", "true", "false"],
@@ -144,13 +166,14 @@ def main(argv=None):
     flag("--text", default="synthetic", choices=["synthetic", "shakespeare"],
          help="prepare: Zipf-distributed made-up words (many distinct words, as a real corpus "
               "has), or Tiny Shakespeare repeated")
-    flag("--data", help="prepare: this text file or folder instead (its token file is kept "
-         "beside it, as train.py would)")
-    flag("--tokenizer", default="char", choices=["char", "bpe"])
+    flag("--data", help="prepare: this text file or folder instead (prepared afresh in the "
+         "temporary folder: its own token files are left as they are)")
+    flag("--tokenizer", default="char", choices=["char", "bpe"], help="prepare: as train.py's")
     flag("--vocab_size", type=int, default=4096, help="prepare: BPE vocabulary")
     flag("--bpe_sample_chars", type=int, default=Config.bpe_sample_chars,
          help="prepare: as train.py's (default: config.py's)")
     args = parser.parse_args(argv)
+    check_flags_apply(args, parser)
     check_each(args, ("steps", "tokens", "seconds", "points", "size_mb"),
                lambda value: value is None or value >= 1, "at least 1")
     if args.what == "prepare":  # the same checks as train.py's for these flags
@@ -195,6 +218,25 @@ def main(argv=None):
           f"speedup {first_speed / second_speed:.2f}x")
 
 
+# The flags each benchmark reads (--device: all of them); --help says which is whose.
+FLAGS_OF = {"train": {"steps", "batch_size"}, "generate": {"tokens", "dtype", "compile"},
+            "report": {"quick", "json", "tokens"}, "curve": {"preset", "seconds", "points"},
+            "prepare": {"steps", "size_mb", "text", "data", "tokenizer", "vocab_size",
+                        "bpe_sample_chars"}, "explore": {"steps"}}
+
+
+def check_flags_apply(args, parser):
+    """Refuse a flag this benchmark would ignore: whoever gave it expects it to count."""
+    data, quick = args.what == "prepare" and args.data, args.what == "report" and args.quick
+    what = args.what + (" --data" if data else " --quick" if quick else "")
+    ignored = {"size_mb", "text"} if data else {"tokens"} if quick else set()
+    for name in sorted(vars(args).keys() - {"what", "device"}):
+        if getattr(args, name) != parser.get_default(name) and (
+                name not in FLAGS_OF[args.what] or name in ignored):
+            raise UsageError(f"--{name} is not used by bench.py {what}; leave it out (--help "
+                             f"says which benchmark reads each flag)")
+
+
 # ---------------------------------------------------------------------------------------------
 # python bench.py explore: the live page's server time for a keystroke and for a paste
 
@@ -203,10 +245,11 @@ def explore_speed(device, repeats):
     after 255 (only it runs, through the KV cache), and 256 characters pasted at once."""
     import explore_server
     model = GPTModel(GPTConfig(VOCAB_SIZE))
-    with tempfile.TemporaryDirectory() as folder:
+    with temporary_folder() as folder:
         path = os.path.join(folder, "default.pt")
-        checkpoint.save_checkpoint(dict(model=model.state_dict(), model_args=asdict(model.config),
-                                        tokenizer=TOKENIZER.to_dict()), path)
+        write_or_stop(path, lambda tmp: torch.save(dict(
+            model=model.state_dict(), model_args=asdict(model.config),
+            tokenizer=TOKENIZER.to_dict()), tmp))
         explorer = explore_server.load_explorer(path, device)
     print(f"the default model ({explorer.model.num_params():,} parameters), "
           f"{torch.get_num_threads()} threads")
@@ -234,20 +277,32 @@ def tokenizer_flags(args):
 
 def prepare_benchmark(args, device):
     """Prepare a text in a fresh process (time, peak memory), then start training on it in
-    another, as a second run: time to the first step, memory while training, an evaluation."""
-    with tempfile.TemporaryDirectory(prefix="mini-gpt-bench-") as folder:  # a generated text
-        data = args.data or write_bench_text(folder, args.text, args.size_mb)
+    another, as a second run: time to the first step, memory while training, an evaluation.
+    All in a temporary folder: a --data text is linked into it, so that it is prepared from
+    scratch and its own token files, beside it, are never touched."""
+    with temporary_folder() as folder:
+        if args.data:
+            size_mib = sum(map(os.path.getsize, dataset.find_sources(args.data))) / 2**20
+            check_room(folder, 2 * size_mib, f"--data {args.data}", "its token file")
+            data = os.path.join(folder, os.path.basename(os.path.abspath(args.data)))
+            os.symlink(os.path.abspath(args.data), data)
+        else:
+            data = write_bench_text(folder, args.text, args.size_mb)
+            size_mib = os.path.getsize(data) / 2**20
+        shown = args.data or data  # the text as the user knows it
         flags = ["--data", data, *tokenizer_flags(args), "--device", device, "--preset", "cpu"]
-        size_mib = sum(os.path.getsize(p) for p in dataset.find_sources(data)) / 2**20
-        print(f"text: {data} ({size_mib:,.0f} MiB); machine: {os.cpu_count()} cores, load "
+        print(f"text: {shown} ({size_mib:,.0f} MiB); machine: {os.cpu_count()} cores, load "
               f"average {os.getloadavg()[0]:.1f} before")
-        seconds, mib, workers_mib, meta = in_fresh_process(timed_prepare, flags)
-        workers = f" (workers: at most {workers_mib:,.0f} MiB each)" if workers_mib else ""
-        print(f"prepare: {seconds:.1f} s ({size_mib / seconds:.1f} MiB/s), CPU time "
-              f"{meta['cpu_seconds']:.0f} s in all processes; peak RSS {mib:,.0f} MiB{workers}; "
-              f"{meta['n_train'] + meta['n_val']:,} tokens ({args.tokenizer}, "
-              f"{meta['tokenizer_vocab']:,} in the vocabulary, {meta['dtype']})")
-        result = in_fresh_process(second_run, flags, args.steps or 3, time.time())
+        try:
+            seconds, mib, workers_mib, meta = in_fresh_process(timed_prepare, flags)
+            workers = f" (workers: at most {workers_mib:,.0f} MiB each)" if workers_mib else ""
+            print(f"prepare: {seconds:.1f} s ({size_mib / seconds:.1f} MiB/s), CPU time "
+                  f"{meta['cpu_seconds']:.0f} s in all processes; peak RSS {mib:,.0f} MiB"
+                  f"{workers}; {meta['n_train'] + meta['n_val']:,} tokens ({args.tokenizer}, "
+                  f"{meta['tokenizer_vocab']:,} in the vocabulary, {meta['dtype']})")
+            result = in_fresh_process(second_run, flags, args.steps or 3, time.time())
+        except UsageError as err:  # it names the link: name the text (its token files are here)
+            raise UsageError(re.sub(re.escape(data) + r"(?!\.)", lambda _: shown, str(err)))
     print(f"second run: corpus mapped {result['load']:.2f} s after launch, first training "
           f"step done at {result['first_step']:.1f} s (the step-0 evaluation left out)")
     print(f"training: peak RSS {result['mib']:,.0f} MiB after {result['steps']} steps and "
@@ -259,21 +314,29 @@ def shakespeare():
     return pathlib.Path(dataset.find_sources(dataset.DEFAULT_DATA)[0]).read_text(encoding="utf-8")
 
 
+def check_room(folder, mib, what, holding):
+    """Refuse, before any work, files that would fill the disk (other programs failing too)."""
+    free = shutil.disk_usage(folder).free // 2**20
+    if mib > free:
+        raise UsageError(f"{what} needs about {mib:,.0f} MiB free in {folder} ({holding}), which "
+                         f"has {free:,} MiB; ask for less, or set TMPDIR to a folder on a bigger "
+                         f"disk")
+
+
 def write_bench_text(folder, kind, size_mb):
     path = os.path.join(folder, f"{kind}-{size_mb}mb.txt")
     size = size_mb * 2**20
-    free = shutil.disk_usage(folder).free  # for the text and its token file (2 bytes a char)
-    if 3 * size > free:
-        raise UsageError(f"--size_mb {size_mb} needs about {3 * size_mb:,} MiB free in {folder} "
-                         f"(the text and its token file), which has {free // 2**20:,} MiB; ask "
-                         f"for less, or set TMPDIR to a folder on a bigger disk")
+    check_room(folder, 3 * size_mb, f"--size_mb {size_mb}", "the text and its token file")
     blocks = itertools.repeat(shakespeare()) if kind == "shakespeare" else synthetic_blocks()
-    with open(path, "wb") as f, tqdm(total=size, desc=f"writing {kind} text", unit="B",
-                                     unit_scale=True, file=sys.stdout) as bar:
-        while f.tell() < size:
-            text = next(blocks)[:size - f.tell()]  # whole characters: valid UTF-8
-            f.write(text.encode("utf-8"))
-            bar.update(len(text))
+
+    def write_text(tmp_path):
+        with open(tmp_path, "wb") as f, tqdm(total=size, desc=f"writing {kind} text", unit="B",
+                                             unit_scale=True, file=sys.stdout) as bar:
+            while f.tell() < size:
+                text = next(blocks)[:size - f.tell()]  # whole characters: valid UTF-8
+                f.write(text.encode("utf-8"))
+                bar.update(len(text))
+    write_or_stop(path, write_text)
     return path
 
 
@@ -303,9 +366,7 @@ def timed_prepare(flags):
     """(seconds, peak MiB, its largest worker's, metadata) of a first run's preparing."""
     config, _ = parse_config(flags)
     settings = dataset.corpus_settings(config)
-    stem = dataset.prepared_stem(config.data, settings)
-    for path in (f"{stem}.tokens", f"{stem}.tokens.json"):  # measure a first run
-        pathlib.Path(path).unlink(missing_ok=True)
+    stem = dataset.prepared_stem(config.data, settings)  # in a fresh folder: a first run's
     start = time.time()
     meta = dataset.prepare(dataset.find_sources(config.data), settings, stem)
     seconds = time.time() - start
@@ -375,8 +436,9 @@ def report(device, quick, json_path, n_tokens):
     result = dict(environment=info, quick=quick, rows=rows, markdown="\n".join(lines))
     print("\n" + result["markdown"])
     replacing = os.path.exists(json_path)
-    checkpoint.atomic_write(json_path, lambda tmp: pathlib.Path(tmp).write_text(
-        json.dumps(result, indent=2) + "\n"))
+    write_or_stop(json_path, lambda tmp: pathlib.Path(tmp).write_text(
+        json.dumps(result, indent=2) + "\n"), "the table is above; free some disk space and run "
+        "again, or pick another --json")
     print(f"\nWrote {json_path}" + (" (replacing the report that was there)" if replacing else ""))
 
 
@@ -394,12 +456,13 @@ def time_to_target_row(device, quick):
     row = dict(measurement=f"time to val <= {target} "
                            f"({'tiny model' if quick else '--preset fast'})",
                value=None, unit="s", details="seconds since train.py started, imports included")
-    with tempfile.TemporaryDirectory() as folder:  # the checkpoint and its logs go here
+    with temporary_folder() as folder:  # the checkpoint and its logs go here
         flags = ["--device", device, "--checkpoint", os.path.join(folder, "ckpt.pt"),
                  "--sample_tokens", "0"]
         if quick:
             data = os.path.join(folder, "start.txt")
-            pathlib.Path(data).write_text(shakespeare()[:30_000], encoding="utf-8")
+            write_or_stop(data, lambda tmp: pathlib.Path(tmp).write_text(shakespeare()[:30_000],
+                                                                         encoding="utf-8"))
             flags += ["--data", data, *QUICK_FLAGS, "--max_iters", "60", "--eval_interval", "5",
                       "--eval_iters", "2", "--compile", "false"]
         else:
@@ -431,7 +494,8 @@ def eval_points(flags, seconds, name, stop_at=float("-inf")):
             total=seconds, unit="s", desc=name, file=sys.stdout,
             bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}<{remaining}{postfix}]") as bar:
         deadline = time.monotonic() + seconds
-        killer = threading.Timer(seconds, process.kill)  # at the deadline: its output then ends
+        # At the deadline: its output then ends. (Past threading's limit, 292 years: none.)
+        killer = threading.Timer(min(seconds, threading.TIMEOUT_MAX), process.kill)
         killer.start()
         try:
             for line in process.stdout:
@@ -514,7 +578,7 @@ def curve(preset, seconds, points, device):
     """train.py --preset P with about `points` evaluations, then nanoGPT's CPU recipe for the
     same wall time; the seconds since launch include the evaluations, as in any train.py run."""
     results = {}  # preset: [(seconds since launch, step, val loss)]
-    with tempfile.TemporaryDirectory() as folder:  # the checkpoints and their logs go here
+    with temporary_folder() as folder:  # the checkpoints and their logs go here
         for name in (preset, "nanogpt-cpu"):
             flags = ["--preset", name, "--eval_interval",
                      str(max(1, PRESETS[name]["max_iters"] // points)), "--sample_tokens", "0",

@@ -13,11 +13,14 @@ import hashlib
 import io
 import itertools
 import os
+import pathlib
 import re
+import resource
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -580,3 +583,96 @@ def test_bench_prepare_refuses_a_text_bigger_than_the_free_disk(monkeypatch):
     code, _, err = run_in_process(bench.main, ["prepare", "--size_mb", "1", "--device", "cpu"])
     assert code == 2 and err.startswith("error: --size_mb 1 needs about 3 MiB free"), err
     assert "set TMPDIR to a folder on a bigger disk" in err, err
+
+
+# --- bench.py: flags it would ignore, a full disk, a huge --seconds ----------------------------
+
+@pytest.mark.parametrize("args, flag, what", [
+    (["train", "--json", "x.json"], "--json", "train"),  # only report writes one
+    (["prepare", "--data", "{data}", "--size_mb", "5"], "--size_mb", "prepare --data"),
+    (["prepare", "--data", "{data}", "--text", "shakespeare"], "--text", "prepare --data"),
+    (["report", "--quick", "--tokens", "5"], "--tokens", "report --quick"),  # --quick: 50
+    (["generate", "--steps", "2"], "--steps", "generate"),
+])
+def test_bench_refuses_a_flag_its_benchmark_would_ignore(args, flag, what, home, isolated):
+    code, _, err = run_in_process(bench.main, [fill_in(a, home) for a in args])
+    assert code == 2, err
+    [line] = err.strip().splitlines()
+    assert line.startswith(f"error: {flag} is not used by bench.py {what}; leave it out"), line
+
+
+def run_bench_in_a_small_disk(tmp_path, *args, max_file_bytes=4096):
+    """bench.py in a real process, its temporary folders in tmp_path, where no file may grow
+    past max_file_bytes (ulimit -f): each write fails as on a full disk, without needing one."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *map(str, args),
+                             "--device", "cpu"], cwd=ROOT, preexec_fn=limit,
+                            env={**os.environ, "TMPDIR": str(tmp_path)}, capture_output=True,
+                            text=True, timeout=300)
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("mini-gpt-bench-")]
+    return result
+
+
+@pytest.mark.parametrize("args, written", [
+    (["prepare", "--size_mb", "1", "--text", "shakespeare"], "shakespeare-1mb.txt"),
+    (["report", "--quick", "--json", "{tmp}/report.json"], "start.txt"),  # the first row's text
+    (["explore", "--steps", "1"], "default.pt"),  # the default model, for the server to load
+])
+def test_bench_on_a_full_disk_is_one_line(tmp_path, args, written):
+    result = run_bench_in_a_small_disk(tmp_path, *[a.format(tmp=tmp_path) for a in args])
+    expect_one_error_line(result, f"{written} (")
+    assert "free some disk space, or set TMPDIR to a folder on a bigger disk" in result.stderr
+
+
+def test_bench_prepare_data_never_touches_the_texts_own_token_files(tmp_path):
+    # Its token files, prepared by an earlier train.py run; bench prepares the text afresh in a
+    # temporary folder, so a failure there (here a full disk) cannot lose them.
+    data = tmp_path / "text.txt"
+    data.write_text(TINY_TEXT * 10)  # its token file, 74 KB, is far past the limit below
+    stem = dataset.prepared_stem(str(data), {"tokenizer": "char"})
+    dataset.prepare_if_needed([str(data)], {"tokenizer": "char"}, stem)
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    bench_tmp = tmp_path / "bench-tmp"
+    bench_tmp.mkdir()
+    result = run_bench_in_a_small_disk(bench_tmp, "prepare", "--data", data, "--steps", "1")
+    before["bench-tmp"] = None
+    assert {name: None if (tmp_path / name).is_dir() else (tmp_path / name).read_bytes()
+            for name in os.listdir(tmp_path)} == before
+    expect_one_error_line(result, f"cannot write the token file {bench_tmp}")
+
+
+def test_bench_report_json_on_a_full_disk_keeps_the_earlier_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "in_fresh_process", lambda function, *args: dict(
+        measurement=function.__name__, result="1 tokens/s", details="made up"))
+    monkeypatch.setattr(bench, "time_to_target_row", lambda device, quick: dict(
+        measurement="time", result="2.0 s", details="made up"))
+
+    def disk_full(path, text):
+        raise OSError(28, "No space left on device")
+
+    json_path = tmp_path / "report.json"
+    json_path.write_text('{"environment": {}, "rows": []}')  # an earlier report
+    monkeypatch.setattr(pathlib.Path, "write_text", disk_full)
+    code, out, err = run_in_process(bench.main, ["report", "--device", "cpu", "--quick",
+                                                 "--json", json_path])
+    assert code == 2 and "| time | 2.0 s | made up |" in out, err  # the table, printed
+    [line] = err.strip().splitlines()
+    assert line == (f"error: cannot write {json_path} (No space left on device); the table is "
+                    f"above; free some disk space and run again, or pick another --json")
+    assert os.listdir(tmp_path) == ["report.json"]
+    assert json_path.read_bytes() == b'{"environment": {}, "rows": []}'
+
+
+def test_bench_curve_takes_a_huge_seconds_as_no_deadline(monkeypatch):
+    # A budget past threading's limit (292 years) was a thread's traceback, then no deadline.
+    thread_errors = []
+    monkeypatch.setattr(threading, "excepthook", thread_errors.append)
+    script = ("import time; print('Step 0: train loss 4.1, val loss 4.2 (exact) (1.0s)', "
+              "flush=True); time.sleep(0.5)")
+    monkeypatch.setattr(bench, "launch_train_py", lambda flags: subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True))
+    code, out, err = run_in_process(bench.main, ["curve", "--device", "cpu", "--seconds", HUGE])
+    assert code == 0 and not err and not thread_errors, (err, thread_errors)
+    assert "| --preset cpu | 4.2000 | 1.0 s | 0 |" in out
