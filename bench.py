@@ -366,7 +366,7 @@ def timed_prepare(flags):
     """(seconds, peak MiB, its largest worker's, metadata) of a first run's preparing."""
     config, _ = parse_config(flags)
     settings = dataset.corpus_settings(config)
-    stem = dataset.prepared_stem(config.data, settings)  # in a fresh folder: a first run's
+    stem = dataset.prepared_stem(config.data, settings)  # a fresh folder: as a first run
     start = time.time()
     meta = dataset.prepare(dataset.find_sources(config.data), settings, stem)
     seconds = time.time() - start
