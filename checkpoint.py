@@ -180,7 +180,8 @@ def checkpoint_problem(checkpoint):
     None. The weights' shapes are compared with those the model_args imply before any model is
     built, so a damaged file can neither crash generation halfway nor allocate absurd memory."""
     model_args, best = checkpoint["model_args"], checkpoint.get("best")
-    problem = (model_args_problem(model_args) or weights_problem(checkpoint["model"], model_args)
+    problem = (odd_tensor_problem(checkpoint) or model_args_problem(model_args)
+               or weights_problem(checkpoint["model"], model_args)
                or tokenizer_problem(checkpoint["tokenizer"], model_args["vocab_size"]))
     if problem:
         return problem
@@ -191,6 +192,27 @@ def checkpoint_problem(checkpoint):
     if "best_model" in checkpoint:
         return (weights_problem(checkpoint["best_model"], model_args) if "best" in checkpoint
                 else "it has best weights but no step or val loss for them")
+    return None
+
+
+def odd_tensor_problem(checkpoint):
+    """Name the first tensor anywhere in checkpoint that is not a plain array of real numbers
+    (sparse, quantized, complex, or "meta": no data), or None: torch.load takes them all, but
+    the checks below and the kernels expect plain ones (a sparse weight crashes torch.isfinite).
+    A stack, not recursion, and each object once: a file may put a list inside itself."""
+    stack, seen = [("", checkpoint)], set()
+    while stack:
+        name, value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if torch.is_tensor(value) and (value.layout != torch.strided or value.is_quantized
+                                       or value.is_complex() or value.is_meta):
+            return f"{name.strip()} is not a plain tensor of real numbers (it is sparse, " \
+                   f"quantized, complex or has no data)"
+        if isinstance(value, (dict, list, tuple)):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack += [(f"{name} {str(key):.40}", item) for key, item in items]
     return None
 
 
@@ -242,6 +264,67 @@ def weights_problem(weights, model_args):
         if not torch.isfinite(weight).all():
             return f"weight {name} holds NaN or infinite values"
     return None
+
+
+# What each optimizer keeps for a parameter once it has stepped: AdamW its step count and two
+# running moments, Muon (speedups.py) its momentum; all but "step" have the parameter's shape.
+OPTIMIZER_STATE = {"AdamW": {"step", "exp_avg", "exp_avg_sq"}, "Muon": {"momentum_buffer"}}
+
+
+def optimizer_problem(saved, optimizer):
+    """What is wrong with saved, the state_dict() of an optimizer like this run's (AdamW, or
+    speedups.MuonAdamW's {"adamw": ..., "muon": ...}), or None. Asked before load_state_dict,
+    which trusts what it is given: a moment of the wrong shape crashes fused AdamW's kernel."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return torch_optimizer_problem(saved, optimizer)
+    parts = {"adamw": optimizer.adamw, "muon": optimizer.muon}  # speedups.MuonAdamW
+    if not isinstance(saved, dict) or saved.keys() != parts.keys():
+        return "it is not Muon's and AdamW's state"
+    return next(filter(None, (torch_optimizer_problem(saved[name], part)
+                              for name, part in parts.items())), None)
+
+
+def torch_optimizer_problem(saved, optimizer):
+    live = optimizer.state_dict()  # parameters numbered 0, 1, ... and this run's settings
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    kept = OPTIMIZER_STATE[type(optimizer).__name__]
+    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
+            and isinstance(saved.get("param_groups"), list)
+            and len(saved["param_groups"]) == len(live["param_groups"])):
+        return f"it is not the state of {type(optimizer).__name__} for this model"
+    for group, live_group in zip(saved["param_groups"], live["param_groups"]):
+        ids = group.get("params") if isinstance(group, dict) else None
+        if not (type(ids) is list and all(type(i) is int for i in ids)
+                and ids == live_group["params"]):
+            return "its parameter groups are not this model's"
+        for name, like in live_group.items():
+            if name != "params" and not setting_ok(name, group.get(name), like):
+                return f"its setting {name} is {group.get(name)!r:.30}"
+    for i, state in saved["state"].items():
+        if type(i) is not int or not 0 <= i < len(params):
+            return f"it holds state for a parameter #{str(i):.20} the model does not have"
+        if not isinstance(state, dict) or state and state.keys() != kept:
+            return f"parameter #{i}'s state is not {sorted(kept)}"
+        for name, value in state.items():
+            shape = () if name == "step" else params[i].shape
+            if not (torch.is_tensor(value) and value.shape == shape and value.is_floating_point()
+                    and torch.isfinite(value).all() and (name != "step" or value >= 0)):
+                return f"parameter #{i}'s {name} is not {tuple(shape)} finite numbers"
+    return None
+
+
+def setting_ok(name, value, like):
+    """Is value, a saved optimizer setting, one this run can step with (its own: like)?"""
+    if name in ("fused", "foreach"):  # they pick a kernel; None: PyTorch picks
+        return value is None or type(value) is bool
+    if type(like) is bool:  # a switch (amsgrad, maximize, ...): PyTorch sets a missing one
+        return value is None or value is like
+    if type(like) is tuple:  # betas: each in [0, 1), as a momentum must be
+        return type(value) in (tuple, list) and len(value) == len(like) and all(
+            type(beta) in (int, float) and 0 <= beta < 1 for beta in value)
+    # lr, eps, weight_decay, Muon's momentum: numbers >= 0, a momentum below 1
+    return (type(value) in (int, float) and math.isfinite(value) and value >= 0
+            and (name != "momentum" or value < 1))
 
 
 def tokenizer_problem(state, vocab_size):

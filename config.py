@@ -8,7 +8,7 @@ import math
 import re
 from dataclasses import dataclass, fields
 
-from utils import DEVICE_NAME, UsageError
+from utils import DEVICE_NAME, UsageError, one_line
 
 
 @dataclass
@@ -210,4 +210,4 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a mistake is one line on stderr and exit code 2, without the usage dump."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")

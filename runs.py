@@ -466,6 +466,10 @@ def resume(training):
             f"pass --optimizer {saved_optimizer}"
         raise UsageError(f"cannot resume {path}: it was trained with --optimizer "
                          f"{saved_optimizer}; {fix}")
+    problem = checkpoint.optimizer_problem(ckpt["optimizer"], training.optimizer)
+    if problem:
+        raise UsageError(f"cannot resume {path}: its optimizer state is damaged ({problem}); "
+                         f"start a fresh run")
     step = ckpt["step"]
     if step >= config.max_iters:  # nothing to train, nothing to save
         raise UsageError(f"{path} is at step {step}, {'past' if step > config.max_iters else 'at'} "

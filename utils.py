@@ -38,7 +38,7 @@ def run_main(main):
     except UsageError as err:
         # Under torchrun every rank meets the same error: say it once.
         if os.environ.get("RANK", "0") == "0" or not started_by_torchrun():
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as err:  # torch.OutOfMemoryError (CUDA) is one too
         # The CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate
@@ -60,6 +60,12 @@ def run_main(main):
         sys.exit(0)
     finally:
         release_locks()
+
+
+def one_line(message):
+    """message with every character a terminal would not print as one (a newline in a path, a
+    lone surrogate, an escape code) written as Python writes it in a string: "\\n", "\\udcff"."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in message)
 
 
 def started_by_torchrun():

@@ -85,12 +85,13 @@ TRAIN_WORDS = {  # text flags; paths come from the home fixture ({home}, {data},
     "wandb": {"": 2, "maybe": 2, "\udcff": 2, "false": 0},
     "wandb_project": {"": 2, " ": 2, "a/b": 2, "x" * 200: 2, "\u00fc\u00f1\u00ee": 0},
     "data": {"": 2, "missing.txt": 2, "{home}": 2, "/dev/null": 2, "{loop}": 2,
-             "x" * 300: 2, "\udcff.txt": 2, "{earlier}": 2, "{latin1}": 2, "{short}": 2},
+             "x" * 300: 2, "\udcff.txt": 2, "{earlier}": 2, "{latin1}": 2, "{short}": 2,
+             "new\nline.txt": 2},
     "checkpoint": {"": 2, ".": 2, "{home}": 2, "{data}": 2, "/dev/null/run.pt": 2,
                    "x" * 300: 2, "run.pt.lock": 2, "run.pt.metrics.jsonl": 2, "run.tmp": 2,
                    "x.tokens.json": 2, "new/sub/run.pt": 0, "\udcff.pt": 0, "\u00fc \u2603.pt": 0},
     "resume": {"": 2, " ": 2, "missing.pt": 2, "{home}": 2, "{data}": 2, "{earlier}": 2,
-               "{random}": 2, "true": 2},
+               "{random}": 2, "true": 2, "{sparse}": 2, "new\nline.pt": 2},
 }
 # Values that would make a run go on for ever; for these flags, checked by parse_args alone.
 TRAIN_PARSE_ONLY = {"eval_iters": HUGE, "sample_tokens": HUGE, "eval_sample_tokens": HUGE}
@@ -104,7 +105,8 @@ GENERATE = {
     "top_p": {"-1": 2, "0": 2, "1.5": 2, "1e-320": 2, "1e-6": 0, "1": 0, "0.9": 0},
     "checkpoint": {"": 2, "missing.pt": 2, "{home}": 2, "{data}": 2, "/dev/null": 2,
                    "{random}": 2, "{text}": 2, "{pickled}": 2, "{nan_weights}": 2,
-                   "{huge_n_embd}": 2, "{bad_tokenizer}": 2, "x" * 300: 2, "{earlier}": 0},
+                   "{huge_n_embd}": 2, "{bad_tokenizer}": 2, "{sparse}": 2, "x" * 300: 2,
+                   "new\nline.pt": 2, "{earlier}": 0},
     "device": {"": 2, "gpu": 2, "cuda:x": 2, "cpu:0": 2, "\u00fc": 2, "cpu": 0},
     "dtype": {"": 2, "int4": 2, "float32": 0, "bfloat16": 0, "int8": 0},
     "compile": {"": 2, "maybe": 2, "false": 0},
@@ -199,7 +201,8 @@ def home(tmp_path_factory):
     folder = tmp_path_factory.mktemp("home")
     paths = {name: str(folder / name) for name in (
         "data.txt", "earlier.pt", "bpe.pt", "random.pt", "text.pt", "pickled.pt",
-        "nan_weights.pt", "huge_n_embd.pt", "bad_tokenizer.pt", "latin1.txt", "short.txt")}
+        "nan_weights.pt", "huge_n_embd.pt", "bad_tokenizer.pt", "sparse.pt", "latin1.txt",
+        "short.txt")}
     with open(paths["data.txt"], "w", encoding="utf-8") as f:
         f.write(TINY_TEXT)
     common = ["--data", paths["data.txt"], *TINY_FLAGS, "--max_iters", "2", "--eval_interval", "1",
@@ -225,6 +228,9 @@ def home(tmp_path_factory):
                paths["huge_n_embd.pt"])
     torch.save({**earlier, "tokenizer": {"kind": "char", "chars": "aab"}},
                paths["bad_tokenizer.pt"])
+    sparse_model = {**earlier["model"], "tok_emb.weight": earlier["model"]["tok_emb.weight"]
+                    .to_sparse()}  # torch.load takes it; a sparse tensor has no isfinite
+    torch.save({**earlier, "model": sparse_model}, paths["sparse.pt"])
     os.symlink(folder / "loop", folder / "loop")  # a link to itself: ELOOP when opened
     # By name without its ending: home["data"], home["earlier"], home["random"], ...
     return dict(folder=str(folder), loop=str(folder / "loop"),

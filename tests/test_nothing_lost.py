@@ -15,7 +15,7 @@ import tracking
 import train
 import utils
 from config import Config
-from conftest import TINY_FLAGS, TINY_TEXT, run_in_process
+from conftest import TINY_FLAGS, TINY_TEXT, run_in_process, run_script
 
 # Two steps, evaluating and saving after each: a tiny run of about a second.
 FLAGS = [*TINY_FLAGS, "--max_iters", "2", "--eval_interval", "1", "--sample_tokens", "0",
@@ -205,6 +205,48 @@ def test_resuming_a_checkpoint_with_damaged_optimizer_state_is_a_clear_error(tmp
         torch.save({**saved, **damage}, tmp_path / "damaged.pt")
         one_error_line(train_run(tiny_data, tmp_path / "new.pt", "--max_iters", "4",
                                  "--resume", tmp_path / "damaged.pt"), "cannot resume")
+
+
+def damaged_optimizers(optimizer):
+    """(how, optimizer, a state_dict(), damaged so), for each way a training step trips on: a
+    crash, a traceback, or a NaN loss blamed on the learning rate."""
+    state, groups = optimizer["state"], optimizer["param_groups"]
+    first = state[0]  # the first parameter's: AdamW's step and moments, or Muon's momentum
+    moment = "exp_avg" if "exp_avg" in first else "momentum_buffer"
+    changes = {"another shape": {**first, moment: torch.zeros(3)},
+               "NaN": {**first, moment: torch.full_like(first[moment], float("nan"))},
+               "sparse": {**first, moment: first[moment].to_sparse()}}
+    if "step" in first:  # AdamW's
+        changes["no step"] = {k: v for k, v in first.items() if k != "step"}
+    for how, entry in changes.items():
+        yield how, {**optimizer, "state": {**state, 0: entry}}
+    setting = "betas" if "betas" in groups[0] else "momentum"
+    for how, group in (("one beta", {**groups[0], setting: (0.9,)}),
+                       ("no " + setting, {k: v for k, v in groups[0].items() if k != setting})):
+        yield how, {**optimizer, "param_groups": [group, *groups[1:]]}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_damaged_optimizer_state_is_refused_before_pytorch_loads_it(tmp_path, tiny_data,
+                                                                    optimizer):
+    checkpoint, damaged, new = tmp_path / "run.pt", tmp_path / "damaged.pt", tmp_path / "new.pt"
+    assert train_run(tiny_data, checkpoint, "--optimizer", optimizer)[0] == 0
+    saved = torch.load(checkpoint, weights_only=True)
+    resume = ["--max_iters", "4", "--optimizer", optimizer, "--resume", damaged]
+    parts = saved["optimizer"] if optimizer == "muon" else {"": saved["optimizer"]}
+    for part, state in parts.items():  # with Muon: AdamW's state and Muon's
+        for how, broken in damaged_optimizers(state):
+            torch.save({**saved, "optimizer": {**parts, part: broken} if part else broken},
+                       damaged)
+            if how == "another shape" and part != "muon":  # fused AdamW's kernel crashed on
+                # it (a segmentation fault): in a process of its own
+                run = run_script("train.py", "--data", tiny_data, "--checkpoint", new, *FLAGS,
+                                 *resume)
+                result = (run.returncode, run.stdout, run.stderr)
+            else:
+                result = train_run(tiny_data, new, *resume)
+            one_error_line(result, "damaged")
+            assert not new.exists(), how
 
 
 # --- an output that is an input; two outputs that share a name ------------------------------

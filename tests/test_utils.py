@@ -126,6 +126,15 @@ def damaged(change):
     (damaged(lambda c: c["model"]["lm_head.weight"].fill_(float("inf"))),
      "lm_head.weight holds NaN or infinite values"),
     (damaged(lambda c: c.update(model=[torch.zeros(1)])), "not a dictionary of tensors"),
+    # torch.load takes any tensor; the checks and the kernels expect plain ones, wherever they are
+    (damaged(lambda c: c["model"].update({"ln_f.bias": torch.zeros(8).to_sparse()})),
+     "model ln_f.bias is not a plain tensor of real numbers"),
+    (damaged(lambda c: c["model"].update({"ln_f.bias": torch.zeros(8, dtype=torch.complex64)})),
+     "model ln_f.bias is not a plain tensor"),
+    (damaged(lambda c: c["model"].update({"ln_f.bias": torch.zeros(8, device="meta")})),
+     "model ln_f.bias is not a plain tensor"),
+    (damaged(lambda c: c.update(rng=[{"torch": torch.zeros(3).to_sparse()}])),
+     "rng 0 torch is not a plain tensor"),
     (damaged(lambda c: c["tokenizer"].update(chars="aa\n")), "not a string of distinct"),
     (damaged(lambda c: c["tokenizer"].update(chars=["a", "b", "\n"])), "not a string"),
     (damaged(lambda c: c["tokenizer"].update(chars="ab")), "tokenizer has 2 tokens, the model 3"),
@@ -148,6 +157,13 @@ def test_a_damaged_checkpoint_is_named_before_anything_is_built(tmp_path, checkp
     torch.save(checkpoint, path)
     with pytest.raises(UsageError, match=f"damaged checkpoint: .*{message}"):
         load_checkpoint(str(path))
+
+
+def test_a_list_inside_itself_is_walked_once(tmp_path):
+    loop = []
+    loop.append(loop)  # pickle can store that, and torch.load rebuild it
+    torch.save({**tiny_checkpoint(), "notes": loop}, tmp_path / "ckpt.pt")
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["notes"][0] is not None
 
 
 def test_bpe_merges_must_join_tokens_that_exist_before_them(tmp_path):
