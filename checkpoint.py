@@ -7,6 +7,7 @@ its outputs can be written and overwrite none of its inputs.
 """
 
 import contextlib
+import errno
 import glob
 import math
 import os
@@ -66,14 +67,17 @@ def same_file(a, b):
 
 
 def check_output_path(path, flag, example_name):
-    """Prove, before any work, that a file can be saved at path: not a folder, in a folder that
-    exists (made here if need be) where the very path.PID.tmp atomic_write writes first can be
-    written. Saving can then fail only for lack of space."""
+    """Prove, before any work, that a file can be saved at path: not a folder, nor a read-only
+    file (which a rename could not, or should not, replace), in a folder that exists (made here
+    if need be) where the very path.PID.tmp atomic_write writes first can be written. Saving
+    can then fail only for lack of space."""
     if not path.strip():
         raise UsageError(f"{flag} must not be empty")
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a folder; name a file in it, e.g. "
                          f"{flag} {os.path.join(path, example_name)}")
+    if os.path.exists(path) and not os.access(path, os.W_OK):  # chmod a-w, chattr +i
+        raise UsageError(f"{flag} {path} is read-only; make it writable, or pick another {flag}")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         open(tmp_path_for(path), "wb").close()
@@ -106,6 +110,12 @@ def write_failure(err):
     if isinstance(err, OSError):
         return err.strerror or str(err)
     return "the disk is full or the file could not be written"
+
+
+def out_of_room(err):
+    """Whether writing failed for want of room (a full disk, a quota, a file size limit), which
+    freeing space mends, rather than for want of permission (a read-only file or folder)."""
+    return not isinstance(err, OSError) or err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: saved, loaded, and checked before anything is built from them

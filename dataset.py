@@ -13,7 +13,6 @@ later runs check those and map the file at once.
 
 import codecs
 import datetime
-import errno
 import hashlib
 import json
 import math
@@ -29,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 import fast_bpe
-from checkpoint import atomic_write, remove_leftover_tmp, tokenizer_problem
+from checkpoint import atomic_write, out_of_room, remove_leftover_tmp, tokenizer_problem, write_failure
 from tokenizer import CharTokenizer, tokenizer_from_dict
 from utils import UsageError, check_regular_file, regular_file_problem, release_lock, take_lock
 
@@ -213,7 +212,9 @@ def prepared_stem(data, settings):
 def prepare_if_needed(sources, settings, stem):
     """The metadata of an up-to-date token file for sources, preparing one if needed. Runs that
     start together on the same text take turns (a lock file): the first prepares."""
-    lock = take_lock(f"{stem}.lock", wait=True)
+    # Never a checkpoint's lock (<checkpoint>.lock): no --checkpoint may end in .tokens (runs.py)
+    lock_path = f"{stem}.tokens.lock"
+    lock = take_lock(lock_path, wait=True)
     try:
         remove_leftover_tmp(f"{stem}.tokens")  # of a run killed while preparing
         meta, stats = read_meta(stem), source_stats(sources)
@@ -228,7 +229,7 @@ def prepare_if_needed(sources, settings, stem):
                 return meta
         return prepare(sources, settings, stem)
     finally:
-        release_lock(f"{stem}.lock", lock)
+        release_lock(lock_path, lock)
 
 
 def meta_fits(meta, settings, tokens_path):
@@ -286,7 +287,7 @@ def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=fast_b
     def write_tokens(tmp_path):  # atomic_write calls it below, once `encoded` is made
         with open(tmp_path, "wb") as out:
             for split, ids in encoded:
-                ids.tofile(out)
+                out.write(ids.tobytes())  # ids.tofile's OSError would not say why it failed
                 n_tokens[split] += len(ids)
         # Refuse tokens of a text that changed while it was read (an append, an editor's save):
         # they would mix the old text and the new.
@@ -319,14 +320,14 @@ def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=fast_b
 
 def cannot_write_tokens(stem, err):
     """Why the token files could not be written, and the fix for that cause."""
-    if err.errno == errno.ENOSPC:
+    if out_of_room(err):
         fix = "free some disk space, or set XDG_CACHE_HOME to a folder with room"
     elif os.path.isdir(f"{stem}.tokens") or os.path.isdir(f"{stem}.tokens.json"):
         fix = f"a folder named {stem}.tokens or {stem}.tokens.json is in the way: move it"
     else:
         fix = ("make that folder writable, or set XDG_CACHE_HOME to one you can write (token "
                "files go there when the data's folder is read-only)")
-    return f"cannot write the token file {stem}.tokens ({err.strerror}); {fix}"
+    return f"cannot write the token file {stem}.tokens ({write_failure(err)}); {fix}"
 
 
 def read_text_chunks(sources, chunk_bytes, what, sha256=None):

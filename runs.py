@@ -25,7 +25,7 @@ import utils
 from config import PRESETS
 from dataset import corpus_settings, find_sources, prepared_stem
 from startup import STARTED_AT
-from tracking import log_paths, metrics_recorder
+from tracking import check_side_files, log_paths, metrics_recorder
 from utils import UsageError
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +170,7 @@ def check_paths(config, run):
     inputs[config.data] = "the --data folder" if os.path.isdir(config.data) else "the --data file"
     stem = prepared_stem(config.data, corpus_settings(config))
     inputs.update({f"{stem}.tokens": "the token file", f"{stem}.tokens.json": "the token file"})
-    if resumed and not checkpoint.same_file(resumed, path):  # else it is meant to be replaced
+    if resumed and saves_elsewhere(config):  # else it is meant to be replaced
         inputs[resumed] = "the checkpoint to resume"
     metrics_log, loss_curve = log_paths(path)
     outputs = {path: "--checkpoint", f"{path}.lock": "its lock file",
@@ -182,6 +182,7 @@ def check_paths(config, run):
                              f"do; pick another name, e.g. --checkpoint run.pt")
     checkpoint.check_output_path(path, "--checkpoint", "ckpt.pt")
     checkpoint.check_replaceable(path, "--checkpoint", "train.py", checkpoint.is_checkpoint)
+    check_side_files(path)
     # Lock it, so that a second run saving to the same file at the same time is refused (the
     # lock goes when this run ends, however it ends); then remove killed runs' temporary files.
     holder = utils.hold_lock(f"{path}.lock")
@@ -193,6 +194,10 @@ def check_paths(config, run):
 
 def resume_path(config):  # plain --resume goes on from --checkpoint
     return config.checkpoint if config.resume == "true" else config.resume
+
+
+def saves_elsewhere(config):  # resumed from another file than the --checkpoint it saves to
+    return not checkpoint.same_file(resume_path(config), config.checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,8 +267,10 @@ def save_or_stop(state, path, progress):
     try:
         checkpoint.save_checkpoint(state, path)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        fix = "Free some disk space" if checkpoint.out_of_room(err) else \
+            f"Make {path} and its folder writable"
         stop(progress, f"could not save the checkpoint to {path} ({checkpoint.write_failure(err)})",
-             "Free some disk space, or pass a --checkpoint in another folder")
+             f"{fix}, or pass a --checkpoint in another folder")
 
 
 def stop(progress, problem, fix):

@@ -11,14 +11,42 @@ from dataclasses import asdict
 
 from tqdm import tqdm
 
-from checkpoint import atomic_write
-from utils import UsageError
+from checkpoint import atomic_write, is_checkpoint
+from utils import UsageError, regular_file_problem
 
 
 def log_paths(checkpoint):
     """(metrics log, loss-curve PNG) beside a checkpoint: run.pt -> run.pt.metrics.jsonl,
     run.pt.loss.png. Named after the whole name, so that run.pt, run.pth and run never share."""
     return f"{checkpoint}.metrics.jsonl", f"{checkpoint}.loss.png"
+
+
+CURVE_TAG = {"Software": "Mini-GPT train.py"}  # in each loss curve: how a later run knows it
+
+
+def check_side_files(checkpoint):
+    """Before any work: refuse a file at the metrics log's or loss curve's name unless train.py
+    wrote it, as the side file of an earlier checkpoint there, or by its content (a run stopped
+    before its first save leaves them alone). A folder there only fails to write, with a note."""
+    earlier_run = is_checkpoint(checkpoint)
+    for path in log_paths(checkpoint):
+        problem = regular_file_problem(path)
+        if problem not in ("does not exist", "is a folder") and \
+                (problem or not (earlier_run or wrote(path))):
+            raise UsageError(f"{path} {problem or 'is a file that train.py did not write'}; "
+                             f"pick another --checkpoint, or move that file away")
+
+
+def wrote(side_file):
+    """Whether train.py wrote this loss curve (its tag) or metrics log (empty, or a row with a
+    step first)."""
+    with contextlib.suppress(OSError, ValueError), open(side_file, "rb") as f:
+        if side_file.endswith(".png"):  # PNG text chunks come before the pixels
+            return b"Software\x00" + CURVE_TAG["Software"].encode() in f.read(4096)
+        first_line = f.readline(10**6)
+        row = json.loads(first_line) if first_line else {"step": None}
+        return isinstance(row, dict) and "step" in row
+    return False
 
 
 def metrics_recorder(config, resumed=None):
@@ -143,5 +171,7 @@ def plot_losses(jsonl_path, png_path):
     axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(png_path, dpi=100)
+    # A new file renamed into place: a link there is replaced, never written through.
+    atomic_write(png_path, lambda tmp: figure.savefig(tmp, format="png", dpi=100,
+                                                      metadata=CURVE_TAG))
     plt.close(figure)

@@ -123,6 +123,12 @@ def take_lock(path, wait):
             if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
                 break  # else the holder deleted the file while we waited: take the new one
         f.close()
+    # Ours: empty (just made) or what take_lock writes. Any other text is a file of that name
+    # that a user made: it is neither emptied nor, at release, removed.
+    if not re.fullmatch(rb"(process \d+)?", os.pread(f.fileno(), 100, 0)):
+        f.close()
+        raise UsageError(f"cannot use the lock file {path} (it is a file that Mini-GPT did not "
+                         f"write); move it away")
     f.truncate(0)
     f.write(f"process {os.getpid()}")
     f.flush()

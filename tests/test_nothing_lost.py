@@ -5,6 +5,7 @@ run goes on, and an earlier run's metrics log is kept until a new run has saved.
 
 import json
 import os
+import subprocess
 import sys
 import types
 
@@ -15,7 +16,7 @@ import tracking
 import train
 import utils
 from config import Config
-from conftest import TINY_FLAGS, TINY_TEXT, run_in_process, run_script
+from conftest import ROOT, TINY_FLAGS, TINY_TEXT, run_in_process, run_script
 
 # Two steps, evaluating and saving after each: a tiny run of about a second.
 FLAGS = [*TINY_FLAGS, "--max_iters", "2", "--eval_interval", "1", "--sample_tokens", "0",
@@ -95,13 +96,16 @@ def test_an_empty_resume_is_refused_not_a_fresh_run(tmp_path, tiny_data):
 
 # --- saving that fails cleanly ----------------------------------------------------------------
 
-@pytest.mark.parametrize("failure, reason", [
+@pytest.mark.parametrize("failure, reason, fix", [
     (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
-     "the disk is full or the file could not be written"),  # how torch.save says disk full
-    (OSError(28, "No space left on device"), "No space left on device"),
+     "the disk is full or the file could not be written",  # how torch.save says disk full
+     "Free some disk space"),
+    (OSError(28, "No space left on device"), "No space left on device", "Free some disk space"),
+    # A file made read-only during the run (chattr +i): space is not what it needs.
+    (OSError(1, "Operation not permitted"), "Operation not permitted", "Make"),
 ])
 def test_a_full_disk_at_save_names_the_last_good_checkpoint(tmp_path, tiny_data, monkeypatch,
-                                                            failure, reason):
+                                                            failure, reason, fix):
     checkpoint = tmp_path / "run.pt"
     real_save, saves = torch.save, []
 
@@ -117,7 +121,7 @@ def test_a_full_disk_at_save_names_the_last_good_checkpoint(tmp_path, tiny_data,
     line = one_error_line(train_run(tiny_data, checkpoint),
                           f"could not save the checkpoint to {checkpoint} ({reason})")
     monkeypatch.setattr(torch, "save", real_save)
-    assert f"the last good checkpoint, {checkpoint}, is kept (step 1)" in line
+    assert f"the last good checkpoint, {checkpoint}, is kept (step 1). {fix}" in line
     assert torch.load(checkpoint, weights_only=True)["step"] == 1  # intact
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
 
@@ -501,6 +505,83 @@ def test_a_lock_file_that_is_a_symlink_is_never_written_through(tmp_path, tiny_d
     os.symlink(notes, tmp_path / "run.pt.lock")  # the name of the run's lock, made by hand
     one_error_line(train_run(tiny_data, tmp_path / "run.pt"), "lock file")
     assert notes.read_text() == "my notes" and os.path.islink(tmp_path / "run.pt.lock")
+
+
+def test_files_named_like_a_runs_side_files_or_locks_are_refused_and_kept(tmp_path, tiny_data):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my precious notes")
+    # No run.pt exists: none of these can be an earlier run's.
+    for name, fragment in (("run.pt.metrics.jsonl", "that train.py did not write"),
+                           ("run.pt.loss.png", "that train.py did not write"),
+                           ("run.pt.lock", "that Mini-GPT did not write"),
+                           ("tiny.txt.char.tokens.lock", "that Mini-GPT did not write")):
+        if name.endswith(".png"):  # a link: savefig would write the curve through it
+            os.symlink(notes, tmp_path / name)
+        else:
+            (tmp_path / name).write_text('{"my": "own notes"}')
+        before = files_in(tmp_path)
+        result = train_run(tiny_data, tmp_path / "run.pt")
+        one_error_line(result, fragment)
+        assert "Starting training" not in result[1]
+        assert files_in(tmp_path) == before  # nothing emptied, written through or removed
+        os.remove(tmp_path / name)
+
+
+def test_a_runs_own_side_files_are_replaced_through_a_link_never_written_through(tmp_path,
+                                                                               tiny_data):
+    pytest.importorskip("matplotlib")
+    checkpoint = tmp_path / "run.pt"
+    # A run stopped before its first save leaves a log but no checkpoint: still its own.
+    one_error_line(train_run(tiny_data, checkpoint, "--learning_rate", "1e30", "--weight_decay",
+                             "0", "--grad_clip", "0", "--warmup_iters", "0"), "NaN or infinite")
+    assert not checkpoint.exists() and (tmp_path / "run.pt.metrics.jsonl").exists()
+    assert train_run(tiny_data, checkpoint)[0] == 0
+    os.remove(checkpoint)  # without it, the curve is known as train.py's by its tag
+    assert train_run(tiny_data, checkpoint)[0] == 0
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my precious notes")
+    os.remove(tmp_path / "run.pt.loss.png")
+    os.symlink(notes, tmp_path / "run.pt.loss.png")  # beside its checkpoint: the run's to replace
+    assert train_run(tiny_data, checkpoint)[0] == 0
+    assert notes.read_text() == "my precious notes"
+    assert (tmp_path / "run.pt.loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_checkpoint_named_like_the_datas_token_files_does_not_wait_for_itself(tmp_path,
+                                                                               tiny_data):
+    # <data>.char was once the stem of the data's lock too: the run waited on its own lock.
+    result = run_script("train.py", "--data", tiny_data, "--checkpoint", f"{tiny_data}.char",
+                        *FLAGS, timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert torch.load(f"{tiny_data}.char", weights_only=True)["step"] == 2
+
+
+def test_a_full_disk_while_preparing_tokens_says_why_and_to_free_space(tmp_path):
+    import resource
+    data = tmp_path / "long.txt"
+    data.write_text(TINY_TEXT * 10)  # 2 bytes a token: more than the 40 kB a file may hold
+    before = files_in(tmp_path)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--data", data, "--checkpoint",
+         tmp_path / "run.pt", *FLAGS], capture_output=True, text=True, timeout=90,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000)))
+    one_error_line((result.returncode, result.stdout, result.stderr),
+                   "long.txt.char.tokens (File too large); free some disk space")
+    assert files_in(tmp_path) == before
+
+
+def test_a_read_only_checkpoint_is_refused_before_any_work(tmp_path, tiny_data, monkeypatch):
+    checkpoint = tmp_path / "run.pt"
+    assert train_run(tiny_data, checkpoint)[0] == 0
+    os.chmod(checkpoint, 0o444)
+    if os.geteuid() == 0:  # root may write any file but one made immutable (chattr +i)
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and
+                            not (mode == os.W_OK and str(path) == str(checkpoint)))
+    before = files_in(tmp_path)
+    result = train_run(tiny_data, checkpoint, "--resume", "--max_iters", "4")
+    one_error_line(result, f"--checkpoint {checkpoint} is read-only; make it writable")
+    assert "Loading data" not in result[1] and files_in(tmp_path) == before
 
 
 def test_a_checkpoint_that_is_a_dead_link_or_a_fifo_is_named_as_such(tmp_path, tiny_data):

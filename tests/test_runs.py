@@ -66,6 +66,25 @@ def test_resume_with_another_shape_or_text_is_refused(tmp_path, tiny_data):
     assert result.returncode == 2 and "pass --optimizer adamw" in result.stderr
 
 
+def test_ctrl_c_at_once_after_resuming_into_another_file_saves_that_file(tmp_path, tiny_data,
+                                                                        monkeypatch):
+    base, other = tmp_path / "base.pt", tmp_path / "other.pt"
+    flags = ["--data", tiny_data, *TINY_FLAGS, "--max_iters", "2", "--eval_interval", "1",
+             "--sample_tokens", "0"]
+    assert run_in_process(train.main, [*flags, "--checkpoint", base])[0] == 0
+    saved = base.read_bytes()
+    monkeypatch.setattr(runs, "catch_ctrl_c", lambda run: lambda: True)  # before the 1st step
+    code, out, err = run_in_process(train.main, [*flags, "--checkpoint", other, "--resume", base,
+                                                 "--max_iters", "4"])
+    assert code == 0, err
+    assert f"Stopped at step 2; checkpoint saved to {other}" in out
+    assert torch.load(other, weights_only=True)["step"] == 2  # as it says
+    # Resumed into itself, the checkpoint is already there: left as it was.
+    assert run_in_process(train.main, [*flags, "--checkpoint", base, "--resume",
+                                       "--max_iters", "4"])[0] == 0
+    assert base.read_bytes() == saved
+
+
 def test_sigkill_never_leaves_an_unreadable_checkpoint(tmp_path, tiny_data):
     ckpt = tmp_path / "ckpt.pt"
     rng = random.Random(0)
