@@ -231,7 +231,7 @@ def save_picture(figure, path):
                                                       metadata=PICTURE_TAG))
     except OSError as err:
         raise UsageError(f"cannot write {path} ({err.strerror or err}); free some disk space, "
-                         f"or pass --out DIR on another disk") from None
+                         f"or pass --out DIR to a folder you can write") from None
     finally:
         pyplot().close(figure)
     return path
