@@ -25,7 +25,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from checkpoint import check_outputs_spare_inputs, check_replaceable, tmp_path_for
+from checkpoint import atomic_write, check_outputs_spare_inputs, check_replaceable, tmp_path_for
 from config import ArgumentParser
 from generate import load_model
 from tracking import matplotlib_or_note, pyplot
@@ -46,20 +46,33 @@ def parse_args(argv=None):
     flag("--checkpoint", default="ckpt.pt", help="checkpoint saved by train.py (default: ckpt.pt)")
     flag("--weights", default="best", choices=["best", "last"],
          help="best: the weights of the run's lowest val loss; last: its last step's")
-    flag("--prompt", default="ROMEO:", help="the text to look at (default: ROMEO:)")
-    flag("--top_k", type=int, default=5, help="guesses shown per position (default: 5)")
+    flag("--prompt", help="the text to look at (default: ROMEO:)")
+    flag("--top_k", type=int, help="guesses shown per position (default: 5)")
     flag("--out", help="folder for the PNGs (default: <checkpoint>.explore/)")
     flag("--device", default="cpu", help="cpu (the default: enough for one prompt), cuda, mps")
     flag("--serve", action="store_true",
          help="start a local web page that shows all of this live as you type")
     flag("--port", type=int, help="--serve: the port (default: the first free one from 8000)")
-    flag("--host", default="127.0.0.1", help="--serve: the address to listen on (default: "
-         "127.0.0.1, this machine only; 0.0.0.0 lets other machines in)")
+    flag("--host", help="--serve: the address to listen on (default: 127.0.0.1, this machine "
+         "only; 0.0.0.0 lets other machines in)")
     flag("--compare", metavar="OTHER.pt",
          help="--serve: a second checkpoint (same tokenizer) shown side by side")
     args = parser.parse_args(argv)
-    if not args.serve and (args.port is not None or args.compare or args.host != "127.0.0.1"):
+    # The defaults are filled in below, once it is known which flags were given: a flag that
+    # does not apply (--prompt to the page, which takes what you type) is refused, not ignored.
+    misplaced = [name for name in (("prompt", "top_k", "out") if args.serve else
+                                   ("port", "host", "compare")) if getattr(args, name) is not None]
+    if misplaced and not args.serve:
         raise UsageError("--port, --host and --compare belong to --serve; add --serve")
+    if misplaced:
+        raise UsageError(f"--{misplaced[0]} does not apply to --serve (the page looks at what "
+                         f"you type and saves no pictures); drop --{misplaced[0]}, or --serve")
+    for name in ("checkpoint", "out", "host", "compare"):
+        if getattr(args, name) is not None and not getattr(args, name).strip():
+            raise UsageError(f"--{name} must not be empty; give a value, or leave the flag out")
+    args.prompt = "ROMEO:" if args.prompt is None else args.prompt
+    args.top_k = 5 if args.top_k is None else args.top_k
+    args.host = args.host or "127.0.0.1"
     if args.port is not None and not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be from 1 to 65535 (0: any free port), got {args.port}")
     if not args.prompt:
@@ -197,6 +210,8 @@ def output_folder(out, checkpoint):
         except OSError as err:
             raise UsageError(f"cannot write {picture} ({err.strerror}); pass --out DIR to a "
                              f"folder you can write") from None
+        if os.path.exists(picture) and not os.access(picture, os.W_OK):  # chmod -w, chattr +i
+            raise UsageError(f"{picture} is read-only; make it writable, or pass another --out")
         if out:  # the default folder holds only explore's pictures
             check_replaceable(picture, "--out", "explore.py", is_our_picture)
     return folder
@@ -206,6 +221,20 @@ def is_our_picture(path):
     with contextlib.suppress(OSError), open(path, "rb") as f:  # text chunks precede the pixels
         return b"Software\x00" + PICTURE_TAG["Software"].encode() in f.read(4096)
     return False
+
+
+def save_picture(figure, path):
+    """Save figure as path, whole or not at all (checkpoint.atomic_write): a symlink there is
+    replaced, never written through, and a full disk leaves the earlier picture as it was."""
+    try:
+        atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100,
+                                                      metadata=PICTURE_TAG))
+    except OSError as err:
+        raise UsageError(f"cannot write {path} ({err.strerror or err}); free some disk space, "
+                         f"or pass --out DIR to a folder you can write") from None
+    finally:
+        pyplot().close(figure)
+    return path
 
 
 def draw_attention(attention, labels, path):
@@ -234,9 +263,7 @@ def draw_attention(attention, labels, path):
     figure.suptitle("Attention weights of the prompt. Row: the position that looks (query); "
                     "column: the position it looks at (key). ␣ space, ↵ newline", fontsize=12)
     figure.colorbar(image, ax=axes, shrink=0.5, pad=0.01, label="weight (each row sums to 1)")
-    figure.savefig(path, dpi=100, metadata=PICTURE_TAG)
-    plt.close(figure)
-    return path
+    return save_picture(figure, path)
 
 
 def embedding_pca(weight):
@@ -298,9 +325,7 @@ def draw_embeddings(weight, token_text, prompt_ids, path):
                     textcoords="offset points", fontsize=LABEL_SIZE, fontweight="bold",
                     color=colour, va="bottom", bbox=dict(boxstyle="round,pad=0.15", alpha=0.9,
                     facecolor="white", edgecolor=colour, linewidth=0.8))
-    figure.savefig(path, dpi=100, metadata=PICTURE_TAG)
-    plt.close(figure)
-    return path
+    return save_picture(figure, path)
 
 
 def label_offsets(ax, coords, texts):

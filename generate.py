@@ -193,6 +193,9 @@ def parse_args(argv=None):
             raise UsageError("--reference runs float32 without compile; drop --dtype/--compile "
                              "or --reference")
         args.dtype, args.compile = "float32", "false"
+    if args.interactive and args.prompt:
+        raise UsageError("--prompt does not apply to --interactive, which asks for each prompt; "
+                         "drop --prompt, or --interactive")
     check_args(args)
     return args
 

@@ -245,6 +245,8 @@ def test_without_matplotlib_the_table_still_prints(checkpoint, tmp_path, monkeyp
     (["--top_k", "0"], "--top_k must be at least 1"),
     (["--top_k", "many"], "invalid int value"),
     (["--out", "FILE"], "cannot create the output folder"),
+    (["--out", " "], "--out must not be empty"),
+    (["--host", "127.0.0.1"], "belong to --serve"),
 ])
 def test_explore_bad_input_is_one_line(checkpoint, tmp_path, args, message, capsys):
     (tmp_path / "FILE").write_text("a file, not a folder")

@@ -26,6 +26,7 @@ from conftest import ROOT, TINY_TEXT, run_in_process
 from generate import load_model
 from model import GPTConfig, GPTModel
 from tokenizer import CharTokenizer
+from utils import UsageError
 
 
 def tiny_checkpoint(path, seed=0):
@@ -319,6 +320,17 @@ def test_startup_problems_are_one_line_and_exit_2(checkpoint, tmp_path):
             assert code == 2 and words in err and err.strip().count("\n") == 0, (argv, err)
     code, _, err = run_in_process(explore.main, ["--checkpoint", checkpoint, "--port", "8000"])
     assert code == 2 and "belong to --serve" in err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--host", ""], "--host must not be empty"),  # else: every interface
+    (["--prompt", "ROMEO:"], "--prompt does not apply to --serve"),
+    (["--out", "look"], "--out does not apply to --serve"),
+    (["--top_k", "3"], "--top_k does not apply to --serve"),
+])
+def test_a_flag_the_page_would_ignore_is_refused_before_it_starts(checkpoint, argv, words):
+    with pytest.raises(UsageError, match=words):  # parse_args: a server would run until Ctrl-C
+        explore.parse_args(["--serve", "--checkpoint", checkpoint, *argv])
 
 
 def test_without_port_the_first_free_one_from_8000_is_taken(checkpoint):

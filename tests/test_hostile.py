@@ -528,6 +528,13 @@ def test_bench_curve_fails_with_train_py_s_reason(monkeypatch):
     assert "train.py --preset cpu failed (exit 2): error: n_embd (192) must be divisible" in line
 
 
+def test_a_prompt_given_to_interactive_is_refused_not_dropped(home, isolated):
+    code, _, err = run_in_process(generate.main, ["--checkpoint", home["earlier"], "--device",
+                                                  "cpu", "--interactive", "--prompt", "ROMEO:"])
+    assert code == 2 and err.strip() == ("error: --prompt does not apply to --interactive, which "
+                                         "asks for each prompt; drop --prompt, or --interactive")
+
+
 @pytest.mark.parametrize("stdin", ["empty", "closed"])
 def test_interactive_with_no_input_left_ends_quietly(home, stdin):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--checkpoint",

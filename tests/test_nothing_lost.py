@@ -478,6 +478,58 @@ def test_explore_refuses_an_occupied_or_unwritable_out_and_its_own_checkpoint(tm
     one_error_line(run_in_process(explore.main, [*explore_args, look]), "(Read-only file system)")
 
 
+def test_explore_replaces_a_link_in_its_folder_and_never_writes_through_it(tmp_path, tiny_data):
+    pytest.importorskip("matplotlib")
+    import explore
+    checkpoint, notes = tmp_path / "run.pt", tmp_path / "notes.txt"
+    assert train_run(tiny_data, checkpoint)[0] == 0
+    notes.write_text("my notes")
+    (tmp_path / "run.pt.explore").mkdir()
+    os.symlink(notes, tmp_path / "run.pt.explore" / "attention.png")  # the default folder
+    assert run_in_process(explore.main, ["--checkpoint", checkpoint])[0] == 0
+    assert notes.read_text() == "my notes"
+    picture = tmp_path / "run.pt.explore" / "attention.png"
+    assert not os.path.islink(picture) and picture.read_bytes().startswith(b"\x89PNG")
+
+
+def test_explore_refuses_a_read_only_earlier_picture_before_drawing_any(tmp_path, tiny_data,
+                                                                        monkeypatch):
+    pytest.importorskip("matplotlib")
+    import explore
+    checkpoint, look = tmp_path / "run.pt", tmp_path / "look"
+    assert train_run(tiny_data, checkpoint)[0] == 0
+    explore_args = ["--checkpoint", checkpoint, "--out", look]
+    assert run_in_process(explore.main, explore_args)[0] == 0
+    before = files_in(look)
+    os.chmod(look / "embeddings.png", 0o444)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # root writes through chmod: as chattr +i
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: access(
+            path, mode, **kwargs) and not str(path).endswith("embeddings.png"))
+    refused = run_in_process(explore.main, [*explore_args, "--prompt", "JULIET:"])
+    one_error_line(refused, f"{look / 'embeddings.png'} is read-only; make it writable")
+    assert "After each token" not in refused[1]  # refused before the work
+    assert files_in(look) == before  # attention.png too: not one picture replaced
+
+
+def test_explore_on_a_full_disk_keeps_the_earlier_pictures_whole(tmp_path, tiny_data):
+    pytest.importorskip("matplotlib")
+    resource = pytest.importorskip("resource")
+    import explore
+    checkpoint, look = tmp_path / "run.pt", tmp_path / "look"
+    assert train_run(tiny_data, checkpoint)[0] == 0
+    explore_args = ["--checkpoint", checkpoint, "--out", look]
+    assert run_in_process(explore.main, explore_args)[0] == 0
+    before = files_in(look)
+    # A file-size limit of 8 KiB (ulimit -f 8) stands in for a full disk: each picture is bigger.
+    full = subprocess.run([sys.executable, os.path.join(ROOT, "explore.py"),
+                           *map(str, explore_args), "--prompt", "JULIET:"],
+                          capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8192,) * 2))
+    one_error_line((full.returncode, full.stdout, full.stderr), "(File too large); free some")
+    assert files_in(look) == before  # each picture as it was, and no half-written file left
+
+
 def test_explore_draws_a_checkpoint_with_a_vocabulary_of_one(tmp_path):
     pytest.importorskip("matplotlib")
     import explore
