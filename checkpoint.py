@@ -303,13 +303,11 @@ def torch_optimizer_problem(saved, optimizer):
             and len(saved["param_groups"]) == len(live["param_groups"])):
         return f"it is not the state of {type(optimizer).__name__} for this model"
     for group, live_group in zip(saved["param_groups"], live["param_groups"]):
+        # (Only the parameters: runs.resume keeps this run's settings, lr, betas and so on.)
         ids = group.get("params") if isinstance(group, dict) else None
         if not (type(ids) is list and all(type(i) is int for i in ids)
                 and ids == live_group["params"]):
             return "its parameter groups are not this model's"
-        for name, like in live_group.items():
-            if name != "params" and not setting_ok(name, group.get(name), like):
-                return f"its setting {name} is {group.get(name)!r:.30}"
     for i, state in saved["state"].items():
         if type(i) is not int or not 0 <= i < len(params):
             return f"it holds state for a parameter #{str(i):.20} the model does not have"
@@ -321,20 +319,6 @@ def torch_optimizer_problem(saved, optimizer):
                     and torch.isfinite(value).all() and (name != "step" or value >= 0)):
                 return f"parameter #{i}'s {name} is not {tuple(shape)} finite numbers"
     return None
-
-
-def setting_ok(name, value, like):
-    """Is value, a saved optimizer setting, one this run can step with (its own: like)?"""
-    if name in ("fused", "foreach"):  # they pick a kernel; None: PyTorch picks
-        return value is None or type(value) is bool
-    if type(like) is bool:  # a switch (amsgrad, maximize, ...): PyTorch sets a missing one
-        return value is None or value is like
-    if type(like) is tuple:  # betas: each in [0, 1), as a momentum must be
-        return type(value) in (tuple, list) and len(value) == len(like) and all(
-            type(beta) in (int, float) and 0 <= beta < 1 for beta in value)
-    # lr, eps, weight_decay, Muon's momentum: numbers >= 0, a momentum below 1
-    return (type(value) in (int, float) and math.isfinite(value) and value >= 0
-            and (name != "momentum" or value < 1))
 
 
 def tokenizer_problem(state, vocab_size):

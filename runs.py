@@ -484,8 +484,14 @@ def resume(training):
     model.load_state_dict(ckpt["model"])
     training.best.restore(ckpt)
     training.val_loss = ckpt["val_loss"]
+    # This run's settings (--weight_decay, --beta2, ...), not the saved ones, which
+    # load_state_dict would put in their place: flags given to a resumed run take effect.
+    settings = [{k: v for k, v in group.items() if k != "params"}
+                for group in training.optimizer.param_groups]
     try:
         training.optimizer.load_state_dict(ckpt["optimizer"])
+        for group, own in zip(training.optimizer.param_groups, settings):
+            group.update(own)
         # One random state per rank of the run that saved it. Another number of processes:
         # only rank 0 can go on where it was; the others go on from a seed.
         if len(ckpt["rng"]) == run.world_size or run.rank == 0:

@@ -224,10 +224,8 @@ def damaged_optimizers(optimizer):
         changes["no step"] = {k: v for k, v in first.items() if k != "step"}
     for how, entry in changes.items():
         yield how, {**optimizer, "state": {**state, 0: entry}}
-    setting = "betas" if "betas" in groups[0] else "momentum"
-    for how, group in (("one beta", {**groups[0], setting: (0.9,)}),
-                       ("no " + setting, {k: v for k, v in groups[0].items() if k != setting})):
-        yield how, {**optimizer, "param_groups": [group, *groups[1:]]}
+    yield "another parameter", {**optimizer, "state": {**state, len(state) + 5: first}}
+    yield "fewer groups", {**optimizer, "param_groups": groups[:-1] or [{"params": []}] * 2}
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
@@ -251,6 +249,22 @@ def test_damaged_optimizer_state_is_refused_before_pytorch_loads_it(tmp_path, ti
                 result = train_run(tiny_data, new, *resume)
             one_error_line(result, "damaged")
             assert not new.exists(), how
+
+
+def test_a_resumed_run_steps_with_its_own_optimizer_settings(tmp_path, tiny_data):
+    """--weight_decay, --beta1/2 given to a resumed run take effect (the checkpoint's would
+    otherwise win), and saved settings that make no sense do not matter."""
+    checkpoint = tmp_path / "run.pt"
+    assert train_run(tiny_data, checkpoint)[0] == 0
+    saved = torch.load(checkpoint, weights_only=True)
+    groups = saved["optimizer"]["param_groups"]
+    saved["optimizer"]["param_groups"] = [{**groups[0], "betas": (0.9,), "eps": -1}, *groups[1:]]
+    torch.save(saved, checkpoint)
+    assert train_run(tiny_data, checkpoint, "--max_iters", "3", "--resume", "--weight_decay",
+                     "0.5", "--beta2", "0.9")[0] == 0
+    resumed = torch.load(checkpoint, weights_only=True)["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], g["betas"], g["eps"]) for g in resumed] == [
+        (0.5, (0.9, 0.9), 1e-8), (0.0, (0.9, 0.9), 1e-8)]
 
 
 # --- an output that is an input; two outputs that share a name ------------------------------
