@@ -99,6 +99,14 @@ def check_replaceable(path, flag, writer, is_ours):
                          f"pick another {flag}, or move that file away")
 
 
+def png_tagged(path, tag):
+    """Whether the PNG at path carries tag, the {"Software": ...} its writer saved it with
+    (savefig's metadata): how a later run knows the picture is its own to replace."""
+    with contextlib.suppress(OSError), open(path, "rb") as f:  # text chunks precede the pixels
+        return b"Software\x00" + tag["Software"].encode() in f.read(4096)
+    return False
+
+
 def is_checkpoint(path):
     with contextlib.suppress(Exception):  # not a file torch.save wrote
         return "model_args" in torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -18,14 +18,13 @@ import startup
 
 startup.exit_at_once_on_ctrl_c(__name__)  # while torch loads: before any other import
 
-import contextlib
 import math
 import os
 
 import torch
 import torch.nn.functional as F
 
-from checkpoint import atomic_write, check_outputs_spare_inputs, check_replaceable, tmp_path_for
+from checkpoint import atomic_write, check_outputs_spare_inputs, check_replaceable, png_tagged, tmp_path_for
 from config import ArgumentParser
 from generate import load_model
 from tracking import matplotlib_or_note, pyplot
@@ -213,14 +212,9 @@ def output_folder(out, checkpoint):
         if os.path.exists(picture) and not os.access(picture, os.W_OK):  # chmod -w, chattr +i
             raise UsageError(f"{picture} is read-only; make it writable, or pass another --out")
         if out:  # the default folder holds only explore's pictures
-            check_replaceable(picture, "--out", "explore.py", is_our_picture)
+            check_replaceable(picture, "--out", "explore.py",
+                              lambda path: png_tagged(path, PICTURE_TAG))
     return folder
-
-
-def is_our_picture(path):
-    with contextlib.suppress(OSError), open(path, "rb") as f:  # text chunks precede the pixels
-        return b"Software\x00" + PICTURE_TAG["Software"].encode() in f.read(4096)
-    return False
 
 
 def save_picture(figure, path):

@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 from tqdm import tqdm
 
-from checkpoint import atomic_write, is_checkpoint
+from checkpoint import atomic_write, is_checkpoint, png_tagged
 from utils import UsageError, regular_file_problem
 
 
@@ -40,9 +40,9 @@ def check_side_files(checkpoint):
 def wrote(side_file):
     """Whether train.py wrote this loss curve (its tag) or metrics log (empty, or a row with a
     step first)."""
+    if side_file.endswith(".png"):
+        return png_tagged(side_file, CURVE_TAG)
     with contextlib.suppress(OSError, ValueError), open(side_file, "rb") as f:
-        if side_file.endswith(".png"):  # PNG text chunks come before the pixels
-            return b"Software\x00" + CURVE_TAG["Software"].encode() in f.read(4096)
         first_line = f.readline(10**6)
         row = json.loads(first_line) if first_line else {"step": None}
         return isinstance(row, dict) and "step" in row

@@ -268,6 +268,13 @@ def cpu_has_native_bf16():
     return False
 
 
+def autocast(device, dtype):
+    """Mixed precision: matmuls in bf16/fp16, weights and the optimizer stay in float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+
+
 def use_compile(setting, device, doing):
     """--compile auto: on CUDA only, where its start-up pays for itself; and never where it
     cannot work: a note then says why and the code runs eager."""
@@ -294,10 +301,3 @@ def compile_problem(device):
     elif device == "mps":
         return "its Apple GPU (MPS) backend is a prototype, not tried by this project"
     return None
-
-
-def autocast(device, dtype):
-    """Mixed precision: matmuls in bf16/fp16, weights and the optimizer stay in float32."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))

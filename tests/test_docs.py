@@ -93,3 +93,25 @@ def test_quick_start_installs_the_test_dependencies():
         lines = [line.split("#")[0].strip() for line in f]
     assert "pytest" in lines and "-r requirements.txt" in lines
     assert "python -m pytest -q tests" in section
+
+
+def test_the_reading_guides_line_ranges_hold_what_it_names():
+    """The guide sends readers to line ranges: each must begin a definition (or the file) and
+    end one, and hold the functions named beside it, so an edit above cannot shift it quietly."""
+    guide = readme().split("## Reading guide")[1].split("\n## ")[0]
+    model_ranges = re.search(r"`model\.py` top to bottom first: lines (\d+)-(\d+) .*? lines "
+                             r"(\d+)-(\d+) are path", guide, re.S).groups()
+    ranges = [("model.py", *model_ranges[:2], "class GPTModel"),
+              ("model.py", *model_ranges[2:], "class KVCache")]
+    for file, start, end, names in re.findall(r"`(\w+\.py)` lines (\d+)-(\d+): ([^|]+)\|", guide):
+        ranges += [(file, start, end, f"def {name}") for name in re.findall(r"`(\w+)`", names)]
+    assert len(ranges) >= 5
+    for file, start, end, name in ranges:
+        with open(os.path.join(ROOT, file), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        start, end = int(start), int(end)
+        held = "\n".join(lines[start - 1:end])
+        assert start == 1 or lines[start - 1].lstrip().startswith(("def ", "class ", "@")), file
+        after = lines[end].lstrip() if end < len(lines) else ""
+        assert after in ("", "\n") or after.startswith(("def ", "class ", "@")), (file, end)
+        assert f"\n{name}" in f"\n{held}" or f"    {name[4:]}" in held, (file, name)
