@@ -283,9 +283,14 @@ def prepare_benchmark(args, device):
     with temporary_folder() as folder:
         if args.data:
             size_mib = sum(map(os.path.getsize, dataset.find_sources(args.data))) / 2**20
-            check_room(folder, 2 * size_mib, f"--data {args.data}", "its token file")
+            token_bytes = 4 if args.tokenizer == "bpe" and args.vocab_size > 2**16 else 2
+            check_room(folder, token_bytes * size_mib, f"--data {args.data}", "its token file")
             data = os.path.join(folder, os.path.basename(os.path.abspath(args.data)))
-            os.symlink(os.path.abspath(args.data), data)
+            try:
+                os.symlink(os.path.abspath(args.data), data)
+            except OSError as err:  # e.g. Windows, where links need Developer Mode
+                raise UsageError(f"cannot link {args.data} into {folder} ({err.strerror or err}); "
+                                 f"allow symbolic links, or time train.py on it yourself") from None
         else:
             data = write_bench_text(folder, args.text, args.size_mb)
             size_mib = os.path.getsize(data) / 2**20

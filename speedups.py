@@ -69,11 +69,12 @@ def use_fast_cpu_dropout(model):
 # ---------------------------------------------------------------------------------------------
 # Muon: an optimizer that learns more per step (the CPU presets train with it; read this part)
 #
-# What it does. For each weight matrix W (C_out, C_in) of the blocks, Muon keeps a momentum M
-# of the gradient, as SGD with momentum does, but steps along the orthogonal matrix closest to
-# M: for M = U S V^T (its singular value decomposition: U and V rotations, S the strengths of
-# its directions), the update is U V^T, every strength set to 1. A few Newton-Schulz
-# iterations (a handful of matmuls) get close enough to U V^T without computing an SVD.
+# What it does. For each weight matrix W (C_out, C_in) of the blocks, Muon keeps a momentum M,
+# a running mean of the gradients (as SGD with momentum keeps one), but steps along the
+# orthogonal matrix closest to M: for M = U S V^T (its singular value decomposition: U and V
+# rotations, S the strengths of its directions), the update is U V^T, every strength set to 1.
+# A few Newton-Schulz iterations (a handful of matmuls) get close enough to U V^T without
+# computing an SVD.
 #
 # Why it learns more per step. A weight matrix's gradient is dominated by a few directions:
 # its largest singular values are far above the rest. AdamW's update, element by element, keeps
@@ -83,9 +84,9 @@ def use_fast_cpu_dropout(model):
 # (the Newton-Schulz matmuls); in short runs the steps saved repay it (docs/results.md).
 # It suits the hidden matrices only (an embedding's rows are not directions of a linear map):
 # the embeddings, the output head, biases and LayerNorm gains stay with AdamW.
-# The training runs the code below: muon_direction and nearly_orthogonal are the whole of
-# Muon's step, and Muon (the optimizer class) applies it to each matrix. Its numbers are
-# torch.optim.Muon's (PyTorch 2.9 and newer) to the last bit (tests/test_speedups.py).
+# The training runs the code below: muon_direction and nearly_orthogonal give a matrix's step
+# direction, and Muon.step applies it with the weight decay and the learning rate. Its numbers
+# are torch.optim.Muon's (PyTorch 2.9 and newer) to the last bit (tests/test_speedups.py).
 
 def muon_direction(momentum, grad, beta=0.95):
     """Muon's step for one weight matrix, before the learning rate: the momentum (updated in

@@ -32,8 +32,6 @@ def pytest_configure(config):
                    "just these (tests/test_cuda.py)")
 
 
-
-
 @pytest.fixture
 def tiny_data(tmp_path):
     path = tmp_path / "tiny.txt"

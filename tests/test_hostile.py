@@ -655,6 +655,18 @@ def test_bench_prepare_data_never_touches_the_texts_own_token_files(tmp_path):
     expect_one_error_line(result, f"cannot write the token file {bench_tmp}")
 
 
+def test_bench_prepare_data_where_links_are_not_allowed_is_one_line(tmp_path, monkeypatch):
+    def no_links(source, link):  # as on Windows without Developer Mode
+        raise OSError(1, "A required privilege is not held by the client")
+
+    data = tmp_path / "text.txt"
+    data.write_text(TINY_TEXT)
+    monkeypatch.setattr(os, "symlink", no_links)
+    code, out, err = run_in_process(bench.main, ["prepare", "--data", data, "--device", "cpu"])
+    assert code == 2 and err.startswith(f"error: cannot link {data} into ") and err.count("\n") == 1
+    assert os.listdir(tmp_path) == ["text.txt"]
+
+
 def test_bench_report_json_on_a_full_disk_keeps_the_earlier_one(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "in_fresh_process", lambda function, *args: dict(
         measurement=function.__name__, result="1 tokens/s", details="made up"))

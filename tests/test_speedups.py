@@ -76,8 +76,8 @@ def test_reference_switch_turns_every_speed_up_off():
 def test_muon_takes_the_steps_of_torch_optim_muon_to_the_last_bit(shape):
     """speedups.Muon, the step the CPU presets train with, written out for reading, moves a
     weight matrix exactly as PyTorch's own torch.optim.Muon does, over steps that use its
-    momentum and weight decay, with a learning rate that changes; and a checkpoint's state
-    saved by either loads into the other."""
+    momentum and weight decay, with a learning rate that changes; and the state a checkpoint
+    saved with torch.optim.Muon loads into it."""
     torch.manual_seed(0)
     ours = torch.nn.Parameter(torch.randn(shape))
     theirs = torch.nn.Parameter(ours.detach().clone())
