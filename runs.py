@@ -170,7 +170,7 @@ def check_paths(config, run):
     inputs[config.data] = "the --data folder" if os.path.isdir(config.data) else "the --data file"
     stem = prepared_stem(config.data, corpus_settings(config))
     inputs.update({f"{stem}.tokens": "the token file", f"{stem}.tokens.json": "the token file"})
-    if resumed and saves_elsewhere(config):  # else it is meant to be replaced
+    if resumed and not checkpoint.same_file(resumed, path):  # else it is meant to be replaced
         inputs[resumed] = "the checkpoint to resume"
     metrics_log, loss_curve = log_paths(path)
     outputs = {path: "--checkpoint", f"{path}.lock": "its lock file",
@@ -194,10 +194,6 @@ def check_paths(config, run):
 
 def resume_path(config):  # plain --resume goes on from --checkpoint
     return config.checkpoint if config.resume == "true" else config.resume
-
-
-def saves_elsewhere(config):  # resumed from another file than the --checkpoint it saves to
-    return not checkpoint.same_file(resume_path(config), config.checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,13 +288,16 @@ def finish(training, step, stopping):
     utils.quit_on_signals()  # saved: a signal during the sample need not wait for its end
     if not training.run.is_master:
         return
-    if stopping and step == 0:
-        print("Stopped before the first step; no checkpoint saved")
+    first = training.progress.initial  # the step this run started from: 0, or --resume's
+    if stopping and step == first:  # nothing trained, so nothing to save
+        resumed = resume_path(config)
+        kept = f" ({resumed} is as it was: --resume {resumed} to go on)" if config.resume else ""
+        print(f"Stopped before the first step; no checkpoint saved{kept}")
     elif stopping:
         print(f"Stopped at step {step}; checkpoint saved to {config.checkpoint}")
     else:
         print(f"Saved checkpoint to {config.checkpoint} (val loss {training.val_loss:.4f})")
-    if step > 0:
+    if step > first:
         kept = "the last step" if best.step == step else \
             f"kept in the checkpoint too: generate.py samples it (--weights last: step {step}'s)"
         print(f"Best: val loss {best.val_loss:.4f} at step {best.step}, {kept}")
