@@ -504,8 +504,27 @@ def resume(training):
     if not restored:
         print(f"Note: {path} holds no random state for this GPU (saved on another machine): "
               f"dropout goes on from a fresh one, so the run is not exactly the one it resumes")
+    note_changed_flags(ckpt["config"], config, path, run)
     run.log(f"Resuming from step {step} of {path}")
     return step
+
+
+# The flags that change the training's maths: given to a resumed run, they take effect.
+STEPPING_FLAGS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay",
+                  "beta1", "beta2", "grad_clip", "batch_size", "gradient_accumulation_steps",
+                  "dropout", "dtype")
+
+
+def note_changed_flags(saved, config, path, run):
+    """One note naming the stepping flags that differ from the run that saved the checkpoint
+    (a flag left out is back at its default): the resumed run is no longer exact. Flags that an
+    old or hand-made checkpoint does not record are skipped."""
+    names = STEPPING_FLAGS + (("muon_lr",) if config.optimizer == "muon" else ())
+    changed = [f"--{name} {saved[name]} -> {getattr(config, name)}" for name in names
+               if name in saved and saved[name] != getattr(config, name)]
+    if changed:
+        run.log(f"Note: {', '.join(changed)}: this run goes on with the new values, not those "
+                f"{path} was trained with (repeat the old flags to go on exactly)")
 
 
 def check_same_tokens(ckpt, corpus, config, path):
