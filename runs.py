@@ -170,7 +170,7 @@ def check_paths(config, run):
     inputs[config.data] = "the --data folder" if os.path.isdir(config.data) else "the --data file"
     stem = prepared_stem(config.data, corpus_settings(config))
     inputs.update({f"{stem}.tokens": "the token file", f"{stem}.tokens.json": "the token file"})
-    if resumed and saves_elsewhere(config):  # else it is meant to be replaced
+    if resumed and not checkpoint.same_file(resumed, path):  # else it is meant to be replaced
         inputs[resumed] = "the checkpoint to resume"
     metrics_log, loss_curve = log_paths(path)
     outputs = {path: "--checkpoint", f"{path}.lock": "its lock file",
@@ -194,10 +194,6 @@ def check_paths(config, run):
 
 def resume_path(config):  # plain --resume goes on from --checkpoint
     return config.checkpoint if config.resume == "true" else config.resume
-
-
-def saves_elsewhere(config):  # resumed from another file than the --checkpoint it saves to
-    return not checkpoint.same_file(resume_path(config), config.checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,13 +288,16 @@ def finish(training, step, stopping):
     utils.quit_on_signals()  # saved: a signal during the sample need not wait for its end
     if not training.run.is_master:
         return
-    if stopping and step == 0:
-        print("Stopped before the first step; no checkpoint saved")
+    first = training.progress.initial  # the step this run started from: 0, or --resume's
+    if stopping and step == first:  # nothing trained, so nothing to save
+        resumed = resume_path(config)
+        kept = f" ({resumed} is as it was: --resume {resumed} to go on)" if config.resume else ""
+        print(f"Stopped before the first step; no checkpoint saved{kept}")
     elif stopping:
         print(f"Stopped at step {step}; checkpoint saved to {config.checkpoint}")
     else:
         print(f"Saved checkpoint to {config.checkpoint} (val loss {training.val_loss:.4f})")
-    if step > 0:
+    if step > first:
         kept = "the last step" if best.step == step else \
             f"kept in the checkpoint too: generate.py samples it (--weights last: step {step}'s)"
         print(f"Best: val loss {best.val_loss:.4f} at step {best.step}, {kept}")
@@ -505,8 +504,27 @@ def resume(training):
     if not restored:
         print(f"Note: {path} holds no random state for this GPU (saved on another machine): "
               f"dropout goes on from a fresh one, so the run is not exactly the one it resumes")
+    note_changed_flags(ckpt["config"], config, path, run)
     run.log(f"Resuming from step {step} of {path}")
     return step
+
+
+# The flags that change the training's maths: given to a resumed run, they take effect.
+STEPPING_FLAGS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay",
+                  "beta1", "beta2", "grad_clip", "batch_size", "gradient_accumulation_steps",
+                  "dropout", "dtype")
+
+
+def note_changed_flags(saved, config, path, run):
+    """One note naming the stepping flags that differ from the run that saved the checkpoint
+    (a flag left out is back at its default): the resumed run is no longer exact. Flags that an
+    old or hand-made checkpoint does not record are skipped."""
+    names = STEPPING_FLAGS + (("muon_lr",) if config.optimizer == "muon" else ())
+    changed = [f"--{name} {saved[name]} -> {getattr(config, name)}" for name in names
+               if name in saved and saved[name] != getattr(config, name)]
+    if changed:
+        run.log(f"Note: {', '.join(changed)}: this run goes on with the new values, not those "
+                f"{path} was trained with (repeat the old flags to go on exactly)")
 
 
 def check_same_tokens(ckpt, corpus, config, path):

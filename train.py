@@ -51,10 +51,8 @@ def main(argv=None):
     for step in range(start_step, config.max_iters + 1):  # + 1: evaluate after the last step
         stopping = stop_requested()  # under torchrun, every rank stops at the same step
         last_step = step == config.max_iters or stopping
-        # A resumed run's checkpoint was saved just after evaluating this step: no need again,
-        # unless the run stops here and --checkpoint is another file, which must get one.
-        just_resumed = config.resume and step == start_step and not (
-            stopping and runs.saves_elsewhere(config))
+        # A resumed run's checkpoint was saved just after evaluating this step: no need again.
+        just_resumed = config.resume and step == start_step
         if (step % config.eval_interval == 0 or last_step) and not just_resumed:
             evaluate_and_save(training, step, last_step)
         if last_step:

@@ -267,6 +267,26 @@ def test_a_resumed_run_steps_with_its_own_optimizer_settings(tmp_path, tiny_data
         (0.5, (0.9, 0.9), 1e-8), (0.0, (0.9, 0.9), 1e-8)]
 
 
+def test_a_resume_with_other_stepping_flags_names_them_in_one_note(tmp_path, tiny_data):
+    """A flag left out at --resume is back at its default, and the run goes on with it: one
+    note names each change, since the run is no longer exact. The same flags: no note; a flag
+    the checkpoint does not record (old or hand-made): not named."""
+    checkpoint = tmp_path / "run.pt"
+    assert train_run(tiny_data, checkpoint, "--weight_decay", "0.5", "--beta2", "0.9")[0] == 0
+    saved = torch.load(checkpoint, weights_only=True)
+    del saved["config"]["beta2"]
+    torch.save(saved, checkpoint)
+    code, out, err = train_run(tiny_data, checkpoint, "--max_iters", "3", "--resume")
+    assert code == 0, err
+    [note] = [line for line in out.splitlines() if line.startswith("Note: --")]
+    assert note.startswith("Note: --weight_decay 0.5 -> 0.1: this run goes on with the new "
+                           "values") and "repeat the old flags to go on exactly" in note, note
+    code, out, err = train_run(tiny_data, checkpoint, "--max_iters", "4", "--resume",
+                               "--weight_decay", "0.1")
+    assert code == 0, err
+    assert "Note: --" not in out
+
+
 # --- an output that is an input; two outputs that share a name ------------------------------
 
 def test_no_output_is_or_lies_inside_an_input(tmp_path, tiny_data):
