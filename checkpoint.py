@@ -114,7 +114,8 @@ def is_checkpoint(path):
 
 
 def write_failure(err):
-    """Why writing failed, in words: torch.save reports a full disk as a RuntimeError."""
+    """Why writing failed, in words."""
+    err = file_error(err)
     if isinstance(err, OSError):
         return err.strerror or str(err)
     return "the disk is full or the file could not be written"
@@ -123,13 +124,28 @@ def write_failure(err):
 def out_of_room(err):
     """Whether writing failed for want of room (a full disk, a quota, a file size limit), which
     freeing space mends, rather than for want of permission (a read-only file or folder)."""
+    err = file_error(err)
     return not isinstance(err, OSError) or err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def file_error(err):
+    """The OSError behind err: torch.save reports a failed write to a Python file (a full disk,
+    a file size limit) as a RuntimeError, raised while that OSError was being handled."""
+    wrapped = not isinstance(err, OSError) and isinstance(err.__context__, OSError)
+    return err.__context__ if wrapped else err
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: saved, loaded, and checked before anything is built from them
 
 def save_checkpoint(checkpoint, path):
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    atomic_write(path, lambda tmp: save_to_file(checkpoint, tmp))
+
+
+def save_to_file(checkpoint, path):
+    # Through a Python file, not torch.save(checkpoint, path): torch would open the path itself
+    # and report any failure (a read-only folder too) as a RuntimeError with no errno.
+    with open(path, "wb") as f:
+        torch.save(checkpoint, f)
 
 
 def load_checkpoint(path, device="cpu", flag="--checkpoint"):
