@@ -15,6 +15,7 @@ import torch
 import tracking
 import train
 import utils
+from checkpoint import png_tagged
 from config import Config
 from conftest import ROOT, TINY_FLAGS, TINY_TEXT, run_in_process, run_script
 
@@ -633,6 +634,33 @@ def test_files_named_like_a_runs_side_files_or_locks_are_refused_and_kept(tmp_pa
         assert "Starting training" not in result[1]
         assert files_in(tmp_path) == before  # nothing emptied, written through or removed
         os.remove(tmp_path / name)
+
+
+def test_a_users_log_beside_an_earlier_checkpoint_is_refused_and_kept(tmp_path, tiny_data):
+    checkpoint = tmp_path / "run.pt"
+    assert train_run(tiny_data, checkpoint)[0] == 0
+    (tmp_path / "run.pt.metrics.jsonl").write_text("my notes\n")  # the log known by its content
+    before = files_in(tmp_path)
+    one_error_line(train_run(tiny_data, checkpoint),
+                   "run.pt.metrics.jsonl is a file that train.py did not write")
+    assert files_in(tmp_path) == before
+
+
+def test_an_untagged_curve_beside_the_runs_own_log_is_replaced(tmp_path, tiny_data):
+    """Loss curves drawn before curves were tagged: known by train.py's log beside them, with
+    or without the checkpoint (a run stopped early, or one deleted to start over)."""
+    pytest.importorskip("matplotlib")
+    checkpoint, curve = tmp_path / "run.pt", tmp_path / "run.pt.loss.png"
+    assert train_run(tiny_data, checkpoint)[0] == 0
+    os.remove(checkpoint)
+    plt = tracking.pyplot()
+    figure = plt.figure()
+    figure.savefig(curve, format="png")  # matplotlib's own tag, not train.py's
+    plt.close(figure)
+    untagged = curve.read_bytes()
+    assert train_run(tiny_data, checkpoint)[0] == 0
+    assert curve.read_bytes() != untagged
+    assert png_tagged(curve, tracking.CURVE_TAG)  # drawn by this run
 
 
 def test_a_runs_own_side_files_are_replaced_through_a_link_never_written_through(tmp_path,
