@@ -76,8 +76,7 @@ def check_output_path(path, flag, example_name):
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a folder; name a file in it, e.g. "
                          f"{flag} {os.path.join(path, example_name)}")
-    if os.path.exists(path) and not os.access(path, os.W_OK):  # chmod a-w, chattr +i
-        raise UsageError(f"{flag} {path} is read-only; make it writable, or pick another {flag}")
+    check_writable(path, f"{flag} {path}", f"pick another {flag}")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         open(tmp_path_for(path), "wb").close()
@@ -88,6 +87,12 @@ def check_output_path(path, flag, example_name):
             err, (FileExistsError, NotADirectoryError)) else err.strerror or err
         raise UsageError(f"cannot save {flag} {path} ({reason}); pick a path in a folder you "
                          f"can write to") from None
+
+
+def check_writable(path, named, fix):
+    """Refuse a read-only file at path (chmod a-w, chattr +i): a rename would replace it."""
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"{named} is read-only; make it writable, or {fix}")
 
 
 def check_replaceable(path, flag, writer, is_ours):

@@ -172,7 +172,11 @@ def plot_losses(jsonl_path, png_path):
     axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    # A new file renamed into place: a link there is replaced, never written through.
-    atomic_write(png_path, lambda tmp: figure.savefig(tmp, format="png", dpi=100,
-                                                      metadata=CURVE_TAG))
+    save_png(figure, png_path, CURVE_TAG)
     plt.close(figure)
+
+
+def save_png(figure, path, tag):
+    """Save figure as a PNG carrying tag (see checkpoint.png_tagged), whole or not at all: a
+    new file renamed into place, so a link there is replaced, never written through."""
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100, metadata=tag))
