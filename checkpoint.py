@@ -76,8 +76,7 @@ def check_output_path(path, flag, example_name):
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a folder; name a file in it, e.g. "
                          f"{flag} {os.path.join(path, example_name)}")
-    if os.path.exists(path) and not os.access(path, os.W_OK):  # chmod a-w, chattr +i
-        raise UsageError(f"{flag} {path} is read-only; make it writable, or pick another {flag}")
+    check_writable(path, f"{flag} {path}", f"pick another {flag}")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         open(tmp_path_for(path), "wb").close()
@@ -88,6 +87,12 @@ def check_output_path(path, flag, example_name):
             err, (FileExistsError, NotADirectoryError)) else err.strerror or err
         raise UsageError(f"cannot save {flag} {path} ({reason}); pick a path in a folder you "
                          f"can write to") from None
+
+
+def check_writable(path, named, fix):
+    """Refuse a read-only file at path (chmod a-w, chattr +i): a rename would replace it."""
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"{named} is read-only; make it writable, or {fix}")
 
 
 def check_replaceable(path, flag, writer, is_ours):
@@ -114,7 +119,8 @@ def is_checkpoint(path):
 
 
 def write_failure(err):
-    """Why writing failed, in words: torch.save reports a full disk as a RuntimeError."""
+    """Why writing failed, in words."""
+    err = file_error(err)
     if isinstance(err, OSError):
         return err.strerror or str(err)
     return "the disk is full or the file could not be written"
@@ -123,13 +129,28 @@ def write_failure(err):
 def out_of_room(err):
     """Whether writing failed for want of room (a full disk, a quota, a file size limit), which
     freeing space mends, rather than for want of permission (a read-only file or folder)."""
+    err = file_error(err)
     return not isinstance(err, OSError) or err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def file_error(err):
+    """The OSError behind err: torch.save reports a failed write to a Python file (a full disk,
+    a file size limit) as a RuntimeError, raised while that OSError was being handled."""
+    wrapped = not isinstance(err, OSError) and isinstance(err.__context__, OSError)
+    return err.__context__ if wrapped else err
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: saved, loaded, and checked before anything is built from them
 
 def save_checkpoint(checkpoint, path):
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    atomic_write(path, lambda tmp: save_to_file(checkpoint, tmp))
+
+
+def save_to_file(checkpoint, path):
+    # Through a Python file, not torch.save(checkpoint, path): torch would open the path itself
+    # and report any failure (a read-only folder too) as a RuntimeError with no errno.
+    with open(path, "wb") as f:
+        torch.save(checkpoint, f)
 
 
 def load_checkpoint(path, device="cpu", flag="--checkpoint"):

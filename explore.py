@@ -24,10 +24,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-from checkpoint import atomic_write, check_outputs_spare_inputs, check_replaceable, png_tagged, tmp_path_for
+from checkpoint import check_outputs_spare_inputs, check_replaceable, check_writable, png_tagged, tmp_path_for
 from config import ArgumentParser
 from generate import load_model
-from tracking import matplotlib_or_note, pyplot
+from tracking import matplotlib_or_note, pyplot, save_png
 from utils import UsageError, pick_device, run_main
 
 SHOWN = {" ": "␣", "\n": "↵", "\t": "⇥"}  # whitespace, drawn so that it can be seen
@@ -209,8 +209,7 @@ def output_folder(out, checkpoint):
         except OSError as err:
             raise UsageError(f"cannot write {picture} ({err.strerror}); pass --out DIR to a "
                              f"folder you can write") from None
-        if os.path.exists(picture) and not os.access(picture, os.W_OK):  # chmod -w, chattr +i
-            raise UsageError(f"{picture} is read-only; make it writable, or pass another --out")
+        check_writable(picture, picture, "pass another --out")
         if out:  # the default folder holds only explore's pictures
             check_replaceable(picture, "--out", "explore.py",
                               lambda path: png_tagged(path, PICTURE_TAG))
@@ -218,11 +217,10 @@ def output_folder(out, checkpoint):
 
 
 def save_picture(figure, path):
-    """Save figure as path, whole or not at all (checkpoint.atomic_write): a symlink there is
+    """Save figure as path, whole or not at all (tracking.save_png): a symlink there is
     replaced, never written through, and a full disk leaves the earlier picture as it was."""
     try:
-        atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100,
-                                                      metadata=PICTURE_TAG))
+        save_png(figure, path, PICTURE_TAG)
     except OSError as err:
         raise UsageError(f"cannot write {path} ({err.strerror or err}); free some disk space, "
                          f"or pass --out DIR to a folder you can write") from None

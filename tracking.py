@@ -26,22 +26,23 @@ CURVE_TAG = {"Software": "Mini-GPT train.py"}  # in each loss curve: how a later
 
 def check_side_files(checkpoint):
     """Before any work: refuse a file at the metrics log's or loss curve's name unless train.py
-    wrote it, as the side file of an earlier checkpoint there, or by its content (a run stopped
-    before its first save leaves them alone). A folder there only fails to write, with a note."""
-    earlier_run = is_checkpoint(checkpoint)
-    for path in log_paths(checkpoint):
+    wrote it, whether or not a checkpoint is beside it (a run stopped before its first save
+    leaves them alone). A folder there only fails to write, with a note."""
+    for path in log_paths(checkpoint):  # the log first: the curve's test may read it
         problem = regular_file_problem(path)
-        if problem not in ("does not exist", "is a folder") and \
-                (problem or not (earlier_run or wrote(path))):
+        if problem not in ("does not exist", "is a folder") and (problem or not wrote(path)):
             raise UsageError(f"{path} {problem or 'is a file that train.py did not write'}; "
                              f"pick another --checkpoint, or move that file away")
 
 
 def wrote(side_file):
-    """Whether train.py wrote this loss curve (its tag) or metrics log (empty, or a row with a
-    step first)."""
+    """Whether train.py wrote this metrics log (empty, or a row with a step first) or loss
+    curve: one with its tag, or, drawn before curves were tagged, one with train.py's log or
+    checkpoint beside it (asked last: it takes loading the checkpoint)."""
     if side_file.endswith(".png"):
-        return png_tagged(side_file, CURVE_TAG)
+        checkpoint = side_file.removesuffix(".loss.png")
+        return png_tagged(side_file, CURVE_TAG) or wrote(log_paths(checkpoint)[0]) or \
+            is_checkpoint(checkpoint)
     with contextlib.suppress(OSError, ValueError), open(side_file, "rb") as f:
         first_line = f.readline(10**6)
         row = json.loads(first_line) if first_line else {"step": None}
@@ -171,7 +172,11 @@ def plot_losses(jsonl_path, png_path):
     axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    # A new file renamed into place: a link there is replaced, never written through.
-    atomic_write(png_path, lambda tmp: figure.savefig(tmp, format="png", dpi=100,
-                                                      metadata=CURVE_TAG))
+    save_png(figure, png_path, CURVE_TAG)
     plt.close(figure)
+
+
+def save_png(figure, path, tag):
+    """Save figure as a PNG carrying tag (see checkpoint.png_tagged), whole or not at all: a
+    new file renamed into place, so a link there is replaced, never written through."""
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100, metadata=tag))

@@ -15,6 +15,7 @@ import torch
 import tracking
 import train
 import utils
+from checkpoint import png_tagged
 from config import Config
 from conftest import ROOT, TINY_FLAGS, TINY_TEXT, run_in_process, run_script
 
@@ -96,26 +97,39 @@ def test_an_empty_resume_is_refused_not_a_fresh_run(tmp_path, tiny_data):
 
 # --- saving that fails cleanly ----------------------------------------------------------------
 
-@pytest.mark.parametrize("failure, reason, fix", [
-    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
-     "the disk is full or the file could not be written",  # how torch.save says disk full
+TORCH_SAYS = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+
+
+@pytest.mark.parametrize("failure, torch_wraps, reason, fix", [
+    # torch.save reports a failed write to its file as a RuntimeError raised while handling it.
+    (OSError(28, "No space left on device"), True, "No space left on device",
      "Free some disk space"),
-    (OSError(28, "No space left on device"), "No space left on device", "Free some disk space"),
-    # A file made read-only during the run (chattr +i): space is not what it needs.
-    (OSError(1, "Operation not permitted"), "Operation not permitted", "Make"),
+    (OSError(27, "File too large"), True, "File too large", "Free some disk space"),  # ulimit -f
+    (OSError(28, "No space left on device"), False, "No space left on device",
+     "Free some disk space"),
+    # A file or folder made read-only during the run (chmod, chattr +i): space is not the fix.
+    (PermissionError(13, "Permission denied"), False, "Permission denied", "Make"),
+    (OSError(1, "Operation not permitted"), False, "Operation not permitted", "Make"),
+    # A RuntimeError with no file error behind it: the likeliest cause is a full disk.
+    (RuntimeError(TORCH_SAYS), False, "the disk is full or the file could not be written",
+     "Free some disk space"),
 ])
 def test_a_full_disk_at_save_names_the_last_good_checkpoint(tmp_path, tiny_data, monkeypatch,
-                                                            failure, reason, fix):
+                                                            failure, torch_wraps, reason, fix):
     checkpoint = tmp_path / "run.pt"
     real_save, saves = torch.save, []
 
-    def save_then_fail(obj, path):
-        saves.append(path)
+    def save_then_fail(obj, f):
+        saves.append(f)
         if len(saves) == 1:
-            return real_save(obj, path)
-        with open(path, "wb") as f:  # half a file, then the disk is full
-            f.write(b"PK\x03\x04 half a checkpoint")
-        raise failure
+            return real_save(obj, f)
+        f.write(b"PK\x03\x04 half a checkpoint")  # half a file, then the write fails
+        try:
+            raise failure
+        except OSError:
+            if torch_wraps:
+                raise RuntimeError(TORCH_SAYS)  # as torch does, with the OSError as its context
+            raise
 
     monkeypatch.setattr(torch, "save", save_then_fail)
     line = one_error_line(train_run(tiny_data, checkpoint),
@@ -124,6 +138,35 @@ def test_a_full_disk_at_save_names_the_last_good_checkpoint(tmp_path, tiny_data,
     assert f"the last good checkpoint, {checkpoint}, is kept (step 1). {fix}" in line
     assert torch.load(checkpoint, weights_only=True)["step"] == 1  # intact
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
+def test_a_save_that_really_fails_is_told_by_its_cause(tmp_path):
+    """No stand-ins: a real torch.save past a file size limit (ulimit -f) is out of room, and
+    in a read-only folder it is a matter of permission."""
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    script = f"""
+import os, resource, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+import torch, checkpoint
+
+def failure(path):
+    try:
+        checkpoint.save_checkpoint({{"w": torch.zeros(10_000)}}, path)
+    except (OSError, RuntimeError) as err:
+        print(checkpoint.write_failure(err), checkpoint.out_of_room(err), sep=", ")
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, not the process
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+failure({str(tmp_path / "big.pt")!r})
+os.chmod({str(read_only)!r}, 0o555)
+if os.geteuid() == 0:  # root writes in any folder; another user does not
+    os.setuid(65534)
+failure({str(read_only / "run.pt")!r})
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.stdout.splitlines() == ["File too large, True", "Permission denied, False"], \
+        result.stderr[-2000:]
 
 
 def test_a_failed_first_save_says_no_checkpoint_was_saved(tmp_path, tiny_data, monkeypatch):
@@ -611,6 +654,33 @@ def test_files_named_like_a_runs_side_files_or_locks_are_refused_and_kept(tmp_pa
         assert "Starting training" not in result[1]
         assert files_in(tmp_path) == before  # nothing emptied, written through or removed
         os.remove(tmp_path / name)
+
+
+def test_a_users_log_beside_an_earlier_checkpoint_is_refused_and_kept(tmp_path, tiny_data):
+    checkpoint = tmp_path / "run.pt"
+    assert train_run(tiny_data, checkpoint)[0] == 0
+    (tmp_path / "run.pt.metrics.jsonl").write_text("my notes\n")  # the log known by its content
+    before = files_in(tmp_path)
+    one_error_line(train_run(tiny_data, checkpoint),
+                   "run.pt.metrics.jsonl is a file that train.py did not write")
+    assert files_in(tmp_path) == before
+
+
+def test_an_untagged_curve_beside_the_runs_own_log_is_replaced(tmp_path, tiny_data):
+    """Loss curves drawn before curves were tagged: known by train.py's log beside them, with
+    or without the checkpoint (a run stopped early, or one deleted to start over)."""
+    pytest.importorskip("matplotlib")
+    checkpoint, curve = tmp_path / "run.pt", tmp_path / "run.pt.loss.png"
+    assert train_run(tiny_data, checkpoint)[0] == 0
+    os.remove(checkpoint)
+    plt = tracking.pyplot()
+    figure = plt.figure()
+    figure.savefig(curve, format="png")  # matplotlib's own tag, not train.py's
+    plt.close(figure)
+    untagged = curve.read_bytes()
+    assert train_run(tiny_data, checkpoint)[0] == 0
+    assert curve.read_bytes() != untagged
+    assert png_tagged(curve, tracking.CURVE_TAG)  # drawn by this run
 
 
 def test_a_runs_own_side_files_are_replaced_through_a_link_never_written_through(tmp_path,
