@@ -324,7 +324,7 @@ def optimizer_problem(saved, optimizer):
 
 
 def torch_optimizer_problem(saved, optimizer):
-    live = optimizer.state_dict()  # parameters numbered 0, 1, ... and this run's settings
+    live = optimizer.state_dict()  # its parameters numbered 0, 1, ..., as a saved state has them
     params = [p for group in optimizer.param_groups for p in group["params"]]
     kept = OPTIMIZER_STATE[type(optimizer).__name__]
     if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
