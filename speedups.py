@@ -158,7 +158,10 @@ class MuonAdamW:
         self.muon.zero_grad(set_to_none=set_to_none)
 
     def step(self):
-        lr = self.adamw.param_groups[0]["lr"]  # this step's rate on AdamW's schedule
+        # This step's rate on AdamW's schedule (the one the progress bar shows), scaled to Muon's
+        # peak. With --preset cpu, step 9 (the 10th) is at 40% of the warmup: AdamW 1.6e-3 of
+        # its 4e-3, Muon 0.02 of its muon_lr 0.05.
+        lr = self.adamw.param_groups[0]["lr"]
         for group in self.muon.param_groups:
             group["lr"] = lr * self.muon.defaults["lr"] / self.adamw.defaults["lr"]
         self.adamw.step()
