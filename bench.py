@@ -86,10 +86,9 @@ def generate_speed(device, use_cache, n_tokens, dtype, compile_setting, model_ar
     config = GPTConfig(VOCAB_SIZE, **{"flash": use_flash("auto", device), **(model_args or {})})
     model = generate.for_sampling(GPTModel(config), device, dtype)  # the attention generate.py runs
     compiled = use_cache and compile_decode(model, device, compile_setting)
-    # What a user runs: generate.py's streaming loop with its default sampling (temperature 0.8,
-    # top-k 200), which also brings the tokens to the host and decodes them (a terminal's
-    # printing is not timed). First a warm-up: compilation, and every path the timed tokens take
-    # (with the cache: a window slide).
+    # What a user runs: generate.py's streaming loop with its default sampling, which also brings
+    # the tokens to the host and decodes them (printing is not timed). The warm-up compiles, and
+    # takes every path the timed tokens take (with the cache: a window slide).
     options = generate.parse_args([] if use_cache else ["--no_cache"])
     options.max_new_tokens = model.block_size + 10 if use_cache else 10
     list(generate.stream_text(model, TOKENIZER, [0], options, device))  # the warm-up
@@ -219,20 +218,19 @@ def main(argv=None):
 
 
 # The flags each benchmark reads (--device: all of them); --help says which is whose.
+PREPARING = {"steps", "data", "tokenizer", "vocab_size", "bpe_sample_chars"}
 FLAGS_OF = {"train": {"steps", "batch_size"}, "generate": {"tokens", "dtype", "compile"},
-            "report": {"quick", "json", "tokens"}, "curve": {"preset", "seconds", "points"},
-            "prepare": {"steps", "size_mb", "text", "data", "tokenizer", "vocab_size",
-                        "bpe_sample_chars"}, "explore": {"steps"}}
+            "report": {"quick", "json", "tokens"}, "report --quick": {"quick", "json"},
+            "curve": {"preset", "seconds", "points"}, "explore": {"steps"},
+            "prepare": PREPARING | {"size_mb", "text"}, "prepare --data": PREPARING}
 
 
 def check_flags_apply(args, parser):
     """Refuse a flag this benchmark would ignore: whoever gave it expects it to count."""
     data, quick = args.what == "prepare" and args.data, args.what == "report" and args.quick
     what = args.what + (" --data" if data else " --quick" if quick else "")
-    ignored = {"size_mb", "text"} if data else {"tokens"} if quick else set()
     for name in sorted(vars(args).keys() - {"what", "device"}):
-        if getattr(args, name) != parser.get_default(name) and (
-                name not in FLAGS_OF[args.what] or name in ignored):
+        if getattr(args, name) != parser.get_default(name) and name not in FLAGS_OF[what]:
             raise UsageError(f"--{name} is not used by bench.py {what}; leave it out (--help "
                              f"says which benchmark reads each flag)")
 
@@ -277,16 +275,14 @@ def tokenizer_flags(args):
 
 def prepare_benchmark(args, device):
     """Prepare a text in a fresh process (time, peak memory), then start training on it in
-    another, as a second run: time to the first step, memory while training, an evaluation.
-    All in a temporary folder: a --data text is linked into it, so that it is prepared from
-    scratch and its own token files, beside it, are never touched."""
+    another, as a second run: time to the first step, memory while training, an evaluation."""
     with temporary_folder() as folder:
         if args.data:
             size_mib = sum(map(os.path.getsize, dataset.find_sources(args.data))) / 2**20
             token_bytes = 4 if args.tokenizer == "bpe" and args.vocab_size > 2**16 else 2
             check_room(folder, token_bytes * size_mib, f"--data {args.data}", "its token file")
             data = os.path.join(folder, os.path.basename(os.path.abspath(args.data)))
-            try:
+            try:  # a link: prepared from scratch here, its own token files are never touched
                 os.symlink(os.path.abspath(args.data), data)
             except OSError as err:  # e.g. Windows, where links need Developer Mode
                 raise UsageError(f"cannot link {args.data} into {folder} ({err.strerror or err}); "
@@ -580,8 +576,7 @@ def environment(device):
 # nanoGPT's published CPU recipe run through this code for the same wall time
 
 def curve(preset, seconds, points, device):
-    """train.py --preset P with about `points` evaluations, then nanoGPT's CPU recipe for the
-    same wall time; the seconds since launch include the evaluations, as in any train.py run."""
+    """As in any train.py run, the seconds since launch include the evaluations."""
     results = {}  # preset: [(seconds since launch, step, val loss)]
     with temporary_folder() as folder:  # the checkpoints and their logs go here
         for name in (preset, "nanogpt-cpu"):
