@@ -156,9 +156,8 @@ def check_model_fits(config, run):
 
 
 def check_paths(config, run):
-    """Before any work: the checkpoint to resume exists, and rank 0 (which saves) can save the
-    new one: it is no file the run reads, nor named as a side file, a file can be written there,
-    and no other run saves to it. Saving can then fail only for lack of space."""
+    """Before any work: the checkpoint to resume exists, and rank 0 can save the new one where
+    no input, side file or other run's save is: saving can then fail only for lack of space."""
     path, resumed = config.checkpoint, resume_path(config)
     if resumed:
         utils.check_regular_file(resumed, "--resume", "pass the checkpoint file to go on from",
@@ -459,11 +458,9 @@ def resume(training):
     if changed:
         raise UsageError(f"cannot resume {path}: the model shape differs ({changed}); drop "
                          f"those flags or start a fresh run")
-    if not ({"optimizer", "rng", "step", "config", "val_loss"} <= ckpt.keys()
-            and isinstance(ckpt["config"], dict) and type(ckpt["step"]) is int
-            and ckpt["step"] >= 0 and isinstance(ckpt["val_loss"], float)
-            and isinstance(ckpt["rng"], list) and ckpt["rng"]
-            and isinstance(ckpt["optimizer"], dict)):
+    kinds = dict(optimizer=dict, rng=list, config=dict, val_loss=float)  # and a step >= 0
+    if not (all(isinstance(ckpt.get(key), kind) for key, kind in kinds.items()) and ckpt["rng"]
+            and type(ckpt.get("step")) is int and ckpt["step"] >= 0):
         raise UsageError(f"cannot resume {path}: it has no optimizer or random state, or a "
                          f"damaged one; start a fresh run")
     saved_optimizer = ckpt["config"].get("optimizer", "adamw")
@@ -517,8 +514,7 @@ STEPPING_FLAGS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "
 
 def note_changed_flags(saved, config, path, run):
     """One note naming the stepping flags that differ from the run that saved the checkpoint
-    (a flag left out is back at its default): the resumed run is no longer exact. Flags that an
-    old or hand-made checkpoint does not record are skipped."""
+    (a flag left out is back at its default; one it did not record is skipped)."""
     names = STEPPING_FLAGS + (("muon_lr",) if config.optimizer == "muon" else ())
     changed = [f"--{name} {saved[name]} -> {getattr(config, name)}" for name in names
                if name in saved and saved[name] != getattr(config, name)]

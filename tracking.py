@@ -16,8 +16,8 @@ from utils import UsageError, regular_file_problem
 
 
 def log_paths(checkpoint):
-    """(metrics log, loss-curve PNG) beside a checkpoint: run.pt -> run.pt.metrics.jsonl,
-    run.pt.loss.png. Named after the whole name, so that run.pt, run.pth and run never share."""
+    """(metrics log, loss-curve PNG) beside a checkpoint, named after its whole name, so that
+    run.pt, run.pth and run never share."""
     return f"{checkpoint}.metrics.jsonl", f"{checkpoint}.loss.png"
 
 
@@ -56,16 +56,15 @@ def metrics_recorder(config, resumed=None):
     evaluation (at every one it would slow short runs measurably).
 
     An earlier run's log is replaced only with its checkpoint, at this run's first save
-    (record(dict, saved=True)): until then the rows wait in memory, so a run stopped early (a
-    mistyped flag, Ctrl-C) leaves it intact. A resumed run (resumed: the checkpoint's path and
-    step) starts from that run's rows up to its step: not another run's log of the same name,
-    nor the steps a killed run logged after its last save, which this run trains again. If a
-    file or W&B fails (a full disk, a read-only folder, no network), a note says so once and
-    training goes on: they are a convenience."""
+    (record(dict, saved=True)): until then the rows are held back in memory, so a run stopped
+    early (a mistyped flag, Ctrl-C) leaves it intact. A resumed run (resumed: the checkpoint's
+    path and step) starts from that run's rows up to its step: not another run's log of the
+    same name, nor the steps a killed run logged after its last save, which this run trains
+    again. A file or W&B that fails (a full disk, no network) is a note, once: they are a
+    convenience, and training goes on."""
     jsonl_path, png_path = log_paths(config.checkpoint)
-    # Rows held back while an earlier run's log is still the one that goes with the checkpoint.
     held_back = None  # None: append each row as it comes
-    if resumed:  # the resumed run's rows up to its step
+    if resumed:
         held_back = logged_rows(log_paths(resumed[0])[0], resumed[1])
     elif os.path.exists(jsonl_path):
         held_back = []
@@ -111,11 +110,10 @@ def logged_rows(path, last_step):
     """The rows of the log at path up to last_step; none if it cannot be read. A line that a
     killed run cut in half is left out."""
     rows = []
-    with contextlib.suppress(OSError, UnicodeDecodeError):
-        with open(path) as f:
-            for line in f:
-                with contextlib.suppress(ValueError):
-                    rows.append(json.loads(line))
+    with contextlib.suppress(OSError, UnicodeDecodeError), open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                rows.append(json.loads(line))
     return [row for row in rows if isinstance(row, dict) and row.get("step", 0) <= last_step]
 
 

@@ -511,6 +511,17 @@ def test_resume_names_the_flags_first_and_a_saved_none_is_unknown(tmp_path, tiny
                          *bpe)[0] == 0
 
 
+def test_resume_refuses_a_checkpoint_without_a_whole_training_state(tmp_path, tiny_data):
+    """Each entry --resume goes on from must be there and of its kind, or one line says so."""
+    assert train_run(tiny_data, tmp_path / "run.pt")[0] == 0
+    saved = torch.load(tmp_path / "run.pt", weights_only=True)
+    for key, damaged in (("rng", None), ("rng", []), ("step", -1), ("step", True),
+                         ("step", 2.0), ("val_loss", 1), ("config", []), ("optimizer", None)):
+        torch.save({**saved, key: damaged}, tmp_path / "damaged.pt")
+        one_error_line(train_run(tiny_data, tmp_path / "damaged.pt", "--max_iters", "4",
+                                 "--resume"), "it has no optimizer or random state, or a damaged one")
+
+
 def test_a_folder_where_the_token_file_goes_is_named_as_such(tmp_path, tiny_data):
     os.mkdir(f"{tiny_data}.char.tokens")
     line = one_error_line(train_run(tiny_data, tmp_path / "run.pt"), "is in the way: move it")
