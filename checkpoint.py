@@ -67,10 +67,9 @@ def same_file(a, b):
 
 
 def check_output_path(path, flag, example_name):
-    """Prove, before any work, that a file can be saved at path: not a folder, nor a read-only
-    file (which a rename could not, or should not, replace), in a folder that exists (made here
-    if need be) where the very path.PID.tmp atomic_write writes first can be written. Saving
-    can then fail only for lack of space."""
+    """Prove, before any work, that a file can be saved at path: not a folder nor a read-only
+    file, in a folder (made here if need be) where atomic_write's own path.PID.tmp can be
+    written. Saving can then fail only for lack of space."""
     if not path.strip():
         raise UsageError(f"{flag} must not be empty")
     if os.path.isdir(path):
