@@ -67,10 +67,9 @@ def same_file(a, b):
 
 
 def check_output_path(path, flag, example_name):
-    """Prove, before any work, that a file can be saved at path: not a folder, nor a read-only
-    file (which a rename could not, or should not, replace), in a folder that exists (made here
-    if need be) where the very path.PID.tmp atomic_write writes first can be written. Saving
-    can then fail only for lack of space."""
+    """Prove, before any work, that a file can be saved at path: not a folder nor a read-only
+    file, in a folder (made here if need be) where atomic_write's own path.PID.tmp can be
+    written. Saving can then fail only for lack of space."""
     if not path.strip():
         raise UsageError(f"{flag} must not be empty")
     if os.path.isdir(path):
@@ -143,14 +142,12 @@ def file_error(err):
 # Checkpoints: saved, loaded, and checked before anything is built from them
 
 def save_checkpoint(checkpoint, path):
-    atomic_write(path, lambda tmp: save_to_file(checkpoint, tmp))
-
-
-def save_to_file(checkpoint, path):
     # Through a Python file, not torch.save(checkpoint, path): torch would open the path itself
     # and report any failure (a read-only folder too) as a RuntimeError with no errno.
-    with open(path, "wb") as f:
-        torch.save(checkpoint, f)
+    def save(tmp_path):
+        with open(tmp_path, "wb") as f:
+            torch.save(checkpoint, f)
+    atomic_write(path, save)
 
 
 def load_checkpoint(path, device="cpu", flag="--checkpoint"):
@@ -169,8 +166,7 @@ def load_checkpoint(path, device="cpu", flag="--checkpoint"):
     if not isinstance(checkpoint, dict) or not {"model", "model_args", "tokenizer"} <= checkpoint.keys():
         raise UsageError(f"{path} is not a Mini-GPT checkpoint (no model, model_args or "
                          f"tokenizer); pass one saved by train.py")
-    problem = checkpoint_problem(checkpoint)
-    if problem:
+    if problem := checkpoint_problem(checkpoint):
         raise UsageError(f"{path} is a damaged checkpoint: {problem}; retrain, or pass another "
                          f"{flag}")
     model_args, weights = checkpoint["model_args"], checkpoint["model"]

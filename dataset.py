@@ -5,10 +5,8 @@ train.py, for corpora far larger than Tiny Shakespeare, in bounded memory (docs/
     x, y = get_batch(corpus, 64, 256, "cpu")          # (B, T) each, read from the map
     val = val_set(corpus, config.eval_tokens, 256, "cpu")
 
---data is a UTF-8 text file or a folder of .txt files, joined in sorted order; the first 90% of
-its characters is the train split. The first run streams it in chunks into <data>.char.tokens
-(or .bpeN.tokens: every token id) and .tokens.json (what it takes to trust that file later);
-later runs check those and map the file at once.
+The first run streams --data (a text file, or a folder of .txt files) into <data>.char.tokens
+(or .bpeN.tokens) and .tokens.json; later runs check those and map the token file at once.
 """
 
 import codecs
