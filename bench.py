@@ -189,9 +189,8 @@ def main(argv=None):
             {args.json: "--json"}, {dataset.DEFAULT_DATA: "the --data file"}, "pick another --json")
         checkpoint.check_output_path(args.json, "--json", "bench_report.json")
         checkpoint.check_replaceable(args.json, "--json", "bench.py", is_report)
-    elif args.dtype == "int8" and device != "cpu":
-        raise UsageError(f"--dtype int8 runs on the CPU only; use --device cpu, or --dtype "
-                         f"bfloat16 on {device}")
+    else:
+        generate.check_int8_on(device, args.dtype)
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})"
                                  if device.startswith("cuda") else ""))
     if args.what == "report":

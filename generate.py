@@ -78,12 +78,16 @@ def for_sampling(model, device, dtype):
     """The model in eval mode on device, its weights in dtype (float32, bfloat16, float16, int8).
     Sampling reads every weight once per token, so 16-bit weights halve the bytes to move and
     8-bit ones (speedups.quantize_int8, CPU only) quarter them."""
+    check_int8_on(device, dtype)
     if dtype == "int8":
-        if device != "cpu":
-            raise UsageError(f"--dtype int8 runs on the CPU only; use --device cpu, "
-                             f"or --dtype bfloat16 on {device}")
         return quantize_int8(model).eval()
     return model.to(device=device, dtype=getattr(torch, dtype)).eval()
+
+
+def check_int8_on(device, dtype):
+    if dtype == "int8" and device != "cpu":
+        raise UsageError(f"--dtype int8 runs on the CPU only; use --device cpu, or --dtype "
+                         f"bfloat16 on {device}")
 
 
 def print_completion(model, tokenizer, prompt, args, device):

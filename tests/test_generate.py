@@ -83,3 +83,11 @@ def test_streaming_decodes_each_token_once():
     assert len(text) == 300 and sum(decoded) == 300
     pieces = list(generate.stream_text(model, tokenizer, [0], options(max_new_tokens=40), "cpu", 8))
     assert [len(piece) for piece in pieces] == [8] * 5 + [0]  # 8 at a time, as on a GPU
+
+
+def test_int8_weights_are_refused_off_the_cpu_before_any_work():
+    """generate.py and bench.py share this check: int8 weights exist on the CPU only."""
+    generate.check_int8_on("cpu", "int8")
+    generate.check_int8_on("cuda", "bfloat16")
+    with pytest.raises(utils.UsageError, match="--dtype int8 runs on the CPU only; use --device cpu"):
+        generate.check_int8_on("cuda", "int8")
