@@ -138,6 +138,7 @@ def file_error(err):
     wrapped = not isinstance(err, OSError) and isinstance(err.__context__, OSError)
     return err.__context__ if wrapped else err
 
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: saved, loaded, and checked before anything is built from them
 
