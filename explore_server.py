@@ -95,9 +95,8 @@ def model_answer(explorer, other):
 # Looking inside, one new position at a time
 
 def look(explorer, prompt, known=None):
-    """POST /api/look for one model: the prompt's last block_size tokens, the next-token table
-    of every position, and the attention rows of the positions from `start` on: those the page
-    does not hold yet (it holds rows for the token ids `known`; None: it needs none)."""
+    """POST /api/look for one model: the prompt's last block_size tokens, every position's
+    next-token table, and the attention rows the page lacks: it holds those of `known` (None: all)."""
     if known is not None and not (isinstance(known, list) and all(type(i) is int for i in known)):
         raise RequestError("known must be a list of token ids")
     ids = encode(explorer.tokenizer, prompt)
