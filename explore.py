@@ -179,8 +179,8 @@ def print_next_token_table(probs, prompt_ids, token_text, top_k):
 # The pictures (matplotlib is imported only here, as an optional extra)
 
 def picture_paths(out, checkpoint):
-    """(attention.png, embeddings.png) in the folder for them, created, once it is proven that
-    both can be written there, over neither the checkpoint nor, in --out, a file we did not draw."""
+    """(attention.png, embeddings.png) in their folder, created, once it is proven that both can
+    be written there, over neither the checkpoint nor, in --out, a file explore.py did not draw."""
     folder = out or checkpoint + ".explore"
     try:
         os.makedirs(folder, exist_ok=True)

@@ -96,7 +96,7 @@ def model_answer(explorer, other):
 
 def look(explorer, prompt, known=None):
     """POST /api/look for one model: the prompt's last block_size tokens, every position's
-    next-token table, and the attention rows the page lacks: it holds those of `known` (None: all)."""
+    next-token table, and the attention rows the page lacks (it has those of `known`; None: all)."""
     if known is not None and not (isinstance(known, list) and all(type(i) is int for i in known)):
         raise RequestError("known must be a list of token ids")
     ids = encode(explorer.tokenizer, prompt)
