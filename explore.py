@@ -5,13 +5,10 @@ characters arrange themselves in embedding space (docs/look_inside.md shows the 
     python explore.py --checkpoint ckpt.pt --prompt "To be, or not to be" --top_k 3 --out look/
     python explore.py --serve    # the same views live in a browser, as you type (explore_server.py)
 
-One forward pass over the prompt prints the next-token table (after each position, the model's
-top-k guesses and the probability it gave the token that really came next) and, with matplotlib,
-draws into --out (default: <checkpoint>.explore/) attention.png, layers (rows) x heads (columns),
-each the (T, T) weights of one head: row i is where position i looks, column j how much it takes
-from position j, and above the diagonal all is 0, the causal mask at work; and embeddings.png,
-the token embeddings (vocab_size, n_embd) projected onto their two principal components (PCA).
-␣ is a space and ↵ a newline.
+One forward pass over the prompt prints the next-token table and, with matplotlib, draws into
+--out (default: <checkpoint>.explore/) attention.png, every head's (T, T) weights, where above
+the diagonal all is 0, the causal mask at work; and embeddings.png, the token embeddings
+(vocab_size, n_embd) projected onto their two principal components (PCA).
 """
 
 import startup
@@ -25,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import check_outputs_spare_inputs, check_replaceable, check_writable, png_tagged, tmp_path_for
-from config import ArgumentParser
+from config import ArgumentParser, check_each
 from generate import load_model
 from tracking import matplotlib_or_note, pyplot, save_png
 from utils import UsageError, pick_device, run_main
@@ -72,12 +69,11 @@ def parse_args(argv=None):
     args.prompt = "ROMEO:" if args.prompt is None else args.prompt
     args.top_k = 5 if args.top_k is None else args.top_k
     args.host = args.host or "127.0.0.1"
-    if args.port is not None and not 0 <= args.port <= 65535:
-        raise UsageError(f"--port must be from 1 to 65535 (0: any free port), got {args.port}")
+    check_each(args, ("port",), lambda port: port is None or 0 <= port <= 65535,
+               "from 1 to 65535 (0: any free port)")
     if not args.prompt:
         raise UsageError('--prompt is empty; give the text to look at, e.g. --prompt "ROMEO:"')
-    if args.top_k < 1:
-        raise UsageError(f"--top_k must be at least 1, got {args.top_k}")
+    check_each(args, ("top_k",), lambda top_k: top_k >= 1, "at least 1")
     return args
 
 
@@ -88,32 +84,26 @@ def main(argv=None):
         from explore_server import serve
         return serve(args, device)
     model, tokenizer, which = load_model(args.checkpoint, device, weights=args.weights)
-    prompt_ids = encode_prompt(args.prompt, tokenizer, model.block_size)
+    prompt_ids = tokenizer.encode(args.prompt)  # UsageError for characters the model never saw
+    if len(prompt_ids) > model.block_size:
+        raise UsageError(f"the prompt is {len(prompt_ids)} tokens, longer than this model's "
+                         f"block_size {model.block_size}; shorten it to at most {model.block_size}")
     # Where the pictures go is checked before any work, as every flag is.
-    out_dir = output_folder(args.out, args.checkpoint) if matplotlib_or_note("pictures") else None
+    pictures = picture_paths(args.out, args.checkpoint) if matplotlib_or_note("pictures") else None
     print(f"{args.checkpoint}, {args.weights} weights: {which}\n")
     probs, attention = look_inside(model, prompt_ids)
     token_text = [readable(tokenizer.decode([i])) for i in range(tokenizer.vocab_size)]
     print_next_token_table(probs, prompt_ids, token_text, min(args.top_k, tokenizer.vocab_size))
-    if out_dir is None:
+    if pictures is None:
         return
-    attention_png = draw_attention(attention, [token_text[i] for i in prompt_ids],
-                                   os.path.join(out_dir, "attention.png"))
-    embeddings_png = draw_embeddings(model.tok_emb.weight.detach().cpu(), token_text,
-                                     prompt_ids, os.path.join(out_dir, "embeddings.png"))
+    attention_png, embeddings_png = pictures
+    draw_attention(attention, [token_text[i] for i in prompt_ids], attention_png)
+    draw_embeddings(model.tok_emb.weight.detach().cpu(), token_text, prompt_ids, embeddings_png)
     print(f"\nAttention maps: {attention_png}\nEmbeddings:     {embeddings_png}")
 
 
 # ---------------------------------------------------------------------------------------------
 # One forward pass, keeping what the model computed along the way
-
-def encode_prompt(prompt, tokenizer, block_size):
-    ids = tokenizer.encode(prompt)  # UsageError for characters the model never saw
-    if len(ids) > block_size:
-        raise UsageError(f"the prompt is {len(ids)} tokens, longer than this model's block_size "
-                         f"{block_size}; shorten it to at most {block_size}")
-    return ids
-
 
 @torch.inference_mode()
 def look_inside(model, prompt_ids, cache=None, start=0):
@@ -188,9 +178,9 @@ def print_next_token_table(probs, prompt_ids, token_text, top_k):
 # ---------------------------------------------------------------------------------------------
 # The pictures (matplotlib is imported only here, as an optional extra)
 
-def output_folder(out, checkpoint):
-    """The folder for the pictures, created, once it is proven that both can be written there,
-    over neither the checkpoint nor, in --out, a file explore.py did not draw."""
+def picture_paths(out, checkpoint):
+    """(attention.png, embeddings.png) in their folder, created, once it is proven that both can
+    be written there, over neither the checkpoint nor, in --out, a file explore.py did not draw."""
     folder = out or checkpoint + ".explore"
     try:
         os.makedirs(folder, exist_ok=True)
@@ -213,12 +203,12 @@ def output_folder(out, checkpoint):
         if out:  # the default folder holds only explore's pictures
             check_replaceable(picture, "--out", "explore.py",
                               lambda path: png_tagged(path, PICTURE_TAG))
-    return folder
+    return pictures
 
 
 def save_picture(figure, path):
-    """Save figure as path, whole or not at all (tracking.save_png): a symlink there is
-    replaced, never written through, and a full disk leaves the earlier picture as it was."""
+    """Save figure as path, whole or not at all (tracking.save_png: a link there is replaced,
+    never written through; a full disk leaves the earlier picture as it was), and close it."""
     try:
         save_png(figure, path, PICTURE_TAG)
     except OSError as err:
@@ -226,18 +216,16 @@ def save_picture(figure, path):
                          f"or pass --out DIR to a folder you can write") from None
     finally:
         pyplot().close(figure)
-    return path
 
 
 def draw_attention(attention, labels, path):
-    """Save the (n_layer, n_head, T, T) weights as a grid of layers x heads; returns path.
-    The prompt's tokens label the left column's rows and the bottom row's columns."""
-    plt = pyplot()
+    """Save the (n_layer, n_head, T, T) weights as a grid of layers x heads. The prompt's
+    tokens label the left column's rows and the bottom row's columns."""
     n_layer, n_head, T, _ = attention.shape
     panel = min(3.5, max(1.6, 0.14 * T))  # inches per head: room for T labels, within reason
-    figure, axes = plt.subplots(n_layer, n_head, squeeze=False, sharex=True, sharey=True,
-                                figsize=(panel * n_head + 1.5, panel * n_layer + 0.7),
-                                layout="constrained")
+    figure, axes = pyplot().subplots(n_layer, n_head, squeeze=False, sharex=True, sharey=True,
+                                     figsize=(panel * n_head + 1.5, panel * n_layer + 0.7),
+                                     layout="constrained")
     ticks = list(range(0, T, -(-T // 40)))  # at most 40 labels per axis
     tick_labels = [labels[t] for t in ticks]
     fontsize = max(5.0, min(11.0, 0.8 * 72 * panel / len(ticks)))  # 4/5 of a row's height
@@ -255,7 +243,7 @@ def draw_attention(attention, labels, path):
     figure.suptitle("Attention weights of the prompt. Row: the position that looks (query); "
                     "column: the position it looks at (key). ␣ space, ↵ newline", fontsize=12)
     figure.colorbar(image, ax=axes, shrink=0.5, pad=0.01, label="weight (each row sums to 1)")
-    return save_picture(figure, path)
+    save_picture(figure, path)
 
 
 def embedding_pca(weight):
@@ -276,26 +264,19 @@ def kind_of(text):
         return "byte"  # BPE: part of a character, or a control character
     if len(text) != 1:
         return "longer token"
-    if text in "aeiou":
-        return "vowel"
-    if text.islower():
-        return "consonant"
-    if text.isupper():
-        return "capital"
-    if text in SHOWN.values():
-        return "space, newline"
-    return "digit" if text.isdigit() else "punctuation"
+    fits = {"vowel": text in "aeiou", "consonant": text.islower(), "capital": text.isupper(),
+            "space, newline": text in SHOWN.values(), "digit": text.isdigit()}
+    return next((kind for kind, fit in fits.items() if fit), "punctuation")  # the first that fits
 
 
 def draw_embeddings(weight, token_text, prompt_ids, path):
-    """Save the token embeddings (V, C), projected to 2-D, as labelled points; returns path.
-    A vocabulary of characters (up to 128 tokens) gets every point labelled; a bigger one (BPE),
-    only the prompt's tokens, which would otherwise drown in the crowd."""
-    plt = pyplot()
+    """Save the token embeddings (V, C), projected to 2-D, as labelled points. A vocabulary of
+    characters (up to 128 tokens) gets every point labelled; a bigger one (BPE), only the
+    prompt's tokens, which would otherwise drown in the crowd."""
     label_all = len(token_text) <= 128
     labelled = range(len(token_text)) if label_all else sorted(set(prompt_ids))
     coords, explained = embedding_pca(weight)
-    figure, ax = plt.subplots(figsize=(10, 8.5))
+    figure, ax = pyplot().subplots(figsize=(10, 8.5))
     kinds = [kind_of(text) for text in token_text]
     for kind, colour in KIND_COLOURS.items():
         members = [i for i, k in enumerate(kinds) if k == kind]
@@ -317,7 +298,7 @@ def draw_embeddings(weight, token_text, prompt_ids, path):
                     textcoords="offset points", fontsize=LABEL_SIZE, fontweight="bold",
                     color=colour, va="bottom", bbox=dict(boxstyle="round,pad=0.15", alpha=0.9,
                     facecolor="white", edgecolor=colour, linewidth=0.8))
-    return save_picture(figure, path)
+    save_picture(figure, path)
 
 
 def label_offsets(ax, coords, texts):

@@ -21,7 +21,6 @@ it has and asks only for the new ones ("known": the token ids it holds rows for)
 import base64
 import errno
 import json
-import math
 import os
 import socket
 import sys
@@ -39,7 +38,6 @@ from generate import check_args, load_model, prompt_ids_for, stream_text
 from utils import UsageError
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
-# URL path -> file in web/: everything the server will ever read from disk.
 PAGE_FILES = {"/": "index.html", "/index.html": "index.html", "/explore.css": "explore.css",
               "/explore.js": "explore.js"}
 CONTENT_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript"}
@@ -63,9 +61,8 @@ class RequestError(UsageError):
 # Loading: the model(s) the page looks into
 
 def load_explorer(path, device, weights="best", flag="--checkpoint"):
-    """A model with everything the page asks of it: the model, its tokenizer, its facts, a lock
-    (one forward pass at a time: the KV caches are shared) and its kept prompts.
-    weights: best (as generate.py samples) or last; flag: the one that named path."""
+    """The model and tokenizer of path with its facts, a lock (one forward pass at a time: the
+    KV caches are shared) and its kept prompts; flag: the one that named path."""
     facts = load_checkpoint(path, flag=flag)  # read once more: load_model drops step and losses
     model, tokenizer, _ = load_model(path, device, weights=weights)
     step, val_loss, val_bpc = (facts.get(name) for name in ("step", "val_loss", "val_bpc"))
@@ -98,9 +95,8 @@ def model_answer(explorer, other):
 # Looking inside, one new position at a time
 
 def look(explorer, prompt, known=None):
-    """POST /api/look for one model: the prompt's last block_size tokens, the next-token table
-    of every position, and the attention rows of the positions from `start` on: those the page
-    does not hold yet (it holds rows for the token ids `known`; None: it needs none)."""
+    """POST /api/look for one model: the prompt's last block_size tokens, every position's
+    next-token table, and the attention rows the page lacks (it has those of `known`; None: all)."""
     if known is not None and not (isinstance(known, list) and all(type(i) is int for i in known)):
         raise RequestError("known must be a list of token ids")
     ids = encode(explorer.tokenizer, prompt)
@@ -128,9 +124,8 @@ def shared_length(a, b):
 
 
 def run_prompt(explorer, ids, known):
-    """(probabilities (T, V), start, attention (n_layer, n_head, T - start, T)) of ids: from the
-    kept prompt that shares the longest start with ids, only the positions after what both it
-    and the page already have (at most `known`) run through the model."""
+    """(probabilities (T, V), start, attention (n_layer, n_head, T - start, T)) of ids: only the
+    positions after what both the best-matching kept prompt and the page (`known`) hold run."""
     kept = max(explorer.prompts, key=lambda p: shared_length(p.ids, ids), default=None)
     if kept and (shared_length(kept.ids, ids) > 0 or len(explorer.prompts) == KEPT_PROMPTS):
         explorer.prompts.remove(kept)  # the best match or, when none matches, the oldest
@@ -164,8 +159,9 @@ def number(body, name, default, kind):
     value = body.get(name, default)
     if value is None and default is None:
         return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (kind is int and value != int(value)) or abs(value) > 2**64:
+    # (A NaN fails the comparison too; an infinity, or an integer too big for a float, is over.)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= 2**64
+    if not ok or (kind is int and value != int(value)):
         raise RequestError(f"{name} must be a{' whole' if kind is int else ''} number of at "
                            f"most 2**64, got {json.dumps(value)[:40]}")
     return kind(value)

@@ -210,6 +210,7 @@ BAD_REQUESTS = [  # (path, JSON body or raw bytes, expected status, words in the
     ("/api/continue", dict(top_p=True), 400, "top_p must be a number"),
     ("/api/continue", dict(seed=-1), 400, "seed must be from 0"),
     ("/api/continue", dict(seed=10**30), 400, "seed must be a whole number"),
+    ("/api/continue", b'{"seed": 1' + b"0" * 400 + b"}", 400, "seed must be a whole number"),
     ("/api/continue", dict(length=0), 400, "length must be from 1 to 2000"),
     ("/api/continue", dict(length=10**6), 400, "length must be from 1 to 2000"),
     ("/api/continue", dict(length="ten"), 400, "length must be a whole number"),
