@@ -213,7 +213,9 @@ class GPTModel(nn.Module):
         next_input = idx[:, -self.block_size:]
         for _ in range(max_new_tokens):
             if cache is not None and cache.length + next_input.size(1) > self.block_size:
-                cache.length = 0  # start the cache again from the last half window
+                # Start the cache again from the last half window; the older keys left in the
+                # later slots lie past the new positions, so the causal mask hides them.
+                cache.length = 0
                 next_input = idx[:, -(self.block_size // 2):]
             next_token = self.next_token(next_input, cache, temperature, top_k, top_p, generator)
             idx = torch.cat([idx, next_token[:, None]], dim=1)
@@ -259,11 +261,11 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
-    # The random draw: token i's clock rings at time E_i / probs[i], E_i ~ Exponential(1), and
-    # the first to ring (the largest probs[i] / E_i) wins: a race of exponential clocks with
-    # rates probs[i], which clock i wins with probability probs[i] / sum(probs).
-    # torch.multinomial(probs, 1) does just this, from the same random numbers, but first
-    # checks the probabilities on the host: on a GPU every token would wait for that check.
+    # The random draw, as torch.multinomial(probs, 1) makes it (from the same random numbers),
+    # without its check of the probabilities on the host, which a GPU would wait for at every
+    # token. Token i's clock rings at time E_i / probs[i], E_i ~ Exponential(1), and the first
+    # to ring (the largest probs[i] / E_i) wins: a race of exponential clocks with rates
+    # probs[i], which clock i wins with probability probs[i] / sum(probs).
     race_times = torch.empty_like(probs).exponential_(generator=generator)  # the E_i
     return (probs / race_times).argmax(dim=-1)
 
