@@ -84,12 +84,6 @@ def for_sampling(model, device, dtype):
     return model.to(device=device, dtype=getattr(torch, dtype)).eval()
 
 
-def check_int8_on(device, dtype):
-    if dtype == "int8" and device != "cpu":
-        raise UsageError(f"--dtype int8 runs on the CPU only; use --device cpu, or --dtype "
-                         f"bfloat16 on {device}")
-
-
 def print_completion(model, tokenizer, prompt, args, device):
     prompt_ids = prompt_ids_for(prompt, tokenizer)
     if args.num_samples == 1:
@@ -218,6 +212,13 @@ def check_args(args):
     check_each(args, ("seed",), lambda v: 0 <= v < 2**63, "from 0 to 2**63 - 1")
     if not args.checkpoint.strip():
         raise UsageError("--checkpoint must not be empty; pass the file train.py saved")
+
+
+def check_int8_on(device, dtype):
+    """int8 weights (speedups.quantize_int8) exist on the CPU only: bench.py asks too."""
+    if dtype == "int8" and device != "cpu":
+        raise UsageError(f"--dtype int8 runs on the CPU only; use --device cpu, or --dtype "
+                         f"bfloat16 on {device}")
 
 
 def check_samples_fit(model, num_samples, device):
