@@ -180,7 +180,7 @@ def print_next_token_table(probs, prompt_ids, token_text, top_k):
 
 def picture_paths(out, checkpoint):
     """(attention.png, embeddings.png) in their folder, created, once it is proven that both can
-    be written there, over neither the checkpoint nor, in --out, a file explore.py did not draw."""
+    be written there, over neither the checkpoint nor a file explore.py did not draw."""
     folder = out or checkpoint + ".explore"
     try:
         os.makedirs(folder, exist_ok=True)
@@ -200,7 +200,7 @@ def picture_paths(out, checkpoint):
             raise UsageError(f"cannot write {picture} ({err.strerror}); pass --out DIR to a "
                              f"folder you can write") from None
         check_writable(picture, picture, "pass another --out")
-        if out:  # the default folder holds only explore's pictures
+        if out or not os.path.islink(picture):  # a link in the default folder: replaced
             check_replaceable(picture, "--out", "explore.py",
                               lambda path: png_tagged(path, PICTURE_TAG))
     return pictures

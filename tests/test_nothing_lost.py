@@ -5,6 +5,7 @@ run goes on, and an earlier run's metrics log is kept until a new run has saved.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -792,6 +793,29 @@ def test_explore_replaces_only_its_own_pictures_in_out(tmp_path, tiny_data):
     os.remove(photos / "embeddings.png")
     for _ in range(2):  # the second run replaces the first run's pictures
         assert run_in_process(explore.main, explore_args)[0] == 0
+
+
+def test_explore_replaces_only_its_own_pictures_in_the_default_folder_too(tmp_path, tiny_data):
+    pytest.importorskip("matplotlib")
+    import explore
+    checkpoint, default, photos = tmp_path / "run.pt", tmp_path / "run.pt.explore", tmp_path / "photos"
+    assert train_run(tiny_data, checkpoint)[0] == 0
+    default.mkdir()
+    (default / "embeddings.png").write_text("my notes")
+    refused = run_in_process(explore.main, ["--checkpoint", checkpoint])
+    one_error_line(refused, "embeddings.png is a file that explore.py did not write")
+    assert "After each token" not in refused[1]  # refused before the work
+    assert files_in(default) == {"embeddings.png": b"my notes"}
+    shutil.rmtree(default)
+    photos.mkdir()
+    (photos / "attention.png").write_text("my holiday")
+    os.symlink(photos, default)  # the default folder, a link to a folder of yours
+    one_error_line(run_in_process(explore.main, ["--checkpoint", checkpoint]),
+                   "attention.png is a file that explore.py did not write")
+    assert files_in(photos) == {"attention.png": b"my holiday"}
+    os.remove(photos / "attention.png")
+    for _ in range(2):  # the second run replaces the first run's pictures
+        assert run_in_process(explore.main, ["--checkpoint", checkpoint])[0] == 0
 
 
 def test_a_bad_resume_or_compare_checkpoint_names_its_own_flag(tmp_path, tiny_data):
