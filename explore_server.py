@@ -22,6 +22,7 @@ import base64
 import errno
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -296,6 +297,11 @@ def serve(args, device):
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("\nStopped.")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C changes nothing
+        print("\nStopped.", flush=True)
+        # A page's request may be running the model in a thread of its own: Python shutting
+        # down under it makes torch's C++ abort ("terminate called without an active
+        # exception", exit code 134). The server writes no file: leave at once, threads and all.
+        os._exit(0)
     finally:
         server.server_close()

@@ -360,6 +360,32 @@ def test_serve_in_a_real_process_prints_the_url_and_stops_quietly_on_ctrl_c(chec
     assert process.returncode == 0 and "Traceback" not in err and "Stopped." in out
 
 
+def test_ctrl_c_while_a_continuation_streams_stops_cleanly_every_time(tmp_path):
+    """The stream runs the model in a thread of its own: Python shutting down under it made
+    torch's C++ abort ("terminate called without an active exception", exit code 134)."""
+    tokenizer = CharTokenizer.from_text(TINY_TEXT)
+    model_args = dict(vocab_size=tokenizer.vocab_size, n_embd=256, n_layer=4, n_head=4,
+                      block_size=64, dropout=0.0, flash=True)  # a token takes a while
+    save_checkpoint(dict(model=GPTModel(GPTConfig(**model_args)).state_dict(),
+                         model_args=model_args, tokenizer=tokenizer.to_dict()),
+                    str(tmp_path / "big.pt"))
+    for _ in range(3):
+        process = subprocess.Popen([sys.executable, os.path.join(ROOT, "explore.py"), "--serve",
+                                    "--checkpoint", tmp_path / "big.pt", "--port", "0"],
+                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        try:
+            url = [process.stdout.readline() for _ in range(2)][1].split()[1].rstrip("/")
+            data = json.dumps(dict(prompt="ROMEO:", length=2000)).encode()
+            answer = urllib.request.urlopen(url + "/api/continue", data=data, timeout=60)
+            answer.readline()  # the stream has begun; read on, so that it goes on
+            threading.Thread(target=answer.read, daemon=True).start()
+        finally:
+            process.send_signal(signal.SIGINT)
+            out, err = process.communicate(timeout=60)
+        assert (process.returncode, err) == (0, "") and out.endswith("Stopped.\n")
+
+
 # --- the page in a real browser ---------------------------------------------------------------------
 
 @pytest.fixture
