@@ -185,8 +185,14 @@ def download_tiny_shakespeare(path):
     if hashlib.sha256(payload).hexdigest() != DATA_SHA256:
         raise UsageError(f"downloaded Tiny Shakespeare has the wrong sha256; save {DATA_URL} "
                          f"as {path} by hand")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_bytes(payload))
+    folder = os.path.dirname(path) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        atomic_write(path, lambda tmp: pathlib.Path(tmp).write_bytes(payload))
+    except OSError as err:  # a read-only folder, a full disk, a file where the folder goes
+        raise UsageError(f"cannot save Tiny Shakespeare as {path} ({write_failure(err)}); make "
+                         f"{folder} a folder you can write, or pass --data PATH to another "
+                         f"text file") from None
 
 
 def prepared_stem(data, settings):

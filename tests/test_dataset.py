@@ -406,3 +406,14 @@ def test_download_checks_sha256_then_saves(tmp_path, monkeypatch):
     monkeypatch.setattr(dataset, "DATA_SHA256", hashlib.sha256(payload).hexdigest())
     assert load("data/input.txt").n_chars == len(payload)
     assert open("data/input.txt", "rb").read() == payload
+
+
+def test_a_download_that_cannot_be_saved_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    open("data", "w").close()  # a file where the data folder would go
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: FakeResponse(b"First"))
+    monkeypatch.setattr(dataset, "DATA_SHA256", hashlib.sha256(b"First").hexdigest())
+    with pytest.raises(UsageError, match=r"cannot save Tiny Shakespeare as data/input.txt \(File "
+                                         r"exists\); make data a folder you can write, or pass"):
+        load("data/input.txt")
+    assert os.listdir(tmp_path) == ["data"] and os.path.getsize("data") == 0
