@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import fast_bpe
 from checkpoint import atomic_write, out_of_room, remove_leftover_tmp, tokenizer_problem, write_failure
 from tokenizer import CharTokenizer, tokenizer_from_dict
@@ -102,7 +103,7 @@ def val_set(corpus, eval_tokens, block_size, device):
     eval_tokens 0: the val tokens of EVAL_CHARS characters at the split's own characters per
     token: an evaluation scores as much text as on Tiny Shakespeare, with either tokenizer."""
     tokens, decode = split_tokens(corpus, "val"), corpus.tokenizer.decode
-    val_chars = corpus.n_chars - int(corpus.n_chars * (1 - VAL_FRACTION))
+    val_chars = corpus.n_chars - train_chars(corpus.n_chars)
     auto_eval_tokens = math.ceil(EVAL_CHARS * corpus.n_val / max(1, val_chars))
     # (At least one window: a huge block_size could outgrow the automatic bound.)
     eval_tokens = max(eval_tokens or auto_eval_tokens, block_size + 1)
@@ -184,8 +185,14 @@ def download_tiny_shakespeare(path):
     if hashlib.sha256(payload).hexdigest() != DATA_SHA256:
         raise UsageError(f"downloaded Tiny Shakespeare has the wrong sha256; save {DATA_URL} "
                          f"as {path} by hand")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_bytes(payload))
+    folder = os.path.dirname(path) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        atomic_write(path, lambda tmp: pathlib.Path(tmp).write_bytes(payload))
+    except OSError as err:  # a read-only folder, a full disk, a file where the folder goes
+        raise UsageError(f"cannot save Tiny Shakespeare as {path} ({write_failure(err)}); make "
+                         f"{folder} a folder you can write, or pass --data PATH to another "
+                         f"text file") from None
 
 
 def prepared_stem(data, settings):
@@ -223,7 +230,11 @@ def prepare_if_needed(sources, settings, stem):
             if [s[:2] for s in meta["sources"]] == [s[:2] for s in stats] and \
                     scan(sources, CHUNK_BYTES, "Checking")[2] == meta["sha256"]:
                 meta["sources"] = stats
-                write_meta(stem, meta)
+                try:  # only spares the next start this check: the tokens are right either way
+                    write_meta(stem, meta)
+                except OSError as err:
+                    print(f"Note: cannot update {stem}.tokens.json ({write_failure(err)}); the "
+                          f"tokens are right and used, but each start will check the text again")
                 return meta
         return prepare(sources, settings, stem)
     finally:
@@ -240,6 +251,7 @@ def meta_fits(meta, settings, tokens_path):
     dtype = token_dtype(tokenizer_from_dict(meta["tokenizer"]).vocab_size)
     return all(type(n) is int and n >= 0 for n in counts) and meta.get("dtype") == dtype and \
         isinstance(meta.get("sha256"), str) and isinstance(meta.get("sources"), list) and \
+        all(isinstance(source, list) and len(source) == 3 for source in meta["sources"]) and \
         os.path.isfile(tokens_path) and \
         os.path.getsize(tokens_path) == (counts[1] + counts[2]) * np.dtype(dtype).itemsize
 
@@ -248,7 +260,7 @@ def read_meta(stem):
     try:
         with open(f"{stem}.tokens.json") as f:
             return json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep
         return None  # none yet, or damaged: prepare anew
 
 
@@ -264,6 +276,20 @@ def source_stats(sources):
              os.stat(p).st_mtime_ns] for p in sources]
 
 
+def train_chars(n_chars):
+    """How many of a text's n_chars characters are the train split; the rest are val."""
+    return int(n_chars * (1 - VAL_FRACTION))
+
+
+def fewest_chars(block_size):
+    """The shortest text --tokenizer char trains on: more than block_size train characters (a
+    batch's block and its next character), and 2 val ones (one prediction to score)."""
+    n_chars = int(block_size / (1 - VAL_FRACTION))  # a little short of it: counts up from here
+    while train_chars(n_chars) <= block_size or n_chars - train_chars(n_chars) < 2:
+        n_chars += 1
+    return n_chars
+
+
 def token_dtype(vocab_size):
     """The smallest unsigned integer that holds every token id."""
     return "uint16" if vocab_size <= 2 ** 16 else "uint32"
@@ -276,10 +302,13 @@ def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=fast_b
             workers=None):
     """Tokenize the sources into <stem>.tokens, then write <stem>.tokens.json; returns the
     metadata. chunk_bytes, piece_chars and workers are small in tests, to cut text anywhere."""
+    for path in (f"{stem}.tokens", f"{stem}.tokens.json"):  # else found only at the rename
+        checkpoint.check_writable(path, f"the token file {path}",
+                                  "delete it (it is made from the text)")
     started, stats = time.time(), source_stats(sources)
     char_level = settings["tokenizer"] == "char"
     n_chars, code_points, sha256 = scan(sources, chunk_bytes, "Reading", want_vocab=char_level)
-    n_train_chars = int(n_chars * (1 - VAL_FRACTION))
+    n_train_chars = train_chars(n_chars)
     n_tokens = {"train": 0, "val": 0}
 
     def write_tokens(tmp_path):  # atomic_write calls it below, once `encoded` is made

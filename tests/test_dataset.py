@@ -17,7 +17,8 @@ import dataset
 import fast_bpe
 import train
 from config import Config, parse_config
-from conftest import ROOT, TINY_FLAGS, TINY_TEXT, run_script, tiny_model
+from conftest import ROOT, TINY_FLAGS, TINY_TEXT, run_in_process, run_script, tiny_model
+from runs import Run
 from tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_dict
 from utils import UsageError
 
@@ -267,6 +268,33 @@ def test_training_on_a_folder_says_how_the_val_loss_was_taken(tmp_path):
     assert result.stdout.count(" (on 96 of 1,116 tokens), val bpc ") == 2  # steps 0 and 2
 
 
+@pytest.mark.parametrize("block_size, fewest", [(1, 11), (16, 19), (32, 37)])
+def test_too_short_a_text_names_the_fewest_characters_that_really_train(tmp_path, block_size,
+                                                                       fewest):
+    flags = [*TINY_FLAGS, "--block_size", block_size, "--max_iters", 1, "--sample_tokens", 0]
+    for n_chars in (fewest - 1, fewest):
+        path = tmp_path / f"{n_chars}.txt"
+        path.write_text(("abcdefghij" * 10)[:n_chars])
+        code, _, err = run_in_process(train.main, ["--data", path, "--checkpoint", f"{path}.pt",
+                                                   *flags])
+        if n_chars < fewest:
+            assert code == 2 and err == (
+                f"error: {path} has {n_chars} characters, too few for block_size {block_size}: "
+                f"need at least {fewest}; use a longer text or a smaller --block_size\n")
+        else:
+            assert code == 0, err
+
+
+def test_too_short_a_text_for_bpe_counts_its_tokens_not_its_characters(tmp_path):
+    path = tmp_path / "aaa.txt"
+    path.write_text("a" * 400)  # 400 characters, but BPE merges the a's into a few tokens
+    with pytest.raises(UsageError, match=r"aaa.txt has \d+ train and \d+ val tokens \(BPE\), too "
+                                         r"few for block_size 32: need at least 33 train tokens"):
+        train.load_tokens(parse_config(["--data", str(path), "--tokenizer", "bpe",
+                                        "--vocab_size", "300", "--block_size", "32"])[0],
+                          Run("cpu", "float32"))
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--eval_tokens", "32", "--block_size", "32"],
      r"--eval_tokens must be 0 \(auto\) or more than block_size"),
@@ -378,3 +406,14 @@ def test_download_checks_sha256_then_saves(tmp_path, monkeypatch):
     monkeypatch.setattr(dataset, "DATA_SHA256", hashlib.sha256(payload).hexdigest())
     assert load("data/input.txt").n_chars == len(payload)
     assert open("data/input.txt", "rb").read() == payload
+
+
+def test_a_download_that_cannot_be_saved_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    open("data", "w").close()  # a file where the data folder would go
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: FakeResponse(b"First"))
+    monkeypatch.setattr(dataset, "DATA_SHA256", hashlib.sha256(b"First").hexdigest())
+    with pytest.raises(UsageError, match=r"cannot save Tiny Shakespeare as data/input.txt \(File "
+                                         r"exists\); make data a folder you can write, or pass"):
+        load("data/input.txt")
+    assert os.listdir(tmp_path) == ["data"] and os.path.getsize("data") == 0

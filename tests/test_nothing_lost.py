@@ -400,21 +400,60 @@ def test_a_data_file_deleted_while_it_is_prepared_is_one_line(tmp_path, monkeypa
     assert not [name for name in os.listdir(tmp_path) if name.endswith((".tokens", ".tmp"))]
 
 
-@pytest.mark.parametrize("damage", [[1, 2], {"format": 1}, "n_train", "dtype", "tokenizer"])
+@pytest.mark.parametrize("damage", [
+    "[1, 2]", '{"format": 1}', ("n_train", "many"), ("dtype", "float64"), ("tokenizer", [1]),
+    ("sources", [1]), ("sources", [None]), ("sources", [{"a": 1}]),
+    pytest.param("[" * 100_000 + "]" * 100_000, id="nested-too-deep-to-read")])
 def test_damaged_token_metadata_is_prepared_anew(tmp_path, tiny_data, damage):
     import dataset
     first = dataset.load_corpus(Config(data=tiny_data))
     meta_path = f"{tiny_data}.char.tokens.json"
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if isinstance(damage, str):
-        meta[damage] = {"n_train": "many", "dtype": "float64", "tokenizer": [1]}[damage]
-    else:
-        meta = damage
+    if isinstance(damage, tuple):  # one entry of the metadata damaged: (key, value)
+        with open(meta_path) as f:
+            damage = json.dumps({**json.load(f), damage[0]: damage[1]})
     with open(meta_path, "w") as f:
-        json.dump(meta, f)
+        f.write(damage)
     again = dataset.load_corpus(Config(data=tiny_data))
     assert (again.n_train, again.n_val, again.sha256) == (first.n_train, first.n_val, first.sha256)
+
+
+def test_a_touched_text_whose_metadata_cannot_be_updated_is_used_with_a_note(tmp_path, tiny_data,
+                                                                            monkeypatch, capsys):
+    import dataset
+    first = dataset.load_corpus(Config(data=tiny_data))
+    os.utime(tiny_data, ns=(1, 1))  # as `touch` or `cp`: a new time, the same bytes
+    before, replace = files_in(tmp_path), os.replace
+
+    def immutable_metadata(source, target):  # a stand-in for chattr +i, which needs root
+        if str(target).endswith(".tokens.json"):
+            raise PermissionError(1, "Operation not permitted")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", immutable_metadata)
+    again = dataset.load_corpus(Config(data=tiny_data))
+    assert (again.n_train, again.sha256) == (first.n_train, first.sha256)
+    assert f"Note: cannot update {tiny_data}.char.tokens.json (Operation not permitted); the " \
+           f"tokens are right" in capsys.readouterr().out
+    assert files_in(tmp_path) == before  # and no .tmp left
+
+
+@pytest.mark.parametrize("suffix", [".tokens", ".tokens.json"])
+def test_a_read_only_token_file_is_named_before_preparing_and_nothing_deleted(tmp_path, tiny_data,
+                                                                              monkeypatch, suffix):
+    assert train_run(tiny_data, tmp_path / "run.pt")[0] == 0
+    with open(tiny_data, "a") as f:
+        f.write("more text here\n")  # changed: its tokens must be prepared anew
+    read_only = f"{tiny_data}.char{suffix}"
+    os.chmod(read_only, 0o444)
+    if os.geteuid() == 0:  # root may write any file but one made immutable (chattr +i)
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and
+                            not (mode == os.W_OK and str(path) == read_only))
+    before = files_in(tmp_path)
+    result = train_run(tiny_data, tmp_path / "new.pt")
+    one_error_line(result, f"the token file {read_only} is read-only; make it writable, or "
+                           f"delete it")
+    assert files_in(tmp_path) == before
 
 
 def test_token_ids_beyond_the_vocabulary_are_a_clear_error(tmp_path, tiny_data):
