@@ -281,6 +281,18 @@ def train_chars(n_chars):
     return int(n_chars * (1 - VAL_FRACTION))
 
 
+def too_short(corpus, block_size):
+    """Why the text is too short to train on (more than block_size train tokens, a batch's block
+    and its next token, and 2 val ones, one prediction to score), in words, or None."""
+    if corpus.n_train > block_size and corpus.n_val >= 2:
+        return None
+    if isinstance(corpus.tokenizer, CharTokenizer):
+        return (f"has {corpus.n_chars} characters, too few for block_size {block_size}: need at "
+                f"least {fewest_chars(block_size)}")
+    return (f"has {corpus.n_train} train and {corpus.n_val} val tokens (BPE), too few for "
+            f"block_size {block_size}: need at least {block_size + 1} train tokens and 2 val ones")
+
+
 def fewest_chars(block_size):
     """The shortest text --tokenizer char trains on: more than block_size train characters (a
     batch's block and its next character), and 2 val ones (one prediction to score)."""

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 import runs
 import speedups
 from config import Config, parse_config
-from dataset import Corpus, ValSet, fewest_chars, get_batch, load_corpus, val_set
+from dataset import Corpus, ValSet, get_batch, load_corpus, too_short, val_set
 from model import GPTConfig, GPTModel
 from tokenizer import start_tokens
 from utils import UsageError, autocast, bits_per_char, run_main, use_compile, use_flash
@@ -93,13 +93,8 @@ def load_tokens(config, run, fix="use a longer text or a smaller --block_size"):
     """The text's tokens, prepared once into a file every rank maps (dataset.py), and the val
     tokens evaluate() scores, on the device. fix: what to do about a text too short."""
     corpus = load_corpus(config, run.rank, run.world_size)
-    if corpus.n_train <= config.block_size or corpus.n_val < 2:  # a batch's block; a val score
-        short = (f"has {corpus.n_chars} characters, too few for block_size {config.block_size}: "
-                 f"need at least {fewest_chars(config.block_size)}")
-        if config.tokenizer == "bpe":  # its tokens are what must fill a block
-            short = (f"has {corpus.n_train} train and {corpus.n_val} val tokens (BPE), too few for "
-                     f"block_size {config.block_size}: need at least {config.block_size + 1} train "
-                     f"tokens and 2 val ones")
+    short = too_short(corpus, config.block_size)  # a block to train on, and a val score?
+    if short:
         raise UsageError(f"{config.data} {short}; {fix}")
     return corpus, val_set(corpus, config.eval_tokens, config.block_size, run.device)
 
