@@ -262,7 +262,8 @@ def damaged_optimizers(optimizer):
     moment = "exp_avg" if "exp_avg" in first else "momentum_buffer"
     changes = {"another shape": {**first, moment: torch.zeros(3)},
                "NaN": {**first, moment: torch.full_like(first[moment], float("nan"))},
-               "sparse": {**first, moment: first[moment].to_sparse()}}
+               "sparse": {**first, moment: first[moment].to_sparse()},
+               "float8": {**first, moment: first[moment].to(torch.float8_e4m3fn)}}  # no isfinite
     if "step" in first:  # AdamW's
         changes["no step"] = {k: v for k, v in first.items() if k != "step"}
     for how, entry in changes.items():
