@@ -241,10 +241,11 @@ def checkpoint_problem(checkpoint):
 
 def flags_problem(checkpoint):
     """What --resume would quote back from the flags saved in checkpoint ("pass --optimizer
-    muon") that train.py does not take, by train.py's own checks, or None."""
+    muon") that train.py does not take, by train.py's own checks, or None. (A flag saved as
+    None is unknown, as if not saved.)"""
     quoted = {name: checkpoint["config"][name] for name in ("optimizer", "vocab_size",
                                                             "bpe_sample_chars")
-              if name in checkpoint["config"]}
+              if checkpoint["config"].get(name) is not None}
     try:
         check_config(Config(**quoted))
     except UsageError as err:

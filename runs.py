@@ -463,7 +463,7 @@ def resume(training):
             and type(ckpt.get("step")) is int and ckpt["step"] >= 0):
         raise UsageError(f"cannot resume {path}: it has no optimizer or random state, or a "
                          f"damaged one; start a fresh run")
-    saved_optimizer = ckpt["config"].get("optimizer", "adamw")
+    saved_optimizer = ckpt["config"].get("optimizer") or "adamw"  # None: not saved
     if saved_optimizer != config.optimizer:
         fix = "drop --reference (it means AdamW)" if config.reference else \
             f"pass --optimizer {saved_optimizer}"

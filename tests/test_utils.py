@@ -154,9 +154,9 @@ def damaged(change):
     (damaged(lambda c: c.update(step=-5)), "its step is -5, below 0"),
     (damaged(lambda c: c.update(step=3, best={"step": 999, "val_loss": 1.0})),
      "its best evaluation, at step 999, comes after its last, step 3"),
-    # --resume would say "pass --optimizer None": the saved flags must be ones train.py takes
-    (damaged(lambda c: c.update(config={"optimizer": None})),
-     r"the flags saved in it are not train.py's \(--optimizer must be text, got None\)"),
+    # --resume would say "pass --optimizer 5": the saved flags must be ones train.py takes
+    (damaged(lambda c: c.update(config={"optimizer": 5})),
+     r"the flags saved in it are not train.py's \(--optimizer must be text, got 5\)"),
     (damaged(lambda c: c.update(config={"optimizer": "sgd"})), "--optimizer must be adamw or"),
     (damaged(lambda c: c.update(config={"vocab_size": "4096"})), "--vocab_size must be a whole"),
     (damaged(lambda c: c.update(best={"step": 3, "val_loss": 1.5},
