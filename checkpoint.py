@@ -187,9 +187,13 @@ def chosen_weights(checkpoint, which="best"):
         best = checkpoint["best"]  # load_checkpoint made sure it comes with the best weights
         return checkpoint["best_model"], f"val loss {best['val_loss']:.4f} at step {best['step']}"
     step, val_loss = checkpoint.get("step"), checkpoint.get("val_loss")
-    if type(step) is not int or not isinstance(val_loss, float):  # hand-made: no figures in it
+    if not is_step(step) or not isinstance(val_loss, float):  # hand-made: no figures in it
         return checkpoint["model"], "the only weights in it"
     return checkpoint["model"], f"val loss {val_loss:.4f} at step {step}"
+
+
+def is_step(step):
+    return type(step) is int and step >= 0  # type(): True is an int to isinstance
 
 
 def unreadable_checkpoint(path, err):
@@ -223,13 +227,11 @@ def checkpoint_problem(checkpoint):
     if problem:
         return problem
     if "best" in checkpoint and not (
-            isinstance(best, dict) and type(best.get("step")) is int and best["step"] >= 0
+            isinstance(best, dict) and is_step(best.get("step"))
             and isinstance(best.get("val_loss"), float) and math.isfinite(best["val_loss"])):
         return "its best evaluation is not a step and a val loss"
-    step = checkpoint.get("step")  # (hand-made ones may have none: generate.py says so)
-    if type(step) is int and step < 0:
-        return f"its step is {step}, below 0"
-    if type(step) is int and "best" in checkpoint and best["step"] > step:
+    step = checkpoint.get("step")  # not a step >= 0: no figures (chosen_weights, resume say so)
+    if is_step(step) and "best" in checkpoint and best["step"] > step:
         return f"its best evaluation, at step {best['step']}, comes after its last, step {step}"
     if isinstance(checkpoint.get("config"), dict) and (problem := flags_problem(checkpoint)):
         return problem

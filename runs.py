@@ -460,7 +460,7 @@ def resume(training):
                          f"those flags or start a fresh run")
     kinds = dict(optimizer=dict, rng=list, config=dict, val_loss=float)  # and a step >= 0
     if not (all(isinstance(ckpt.get(key), kind) for key, kind in kinds.items()) and ckpt["rng"]
-            and type(ckpt.get("step")) is int and ckpt["step"] >= 0):
+            and checkpoint.is_step(ckpt.get("step"))):
         raise UsageError(f"cannot resume {path}: it has no optimizer or random state, or a "
                          f"damaged one; start a fresh run")
     saved_optimizer = ckpt["config"].get("optimizer") or "adamw"  # None: not saved
