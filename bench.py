@@ -175,6 +175,9 @@ def main(argv=None):
     check_flags_apply(args, parser)
     check_each(args, ("steps", "tokens", "seconds", "points", "size_mb"),
                lambda value: value is None or value >= 1, "at least 1")
+    # Years of work, and past 2**63 more than a progress bar can count (len(range) overflows).
+    check_each(args, ("steps",), lambda value: value is None or value <= 10**9,
+               "at most 1,000,000,000")
     if args.what == "prepare":  # the same checks as train.py's for these flags
         if args.data is not None and not args.data.strip():
             raise UsageError("--data must not be empty; leave it out to generate a text")

@@ -16,6 +16,7 @@ import warnings
 
 import torch
 
+from config import Config, check_config
 from model import GPTConfig, GPTModel
 from utils import UsageError, check_fits_in_memory, check_regular_file, regular_file_problem
 
@@ -186,9 +187,13 @@ def chosen_weights(checkpoint, which="best"):
         best = checkpoint["best"]  # load_checkpoint made sure it comes with the best weights
         return checkpoint["best_model"], f"val loss {best['val_loss']:.4f} at step {best['step']}"
     step, val_loss = checkpoint.get("step"), checkpoint.get("val_loss")
-    if type(step) is not int or not isinstance(val_loss, float):  # hand-made: no figures in it
+    if not is_step(step) or not isinstance(val_loss, float):  # hand-made: no figures in it
         return checkpoint["model"], "the only weights in it"
     return checkpoint["model"], f"val loss {val_loss:.4f} at step {step}"
+
+
+def is_step(step):
+    return type(step) is int and step >= 0  # type(): True is an int to isinstance
 
 
 def unreadable_checkpoint(path, err):
@@ -222,19 +227,39 @@ def checkpoint_problem(checkpoint):
     if problem:
         return problem
     if "best" in checkpoint and not (
-            isinstance(best, dict) and type(best.get("step")) is int and best["step"] >= 0
+            isinstance(best, dict) and is_step(best.get("step"))
             and isinstance(best.get("val_loss"), float) and math.isfinite(best["val_loss"])):
         return "its best evaluation is not a step and a val loss"
+    step = checkpoint.get("step")  # not a step >= 0: no figures (chosen_weights, resume say so)
+    if is_step(step) and "best" in checkpoint and best["step"] > step:
+        return f"its best evaluation, at step {best['step']}, comes after its last, step {step}"
+    if isinstance(checkpoint.get("config"), dict) and (problem := flags_problem(checkpoint)):
+        return problem
     if "best_model" in checkpoint:
         return (weights_problem(checkpoint["best_model"], model_args) if "best" in checkpoint
                 else "it has best weights but no step or val loss for them")
     return None
 
 
+def flags_problem(checkpoint):
+    """What --resume would quote back from the flags saved in checkpoint ("pass --optimizer
+    muon") that train.py does not take, by train.py's own checks, or None. (A flag saved as
+    None is unknown, as if not saved.)"""
+    quoted = {name: checkpoint["config"][name] for name in ("optimizer", "vocab_size",
+                                                            "bpe_sample_chars")
+              if checkpoint["config"].get(name) is not None}
+    try:
+        check_config(Config(**quoted))
+    except UsageError as err:
+        return f"the flags saved in it are not train.py's ({err})"
+    return None
+
+
 def odd_tensor_problem(checkpoint):
     """Name the first tensor anywhere in checkpoint that is not a plain array of real numbers
-    (sparse, quantized, complex, or "meta": no data), or None: torch.load takes them all, but
-    the checks below and the kernels expect plain ones (a sparse weight crashes torch.isfinite).
+    (sparse, quantized, complex, "meta": no data, or float8_e4m3fn and other formats without a
+    torch.isfinite), or None: torch.load takes them all, but the checks below and the kernels
+    expect plain ones (a sparse weight crashes torch.isfinite).
     A stack, not recursion, and each object once: a file may put a list inside itself."""
     stack, seen = [("", checkpoint)], set()
     while stack:
@@ -246,10 +271,22 @@ def odd_tensor_problem(checkpoint):
                                        or value.is_complex() or value.is_meta):
             return f"{name.strip()} is not a plain tensor of real numbers (it is sparse, " \
                    f"quantized, complex or has no data)"
+        if torch.is_tensor(value) and not nan_checkable(value):
+            return f"{name.strip()} holds {str(value.dtype)[6:]}, numbers torch cannot check " \
+                   f"for NaN"
         if isinstance(value, (dict, list, tuple)):
             items = value.items() if isinstance(value, dict) else enumerate(value)
             stack += [(f"{name} {str(key):.40}", item) for key, item in items]
     return None
+
+
+def nan_checkable(tensor):
+    """Whether torch.isfinite takes tensor's number format: not most float8 ones (e4m3fn)."""
+    try:
+        torch.isfinite(tensor.new_empty(0))  # no data needed: the format alone decides
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
 
 
 def model_args_problem(model_args):

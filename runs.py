@@ -148,11 +148,12 @@ def check_model_fits(config, run):
     at the fewest tokens there can be (the vocabulary is not known yet): 256 BPE, 1 char."""
     vocab_size = 256 if config.tokenizer == "bpe" else 1
     C, L, T, B = config.n_embd, config.n_layer, config.block_size, config.batch_size
-    n_bytes = (12 * param_count(vocab_size, C, L, T) + 4 * L * T * T
-               + 8 * config.gradient_accumulation_steps * B * (T + 1) + 2 * B * T * L * C
-               + 4 * B * T * vocab_size)
-    utils.check_fits_in_memory(n_bytes, run.device, "training this model",
-                               "lower --n_embd, --n_layer, --block_size or --batch_size")
+    token_ids = 8 * config.gradient_accumulation_steps * B * (T + 1)  # a step's micro-batches
+    n_bytes = (12 * param_count(vocab_size, C, L, T) + 4 * L * T * T + token_ids
+               + 2 * B * T * L * C + 4 * B * T * vocab_size)
+    utils.check_fits_in_memory(n_bytes, run.device, "training this model", "lower " + (
+        "--gradient_accumulation_steps (each step makes all its micro-batches first)"
+        if token_ids > n_bytes / 2 else "--n_embd, --n_layer, --block_size or --batch_size"))
 
 
 def check_paths(config, run):
@@ -354,10 +355,9 @@ def start_distributed(device):
     takes GPU LOCAL_RANK. Without torchrun: (0, 0, 1, device)."""
     if "RANK" not in os.environ:
         return 0, 0, 1, device
-    if not utils.started_by_torchrun():
-        raise UsageError("RANK is set, but not the MASTER_ADDR, MASTER_PORT, LOCAL_RANK and "
-                         "WORLD_SIZE (whole numbers) that torchrun sets; unset RANK to train in "
-                         "one process, or start with torchrun")
+    problem = utils.torchrun_problem()  # before the process group, which would wait for ever
+    if problem:
+        raise UsageError(f"{problem}; unset RANK to train in one process, or start with torchrun")
     local_rank = int(os.environ["LOCAL_RANK"])
     if device == "mps":  # gloo, torchrun's only backend on a Mac, moves CPU and CUDA tensors
         raise UsageError("torchrun cannot train on an Apple GPU (MPS): run python train.py, "
@@ -460,10 +460,10 @@ def resume(training):
                          f"those flags or start a fresh run")
     kinds = dict(optimizer=dict, rng=list, config=dict, val_loss=float)  # and a step >= 0
     if not (all(isinstance(ckpt.get(key), kind) for key, kind in kinds.items()) and ckpt["rng"]
-            and type(ckpt.get("step")) is int and ckpt["step"] >= 0):
+            and checkpoint.is_step(ckpt.get("step"))):
         raise UsageError(f"cannot resume {path}: it has no optimizer or random state, or a "
                          f"damaged one; start a fresh run")
-    saved_optimizer = ckpt["config"].get("optimizer", "adamw")
+    saved_optimizer = ckpt["config"].get("optimizer") or "adamw"  # None: not saved
     if saved_optimizer != config.optimizer:
         fix = "drop --reference (it means AdamW)" if config.reference else \
             f"pass --optimizer {saved_optimizer}"

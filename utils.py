@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import sys
 
@@ -24,10 +25,11 @@ class UsageError(Exception):
 
 
 def run_main(main):
-    """Run a script's main(): a UsageError, or running out of memory, is one line on stderr and
-    exit code 2; Ctrl-C, or SIGTERM (what `timeout` or a cluster's scheduler sends before a
-    kill), exits with 130 and no traceback, half-written files cleaned up on the way. Under
-    torchrun only rank 0 prints a UsageError."""
+    """Run a script's main(): a UsageError, running out of memory, or output that cannot be
+    written (a full disk, /dev/full) is one line on stderr and exit code 2; Ctrl-C, or SIGTERM
+    (what `timeout` or a cluster's scheduler sends before a kill), exits with 130 and no
+    traceback, half-written files cleaned up on the way. Under torchrun only rank 0 prints a
+    UsageError."""
     quit_on_signals()  # the scripts quiet Ctrl-C while importing
     if hasattr(sys.stdout, "reconfigure"):
         # A path or prompt that is not valid UTF-8 (a terminal's lone byte arrives as a lone
@@ -37,7 +39,7 @@ def run_main(main):
         main()
     except UsageError as err:
         # Under torchrun every rank meets the same error: say it once.
-        if os.environ.get("RANK", "0") == "0" or not started_by_torchrun():
+        if os.environ.get("RANK", "0") == "0" or torchrun_problem():
             print(f"error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as err:  # torch.OutOfMemoryError (CUDA) is one too
@@ -56,10 +58,34 @@ def run_main(main):
         print(file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:  # e.g. `python generate.py | head`: the reader has all it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        quiet_stdout()
         sys.exit(0)
+    except OSError as err:  # printing failed (`> log` on a full disk), or a bug
+        if output_works():
+            raise  # not the output's fault: a bug, whose traceback shows
+        # The run stops where it was, as a second Ctrl-C would: files already saved (train.py's
+        # last checkpoint) were written whole and are kept.
+        quiet_stdout()
+        print(f"error: cannot write the output ({err.strerror or err}); free some disk space, "
+              f"or send the output elsewhere", file=sys.stderr)
+        sys.exit(2)
     finally:
         release_locks()
+
+
+def output_works():
+    """Whether stdout takes a line now (not on a full disk, nor on /dev/full)."""
+    try:
+        print(flush=True)
+    except OSError:
+        return False
+    return True
+
+
+def quiet_stdout():
+    """Send what is left for stdout nowhere, so that Python's flush at exit cannot fail too."""
+    with contextlib.suppress(OSError, ValueError):  # no file descriptor (a test's StringIO)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def one_line(message):
@@ -68,10 +94,27 @@ def one_line(message):
     return "".join(char if char.isprintable() else repr(char)[1:-1] for char in message)
 
 
-def started_by_torchrun():
-    """torchrun sets all five; a RANK alone may be left in a shell or come from another tool."""
-    return "MASTER_ADDR" in os.environ and all(os.environ.get(name, "").isdigit() for name in
-                                               ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"))
+def torchrun_problem():
+    """Why RANK and the variables beside it are not what torchrun sets, naming the variable, or
+    None. A RANK alone may be left in a shell or come from another tool; numbers that make no
+    sense, or a host that cannot be found, would leave the process group waiting for ever."""
+    numbers = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")
+    if "MASTER_ADDR" not in os.environ or not all(  # at most 9 digits: int() takes any such
+            re.fullmatch(r"[0-9]{1,9}", os.environ.get(name, "")) for name in numbers):
+        return ("RANK is set, but not the MASTER_ADDR, MASTER_PORT, LOCAL_RANK and WORLD_SIZE "
+                "(whole numbers) that torchrun sets")
+    rank, local_rank, world_size, port = (int(os.environ[name]) for name in numbers)
+    for name, wrong, accepted in (("RANK", rank >= world_size, f"below WORLD_SIZE ({world_size})"),
+                                  ("LOCAL_RANK", local_rank > rank, f"at most RANK ({rank})"),
+                                  ("MASTER_PORT", not 0 < port < 2**16, "from 1 to 65535")):
+        if wrong:
+            return f"{name} is {os.environ[name]}, but torchrun sets it {accepted}"
+    try:  # the address every process meets at (torchrun's --master_addr)
+        socket.getaddrinfo(os.environ["MASTER_ADDR"], port)
+    except OSError as err:
+        return (f"MASTER_ADDR is {os.environ['MASTER_ADDR']!r:.80}, a host this machine cannot "
+                f"find ({err.strerror or err})")
+    return None
 
 
 def quit_on_signals():

@@ -124,7 +124,7 @@ BENCH = {  # bench.py generate (train for --steps/--batch_size, report for --qui
     # the timed work is stubbed out: the flags are checked before it starts
     "what": {"": 2, "TRAIN": 2, "\u00fc": 2, "train": 0, "generate": 0, "report": 0, "curve": 0,
              "prepare": 0},
-    "steps": {"-1": 2, "0": 2, "1": 0, HUGE: 0},
+    "steps": {"-1": 2, "0": 2, "1": 0, str(10**9): 0, HUGE: 2},  # past 2**63: uncountable
     "tokens": {"-1": 2, "0": 2, "1": 0, HUGE: 0},
     "batch_size": {"-1": 2, "0": 2, HUGE: 2, "\uff18": 0},
     "device": {"": 2, "gpu": 2, "cuda:x": 2, "cpu": 0},
@@ -384,6 +384,46 @@ def test_bad_flags_in_a_real_process(script, args, fragment, home):
     expect_one_error_line(run_script(script, *[fill_in(a, home) for a in args]), fragment)
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="/dev/full is Linux's")
+@pytest.mark.parametrize("script, args", [
+    ("generate.py", ["--checkpoint", "{earlier}", "--device", "cpu", "--max_new_tokens", "5"]),
+    ("train.py", ["--data", "{data}", *TINY_FLAGS, "--max_iters", "1"])])
+def test_output_that_cannot_be_written_is_one_line(script, args, home, home_before, tmp_path):
+    # /dev/full: every write fails as on a full disk (`> run.log`, the disk filling up)
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, os.path.join(ROOT, script), "--checkpoint",
+                                 tmp_path / "new.pt", *[fill_in(a, home) for a in args]],
+                                stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr == (
+        "error: cannot write the output (No space left on device); free some disk space, or "
+        "send the output elsewhere\n"), result.stderr
+    assert_untouched(home, home_before)
+    assert not os.listdir(tmp_path)  # train.py stopped before any work: no file, no lock
+
+
+def test_train_py_whose_output_fills_the_disk_keeps_its_last_checkpoint(home, tmp_path):
+    # The log's disk fills up mid-run: here the log may grow by 1,500 bytes more (ulimit -f,
+    # a sparse file just under it), while the checkpoint, far below the limit, saves as usual.
+    limit, log = 8 * 2**20, tmp_path / "train.log"
+    with open(log, "wb") as f:
+        f.truncate(limit - 1500)
+    with open(log, "ab") as output:
+        result = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "train.py"), "--data", home["data"],
+             "--checkpoint", tmp_path / "run.pt", *TINY_FLAGS, "--max_iters", "100000",
+             "--eval_interval", "1", "--sample_tokens", "0"], stdout=output,
+            stderr=subprocess.PIPE, text=True, timeout=300,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert result.returncode == 2 and result.stderr == (
+        "error: cannot write the output (File too large); free some disk space, or send the "
+        "output elsewhere\n"), result.stderr
+    # It stops as a second Ctrl-C does: the last checkpoint saved is whole, nothing else is left.
+    printed = log.read_bytes()[limit - 1500:].decode(errors="replace")
+    evaluated = [int(step) for step in re.findall(r"Step (\d+): train loss [^\n]*\n", printed)]
+    assert 1 <= torch.load(tmp_path / "run.pt", weights_only=True)["step"] <= evaluated[-1]
+    assert sorted(os.listdir(tmp_path)) == ["run.pt", "run.pt.metrics.jsonl", "train.log"]
+
+
 def test_checkpoint_in_a_folder_not_there_yet_in_a_real_process(home, home_before, tmp_path):
     fresh = tmp_path / "runs" / "new.pt"  # the README's example, in a checkout without runs/
     result = run_script("train.py", "--data", home["data"], *TINY_FLAGS, "--max_iters", "1",
@@ -580,6 +620,26 @@ def test_rank_set_without_torchrun_is_one_line_naming_it(env):
     assert result.stderr.strip().splitlines() == [
         "error: RANK is set, but not the MASTER_ADDR, MASTER_PORT, LOCAL_RANK and WORLD_SIZE (whole "
         "numbers) that torchrun sets; unset RANK to train in one process, or start with torchrun"]
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(MASTER_PORT="99999"), "MASTER_PORT is 99999, but torchrun sets it from 1 to 65535"),
+    (dict(RANK="3"), "RANK is 3, but torchrun sets it below WORLD_SIZE (2)"),  # waited for ever
+    (dict(RANK="1", LOCAL_RANK="5"), "LOCAL_RANK is 5, but torchrun sets it at most RANK (1)"),
+    (dict(MASTER_ADDR="no.such.host.invalid"),  # .invalid: a name no DNS server ever knows
+     "MASTER_ADDR is 'no.such.host.invalid', a host this machine cannot find ("),
+    (dict(WORLD_SIZE="\u00b2"), "RANK is set, but not the"),  # a digit to isdigit(), not int()
+])
+def test_torchrun_variables_that_make_no_sense_are_named_before_any_wait(env, message, home,
+                                                                         isolated, monkeypatch):
+    for name, value in {**dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                               MASTER_PORT="29500"), **env}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.distributed, "init_process_group",  # it would wait for ever
+                        lambda backend: pytest.fail("the process group was started"))
+    code, _, err = run_in_process(train.main, ["--data", home["data"], *TINY_FLAGS])
+    assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert err.endswith("; unset RANK to train in one process, or start with torchrun\n"), err
 
 
 def test_bench_prepare_on_a_text_too_short_names_no_flag_bench_lacks(tmp_path):

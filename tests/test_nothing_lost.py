@@ -263,7 +263,8 @@ def damaged_optimizers(optimizer):
     moment = "exp_avg" if "exp_avg" in first else "momentum_buffer"
     changes = {"another shape": {**first, moment: torch.zeros(3)},
                "NaN": {**first, moment: torch.full_like(first[moment], float("nan"))},
-               "sparse": {**first, moment: first[moment].to_sparse()}}
+               "sparse": {**first, moment: first[moment].to_sparse()},
+               "float8": {**first, moment: first[moment].to(torch.float8_e4m3fn)}}  # no isfinite
     if "step" in first:  # AdamW's
         changes["no step"] = {k: v for k, v in first.items() if k != "step"}
     for how, entry in changes.items():
@@ -530,7 +531,7 @@ def test_resume_with_another_tokenizer_or_vocabulary_names_it(tmp_path, tiny_dat
                    "--bpe_sample_chars 10000000; pass --bpe_sample_chars 10000000")
 
 
-@pytest.mark.parametrize("damage", ["no optimizer state", "vocab_size None"])
+@pytest.mark.parametrize("damage", ["no optimizer state", "vocab_size None", "optimizer None"])
 def test_resume_names_the_flags_first_and_a_saved_none_is_unknown(tmp_path, tiny_data, damage):
     """Another --tokenizer, text or shape is named before the state the checkpoint lacks (a
     hand-made one has no optimizer); a flag saved as None is unknown, as if not saved."""
@@ -545,7 +546,7 @@ def test_resume_names_the_flags_first_and_a_saved_none_is_unknown(tmp_path, tiny
         one_error_line(train_run(tiny_data, tmp_path / "bpe.pt", "--max_iters", "4", "--resume",
                                  *bpe, "--n_layer", "3"), "the model shape differs (n_layer 2 -> 3)")
     else:
-        checkpoint["config"]["vocab_size"] = None
+        checkpoint["config"][damage.split()[0]] = None  # else "pass --optimizer None"
         torch.save(checkpoint, tmp_path / "bpe.pt")
         assert train_run(tiny_data, tmp_path / "bpe.pt", "--max_iters", "4", "--resume",
                          *bpe)[0] == 0

@@ -219,6 +219,9 @@ def test_memory_check_refuses_only_what_cannot_fit(monkeypatch):
         runs.check_model_fits(Config(n_embd=10**5), Run("cpu", "float32"))
     with pytest.raises(utils.UsageError, match="needs at least"):  # one (T, T) mask: 4 TB
         runs.check_model_fits(Config(block_size=10**6), Run("cpu", "float32"))
+    # A step's million micro-batches of token ids, made at once: the flag to lower is named.
+    with pytest.raises(utils.UsageError, match=r"8.0 GiB on cpu; lower --gradient_accumulation_steps \("):
+        runs.check_model_fits(Config(gradient_accumulation_steps=10**6), Run("cpu", "float32"))
 
 
 def test_running_out_of_memory_is_one_line_and_the_saved_checkpoint_stays(tmp_path, tiny_data,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import utils
-from checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from checkpoint import atomic_write, chosen_weights, load_checkpoint, save_checkpoint
 from conftest import run_in_process
 from model import GPTConfig, GPTModel
 from tokenizer import CharTokenizer, tokenizer_from_dict
@@ -135,6 +135,9 @@ def damaged(change):
      "model ln_f.bias is not a plain tensor"),
     (damaged(lambda c: c.update(rng=[{"torch": torch.zeros(3).to_sparse()}])),
      "rng 0 torch is not a plain tensor"),
+    # torch.isfinite, which the checks below ask, has no kernel for most float8 formats
+    (damaged(lambda c: c["model"].update({"ln_f.bias": torch.zeros(8, dtype=torch.float8_e4m3fn)})),
+     "model ln_f.bias holds float8_e4m3fn, numbers torch cannot check for NaN"),
     (damaged(lambda c: c["tokenizer"].update(chars="aa\n")), "not a string of distinct"),
     (damaged(lambda c: c["tokenizer"].update(chars=["a", "b", "\n"])), "not a string"),
     (damaged(lambda c: c["tokenizer"].update(chars="ab")), "tokenizer has 2 tokens, the model 3"),
@@ -148,6 +151,13 @@ def damaged(change):
     (damaged(lambda c: c.update(best={"step": 5})), "best evaluation is not a step and a val"),
     (damaged(lambda c: c.update(best={"step": 5, "val_loss": float("nan")})), "not a step and"),
     (damaged(lambda c: c.update(best={"step": -1, "val_loss": 1.5})), "not a step and a val"),
+    (damaged(lambda c: c.update(step=3, best={"step": 999, "val_loss": 1.0})),
+     "its best evaluation, at step 999, comes after its last, step 3"),
+    # --resume would say "pass --optimizer 5": the saved flags must be ones train.py takes
+    (damaged(lambda c: c.update(config={"optimizer": 5})),
+     r"the flags saved in it are not train.py's \(--optimizer must be text, got 5\)"),
+    (damaged(lambda c: c.update(config={"optimizer": "sgd"})), "--optimizer must be adamw or"),
+    (damaged(lambda c: c.update(config={"vocab_size": "4096"})), "--vocab_size must be a whole"),
     (damaged(lambda c: c.update(best={"step": 3, "val_loss": 1.5},
                                 best_model={"ln_f.bias": torch.zeros(8)})),
      "the weights hold 0 blocks"),
@@ -157,6 +167,16 @@ def test_a_damaged_checkpoint_is_named_before_anything_is_built(tmp_path, checkp
     torch.save(checkpoint, path)
     with pytest.raises(UsageError, match=f"damaged checkpoint: .*{message}"):
         load_checkpoint(str(path))
+
+
+def test_a_step_that_is_not_a_whole_number_from_0_is_not_printed():
+    # A hand-made checkpoint's step (-5, 2.0, True): "the only weights in it", not "at step -5";
+    # --resume refuses them (tests/test_nothing_lost.py).
+    for step in (-5, 2.0, True):
+        assert chosen_weights({**tiny_checkpoint(), "step": step, "val_loss": 1.5},
+                              "last")[1] == "the only weights in it"
+    assert chosen_weights({**tiny_checkpoint(), "step": 5, "val_loss": 1.5},
+                          "last")[1] == "val loss 1.5000 at step 5"
 
 
 def test_a_list_inside_itself_is_walked_once(tmp_path):
