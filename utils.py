@@ -84,7 +84,7 @@ def quit_on_signals():
 # ---------------------------------------------------------------------------------------------
 # Locks: a run holds its checkpoint's lock until main() ends; two runs never write one file
 
-HELD_LOCKS = {}  # path -> its lock file, held until the script's main() ends (run_main)
+HELD_LOCKS = {}  # path -> its lock file (descriptor), held until main() ends (run_main)
 
 
 def hold_lock(path):
