@@ -3,6 +3,7 @@ Every mistake a user can make (a missing file, a bad flag, a prompt the model ca
 raises UsageError; the scripts print its message as one line and exit with code 2."""
 
 import contextlib
+import errno
 import math
 import os
 import re
@@ -158,9 +159,10 @@ def open_lock(path):
             return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644), True
         except FileExistsError:
             pass
-        except OSError as err:  # a full disk, a read-only folder
-            raise UsageError(f"cannot make the lock file {path} ({err.strerror}); free some disk "
-                             f"space, or make its folder writable") from None
+        except OSError as err:  # a full disk, a read-only folder, a name too long
+            fix = ("shorten the name it is built from" if err.errno == errno.ENAMETOOLONG
+                   else "free some disk space, or make its folder writable")
+            raise UsageError(f"cannot make the lock file {path} ({err.strerror}); {fix}") from None
         try:
             lock = os.open(path, flags)
         except FileNotFoundError:

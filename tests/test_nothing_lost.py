@@ -703,6 +703,14 @@ def test_a_fifo_at_a_locks_name_is_named_as_such(tmp_path, tiny_data):
         os.remove(tmp_path / name)
 
 
+def test_a_lock_whose_name_is_too_long_says_what_to_shorten(tmp_path):
+    data = tmp_path / ("d" * 240 + ".txt")  # a name the file system takes, but not
+    data.write_text(TINY_TEXT)  # with .char.tokens.lock added
+    one_error_line(train_run(data, tmp_path / "run.pt"),
+                   "char.tokens.lock (File name too long); shorten the name it is built from")
+    assert os.listdir(tmp_path) == [data.name]
+
+
 def test_a_full_disk_while_taking_a_lock_is_one_line_and_leaves_no_lock(tmp_path, tiny_data):
     resource = pytest.importorskip("resource")
     # A file-size limit of 0 bytes (ulimit -f 0) stands in for a full disk: the lock file can
