@@ -63,8 +63,8 @@ TMP_SUFFIX = ".1234567.tmp"  # the longest that atomic_write adds (process ids: 
 def check_output_path(path, flag, example_name, beside=()):
     """Prove, before any work, that a file can be saved at path: not a folder nor a read-only
     file, in a folder (made here if need be) where atomic_write's own path.PID.tmp can be
-    written, with a name short enough for that and for the files written beside it (beside:
-    their paths). Saving can then fail only for lack of space."""
+    written, with a name short enough for that and for the files named after it (beside: their
+    paths, path and a suffix). Saving can then fail only for lack of space."""
     if not path.strip():
         raise UsageError(f"{flag} must not be empty")
     if os.path.isdir(path) or not os.path.basename(path):  # "runs/" names a folder too
