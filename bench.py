@@ -446,8 +446,8 @@ def report(device, quick, json_path, n_tokens):
 
 
 def is_report(path):
-    with contextlib.suppress(OSError, ValueError):
-        earlier = json.loads(pathlib.Path(path).read_text())
+    with contextlib.suppress(OSError):
+        earlier = checkpoint.parse_json(pathlib.Path(path).read_bytes())
         return isinstance(earlier, dict) and {"environment", "rows"} <= earlier.keys()
     return False
 

@@ -8,10 +8,9 @@ its outputs can be written and overwrite none of its inputs.
 
 import contextlib
 import errno
-import glob
+import json
 import math
 import os
-import re
 import warnings
 
 import torch
@@ -39,15 +38,6 @@ def tmp_path_for(path):
     return f"{path}.{os.getpid()}.tmp"
 
 
-def remove_leftover_tmp(path):
-    """Delete the path.PID.tmp files that killed processes left behind. Call it only while
-    holding path's lock: no other process can be writing one then."""
-    for leftover in glob.glob(f"{glob.escape(path)}.*.tmp"):
-        if re.fullmatch(r"\d+", leftover[len(path) + 1:-4]):
-            with contextlib.suppress(OSError):
-                os.remove(leftover)
-
-
 def check_outputs_spare_inputs(outputs, inputs, fix):
     """Prove, before any work, that no file a run writes ({path: what it is, in words}) is, or
     lies inside, one it reads, compared as files (through symlinks and hard links)."""
@@ -67,26 +57,47 @@ def same_file(a, b):
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def check_output_path(path, flag, example_name):
+NAME_MAX = 255  # bytes in a file name: the limit of ext4, XFS, Btrfs, APFS and NTFS
+TMP_SUFFIX = ".1234567.tmp"  # the longest that atomic_write adds (process ids: 7 digits at most)
+
+
+def check_output_path(path, flag, example_name, beside=()):
     """Prove, before any work, that a file can be saved at path: not a folder nor a read-only
     file, in a folder (made here if need be) where atomic_write's own path.PID.tmp can be
-    written. Saving can then fail only for lack of space."""
+    written, with a name short enough for that and for the files named after it (beside: their
+    paths, path and a suffix). Saving can then fail only for lack of space."""
     if not path.strip():
         raise UsageError(f"{flag} must not be empty")
-    if os.path.isdir(path):
-        raise UsageError(f"{flag} {path} is a folder; name a file in it, e.g. "
-                         f"{flag} {os.path.join(path, example_name)}")
+    if os.path.isdir(path) or not os.path.basename(path):  # "runs/" names a folder too
+        raise UsageError(f"{flag} {path} {'is' if os.path.isdir(path) else 'names'} a folder; "
+                         f"name a file in it, e.g. {flag} {os.path.join(path, example_name)}")
+    suffix = max([path, *beside], key=len)[len(path):] + TMP_SUFFIX
+    room = NAME_MAX - len(os.fsencode(suffix))
+    if len(os.fsencode(os.path.basename(path))) > room:
+        raise UsageError(f"{flag} {path} is too long a name: the run also writes it with "
+                         f"{suffix.replace(TMP_SUFFIX, '.PID.tmp')} added, and a file name may "
+                         f"have {NAME_MAX} bytes; pick a name of at most {room} bytes")
     check_writable(path, f"{flag} {path}", f"pick another {flag}")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         open(tmp_path_for(path), "wb").close()
         os.remove(tmp_path_for(path))
     except OSError as err:
-        # makedirs says "File exists" or "Not a directory" when part of the path is a file.
-        reason = "part of the path is a file, not a folder" if isinstance(
-            err, (FileExistsError, NotADirectoryError)) else err.strerror or err
+        reason = err.strerror or err
+        if isinstance(err, (FileExistsError, NotADirectoryError)):  # from makedirs
+            reason = not_a_folder(os.path.dirname(path))
         raise UsageError(f"cannot save {flag} {path} ({reason}); pick a path in a folder you "
                          f"can write to") from None
+
+
+def not_a_folder(folder):
+    """What is wrong with a folder that cannot be made: part of its path is a file, or a
+    symlink to nothing (the first that exists, going up)."""
+    while folder and not os.path.lexists(folder):
+        folder = os.path.dirname(folder)
+    if regular_file_problem(folder) == "is a symlink to nothing":
+        return f"{folder} is a symlink to nothing"
+    return "part of the path is a file, not a folder"
 
 
 def check_writable(path, named, fix):
@@ -99,9 +110,11 @@ def check_replaceable(path, flag, writer, is_ours):
     """Refuse, before any work, to replace what lies at path unless writer wrote it (is_ours(path)
     says): a file named by mistake, or a FIFO or device, which the rename would put a file over."""
     problem = regular_file_problem(path)
-    if problem != "does not exist" and (problem or not is_ours(path)):
-        raise UsageError(f"{flag} {path} {problem or f'is a file that {writer} did not write'}; "
-                         f"pick another {flag}, or move that file away")
+    if problem == "does not exist" or not problem and is_ours(path):
+        return
+    problem = problem or f"is a file that {writer} did not write"
+    away = "" if "device" in problem else ", or move that file away"  # never /dev/null
+    raise UsageError(f"{flag} {path} {problem}; pick another {flag}{away}")
 
 
 def png_tagged(path, tag):
@@ -110,6 +123,14 @@ def png_tagged(path, tag):
     with contextlib.suppress(OSError), open(path, "rb") as f:  # text chunks precede the pixels
         return b"Software\x00" + tag["Software"].encode() in f.read(4096)
     return False
+
+
+def parse_json(text):
+    """The value that JSON text (str or bytes) holds, or None for text that is not JSON:
+    damaged, not UTF-8, or nested deeper than Python's parser goes (a RecursionError)."""
+    with contextlib.suppress(ValueError, RecursionError):
+        return json.loads(text)
+    return None
 
 
 def is_checkpoint(path):

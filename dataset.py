@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import checkpoint
 import fast_bpe
-from checkpoint import atomic_write, out_of_room, remove_leftover_tmp, tokenizer_problem, write_failure
+from checkpoint import atomic_write, out_of_room, tokenizer_problem, write_failure
 from tokenizer import CharTokenizer, tokenizer_from_dict
 from utils import UsageError, check_regular_file, regular_file_problem, release_lock, take_lock
 
@@ -221,7 +221,6 @@ def prepare_if_needed(sources, settings, stem):
     lock_path = f"{stem}.tokens.lock"
     lock = take_lock(lock_path, wait=True)
     try:
-        remove_leftover_tmp(f"{stem}.tokens")  # of a run killed while preparing
         meta, stats = read_meta(stem), source_stats(sources)
         if meta_fits(meta, settings, f"{stem}.tokens"):
             if meta["sources"] == stats:

@@ -180,16 +180,16 @@ def check_paths(config, run):
         if path.endswith(suffix):  # it would take the side file of a run named without it
             raise UsageError(f"--checkpoint {path} ends in {suffix}, as a run's own side files "
                              f"do; pick another name, e.g. --checkpoint run.pt")
-    checkpoint.check_output_path(path, "--checkpoint", "ckpt.pt")
+    checkpoint.check_output_path(path, "--checkpoint", "ckpt.pt", outputs)
     checkpoint.check_replaceable(path, "--checkpoint", "train.py", checkpoint.is_checkpoint)
     check_side_files(path)
     # Lock it, so that a second run saving to the same file at the same time is refused (the
-    # lock goes when this run ends, however it ends); then remove killed runs' temporary files.
+    # lock goes when this run ends, however it ends; taking it removes a killed run's half-saved
+    # checkpoint).
     holder = utils.hold_lock(f"{path}.lock")
     if holder:
         raise UsageError(f"another run ({holder}) is saving to --checkpoint {path}; wait for "
                          f"it to end, or pick another --checkpoint")
-    checkpoint.remove_leftover_tmp(path)
 
 
 def resume_path(config):  # plain --resume goes on from --checkpoint

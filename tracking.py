@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 from tqdm import tqdm
 
-from checkpoint import atomic_write, is_checkpoint, png_tagged
+from checkpoint import atomic_write, is_checkpoint, parse_json, png_tagged
 from utils import UsageError, regular_file_problem
 
 
@@ -43,9 +43,9 @@ def wrote(side_file):
         checkpoint = side_file.removesuffix(".loss.png")
         return png_tagged(side_file, CURVE_TAG) or wrote(log_paths(checkpoint)[0]) or \
             is_checkpoint(checkpoint)
-    with contextlib.suppress(OSError, ValueError), open(side_file, "rb") as f:
+    with contextlib.suppress(OSError), open(side_file, "rb") as f:
         first_line = f.readline(10**6)
-        row = json.loads(first_line) if first_line else {"step": None}
+        row = parse_json(first_line) if first_line else {"step": None}
         return isinstance(row, dict) and "step" in row
     return False
 
@@ -107,14 +107,15 @@ def write_rows(path, rows):
 
 
 def logged_rows(path, last_step):
-    """The rows of the log at path up to last_step; none if it cannot be read. A line that a
-    killed run cut in half is left out."""
+    """The rows of the log at path up to last_step; none if it cannot be read or is not a
+    regular file (a FIFO would wait for ever). A line that a killed run cut in half is left
+    out, and so is a row whose step is not a number."""
     rows = []
-    with contextlib.suppress(OSError, UnicodeDecodeError), open(path) as f:
-        for line in f:
-            with contextlib.suppress(ValueError):
-                rows.append(json.loads(line))
-    return [row for row in rows if isinstance(row, dict) and row.get("step", 0) <= last_step]
+    if not regular_file_problem(path):
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            rows = [parse_json(line) for line in f]
+    return [row for row in rows if isinstance(row, dict)
+            and isinstance(row.get("step", 0), (int, float)) and row.get("step", 0) <= last_step]
 
 
 def log_to_wandb(wandb_run, metrics):

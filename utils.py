@@ -3,6 +3,7 @@ Every mistake a user can make (a missing file, a bad flag, a prompt the model ca
 raises UsageError; the scripts print its message as one line and exit with code 2."""
 
 import contextlib
+import errno
 import math
 import os
 import re
@@ -11,6 +12,7 @@ import signal
 import socket
 import stat
 import sys
+import time
 
 import torch
 
@@ -126,7 +128,7 @@ def quit_on_signals():
 # ---------------------------------------------------------------------------------------------
 # Locks: a run holds its checkpoint's lock until main() ends; two runs never write one file
 
-HELD_LOCKS = {}  # path -> its lock file, held until the script's main() ends (run_main)
+HELD_LOCKS = {}  # path -> its lock file (descriptor), held until main() ends (run_main)
 
 
 def hold_lock(path):
@@ -144,46 +146,91 @@ def release_locks():
         release_lock(*HELD_LOCKS.popitem())
 
 
+LOCK_TEXT = re.compile(rb"process (\d+)")  # all that take_lock writes into a lock file
+
+
 def take_lock(path, wait):
     """The lock file at path, open and locked, or (wait False) what the process holding it wrote.
-    flock goes with the process however it ends: a crash leaves no stale lock. Windows: None."""
+    flock goes with the process however it ends: a crash leaves no stale lock. Windows: None.
+    A lock file is made here, or is one a run left (all it holds is "process N"); any other
+    file of that name is a user's: neither written nor, at release, removed."""
     if fcntl is None:
         return None
+    empty_looks = 0
     while True:
-        try:  # never through a symlink: the lock file's text would land in the file it names
-            f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
-                                  0o644), "a+")
-        except OSError as err:
-            why = "it is a symlink" if os.path.islink(path) else err.strerror
-            raise UsageError(f"cannot use the lock file {path} ({why}); move it away") from None
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        lock, made = open_lock(path)
+        try:  # a lock made here is only ever held a moment, by another run looking at it
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait or made else fcntl.LOCK_NB))
         except BlockingIOError:
-            with f:
-                f.seek(0)
-                return f.read().strip() or "another process"
-        with contextlib.suppress(OSError):
-            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
-                break  # else the holder deleted the file while we waited: take the new one
-        f.close()
-    # Ours: empty (just made) or what take_lock writes. Any other text is a file of that name
-    # that a user made: it is neither emptied nor, at release, removed.
-    if not re.fullmatch(rb"(process \d+)?", os.pread(f.fileno(), 100, 0)):
-        f.close()
-        raise UsageError(f"cannot use the lock file {path} (it is a file that Mini-GPT did not "
-                         f"write); move it away")
-    f.truncate(0)
-    f.write(f"process {os.getpid()}")
-    f.flush()
-    return f
+            text = os.pread(lock, 100, 0).decode(errors="replace").strip()
+            os.close(lock)
+            return text or "another process"
+        text, links = os.pread(lock, 100, 0), os.fstat(lock).st_nlink
+        if made or links == 1 and LOCK_TEXT.fullmatch(text):
+            break
+        os.close(lock)
+        if links == 0:
+            continue  # the holder deleted it while we waited: take the new one
+        if text or links > 1 or empty_looks == 50:
+            raise lock_in_the_way(path)
+        empty_looks += 1
+        time.sleep(0.02)  # empty: most likely just made by another run, its id not yet written
+    earlier = LOCK_TEXT.fullmatch(text)
+    if earlier:  # left by a run killed while holding it: so is the file it was writing then
+        with contextlib.suppress(OSError):  # (path less .lock, .N.tmp: checkpoint.atomic_write)
+            os.remove(f"{path.removesuffix('.lock')}.{earlier[1].decode()}.tmp")
+    ours = f"process {os.getpid()}".encode()
+    try:
+        os.pwrite(lock, ours, 0)
+        os.ftruncate(lock, len(ours))
+    except OSError as err:
+        if made:
+            release_lock(path, lock)  # and with it the lock file
+        else:
+            os.close(lock)
+        raise UsageError(f"cannot write the lock file {path} ({err.strerror}); free some disk "
+                         f"space") from None
+    return lock
 
 
-def release_lock(path, f):
-    if f is not None:
+def open_lock(path):
+    """(the lock file's descriptor, whether it was made here): a regular file, never opened
+    through a symlink, whose text would land in the file it names."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK  # non-blocking: a FIFO there never waits
+    while True:
+        try:
+            return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            pass
+        except OSError as err:  # a full disk, a read-only folder, a name too long
+            fix = ("shorten the name it is built from" if err.errno == errno.ENAMETOOLONG
+                   else "free some disk space, or make its folder writable")
+            raise UsageError(f"cannot make the lock file {path} ({err.strerror}); {fix}") from None
+        try:
+            lock = os.open(path, flags)
+        except FileNotFoundError:
+            continue  # removed since: make it
+        except OSError as err:  # a symlink, a folder, a read-only file, a socket
+            raise lock_in_the_way(path, err.strerror) from None
+        if stat.S_ISREG(os.fstat(lock).st_mode):
+            return lock, False
+        os.close(lock)  # a FIFO or a device
+        raise lock_in_the_way(path)
+
+
+def lock_in_the_way(path, reason="it is a file that Mini-GPT did not write"):
+    """The error for a file at a lock's name that is no lock of ours: it is left as it was."""
+    problem = "is a symlink" if os.path.islink(path) else regular_file_problem(path)
+    return UsageError(f"cannot use the lock file {path} ({f'it {problem}' if problem else reason}"
+                      f"); move it away")
+
+
+def release_lock(path, lock):
+    if lock is not None:
         with contextlib.suppress(OSError):
-            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:  # still ours, not a file
-                os.remove(path)  # put there since; while locked: a waiting run sees it gone
-        f.close()
+            if os.stat(path).st_ino == os.fstat(lock).st_ino:  # still ours, not a file put
+                os.remove(path)  # there since; while locked: a waiting run sees it gone
+        os.close(lock)
 
 
 def regular_file_problem(path):

@@ -464,8 +464,9 @@ def start_training(data, checkpoint, *extra):
 def test_a_second_run_on_the_same_checkpoint_is_refused_and_sigterm_saves(tmp_path,
                                                                            tiny_data):
     checkpoint = tmp_path / "run.pt"
-    leftover = tmp_path / "run.pt.99999999.tmp"  # what a killed run left behind
+    leftover = tmp_path / "run.pt.99999999.tmp"  # what a killed run left behind,
     leftover.write_bytes(b"half a checkpoint")
+    (tmp_path / "run.pt.lock").write_text("process 99999999")  # with its lock, naming it
     first = start_training(tiny_data, checkpoint)
     time.sleep(3)  # a save or two
     assert not leftover.exists()  # the run holding the lock removed it

@@ -76,6 +76,35 @@ def test_a_path_through_a_file_is_refused(tmp_path, tiny_data):
                    "part of the path is a file, not a folder")
 
 
+def test_odd_checkpoint_paths_get_their_own_reason_and_fix(tmp_path, tiny_data):
+    os.symlink(tmp_path / "nowhere" / "deeper", tmp_path / "dead")  # a link to no folder
+    for checkpoint, fragment in (
+            (f"{tmp_path}/newdir/", f"--checkpoint {tmp_path}/newdir/ names a folder; name a "
+                                    f"file in it, e.g. --checkpoint {tmp_path}/newdir/ckpt.pt"),
+            (tmp_path / "dead" / "run.pt", f"({tmp_path / 'dead'} is a symlink to nothing)"),
+            ("/dev/null", "--checkpoint /dev/null")):  # a device (root) or unwritable folder
+        line = one_error_line(train_run(tiny_data, checkpoint), fragment)
+        assert "move that file away" not in line  # no one should move /dev/null
+    assert sorted(os.listdir(tmp_path)) == ["dead", "tiny.txt"]
+
+
+def test_a_checkpoint_name_too_long_for_its_side_files_is_refused_before_any_work(tmp_path,
+                                                                                   tiny_data):
+    # A file name may have 255 bytes; the longest the run writes is the metrics log's
+    # temporary file, NAME.metrics.jsonl.PID.tmp, with a process id of up to 7 digits.
+    for length in (237, 242, 300):
+        result = train_run(tiny_data, tmp_path / ("b" * length + ".pt"))
+        one_error_line(result, "is too long a name: the run also writes it with "
+                               ".metrics.jsonl.PID.tmp added, and a file name may have 255 "
+                               "bytes; pick a name of at most 229 bytes")
+        assert "Loading data" not in result[1]
+    assert os.listdir(tmp_path) == ["tiny.txt"]
+    longest = tmp_path / ("b" * 226 + ".pt")  # 229 bytes: it trains, with its loss curve
+    code, out, err = train_run(tiny_data, longest)
+    assert code == 0 and "Note" not in out + err, out + err
+    assert os.path.exists(f"{longest}.metrics.jsonl")
+
+
 def test_a_folder_where_nothing_can_be_written_is_refused(tmp_path, tiny_data, monkeypatch):
     def read_only(path, *args, **kwargs):  # root may write anywhere, so pretend
         raise OSError(30, "Read-only file system")
@@ -688,6 +717,73 @@ def test_a_lock_file_that_is_a_symlink_is_never_written_through(tmp_path, tiny_d
     assert notes.read_text() == "my notes" and os.path.islink(tmp_path / "run.pt.lock")
 
 
+def test_an_empty_or_hard_linked_file_at_a_locks_name_is_neither_written_nor_removed(
+        tmp_path, tiny_data):
+    mine = tmp_path / "mine.txt"
+    mine.write_bytes(b"")
+    os.link(mine, tmp_path / "run.pt.lock")  # another name for a file of the user's
+    before = files_in(tmp_path)
+    one_error_line(train_run(tiny_data, tmp_path / "run.pt"), "(it is a file that Mini-GPT "
+                                                              "did not write); move it away")
+    assert files_in(tmp_path) == before and os.path.samefile(mine, tmp_path / "run.pt.lock")
+    mine.write_bytes(b"process 12")  # even holding what a lock holds: the link says it is not
+    one_error_line(train_run(tiny_data, tmp_path / "run.pt"), "that Mini-GPT did not write")
+    assert mine.read_bytes() == b"process 12"
+    for name in ("run.pt.lock", "tiny.txt.char.tokens.lock"):  # an empty file of the user's
+        (tmp_path / "run.pt.lock").unlink(missing_ok=True)
+        (tmp_path / name).write_bytes(b"")
+        one_error_line(train_run(tiny_data, tmp_path / "run.pt"), "that Mini-GPT did not write")
+        assert (tmp_path / name).read_bytes() == b""
+
+
+def test_a_fifo_at_a_locks_name_is_named_as_such(tmp_path, tiny_data):
+    for name in ("run.pt.lock", "tiny.txt.char.tokens.lock"):
+        os.mkfifo(tmp_path / name)
+        one_error_line(train_run(tiny_data, tmp_path / "run.pt"),
+                       f"{name} (it is a FIFO or a socket, not a regular file); move it away")
+        os.remove(tmp_path / name)
+
+
+def test_a_lock_whose_name_is_too_long_says_what_to_shorten(tmp_path):
+    data = tmp_path / ("d" * 240 + ".txt")  # a name the file system takes, but not
+    data.write_text(TINY_TEXT)  # with .char.tokens.lock added
+    one_error_line(train_run(data, tmp_path / "run.pt"),
+                   "char.tokens.lock (File name too long); shorten the name it is built from")
+    assert os.listdir(tmp_path) == [data.name]
+
+
+def test_a_full_disk_while_taking_a_lock_is_one_line_and_leaves_no_lock(tmp_path, tiny_data):
+    resource = pytest.importorskip("resource")
+    # A file-size limit of 0 bytes (ulimit -f 0) stands in for a full disk: the lock file can
+    # be made, but its few bytes ("process N") cannot be written.
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--data", tiny_data, "--checkpoint",
+         tmp_path / "run.pt", *FLAGS], capture_output=True, text=True, timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)))
+    one_error_line((result.returncode, result.stdout, result.stderr),
+                   f"cannot write the lock file {tmp_path / 'run.pt.lock'} (File too large); "
+                   f"free some disk space")
+    assert os.listdir(tmp_path) == ["tiny.txt"]
+
+
+def test_files_named_like_temporary_files_are_kept_unless_a_killed_run_left_them(tmp_path,
+                                                                                  tiny_data):
+    assert train_run(tiny_data, tmp_path / "run.pt")[0] == 0
+    mine = {"run.pt.2.tmp": b"my draft v2", "tiny.txt.char.tokens.2024.tmp": b"notes"}
+    for name, content in mine.items():
+        (tmp_path / name).write_bytes(content)
+    # Runs killed (kill -9) while saving and preparing left their locks, which name them, and
+    # the files they were writing then.
+    killed = {"run.pt": b"PK\x03\x04 half a checkpoint", "tiny.txt.char.tokens": b"\x00\x01"}
+    for stem, content in killed.items():
+        (tmp_path / f"{stem}.lock").write_bytes(b"process 99999999")
+        (tmp_path / f"{stem}.99999999.tmp").write_bytes(content)
+    assert train_run(tiny_data, tmp_path / "run.pt", "--resume", "--max_iters", "3")[0] == 0
+    assert {name: (tmp_path / name).read_bytes() for name in mine} == mine
+    assert not [name for name in os.listdir(tmp_path) if "99999999" in name
+                or name.endswith(".lock")]
+
+
 def test_files_named_like_a_runs_side_files_or_locks_are_refused_and_kept(tmp_path, tiny_data):
     notes = tmp_path / "notes.txt"
     notes.write_text("my precious notes")
@@ -706,6 +802,20 @@ def test_files_named_like_a_runs_side_files_or_locks_are_refused_and_kept(tmp_pa
         assert "Starting training" not in result[1]
         assert files_in(tmp_path) == before  # nothing emptied, written through or removed
         os.remove(tmp_path / name)
+
+
+def test_deeply_nested_json_at_a_logs_or_reports_name_is_a_file_not_ours(tmp_path, tiny_data):
+    import bench
+    nested = "[" * 200_000 + "]" * 200_000  # deeper than Python's JSON parser goes
+    (tmp_path / "run.pt.metrics.jsonl").write_text(nested)
+    (tmp_path / "report.json").write_text(nested)
+    before = files_in(tmp_path)
+    one_error_line(train_run(tiny_data, tmp_path / "run.pt"),
+                   "run.pt.metrics.jsonl is a file that train.py did not write")
+    one_error_line(run_in_process(bench.main, ["report", "--device", "cpu", "--quick", "--json",
+                                               tmp_path / "report.json"]),
+                   "report.json is a file that bench.py did not write")
+    assert files_in(tmp_path) == before
 
 
 def test_a_users_log_beside_an_earlier_checkpoint_is_refused_and_kept(tmp_path, tiny_data):
@@ -897,3 +1007,20 @@ def test_a_resumed_run_logs_each_step_once_and_starts_from_the_run_it_resumes(tm
                      "--max_iters", "6")[0] == 0
     assert val_steps(tmp_path / "other.pt.metrics.jsonl") == [0, 1, 2, 3, 4, 5, 6]
     assert val_steps(log) == [0, 1, 2, 3, 4]
+
+
+def test_resuming_another_checkpoint_reads_only_a_log_that_is_a_regular_file(tmp_path,
+                                                                           tiny_data):
+    base, log = tmp_path / "base.pt", tmp_path / "base.pt.metrics.jsonl"
+    assert train_run(tiny_data, base)[0] == 0
+    log.unlink()
+    os.mkfifo(log)  # reading it would wait for a writer for ever
+    result = run_script("train.py", "--data", tiny_data, "--checkpoint", tmp_path / "new.pt",
+                        "--resume", base, *FLAGS, "--max_iters", "3", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert val_steps(tmp_path / "new.pt.metrics.jsonl") == [3]  # none of base.pt's rows
+    log.unlink()
+    log.write_text('{"step": "one"}\n{"step": 1, "loss": 4.0}\n')  # a step that is no number
+    assert train_run(tiny_data, tmp_path / "new2.pt", "--resume", base, "--max_iters", "3")[0] == 0
+    assert json.loads((tmp_path / "new2.pt.metrics.jsonl").read_text().splitlines()[0]) == \
+        {"step": 1, "loss": 4.0}
