@@ -261,7 +261,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
-    # The random draw, as torch.multinomial(probs, 1) makes it (from the same random numbers),
+    # The random draw: the token torch.multinomial(probs, 1) draws from the same random numbers,
     # without its check of the probabilities on the host, which a GPU would wait for at every
     # token. Token i's clock rings at time E_i / probs[i], E_i ~ Exponential(1), and the first
     # to ring (the largest probs[i] / E_i) wins: a race of exponential clocks with rates
