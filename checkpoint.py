@@ -106,15 +106,16 @@ def check_writable(path, named, fix):
         raise UsageError(f"{named} is read-only; make it writable, or {fix}")
 
 
-def check_replaceable(path, flag, writer, is_ours):
+def check_replaceable(path, flag, writer, is_ours, fix=None):
     """Refuse, before any work, to replace what lies at path unless writer wrote it (is_ours(path)
-    says): a file named by mistake, or a FIFO or device, which the rename would put a file over."""
+    says): a file named by mistake, or a FIFO or device, which the rename would put a file over.
+    flag: the flag that named path; fix: what to do instead (default: pick another flag)."""
     problem = regular_file_problem(path)
     if problem == "does not exist" or not problem and is_ours(path):
         return
     problem = problem or f"is a file that {writer} did not write"
     away = "" if "device" in problem else ", or move that file away"  # never /dev/null
-    raise UsageError(f"{flag} {path} {problem}; pick another {flag}{away}")
+    raise UsageError(f"{flag} {path} {problem}; {fix or f'pick another {flag}'}{away}")
 
 
 def png_tagged(path, tag):

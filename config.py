@@ -171,12 +171,11 @@ def check_config(config):
     check_each(config, ("dtype",), lambda v: v in ("auto", "float32", "bfloat16", "float16"),
                "auto, float32, bfloat16 or float16")
     check_each(config, ("tokenizer",), lambda v: v in ("char", "bpe"), "char or bpe")
-    # BPE training stops by itself when nothing is left to merge, so any size up to what the
-    # token file's 32-bit ids hold is fine (char ignores the flag: any above 256 passes then).
-    if config.vocab_size < 256 or config.tokenizer == "bpe" and config.vocab_size > 2**32:
+    # BPE training stops by itself when nothing is left to merge, long before any size the
+    # flag can ask for; past 2**63 - 1 the count of merges to try no longer fits in a C integer.
+    if config.vocab_size < 256 or config.tokenizer == "bpe" and config.vocab_size >= 2**63:
         raise UsageError(f"--vocab_size (for --tokenizer bpe) must be at least 256, the byte "
-                         f"tokens, and at most 2**32, the 32-bit ids of the token file, got "
-                         f"{config.vocab_size}")
+                         f"tokens, and at most 2**63 - 1, got {config.vocab_size}")
     if config.eval_tokens != 0 and config.eval_tokens <= config.block_size:
         raise UsageError(f"--eval_tokens must be 0 (auto) or more than block_size "
                          f"({config.block_size}): the val subset is blocks of block_size + 1 "

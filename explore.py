@@ -201,8 +201,9 @@ def picture_paths(out, checkpoint):
                              f"folder you can write") from None
         check_writable(picture, picture, "pass another --out")
         if out or not os.path.islink(picture):  # a link in the default folder: replaced
-            check_replaceable(picture, "--out", "explore.py",
-                              lambda path: png_tagged(path, PICTURE_TAG))
+            check_replaceable(picture, "--out" if out else "the picture", "explore.py",
+                              lambda path: png_tagged(path, PICTURE_TAG),
+                              None if out else "pass --out DIR for the pictures")
     return pictures
 
 

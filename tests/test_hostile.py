@@ -651,15 +651,15 @@ def test_bench_prepare_on_a_text_too_short_names_no_flag_bench_lacks(tmp_path):
     assert "--block_size" not in err and "longer text" in err, err
 
 
-def test_a_bpe_vocab_size_past_what_a_token_file_holds_is_one_line(home, home_before, isolated):
-    assert train.parse_config(["--tokenizer", "bpe", "--vocab_size", str(2**32)])
+def test_a_bpe_vocab_size_past_a_c_integer_is_one_line(home, home_before, isolated):
+    assert train.parse_config(["--tokenizer", "bpe", "--vocab_size", str(2**63 - 1)])
     too_big = ["--tokenizer", "bpe", "--vocab_size", str(2**64 + 1)]  # past the C sizes: a crash
     for main, argv in ((train.main, ["--data", home["data"], *too_big]),
                        (bench.main, ["prepare", "--device", "cpu", "--data", home["data"], *too_big])):
         code, _, err = run_in_process(main, argv)
         assert code == 2 and err == (
             "error: --vocab_size (for --tokenizer bpe) must be at least 256, the byte tokens, and at "
-            f"most 2**32, the 32-bit ids of the token file, got {2**64 + 1}\n"), err
+            f"most 2**63 - 1, got {2**64 + 1}\n"), err
     assert_untouched(home, home_before)
 
 

@@ -953,7 +953,8 @@ def test_explore_replaces_only_its_own_pictures_in_the_default_folder_too(tmp_pa
     default.mkdir()
     (default / "embeddings.png").write_text("my notes")
     refused = run_in_process(explore.main, ["--checkpoint", checkpoint])
-    one_error_line(refused, "embeddings.png is a file that explore.py did not write")
+    line = one_error_line(refused, "embeddings.png is a file that explore.py did not write")
+    assert line.startswith("error: the picture ") and "pass --out DIR" in line, line  # no --out given
     assert "After each token" not in refused[1]  # refused before the work
     assert files_in(default) == {"embeddings.png": b"my notes"}
     shutil.rmtree(default)
