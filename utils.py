@@ -218,7 +218,10 @@ def open_lock(path):
         raise lock_in_the_way(path)
 
 
-def lock_in_the_way(path, reason="it is a file that Mini-GPT did not write"):
+LEFT_BY_NO_RUN = "it is not a lock a run left: those hold only 'process N' and have one link"
+
+
+def lock_in_the_way(path, reason=LEFT_BY_NO_RUN):
     """The error for a file at a lock's name that is no lock of ours: it is left as it was."""
     problem = "is a symlink" if os.path.islink(path) else regular_file_problem(path)
     return UsageError(f"cannot use the lock file {path} ({f'it {problem}' if problem else reason}"

@@ -723,16 +723,17 @@ def test_an_empty_or_hard_linked_file_at_a_locks_name_is_neither_written_nor_rem
     mine.write_bytes(b"")
     os.link(mine, tmp_path / "run.pt.lock")  # another name for a file of the user's
     before = files_in(tmp_path)
-    one_error_line(train_run(tiny_data, tmp_path / "run.pt"), "(it is a file that Mini-GPT "
-                                                              "did not write); move it away")
+    one_error_line(train_run(tiny_data, tmp_path / "run.pt"),
+                   "(it is not a lock a run left: those hold only 'process N' and have one link); "
+                   "move it away")
     assert files_in(tmp_path) == before and os.path.samefile(mine, tmp_path / "run.pt.lock")
     mine.write_bytes(b"process 12")  # even holding what a lock holds: the link says it is not
-    one_error_line(train_run(tiny_data, tmp_path / "run.pt"), "that Mini-GPT did not write")
+    one_error_line(train_run(tiny_data, tmp_path / "run.pt"), "not a lock a run left")
     assert mine.read_bytes() == b"process 12"
     for name in ("run.pt.lock", "tiny.txt.char.tokens.lock"):  # an empty file of the user's
         (tmp_path / "run.pt.lock").unlink(missing_ok=True)
         (tmp_path / name).write_bytes(b"")
-        one_error_line(train_run(tiny_data, tmp_path / "run.pt"), "that Mini-GPT did not write")
+        one_error_line(train_run(tiny_data, tmp_path / "run.pt"), "not a lock a run left")
         assert (tmp_path / name).read_bytes() == b""
 
 
@@ -790,8 +791,8 @@ def test_files_named_like_a_runs_side_files_or_locks_are_refused_and_kept(tmp_pa
     # No run.pt exists: none of these can be an earlier run's.
     for name, fragment in (("run.pt.metrics.jsonl", "that train.py did not write"),
                            ("run.pt.loss.png", "that train.py did not write"),
-                           ("run.pt.lock", "that Mini-GPT did not write"),
-                           ("tiny.txt.char.tokens.lock", "that Mini-GPT did not write")):
+                           ("run.pt.lock", "not a lock a run left"),
+                           ("tiny.txt.char.tokens.lock", "not a lock a run left")):
         if name.endswith(".png"):  # a link: savefig would write the curve through it
             os.symlink(notes, tmp_path / name)
         else:
