@@ -17,7 +17,7 @@ import torch
 
 from config import Config, check_config
 from model import GPTConfig, GPTModel
-from utils import UsageError, check_fits_in_memory, check_regular_file, regular_file_problem
+from utils import UsageError, check_fits_in_memory, check_regular_file, regular_file_problem, tmp_path_for
 
 # ---------------------------------------------------------------------------------------------
 # Files written whole, outputs that spare the inputs
@@ -32,10 +32,6 @@ def atomic_write(path, write):
     finally:
         with contextlib.suppress(OSError):  # gone already once renamed
             os.remove(tmp_path)
-
-
-def tmp_path_for(path):
-    return f"{path}.{os.getpid()}.tmp"
 
 
 def check_outputs_spare_inputs(outputs, inputs, fix):

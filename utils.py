@@ -177,8 +177,8 @@ def take_lock(path, wait):
         time.sleep(0.02)  # empty: most likely just made by another run, its id not yet written
     earlier = LOCK_TEXT.fullmatch(text)
     if earlier:  # left by a run killed while holding it: so is the file it was writing then
-        with contextlib.suppress(OSError):  # (path less .lock, .N.tmp: checkpoint.atomic_write)
-            os.remove(f"{path.removesuffix('.lock')}.{earlier[1].decode()}.tmp")
+        with contextlib.suppress(OSError):  # what atomic_write was writing: path less .lock
+            os.remove(tmp_path_for(path.removesuffix(".lock"), earlier[1].decode()))
     ours = f"process {os.getpid()}".encode()
     try:
         os.pwrite(lock, ours, 0)
@@ -219,6 +219,11 @@ def open_lock(path):
 
 
 LEFT_BY_NO_RUN = "it is not a lock a run left: those hold only 'process N' and have one link"
+
+
+def tmp_path_for(path, pid=None):
+    """Where atomic_write writes path first: path.PID.tmp, PID this process's unless given."""
+    return f"{path}.{pid or os.getpid()}.tmp"
 
 
 def lock_in_the_way(path, reason=LEFT_BY_NO_RUN):
