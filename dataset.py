@@ -10,6 +10,7 @@ The first run streams --data (a text file, or a folder of .txt files) into <data
 """
 
 import codecs
+import contextlib
 import datetime
 import hashlib
 import json
@@ -25,9 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import checkpoint
 import fast_bpe
-from checkpoint import atomic_write, out_of_room, tokenizer_problem, write_failure
+from checkpoint import atomic_write, check_writable, out_of_room, parse_json, tokenizer_problem, write_failure
 from tokenizer import CharTokenizer, tokenizer_from_dict
 from utils import UsageError, check_regular_file, regular_file_problem, release_lock, take_lock
 
@@ -256,11 +256,10 @@ def meta_fits(meta, settings, tokens_path):
 
 
 def read_meta(stem):
-    try:
-        with open(f"{stem}.tokens.json") as f:
-            return json.load(f)
-    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep
-        return None  # none yet, or damaged: prepare anew
+    """The metadata, or None: none yet, or damaged (then prepare anew)."""
+    with contextlib.suppress(OSError), open(f"{stem}.tokens.json", "rb") as f:
+        return parse_json(f.read())
+    return None
 
 
 def write_meta(stem, meta):
@@ -314,8 +313,7 @@ def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=fast_b
     """Tokenize the sources into <stem>.tokens, then write <stem>.tokens.json; returns the
     metadata. chunk_bytes, piece_chars and workers are small in tests, to cut text anywhere."""
     for path in (f"{stem}.tokens", f"{stem}.tokens.json"):  # else found only at the rename
-        checkpoint.check_writable(path, f"the token file {path}",
-                                  "delete it (it is made from the text)")
+        check_writable(path, f"the token file {path}", "delete it (it is made from the text)")
     started, stats = time.time(), source_stats(sources)
     char_level = settings["tokenizer"] == "char"
     n_chars, code_points, sha256 = scan(sources, chunk_bytes, "Reading", want_vocab=char_level)
