@@ -115,3 +115,17 @@ def test_the_reading_guides_line_ranges_hold_what_it_names():
         after = lines[end].lstrip() if end < len(lines) else ""
         assert after == "" or after.startswith(("def ", "class ", "@")), (file, end)
         assert re.search(rf"^\s*{name}\b", held, re.M), (file, name)  # defined there
+
+
+def test_every_name_the_reading_guide_gives_is_defined_in_its_file():
+    """`file.py: a`, `b` in the guide: a and b are defined in file.py, so a rename or a move
+    cannot send a reader looking for what is not there."""
+    guide = readme().split("## Reading guide")[1].split("\n## ")[0]
+    named = re.findall(r"`(\w+\.py): ([\w.]+)`((?:,? (?:and )?`[\w.]+`)*)", guide)
+    assert len(named) >= 20
+    for file, first, more in named:
+        with open(os.path.join(ROOT, file), encoding="utf-8") as f:
+            source = f.read()
+        for name in [first] + re.findall(r"`([\w.]+)`", more.split(" and `")[0]):
+            last = name.split(".")[-1]  # CharTokenizer.encode: its method encode
+            assert re.search(rf"^\s*(def |class )?{last}\b\s*[(:=]", source, re.M), (file, name)
