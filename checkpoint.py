@@ -131,8 +131,11 @@ def parse_json(text):
 
 
 def is_checkpoint(path):
+    """Whether train.py wrote the file at path: one load_checkpoint takes (not nanoGPT's
+    ckpt.pt, which has model_args too)."""
     with contextlib.suppress(Exception):  # not a file torch.save wrote
-        return "model_args" in torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return has_our_keys(checkpoint) and not checkpoint_problem(checkpoint)
     return False
 
 
@@ -183,7 +186,7 @@ def load_checkpoint(path, device="cpu", flag="--checkpoint"):
             checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:
         raise UsageError(unreadable_checkpoint(path, err)) from None
-    if not isinstance(checkpoint, dict) or not {"model", "model_args", "tokenizer"} <= checkpoint.keys():
+    if not has_our_keys(checkpoint):
         raise UsageError(f"{path} is not a Mini-GPT checkpoint (no model, model_args or "
                          f"tokenizer); pass one saved by train.py")
     if problem := checkpoint_problem(checkpoint):
@@ -195,6 +198,10 @@ def load_checkpoint(path, device="cpu", flag="--checkpoint"):
     check_fits_in_memory(4 * (sum(w.numel() for w in weights.values()) + masks), device,
                          f"the model in {path}", "sample on a machine with more memory")
     return checkpoint
+
+
+def has_our_keys(checkpoint):
+    return isinstance(checkpoint, dict) and {"model", "model_args", "tokenizer"} <= checkpoint.keys()
 
 
 def chosen_weights(checkpoint, which="best"):

@@ -925,6 +925,21 @@ def test_a_fresh_run_replaces_only_a_checkpoint(tmp_path, tiny_data):
     assert train_run(tiny_data, tmp_path / "run.pt")[0] == 0  # an earlier checkpoint: replaced
 
 
+def test_a_fresh_run_keeps_a_nanogpt_checkpoint_of_the_same_name(tmp_path, tiny_data):
+    # nanoGPT's ckpt.pt: plain tensors and values (no pickle needed), model_args among them.
+    weights = {"transformer.wte.weight": torch.randn(65, 32), "lm_head.weight": torch.randn(65, 32)}
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(w) for w in weights.values()])
+    nanogpt = tmp_path / "out-shakespeare-char" / "ckpt.pt"
+    nanogpt.parent.mkdir()
+    torch.save(dict(model=weights, optimizer=optimizer.state_dict(), iter_num=2000,
+                    best_val_loss=torch.tensor(1.47), config=dict(dataset="shakespeare_char"),
+                    model_args=dict(n_layer=2, n_head=4, n_embd=32, block_size=64, bias=False,
+                                    vocab_size=65, dropout=0.0)), nanogpt)
+    before = files_in(nanogpt.parent)
+    one_error_line(train_run(tiny_data, nanogpt), "is a file that train.py did not write")
+    assert files_in(nanogpt.parent) == before
+
+
 def test_explore_replaces_only_its_own_pictures_in_out(tmp_path, tiny_data):
     pytest.importorskip("matplotlib")
     import explore
