@@ -403,9 +403,11 @@ def torch_optimizer_problem(saved, optimizer):
             return f"parameter #{i}'s state is not {sorted(kept)}"
         for name, value in state.items():
             shape = () if name == "step" else params[i].shape
+            at_least_0 = name in ("step", "exp_avg_sq")  # a count; a mean of squares (sqrt'ed)
             if not (torch.is_tensor(value) and value.shape == shape and value.is_floating_point()
-                    and torch.isfinite(value).all() and (name != "step" or value >= 0)):
-                return f"parameter #{i}'s {name} is not {tuple(shape)} finite numbers"
+                    and torch.isfinite(value).all() and not (at_least_0 and (value < 0).any())):
+                return (f"parameter #{i}'s {name} is not {tuple(shape)} finite numbers"
+                        + (" >= 0" if at_least_0 else ""))
     return None
 
 

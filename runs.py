@@ -495,7 +495,7 @@ def resume(training):
         else:
             torch.manual_seed(torch.initial_seed() + step)  # seeded per rank in set_up
             restored = True
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+    except Exception as err:  # whatever damaged values raise: a TypeError, OverflowError, ...
         raise UsageError(f"cannot resume {path}: its optimizer or random state is damaged "
                          f"({type(err).__name__}: {str(err)[:80]}); start a fresh run") from None
     if not restored:

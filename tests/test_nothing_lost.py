@@ -294,8 +294,9 @@ def damaged_optimizers(optimizer):
                "NaN": {**first, moment: torch.full_like(first[moment], float("nan"))},
                "sparse": {**first, moment: first[moment].to_sparse()},
                "float8": {**first, moment: first[moment].to(torch.float8_e4m3fn)}}  # no isfinite
-    if "step" in first:  # AdamW's
+    if "step" in first:  # AdamW's: sqrt of a negative mean of squares makes the weights NaN
         changes["no step"] = {k: v for k, v in first.items() if k != "step"}
+        changes["negative exp_avg_sq"] = {**first, "exp_avg_sq": -1 - first["exp_avg_sq"]}
     for how, entry in changes.items():
         yield how, {**optimizer, "state": {**state, 0: entry}}
     yield "another parameter", {**optimizer, "state": {**state, len(state) + 5: first}}
@@ -321,7 +322,7 @@ def test_damaged_optimizer_state_is_refused_before_pytorch_loads_it(tmp_path, ti
                 result = (run.returncode, run.stdout, run.stderr)
             else:
                 result = train_run(tiny_data, new, *resume)
-            one_error_line(result, "damaged")
+            one_error_line(result, " damaged ")  # the words, not this test's folder's name
             assert not new.exists(), how
 
 
@@ -590,6 +591,19 @@ def test_resume_refuses_a_checkpoint_without_a_whole_training_state(tmp_path, ti
         torch.save({**saved, key: damaged}, tmp_path / "damaged.pt")
         one_error_line(train_run(tiny_data, tmp_path / "damaged.pt", "--max_iters", "4",
                                  "--resume"), "it has no optimizer or random state, or a damaged one")
+
+
+def test_resume_refuses_a_damaged_random_state_in_one_line(tmp_path, tiny_data):
+    assert train_run(tiny_data, tmp_path / "run.pt")[0] == 0
+    saved = torch.load(tmp_path / "run.pt", weights_only=True)
+    name, keys, *rest = saved["rng"][0]["numpy"]
+    version, python_state, gauss = saved["rng"][0]["python"]
+    for key, damaged in (("torch", 5), ("numpy", (name, [1, 2, 3], *rest)),  # no .cpu()
+                         ("python", (version, (-1,) * len(python_state), gauss))):  # Overflow
+        rng = [{**saved["rng"][0], key: damaged}]
+        torch.save({**saved, "rng": rng}, tmp_path / "damaged.pt")
+        one_error_line(train_run(tiny_data, tmp_path / "damaged.pt", "--max_iters", "4",
+                                 "--resume"), "its optimizer or random state is damaged")
 
 
 def test_a_folder_where_the_token_file_goes_is_named_as_such(tmp_path, tiny_data):
