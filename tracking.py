@@ -35,18 +35,20 @@ def check_side_files(checkpoint):
                              f"pick another --checkpoint, or move that file away")
 
 
+ROW_START = b'{"step": '  # how every row of the metrics log begins: json.dumps(dict(step=...))
+
+
 def wrote(side_file):
-    """Whether train.py wrote this metrics log (empty, or a row with a step first) or loss
-    curve: one with its tag, or, drawn before curves were tagged, one with train.py's log or
-    checkpoint beside it (asked last: it takes loading the checkpoint)."""
+    """Whether train.py wrote this metrics log (empty, or a row with a step first: known by its
+    first bytes, as a row holding a long sample can be megabytes) or loss curve: one with its
+    tag, or, drawn before curves were tagged, one with train.py's log or checkpoint beside it
+    (asked last: it takes loading the checkpoint)."""
     if side_file.endswith(".png"):
         checkpoint = side_file.removesuffix(".loss.png")
         return png_tagged(side_file, CURVE_TAG) or wrote(log_paths(checkpoint)[0]) or \
             is_checkpoint(checkpoint)
     with contextlib.suppress(OSError), open(side_file, "rb") as f:
-        first_line = f.readline(10**6)
-        row = parse_json(first_line) if first_line else {"step": None}
-        return isinstance(row, dict) and "step" in row
+        return f.read(len(ROW_START)) in (b"", ROW_START)
     return False
 
 

@@ -843,6 +843,19 @@ def test_a_users_log_beside_an_earlier_checkpoint_is_refused_and_kept(tmp_path, 
     assert files_in(tmp_path) == before
 
 
+def test_a_runs_own_log_whose_first_row_is_megabytes_long_is_still_its_own(tmp_path, tiny_data):
+    # --eval_sample_tokens puts the step-0 sample in the first row, 6 bytes a character (\uXXXX)
+    # for Chinese text: a long sample makes it megabytes.
+    checkpoint, log = tmp_path / "run.pt", tmp_path / "run.pt.metrics.jsonl"
+    assert train_run(tiny_data, checkpoint)[0] == 0
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    rows[0]["sample"] = "\u4e2d" * 200_000
+    log.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    code, _, err = train_run(tiny_data, checkpoint, "--resume", "--max_iters", "3")
+    assert code == 0, err
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()][-1] == 3
+
+
 def test_an_untagged_curve_beside_the_runs_own_log_is_replaced(tmp_path, tiny_data):
     """Loss curves drawn before curves were tagged: known by train.py's log beside them, with
     or without the checkpoint (a run stopped early, or one deleted to start over)."""
