@@ -233,24 +233,35 @@ class Progress(tqdm):
                          elapsed=time.time() - STARTED_AT))
 
 
+STOP, STOP_UNSAVED = 1, 2  # catch_ctrl_c's answers but 0 (go on); the larger wins on any rank
+
+
 def catch_ctrl_c(run):
     """First Ctrl-C or SIGTERM (what `timeout` and schedulers send before a kill): finish the
-    step, save, stop. Another, a second or more later, stops at once (torchrun passes on the
-    terminal's Ctrl-C, so it comes twice). Returns whether to stop: the same on every rank."""
-    first_at = []
+    step, save, stop; before this run's first step is done, stop and save nothing (a mistyped
+    fresh run keeps the earlier run's checkpoint it names). Another, a second or more later,
+    stops at once (torchrun passes on the terminal's Ctrl-C, so it comes twice). Returns the
+    question asked before each step, answered the same on every rank: 0, STOP or STOP_UNSAVED."""
+    steps_begun, first = [], {}  # first: when the first signal came, and the answer it gives
 
     def on_signal(signum, frame):
-        if first_at and time.time() - first_at[0] > 1:
+        if first and time.time() - first["at"] > 1:
             raise KeyboardInterrupt
-        if not first_at:
-            first_at.append(time.time())
+        if not first:
+            unsaved = len(steps_begun) <= 1  # this run's first step is not done yet
+            first.update(at=time.time(), answer=STOP_UNSAVED if unsaved else STOP)
             name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-            run.log(f"\n{name}: stopping after this step and saving ({name} again to quit now)",
-                    flush=True)
+            then = "without saving: no step of this run is done yet" if unsaved else \
+                "after this step and saving"
+            run.log(f"\n{name}: stopping {then} ({name} again to quit now)", flush=True)
+
+    def answer():
+        steps_begun.append(None)
+        return first.get("answer", 0)
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    return on_any_rank(lambda: bool(first_at), run)
+    return on_any_rank(answer, run)
 
 
 def stop_on_nan(progress):
@@ -289,11 +300,13 @@ def finish(training, step, stopping):
     if not training.run.is_master:
         return
     first = training.progress.initial  # the step this run started from: 0, or --resume's
-    if stopping and step == first:  # nothing trained, so nothing to save
+    if stopping == STOP_UNSAVED or stopping and step == first:  # nothing trained to save
         resumed = resume_path(config)
-        kept = f" ({resumed} is as it was: --resume {resumed} to go on)" if config.resume else ""
+        kept = f" ({resumed} is as it was: --resume {resumed} to go on)" if config.resume else \
+            f" ({config.checkpoint} is as it was)" if os.path.exists(config.checkpoint) else ""
         print(f"Stopped before the first step; no checkpoint saved{kept}")
-    elif stopping:
+        return
+    if stopping:
         print(f"Stopped at step {step}; checkpoint saved to {config.checkpoint}")
     else:
         print(f"Saved checkpoint to {config.checkpoint} (val loss {training.val_loss:.4f})")
@@ -407,26 +420,27 @@ def stop_with_rank_0(rank, world_size):
 
 def on_any_rank(flag, run):
     """A function, called by every rank once a step, whose answer is the same on every rank:
-    was flag() True on any rank at the call before? Waiting for the others would hold up every
-    step (on GPUs: a sync), so each call sends its question (over gloo, CPU to CPU) and reads
-    the answer to the one a step earlier: every rank stops at the same step, one step later."""
+    the largest flag() (a small whole number; True is 1) of any rank at the call before.
+    Waiting for the others would hold up every step (on GPUs: a sync), so each call sends its
+    question (over gloo, CPU to CPU) and reads the answer to the one a step earlier: every rank
+    stops at the same step, one step later."""
     if run.world_size == 1:
         return flag
     group = torch.distributed.new_group(backend="gloo")  # its own: DDP's traffic is apart
     sent = []  # (the all-reduce under way, the tensor it fills)
 
-    def any_rank_said_yes():
-        answer = False
+    def largest_on_any_rank():
+        answer = 0
         if sent:
             all_reduce, flags = sent.pop()
             all_reduce.wait()
-            answer = flags.item() > 0
+            answer = int(flags.item())
         flags = torch.tensor(float(flag()))
         sent.append((torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MAX,
                                                   group=group, async_op=True), flags))
         return answer
 
-    return any_rank_said_yes
+    return largest_on_any_rank
 
 
 def gather_from_all_ranks(value, run):  # [rank 0's value, rank 1's, ...]: called by all ranks

@@ -50,6 +50,8 @@ def main(argv=None):
 
     for step in range(start_step, config.max_iters + 1):  # + 1: evaluate after the last step
         stopping = stop_requested()  # under torchrun, every rank stops at the same step
+        if stopping == runs.STOP_UNSAVED:  # before this run's first step was done
+            break  # nothing to save: the checkpoint on disk, if any, is kept as it was
         last_step = step == config.max_iters or stopping
         # A resumed run's checkpoint was saved just after evaluating this step: no need again.
         just_resumed = config.resume and step == start_step

@@ -199,14 +199,16 @@ def test_ctrl_c_saves_and_stops_cleanly_with_cpu_warning(tmp_path, tiny_data):
     process = subprocess.Popen(
         [sys.executable, "train.py", "--data", tiny_data, "--checkpoint", str(ckpt),
          "--device", "cpu", "--batch_size", "2", "--eval_iters", "1", "--sample_tokens", "0",
-         "--block_size", "64", "--max_iters", "1000000"],
+         "--block_size", "64", "--max_iters", "1000000", "--log_interval", "1"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     output = []
     for line in process.stdout:
         output.append(line)
         if line.startswith("Starting training"):
             break
-    time.sleep(3)
+    log, deadline = tmp_path / "ckpt.pt.metrics.jsonl", time.time() + 120
+    while time.time() < deadline and '"loss"' not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.1)  # a step is done (a Ctrl-C before that saves nothing)
     process.send_signal(signal.SIGINT)
     rest, errors = process.communicate(timeout=60)
     output = "".join(output) + rest

@@ -90,6 +90,30 @@ def test_ctrl_c_at_once_after_resuming_saves_nothing_and_says_so(tmp_path, tiny_
     assert {path: path.read_bytes() for path in tmp_path.iterdir()} == saved
 
 
+def test_ctrl_c_before_a_fresh_runs_first_step_is_done_keeps_the_checkpoint_it_names(
+        tmp_path, tiny_data, monkeypatch):
+    """A fresh run that names an earlier run's checkpoint (a mistyped --resume), stopped at
+    once: the Ctrl-C lands during the step-0 evaluation, and the first step then trains, but
+    nothing is saved over the earlier run's checkpoint and log."""
+    base = tmp_path / "base.pt"
+    flags = ["--data", tiny_data, *TINY_FLAGS, "--checkpoint", base, "--eval_interval", "1",
+             "--sample_tokens", "0"]
+    assert run_in_process(train.main, [*flags, "--max_iters", "2"])[0] == 0
+    saved = {path: path.read_bytes() for path in tmp_path.iterdir()}
+    evaluate = train.evaluate
+
+    def ctrl_c_while_evaluating(*args):
+        os.kill(os.getpid(), signal.SIGINT)  # to this process: the run's own handler takes it
+        return evaluate(*args)
+
+    monkeypatch.setattr(train, "evaluate", ctrl_c_while_evaluating)
+    code, out, err = run_in_process(train.main, [*flags, "--max_iters", "4"])
+    assert code == 0, err
+    assert "Ctrl-C: stopping without saving: no step of this run is done yet" in out
+    assert f"Stopped before the first step; no checkpoint saved ({base} is as it was)" in out
+    assert {path: path.read_bytes() for path in tmp_path.iterdir()} == saved
+
+
 def test_sigkill_never_leaves_an_unreadable_checkpoint(tmp_path, tiny_data):
     ckpt = tmp_path / "ckpt.pt"
     rng = random.Random(0)
