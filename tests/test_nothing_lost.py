@@ -878,8 +878,12 @@ def test_a_fifo_at_a_locks_name_is_named_as_such(tmp_path, tiny_data):
 def test_a_lock_whose_name_is_too_long_says_what_to_shorten(tmp_path):
     data = tmp_path / ("d" * 240 + ".txt")  # a name the file system takes, but not
     data.write_text(TINY_TEXT)  # with .char.tokens.lock added
-    one_error_line(train_run(data, tmp_path / "run.pt"),
-                   "char.tokens.lock (File name too long); shorten the name it is built from")
+    # train.py refuses the data's name before it takes the lock: its token files' names.
+    one_error_line(train_run(data, tmp_path / "run.pt"), "is too long a name")
+    with pytest.raises(utils.UsageError) as refused:
+        utils.take_lock(f"{data}.char.tokens.lock", wait=True)
+    assert "char.tokens.lock (File name too long); shorten the name it is built from" in \
+        str(refused.value)
     assert os.listdir(tmp_path) == [data.name]
 
 
