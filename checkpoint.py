@@ -11,6 +11,7 @@ import errno
 import json
 import math
 import os
+import platform
 import stat
 import sys
 import warnings
@@ -100,8 +101,7 @@ def make_folders(folder):
     except (FileExistsError, NotADirectoryError):
         raise OSError(errno.EEXIST, not_a_folder(folder)) from None
     except RecursionError:
-        raise OSError(errno.ENAMETOOLONG, "too many folders to make; make the path shallower") \
-            from None
+        raise OSError(errno.ENAMETOOLONG, "too many folders to make, over about 1,000") from None
 
 
 def not_a_folder(folder):
@@ -125,16 +125,22 @@ def check_writable(path, named, fix):
                          f"(chattr -a {path}), or {fix}")
 
 
+# Linux keeps chattr's flags out of stat: this ioctl reads them. Its number is the one of x86-64,
+# ARM64 and RISC-V (on some others the same number would set the flags instead).
+FS_IOC_GETFLAGS = 0x80086601 if sys.platform == "linux" and \
+    platform.machine() in ("x86_64", "aarch64", "riscv64") else None
+
+
 def append_only(path):
-    """Whether the file at path has the append-only flag: in stat on macOS and BSD (chflags
-    uappend), read with the FS_IOC_GETFLAGS ioctl on Linux (chattr +a; 0x80086601 on x86-64
-    and ARM64). False where the flag cannot be read (no permission, a file system without it)."""
-    if sys.platform != "linux":
+    """Whether the file at path has the append-only flag (chattr +a on Linux, chflags uappend on
+    macOS and BSD, where stat holds it). False where it cannot be read (no permission, a file
+    system without flags, another processor)."""
+    if FS_IOC_GETFLAGS is None:
         return bool(getattr(os.stat(path), "st_flags", 0) & (stat.UF_APPEND | stat.SF_APPEND))
     import fcntl
     with contextlib.suppress(OSError), open(path, "rb") as f:
-        return bool(int.from_bytes(fcntl.ioctl(f, 0x80086601, bytes(8))[:4], sys.byteorder)
-                    & 0x20)  # FS_APPEND_FL
+        flags = int.from_bytes(fcntl.ioctl(f, FS_IOC_GETFLAGS, bytes(8))[:4], sys.byteorder)
+        return bool(flags & 0x20)  # FS_APPEND_FL
     return False
 
 

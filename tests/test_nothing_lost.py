@@ -17,7 +17,7 @@ import torch
 import tracking
 import train
 import utils
-from checkpoint import png_tagged
+from checkpoint import FS_IOC_GETFLAGS, append_only, png_tagged
 from config import Config
 from conftest import ROOT, TINY_FLAGS, TINY_TEXT, run_in_process, run_script
 
@@ -560,7 +560,7 @@ def stand_in_for_chattr(monkeypatch, flagged=(), refused=()):
     monkeypatch.setattr(os, "remove", fails_on_refused(remove))
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="the stand-in reads the flag as Linux does")
+@pytest.mark.skipif(FS_IOC_GETFLAGS is None, reason="the stand-in is Linux's ioctl")
 @pytest.mark.parametrize("flagged", ["run.pt", "tiny.txt.char.tokens", "tiny.txt.char.tokens.json",
                                      "look/embeddings.png"])
 def test_append_only_files_are_refused_before_any_work_and_kept(tmp_path, tiny_data,
@@ -604,16 +604,15 @@ def test_token_files_that_cannot_be_replaced_are_named_and_the_metadata_kept(tmp
 
 
 def test_append_only_reads_the_flag_that_chattr_sets(tmp_path):
-    import checkpoint
     path = tmp_path / "log.txt"
     path.write_text("a line")
     if not shutil.which("chattr") or subprocess.run(["chattr", "+a", path]).returncode:
         pytest.skip("chattr +a needs root, on Linux")
     try:
-        assert checkpoint.append_only(str(path))
+        assert append_only(str(path))
     finally:
         subprocess.run(["chattr", "-a", path], check=True)
-    assert not checkpoint.append_only(str(path))
+    assert not append_only(str(path))
 
 
 def test_token_ids_beyond_the_vocabulary_are_a_clear_error(tmp_path, tiny_data):
