@@ -11,6 +11,9 @@ import errno
 import json
 import math
 import os
+import platform
+import stat
+import sys
 import warnings
 
 import torch
@@ -67,39 +70,78 @@ def check_output_path(path, flag, example_name, beside=()):
     if os.path.isdir(path) or not os.path.basename(path):  # "runs/" names a folder too
         raise UsageError(f"{flag} {path} {'is' if os.path.isdir(path) else 'names'} a folder; "
                          f"name a file in it, e.g. {flag} {os.path.join(path, example_name)}")
-    suffix = max([path, *beside], key=len)[len(path):] + TMP_SUFFIX
-    room = NAME_MAX - len(os.fsencode(suffix))
-    if len(os.fsencode(os.path.basename(path))) > room:
+    suffix = max([path, *beside], key=len)[len(path):]
+    name = os.path.basename(path)
+    if (over := bytes_over_name_max(name + suffix)) > 0:
         raise UsageError(f"{flag} {path} is too long a name: the run also writes it with "
-                         f"{suffix.replace(TMP_SUFFIX, '.PID.tmp')} added, and a file name may "
-                         f"have {NAME_MAX} bytes; pick a name of at most {room} bytes")
+                         f"{suffix}.PID.tmp added, and a file name may have {NAME_MAX} bytes; "
+                         f"pick a name of at most {len(os.fsencode(name)) - over} bytes")
     check_writable(path, f"{flag} {path}", f"pick another {flag}")
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        make_folders(os.path.dirname(path))
         open(tmp_path_for(path), "wb").close()
         os.remove(tmp_path_for(path))
     except OSError as err:
-        reason = err.strerror or err
-        if isinstance(err, (FileExistsError, NotADirectoryError)):  # from makedirs
-            reason = not_a_folder(os.path.dirname(path))
-        raise UsageError(f"cannot save {flag} {path} ({reason}); pick a path in a folder you "
-                         f"can write to") from None
+        raise UsageError(f"cannot save {flag} {path} ({err.strerror or err}); pick a path in a "
+                         f"folder you can write to") from None
+
+
+def bytes_over_name_max(name):
+    """How many bytes the file name, written first with atomic_write's .PID.tmp added, has over
+    NAME_MAX: 0 or less if it fits."""
+    return len(os.fsencode(name + TMP_SUFFIX)) - NAME_MAX
+
+
+def make_folders(folder):
+    """os.makedirs(folder, exist_ok=True), its OSError with a reason a user can act on where
+    makedirs gives none: "File exists" for a file or a dead link on the path, and a
+    RecursionError (one call per missing folder) for a path of some 1,000 of them."""
+    try:
+        os.makedirs(os.path.abspath(folder), exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OSError(errno.EEXIST, not_a_folder(folder)) from None
+    except RecursionError:
+        raise OSError(errno.ENAMETOOLONG, "too many folders to make, over about 1,000") from None
 
 
 def not_a_folder(folder):
     """What is wrong with a folder that cannot be made: part of its path is a file, or a
-    symlink to nothing (the first that exists, going up)."""
+    symlink to nothing or a loop (the first that exists, going up)."""
     while folder and not os.path.lexists(folder):
         folder = os.path.dirname(folder)
-    if regular_file_problem(folder) == "is a symlink to nothing":
-        return f"{folder} is a symlink to nothing"
+    if os.path.islink(folder) and not os.path.exists(folder):
+        dead = regular_file_problem(folder) == "is a symlink to nothing"
+        return f"{folder} is a symlink {'to nothing' if dead else 'loop'}"
     return "part of the path is a file, not a folder"
 
 
 def check_writable(path, named, fix):
-    """Refuse a read-only file at path (chmod a-w, chattr +i): a rename would replace it."""
+    """Refuse a file at path that a rename cannot replace: read-only (chmod a-w, chattr +i), or
+    append-only (chattr +a), which os.access calls writable."""
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise UsageError(f"{named} is read-only; make it writable, or {fix}")
+    if os.path.isfile(path) and append_only(path):
+        raise UsageError(f"{named} is append-only, so it cannot be replaced; clear that flag "
+                         f"(chattr -a {path}), or {fix}")
+
+
+# Linux keeps chattr's flags out of stat: this ioctl reads them. Its number is the one of x86-64,
+# ARM64 and RISC-V (on some others the same number would set the flags instead).
+FS_IOC_GETFLAGS = 0x80086601 if sys.platform == "linux" and \
+    platform.machine() in ("x86_64", "aarch64", "riscv64") else None
+
+
+def append_only(path):
+    """Whether the file at path has the append-only flag (chattr +a on Linux, chflags uappend on
+    macOS and BSD, where stat holds it). False where it cannot be read (no permission, a file
+    system without flags, another processor)."""
+    if FS_IOC_GETFLAGS is None:
+        return bool(getattr(os.stat(path), "st_flags", 0) & (stat.UF_APPEND | stat.SF_APPEND))
+    import fcntl
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        flags = int.from_bytes(fcntl.ioctl(f, FS_IOC_GETFLAGS, bytes(8))[:4], sys.byteorder)
+        return bool(flags & 0x20)  # FS_APPEND_FL
+    return False
 
 
 def check_replaceable(path, flag, writer, is_ours, fix=None):

@@ -12,6 +12,7 @@ The first run streams --data (a text file, or a folder of .txt files) into <data
 import codecs
 import contextlib
 import datetime
+import errno
 import hashlib
 import json
 import math
@@ -27,9 +28,18 @@ import torch
 from tqdm import tqdm
 
 import fast_bpe
-from checkpoint import atomic_write, check_writable, out_of_room, parse_json, tokenizer_problem, write_failure
+from checkpoint import (
+    atomic_write,
+    bytes_over_name_max,
+    check_writable,
+    make_folders,
+    out_of_room,
+    parse_json,
+    tokenizer_problem,
+    write_failure,
+)
 from tokenizer import CharTokenizer, tokenizer_from_dict
-from utils import UsageError, check_regular_file, regular_file_problem, release_lock, take_lock
+from utils import UsageError, check_regular_file, regular_file_problem, release_lock, take_lock, tmp_path_for
 
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -201,17 +211,28 @@ def prepared_stem(data, settings):
     key = "char" if settings["tokenizer"] == "char" else f"bpe{settings['vocab_size']}"
     data = os.path.abspath(data) if os.path.isdir(data) else data
     if os.access(os.path.dirname(os.path.abspath(data)), os.W_OK):
-        return f"{data}.{key}"
+        return check_stem_length(f"{data}.{key}", data)
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
                          "mini-gpt")
     try:
-        os.makedirs(cache, exist_ok=True)
+        make_folders(cache)
     except OSError as err:
         raise UsageError(f"the folder of {data} is read-only, so its token files go to the "
                          f"cache folder {cache}, which cannot be written ({err.strerror}); set "
                          f"XDG_CACHE_HOME to a folder you can write") from None
     digest = hashlib.sha256(os.path.abspath(data).encode()).hexdigest()[:12]
-    return os.path.join(cache, f"{digest}-{os.path.basename(data)}.{key}")
+    return check_stem_length(os.path.join(cache, f"{digest}-{os.path.basename(data)}.{key}"), data)
+
+
+def check_stem_length(stem, data):
+    """stem, once it is proven short enough for the longest file named after it, atomic_write's
+    <stem>.tokens.json.PID.tmp: else preparing would fail, with no fix but a shorter name."""
+    if (over := bytes_over_name_max(os.path.basename(stem) + ".tokens.json")) > 0:
+        room = len(os.fsencode(os.path.basename(data))) - over
+        raise UsageError(f"--data {data} is too long a name: its token files are named after it, "
+                         f"with {stem[stem.rindex('.'):]}.tokens.json.PID.tmp added, {over} bytes "
+                         f"over a file name's limit; rename it to at most {room} bytes")
+    return stem
 
 
 def prepare_if_needed(sources, settings, stem):
@@ -242,17 +263,27 @@ def prepare_if_needed(sources, settings, stem):
 
 def meta_fits(meta, settings, tokens_path):
     """Whether the metadata is undamaged, of this format and these settings, and describes the
-    token file at tokens_path; if not, the text is prepared anew."""
+    token file at tokens_path, its numbers agreeing with each other and with the text's size; if
+    not, the text is prepared anew."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or \
             meta.get("settings") != settings or tokenizer_problem(meta.get("tokenizer"), None):
         return False
-    counts = [meta.get(name) for name in ("n_chars", "n_train", "n_val")]
+    counts = [meta.get(name) for name in ("n_chars", "n_train_chars", "n_train", "n_val")]
+    sources = meta.get("sources")
     dtype = token_dtype(tokenizer_from_dict(meta["tokenizer"]).vocab_size)
-    return all(type(n) is int and n >= 0 for n in counts) and meta.get("dtype") == dtype and \
-        isinstance(meta.get("sha256"), str) and isinstance(meta.get("sources"), list) and \
-        all(isinstance(source, list) and len(source) == 3 for source in meta["sources"]) and \
-        os.path.isfile(tokens_path) and \
-        os.path.getsize(tokens_path) == (counts[1] + counts[2]) * np.dtype(dtype).itemsize
+    if not (all(type(n) is int and n >= 0 for n in counts) and meta.get("dtype") == dtype and
+            isinstance(meta.get("sha256"), str) and isinstance(sources, list) and
+            all(isinstance(s, list) and len(s) == 3 and type(s[1]) is int for s in sources)):
+        return False
+    n_chars, n_train_chars, n_train, n_val = counts
+    text_bytes = sum(s[1] for s in sources) + len(sources) - 1  # and a newline between files
+    if settings["tokenizer"] == "char":  # a token a character
+        tokens_agree = (n_train, n_train + n_val) == (n_train_chars, n_chars)
+    else:  # byte-level BPE: a token covers at least a byte
+        tokens_agree = n_train + n_val <= text_bytes
+    return tokens_agree and n_train_chars == train_chars(n_chars) and \
+        n_chars <= text_bytes <= 4 * n_chars + len(sources) - 1 and os.path.isfile(tokens_path) \
+        and os.path.getsize(tokens_path) == (n_train + n_val) * np.dtype(dtype).itemsize
 
 
 def read_meta(stem):
@@ -331,8 +362,6 @@ def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=fast_b
             if before != after:
                 raise UsageError(f"the data file {after[0]} changed while it was being "
                                  f"prepared; run again once nothing is writing to it")
-        if os.path.lexists(f"{stem}.tokens.json"):
-            os.remove(f"{stem}.tokens.json")  # the old metadata must never describe new tokens
 
     try:  # learning reads the text again: a file deleted since is an OSError too
         if char_level:
@@ -344,6 +373,11 @@ def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=fast_b
             encoded = bpe_ids(sources, n_train_chars, tokenizer, chunk_bytes, piece_chars,
                               workers or fast_bpe.cpu_count())
         atomic_write(f"{stem}.tokens", write_tokens)  # encodes as it writes
+        # The old metadata must not describe the new tokens; removed only once they are in place,
+        # so a failed rename keeps both files. (Left by a crash or a failed removal, it no longer
+        # fits the text, its sources or sha256 differ, or it describes these same tokens.)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f"{stem}.tokens.json")
         meta = dict(format=FORMAT, settings=settings, sources=stats, sha256=sha256,
                     n_chars=n_chars, n_train_chars=n_train_chars, tokenizer=tokenizer.to_dict(),
                     dtype=token_dtype(tokenizer.vocab_size), n_train=n_tokens["train"],
@@ -356,14 +390,18 @@ def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=fast_b
 
 def cannot_write_tokens(stem, err):
     """Why the token files could not be written, and the fix for that cause."""
+    # The file that failed: os.replace names the one it could not replace second.
+    path = (err.filename2 or err.filename or f"{stem}.tokens").removesuffix(tmp_path_for(""))
     if out_of_room(err):
         fix = "free some disk space, or set XDG_CACHE_HOME to a folder with room"
     elif os.path.isdir(f"{stem}.tokens") or os.path.isdir(f"{stem}.tokens.json"):
         fix = f"a folder named {stem}.tokens or {stem}.tokens.json is in the way: move it"
+    elif err.errno == errno.EPERM:  # not to be replaced: chattr +a or +i, another user's in /tmp
+        fix = f"delete {path} (it is made from the text), or have its owner delete it"
     else:
         fix = ("make that folder writable, or set XDG_CACHE_HOME to one you can write (token "
                "files go there when the data's folder is read-only)")
-    return f"cannot write the token file {stem}.tokens ({write_failure(err)}); {fix}"
+    return f"cannot write the token file {path} ({write_failure(err)}); {fix}"
 
 
 def read_text_chunks(sources, chunk_bytes, what, sha256=None):

@@ -21,11 +21,11 @@ import os
 import torch
 import torch.nn.functional as F
 
-from checkpoint import check_outputs_spare_inputs, check_replaceable, check_writable, png_tagged, tmp_path_for
+from checkpoint import check_outputs_spare_inputs, check_replaceable, check_writable, make_folders, png_tagged
 from config import ArgumentParser, check_each
 from generate import load_model
 from tracking import matplotlib_or_note, pyplot, save_png
-from utils import UsageError, pick_device, run_main
+from utils import UsageError, pick_device, run_main, tmp_path_for
 
 SHOWN = {" ": "␣", "\n": "↵", "\t": "⇥"}  # whitespace, drawn so that it can be seen
 LABEL_SIZE = 12  # points, for the characters in embeddings.png
@@ -183,7 +183,7 @@ def picture_paths(out, checkpoint):
     be written there, over neither the checkpoint nor a file explore.py did not draw."""
     folder = out or checkpoint + ".explore"
     try:
-        os.makedirs(folder, exist_ok=True)
+        make_folders(folder)
     except OSError as err:
         raise UsageError(f"cannot create the output folder {folder} ({err.strerror}); "
                          f"pass --out DIR to a folder you can write")

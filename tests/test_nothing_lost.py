@@ -3,6 +3,7 @@ before training starts, a save that fails stops with the last good checkpoint in
 files that are only a convenience (metrics log, loss curve, BPE cache, W&B) warn once and the
 run goes on, and an earlier run's metrics log is kept until a new run has saved."""
 
+import errno
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import torch
 import tracking
 import train
 import utils
-from checkpoint import png_tagged
+from checkpoint import FS_IOC_GETFLAGS, append_only, png_tagged
 from config import Config
 from conftest import ROOT, TINY_FLAGS, TINY_TEXT, run_in_process, run_script
 
@@ -88,6 +89,37 @@ def test_odd_checkpoint_paths_get_their_own_reason_and_fix(tmp_path, tiny_data):
     assert sorted(os.listdir(tmp_path)) == ["dead", "tiny.txt"]
 
 
+def test_a_path_of_too_many_new_folders_is_one_line(tmp_path, tiny_data, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import dataset
+    import explore
+    assert train_run(tiny_data, tmp_path / "run.pt")[0] == 0
+    before = files_in(tmp_path)
+    deep = tmp_path / ("d/" * 1100)  # under PATH_MAX, but os.makedirs recurses once a folder
+    one_error_line(train_run(tiny_data, deep / "run.pt"), "(too many folders to make")
+    one_error_line(run_in_process(explore.main, ["--checkpoint", tmp_path / "run.pt", "--out",
+                                                 deep]), "(too many folders to make")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(deep))  # the token files' folder, when the data's
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # is read-only (root: pretend)
+    with pytest.raises(utils.UsageError, match="too many folders to make"):
+        dataset.prepared_stem(tiny_data, {"tokenizer": "char"})
+    assert files_in(tmp_path) == before and not os.path.exists(tmp_path / "d")
+
+
+def test_explore_names_an_out_that_is_a_dead_link_or_a_loop(tmp_path, tiny_data):
+    pytest.importorskip("matplotlib")
+    import explore
+    assert train_run(tiny_data, tmp_path / "run.pt")[0] == 0
+    os.symlink(tmp_path / "nowhere" / "deep", tmp_path / "dead")
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    for out, reason in (("dead", "is a symlink to nothing"), ("loop", "is a symlink loop")):
+        one_error_line(run_in_process(explore.main, ["--checkpoint", tmp_path / "run.pt",
+                                                     "--out", tmp_path / out]),
+                       f"cannot create the output folder {tmp_path / out} ({tmp_path / out} "
+                       f"{reason}); pass --out DIR")
+    one_error_line(train_run(tiny_data, tmp_path / "loop" / "run.pt"), "loop is a symlink loop")
+
+
 def test_a_checkpoint_name_too_long_for_its_side_files_is_refused_before_any_work(tmp_path,
                                                                                    tiny_data):
     # A file name may have 255 bytes; the longest the run writes is the metrics log's
@@ -103,6 +135,22 @@ def test_a_checkpoint_name_too_long_for_its_side_files_is_refused_before_any_wor
     code, out, err = train_run(tiny_data, longest)
     assert code == 0 and "Note" not in out + err, out + err
     assert os.path.exists(f"{longest}.metrics.jsonl")
+
+
+def test_a_data_name_too_long_for_its_token_files_is_refused_before_any_work(tmp_path):
+    # The longest is the metadata's temporary file, NAME.char.tokens.json.PID.tmp.
+    for length in (227, 231, 238):
+        data = tmp_path / ("t" * (length - 4) + ".txt")
+        data.write_text(TINY_TEXT)
+        result = train_run(data, tmp_path / "run.pt")
+        one_error_line(result, "is too long a name: its token files are named after it, with "
+                               ".char.tokens.json.PID.tmp added, ")
+        assert "rename it to at most 226 bytes" in result[2] and "Loading data" not in result[1]
+        data.unlink()
+    assert os.listdir(tmp_path) == []
+    data = tmp_path / ("t" * 222 + ".txt")  # 226 bytes: it trains
+    data.write_text(TINY_TEXT)
+    assert train_run(data, tmp_path / "run.pt")[0] == 0
 
 
 def test_a_folder_where_nothing_can_be_written_is_refused(tmp_path, tiny_data, monkeypatch):
@@ -434,18 +482,23 @@ def test_a_data_file_deleted_while_it_is_prepared_is_one_line(tmp_path, monkeypa
 @pytest.mark.parametrize("damage", [
     "[1, 2]", '{"format": 1}', ("n_train", "many"), ("dtype", "float64"), ("tokenizer", [1]),
     ("sources", [1]), ("sources", [None]), ("sources", [{"a": 1}]),
+    # Numbers that fit the token file's size but not each other: a character a token.
+    ("n_chars", 5), pytest.param(lambda meta: {**meta, "n_train": 10, "n_val": meta["n_train"]
+                                               + meta["n_val"] - 10}, id="another-split"),
     pytest.param("[" * 100_000 + "]" * 100_000, id="nested-too-deep-to-read")])
 def test_damaged_token_metadata_is_prepared_anew(tmp_path, tiny_data, damage):
     import dataset
     first = dataset.load_corpus(Config(data=tiny_data))
     meta_path = f"{tiny_data}.char.tokens.json"
-    if isinstance(damage, tuple):  # one entry of the metadata damaged: (key, value)
+    if not isinstance(damage, str):  # entries of the metadata damaged: (key, value), or a change
         with open(meta_path) as f:
-            damage = json.dumps({**json.load(f), damage[0]: damage[1]})
+            meta = json.load(f)
+        damage = json.dumps(damage(meta) if callable(damage) else {**meta, damage[0]: damage[1]})
     with open(meta_path, "w") as f:
         f.write(damage)
     again = dataset.load_corpus(Config(data=tiny_data))
     assert (again.n_train, again.n_val, again.sha256) == (first.n_train, first.n_val, first.sha256)
+    assert again.n_chars == first.n_chars
 
 
 def test_a_touched_text_whose_metadata_cannot_be_updated_is_used_with_a_note(tmp_path, tiny_data,
@@ -485,6 +538,82 @@ def test_a_read_only_token_file_is_named_before_preparing_and_nothing_deleted(tm
     one_error_line(result, f"the token file {read_only} is read-only; make it writable, or "
                            f"delete it")
     assert files_in(tmp_path) == before
+
+
+def stand_in_for_chattr(monkeypatch, flagged=(), refused=()):
+    """chattr +a (append-only) on the flagged paths, which needs root, as a run sees it: the
+    FS_IOC_GETFLAGS ioctl reports the flag, and a rename over them or their removal fails. Only
+    the failures on refused: a flag that cannot be read (or another user's file in /tmp)."""
+    import fcntl
+    ioctl, replace, remove = fcntl.ioctl, os.replace, os.remove
+    flagged, refused = {str(p) for p in flagged}, {str(p) for p in [*flagged, *refused]}
+
+    def fails_on_refused(act):
+        def act_unless_refused(*paths):
+            if str(paths[-1]) in refused:
+                raise PermissionError(errno.EPERM, "Operation not permitted", *paths)
+            return act(*paths)
+        return act_unless_refused
+
+    monkeypatch.setattr(fcntl, "ioctl", lambda f, *args: (0x20).to_bytes(8, sys.byteorder)
+                        if str(getattr(f, "name", "")) in flagged else ioctl(f, *args))
+    monkeypatch.setattr(os, "replace", fails_on_refused(replace))
+    monkeypatch.setattr(os, "remove", fails_on_refused(remove))
+
+
+@pytest.mark.skipif(FS_IOC_GETFLAGS is None, reason="the stand-in is Linux's ioctl")
+@pytest.mark.parametrize("flagged", ["run.pt", "tiny.txt.char.tokens", "tiny.txt.char.tokens.json",
+                                     "look/embeddings.png"])
+def test_append_only_files_are_refused_before_any_work_and_kept(tmp_path, tiny_data,
+                                                                monkeypatch, flagged):
+    pytest.importorskip("matplotlib")
+    import explore
+    checkpoint, look = tmp_path / "run.pt", tmp_path / "look"
+    assert train_run(tiny_data, checkpoint)[0] == 0
+    assert run_in_process(explore.main, ["--checkpoint", checkpoint, "--out", look])[0] == 0
+    with open(tiny_data, "a") as f:
+        f.write("more text here\n")  # changed: its tokens must be prepared anew
+    before, look_before, path = files_in(tmp_path), files_in(look), tmp_path / flagged
+    stand_in_for_chattr(monkeypatch, flagged=[path])
+    named = {"run.pt": "--checkpoint ", "look/embeddings.png": ""}.get(flagged, "the token file ")
+    result = (run_in_process(explore.main, ["--checkpoint", checkpoint, "--out", look])
+              if flagged.startswith("look") else
+              train_run(tiny_data, checkpoint, "--resume", "--max_iters", "4"))
+    one_error_line(result, f"{named}{path} is append-only, so it cannot be replaced; clear that "
+                           f"flag (chattr -a {path}), or ")
+    assert "Starting training" not in result[1] and "After each token" not in result[1]
+    assert files_in(tmp_path) == before and files_in(look) == look_before
+
+
+@pytest.mark.parametrize("refused", [".tokens", ".tokens.json"])
+def test_token_files_that_cannot_be_replaced_are_named_and_the_metadata_kept(tmp_path, tiny_data,
+                                                                              monkeypatch, refused):
+    import dataset
+    assert train_run(tiny_data, tmp_path / "run.pt")[0] == 0
+    with open(tiny_data, "a") as f:
+        f.write("more text here\n")
+    before, path = files_in(tmp_path), f"{tiny_data}.char{refused}"
+    stand_in_for_chattr(monkeypatch, refused=[path])  # found only when it is replaced
+    one_error_line(train_run(tiny_data, tmp_path / "new.pt"),
+                   f"cannot write the token file {path} (Operation not permitted); delete {path}")
+    after = files_in(tmp_path)
+    assert after["tiny.txt.char.tokens.json"] == before["tiny.txt.char.tokens.json"]
+    if refused == ".tokens":  # the metadata is never removed before the tokens it describes
+        assert after == before
+    monkeypatch.undo()  # the old metadata left beside new tokens fits no longer: prepared anew
+    assert dataset.load_corpus(Config(data=tiny_data)).n_chars == len(TINY_TEXT) + 15
+
+
+def test_append_only_reads_the_flag_that_chattr_sets(tmp_path):
+    path = tmp_path / "log.txt"
+    path.write_text("a line")
+    if not shutil.which("chattr") or subprocess.run(["chattr", "+a", path]).returncode:
+        pytest.skip("chattr +a needs root, on Linux")
+    try:
+        assert append_only(str(path))
+    finally:
+        subprocess.run(["chattr", "-a", path], check=True)
+    assert not append_only(str(path))
 
 
 def test_token_ids_beyond_the_vocabulary_are_a_clear_error(tmp_path, tiny_data):
@@ -762,8 +891,12 @@ def test_a_fifo_at_a_locks_name_is_named_as_such(tmp_path, tiny_data):
 def test_a_lock_whose_name_is_too_long_says_what_to_shorten(tmp_path):
     data = tmp_path / ("d" * 240 + ".txt")  # a name the file system takes, but not
     data.write_text(TINY_TEXT)  # with .char.tokens.lock added
-    one_error_line(train_run(data, tmp_path / "run.pt"),
-                   "char.tokens.lock (File name too long); shorten the name it is built from")
+    # train.py refuses the data's name before it takes the lock: its token files' names.
+    one_error_line(train_run(data, tmp_path / "run.pt"), "is too long a name")
+    with pytest.raises(utils.UsageError) as refused:
+        utils.take_lock(f"{data}.char.tokens.lock", wait=True)
+    assert "char.tokens.lock (File name too long); shorten the name it is built from" in \
+        str(refused.value)
     assert os.listdir(tmp_path) == [data.name]
 
 
