@@ -11,9 +11,6 @@ import errno
 import json
 import math
 import os
-import platform
-import stat
-import sys
 import warnings
 
 import torch
@@ -117,31 +114,16 @@ def not_a_folder(folder):
 
 def check_writable(path, named, fix):
     """Refuse a file at path that a rename cannot replace: read-only (chmod a-w, chattr +i), or
-    append-only (chattr +a), which os.access calls writable."""
+    append-only (chattr +a), which os.access calls writable but which refuses to be opened for
+    anything but appending (opened for writing here, nothing written: it stays as it was)."""
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise UsageError(f"{named} is read-only; make it writable, or {fix}")
-    if os.path.isfile(path) and append_only(path):
-        raise UsageError(f"{named} is append-only, so it cannot be replaced; clear that flag "
-                         f"(chattr -a {path}), or {fix}")
-
-
-# Linux keeps chattr's flags out of stat: this ioctl reads them. Its number is the one of x86-64,
-# ARM64 and RISC-V (on some others the same number would set the flags instead).
-FS_IOC_GETFLAGS = 0x80086601 if sys.platform == "linux" and \
-    platform.machine() in ("x86_64", "aarch64", "riscv64") else None
-
-
-def append_only(path):
-    """Whether the file at path has the append-only flag (chattr +a on Linux, chflags uappend on
-    macOS and BSD, where stat holds it). False where it cannot be read (no permission, a file
-    system without flags, another processor)."""
-    if FS_IOC_GETFLAGS is None:
-        return bool(getattr(os.stat(path), "st_flags", 0) & (stat.UF_APPEND | stat.SF_APPEND))
-    import fcntl
-    with contextlib.suppress(OSError), open(path, "rb") as f:
-        flags = int.from_bytes(fcntl.ioctl(f, FS_IOC_GETFLAGS, bytes(8))[:4], sys.byteorder)
-        return bool(flags & 0x20)  # FS_APPEND_FL
-    return False
+    if os.path.isfile(path):
+        try:
+            os.close(os.open(path, os.O_WRONLY))
+        except PermissionError:
+            raise UsageError(f"{named} is append-only, so it cannot be replaced; clear that flag "
+                             f"(chattr -a {path}), or {fix}") from None
 
 
 def check_replaceable(path, flag, writer, is_ours, fix=None):

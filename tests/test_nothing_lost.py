@@ -17,7 +17,7 @@ import torch
 import tracking
 import train
 import utils
-from checkpoint import FS_IOC_GETFLAGS, append_only, png_tagged
+from checkpoint import check_writable, png_tagged
 from config import Config
 from conftest import ROOT, TINY_FLAGS, TINY_TEXT, run_in_process, run_script
 
@@ -541,27 +541,26 @@ def test_a_read_only_token_file_is_named_before_preparing_and_nothing_deleted(tm
 
 
 def stand_in_for_chattr(monkeypatch, flagged=(), refused=()):
-    """chattr +a (append-only) on the flagged paths, which needs root, as a run sees it: the
-    FS_IOC_GETFLAGS ioctl reports the flag, and a rename over them or their removal fails. Only
-    the failures on refused: a flag that cannot be read (or another user's file in /tmp)."""
-    import fcntl
-    ioctl, replace, remove = fcntl.ioctl, os.replace, os.remove
+    """chattr +a (append-only) on the flagged paths, which needs root, as a run sees it: opening
+    them for anything but appending, a rename over them and their removal fail. Only the last
+    two on refused: found only when replaced (another user's file in /tmp)."""
+    opener, replace, remove = os.open, os.replace, os.remove
     flagged, refused = {str(p) for p in flagged}, {str(p) for p in [*flagged, *refused]}
 
-    def fails_on_refused(act):
-        def act_unless_refused(*paths):
-            if str(paths[-1]) in refused:
-                raise PermissionError(errno.EPERM, "Operation not permitted", *paths)
-            return act(*paths)
+    def fails_on(paths, act):
+        def act_unless_refused(*args, **kwargs):
+            path = args[-1] if act is not opener else args[0]
+            writes = act is not opener or (args[1] & os.O_ACCMODE and not args[1] & os.O_APPEND)
+            if str(path) in paths and writes:
+                raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+            return act(*args, **kwargs)
         return act_unless_refused
 
-    monkeypatch.setattr(fcntl, "ioctl", lambda f, *args: (0x20).to_bytes(8, sys.byteorder)
-                        if str(getattr(f, "name", "")) in flagged else ioctl(f, *args))
-    monkeypatch.setattr(os, "replace", fails_on_refused(replace))
-    monkeypatch.setattr(os, "remove", fails_on_refused(remove))
+    monkeypatch.setattr(os, "open", fails_on(flagged, opener))
+    monkeypatch.setattr(os, "replace", fails_on(refused, replace))
+    monkeypatch.setattr(os, "remove", fails_on(refused, remove))
 
 
-@pytest.mark.skipif(FS_IOC_GETFLAGS is None, reason="the stand-in is Linux's ioctl")
 @pytest.mark.parametrize("flagged", ["run.pt", "tiny.txt.char.tokens", "tiny.txt.char.tokens.json",
                                      "look/embeddings.png"])
 def test_append_only_files_are_refused_before_any_work_and_kept(tmp_path, tiny_data,
@@ -604,16 +603,18 @@ def test_token_files_that_cannot_be_replaced_are_named_and_the_metadata_kept(tmp
     assert dataset.load_corpus(Config(data=tiny_data)).n_chars == len(TINY_TEXT) + 15
 
 
-def test_append_only_reads_the_flag_that_chattr_sets(tmp_path):
+def test_a_file_that_chattr_made_append_only_is_refused_and_kept(tmp_path):
     path = tmp_path / "log.txt"
     path.write_text("a line")
     if not shutil.which("chattr") or subprocess.run(["chattr", "+a", path]).returncode:
         pytest.skip("chattr +a needs root, on Linux")
     try:
-        assert append_only(str(path))
+        with pytest.raises(utils.UsageError, match="log.txt is append-only"):
+            check_writable(str(path), str(path), "pick another")
+        assert path.read_text() == "a line"
     finally:
         subprocess.run(["chattr", "-a", path], check=True)
-    assert not append_only(str(path))
+    check_writable(str(path), str(path), "pick another")  # writable again
 
 
 def test_token_ids_beyond_the_vocabulary_are_a_clear_error(tmp_path, tiny_data):
