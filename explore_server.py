@@ -174,6 +174,7 @@ def number(body, name, default, kind):
 class Handler(BaseHTTPRequestHandler):
     """One request, answered from self.server.explorer and, with --compare, self.server.other."""
     default_request_version = "HTTP/1.0"  # so that even a garbled request gets a status line
+    streaming = False  # True once a streamed answer's 200 is sent: no second status may follow
 
     def do_GET(self):  # and do_POST: any error becomes a JSON error answer, never a dead server
         try:
@@ -213,12 +214,13 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson")
         self.end_headers()  # HTTP/1.0: the answer ends when the connection closes
+        self.streaming = True
         while True:
             with explorer.lock:  # step by step: another tab's look may come in between
                 piece = next(pieces, None)
             if piece is None:
                 return
-            self.wfile.write((json.dumps({"text": piece}) + "\n").encode())
+            self.send({"text": piece})  # one JSON line
 
     def read_json(self):
         try:
@@ -236,7 +238,9 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     def send(self, data, content_type="application/json", status=200):
-        """Answer data: bytes, or a value sent as JSON."""
+        """Answer data: bytes, or a value sent as JSON (inside a started stream: its last line)."""
+        if self.streaming:  # an error while sampling: the page shows {"error": ...} and stops
+            return self.wfile.write((json.dumps(data) + "\n").encode())
         data = data if isinstance(data, bytes) else json.dumps(data).encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
