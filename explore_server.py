@@ -20,6 +20,7 @@ it has and asks only for the new ones ("known": the token ids it holds rows for)
 
 import base64
 import errno
+import ipaddress
 import json
 import os
 import signal
@@ -292,7 +293,7 @@ def serve(args, device):
     """python explore.py --serve: start the server, print the URL, serve until Ctrl-C."""
     server = start_server(args, device)
     host, port = server.server_address[:2]
-    if args.host not in ("127.0.0.1", "localhost"):
+    if not ipaddress.ip_address(host).is_loopback:  # the address bound: 127.1 is 127.0.0.1
         print(f"warning: --host {args.host} lets other machines reach this page and run the model "
               f"on this computer; there is no password. Use it only on a network you trust.")
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "") else host

@@ -357,6 +357,20 @@ def test_without_port_the_first_free_one_from_8000_is_taken(checkpoint):
     assert 8000 <= ports[0] < ports[1] < 8100  # the second found the first's port taken
 
 
+@pytest.mark.parametrize("host", ["127.1", "127.0.0.2", "LOCALHOST"])
+def test_a_host_of_this_machine_only_gets_no_warning(checkpoint, host, monkeypatch, capsys):
+    start_server = explore_server.start_server
+
+    def started_but_not_serving(args, device):
+        server = start_server(args, device)
+        server.serve_forever = lambda: None  # serve() prints its lines and returns
+        return server
+
+    monkeypatch.setattr(explore_server, "start_server", started_but_not_serving)
+    explore_server.serve(serve_args(checkpoint, host=host), "cpu")
+    assert capsys.readouterr().out.startswith(f"Looking inside {checkpoint}\nOpen http://127.0.0.")
+
+
 def test_serve_in_a_real_process_prints_the_url_and_stops_quietly_on_ctrl_c(checkpoint):
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "explore.py"), "--serve",
                                 "--checkpoint", checkpoint, "--port", "0", "--host", "0.0.0.0"],
