@@ -587,6 +587,14 @@ def test_interactive_with_no_input_left_ends_quietly(home, stdin):
     assert result.stdout.endswith("> \n" if stdin == "empty" else "quits.\n\n"), result.stdout
 
 
+def test_interactive_with_a_stdin_that_cannot_be_read_is_one_line(home, tmp_path):
+    with open(tmp_path / "write_only", "w") as write_only:  # reading it fails: EBADF
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--checkpoint",
+                                 home["earlier"], "--device", "cpu", "--interactive"], cwd=ROOT,
+                                stdin=write_only, capture_output=True, text=True, timeout=120)
+    expect_one_error_line(result, "cannot read the prompts from stdin (Bad file descriptor)")
+
+
 def test_bench_curve_fails_when_train_py_is_killed_before_its_deadline(monkeypatch):
     # A train.py killed by something else (the OOM killer's SIGKILL) is a failure, not the
     # curve's own deadline: the same exit code, -9, must not pass for a finished curve.
