@@ -337,4 +337,4 @@ def sample_text(t, n_tokens, generator=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, torchrun=True)

@@ -28,6 +28,7 @@ import torch
 
 import bench
 import dataset
+import explore
 import generate
 import runs
 import train
@@ -629,6 +630,20 @@ def test_rank_set_without_torchrun_is_one_line_naming_it(env):
     assert result.stderr.strip().splitlines() == [
         "error: RANK is set, but not the MASTER_ADDR, MASTER_PORT, LOCAL_RANK and WORLD_SIZE (whole "
         "numbers) that torchrun sets; unset RANK to train in one process, or start with torchrun"]
+
+
+@pytest.mark.parametrize("script, rank, argv, words", [
+    (train, "00", ["--max_iters", "-1"], "--max_iters must be"),  # before the process group
+    (generate, "1", ["--checkpoint", "nosuch.pt"], "nosuch.pt"),
+    (explore, "1", ["--checkpoint", "nosuch.pt"], "nosuch.pt")])
+def test_an_error_is_said_by_rank_0_in_any_spelling_and_by_scripts_torchrun_never_runs(
+        script, rank, argv, words, monkeypatch):
+    # RANK=00 is rank 0; generate.py and explore.py never run under torchrun, whatever RANK says.
+    for name, value in dict(RANK=rank, LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
+    code, _, err = run_in_process(script.main, [*argv, "--device", "cpu"])
+    assert code == 2 and err.startswith("error: ") and words in err, err
 
 
 @pytest.mark.parametrize("env, message", [
