@@ -15,7 +15,7 @@ CUDA, a compiled one-token step replayed as a CUDA graph (--compile, on by defau
 
 import startup
 
-startup.exit_at_once_on_ctrl_c(__name__)  # while torch loads: before any other import
+startup.load_torch(__name__)  # first: Ctrl-C while it loads exits at once
 
 import math
 

@@ -596,6 +596,21 @@ def test_interactive_with_a_stdin_that_cannot_be_read_is_one_line(home, tmp_path
     expect_one_error_line(result, "cannot read the prompts from stdin (Bad file descriptor)")
 
 
+@pytest.mark.parametrize("script", ["train.py", "generate.py", "explore.py", "bench.py"])
+def test_a_torch_logs_setting_torch_refuses_is_one_line(script, monkeypatch):
+    monkeypatch.setenv("TORCH_LOGS", "bogus")  # read by torch as it loads: before any flag
+    expect_one_error_line(run_script(script, "--device", "cpu"),
+                          "torch cannot load with TORCH_LOGS='bogus' (Invalid log settings: bogus")
+
+
+def test_a_matplotlib_backend_it_lacks_changes_nothing(home, monkeypatch, tmp_path):
+    monkeypatch.setenv("MPLBACKEND", "bogus")  # the pictures are files, drawn with Agg anyway
+    result = run_script("explore.py", "--checkpoint", home["earlier"], "--prompt", "RO",
+                        "--device", "cpu", "--out", tmp_path / "look")
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    assert sorted(os.listdir(tmp_path / "look")) == ["attention.png", "embeddings.png"]
+
+
 def test_bench_curve_fails_when_train_py_is_killed_before_its_deadline(monkeypatch):
     # A train.py killed by something else (the OOM killer's SIGKILL) is a failure, not the
     # curve's own deadline: the same exit code, -9, must not pass for a finished curve.
