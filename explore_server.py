@@ -10,6 +10,7 @@ list: no path from the URL ever reaches the file system) and answers three JSON 
     POST /api/look       {"prompt", "known"}: the next-token table and the new attention rows
     POST /api/continue   {"prompt", "temperature", "top_k", "top_p", "seed", "length"}: the
                          sampled text, one JSON line per piece, sent as it is generated
+                         (an error once it has begun: a last line, {"error": ...})
 
 Why typing stays fast: in a causal model, the prediction and the attention row of position t
 depend only on tokens 0..t, so a character added at the end leaves every earlier row as it was.
