@@ -16,7 +16,7 @@ afterwards: the token files beside a --data text are never touched.
 
 import startup
 
-startup.exit_at_once_on_ctrl_c(__name__)  # while torch loads: before any other import
+startup.load_torch(__name__)  # first: Ctrl-C while it loads exits at once
 
 import contextlib
 import itertools

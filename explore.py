@@ -13,7 +13,7 @@ the diagonal all is 0, the causal mask at work; and embeddings.png, the token em
 
 import startup
 
-startup.exit_at_once_on_ctrl_c(__name__)  # while torch loads: before any other import
+startup.load_torch(__name__)  # first: Ctrl-C while it loads exits at once
 
 import math
 import os

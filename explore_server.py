@@ -10,6 +10,7 @@ list: no path from the URL ever reaches the file system) and answers three JSON 
     POST /api/look       {"prompt", "known"}: the next-token table and the new attention rows
     POST /api/continue   {"prompt", "temperature", "top_k", "top_p", "seed", "length"}: the
                          sampled text, one JSON line per piece, sent as it is generated
+                         (an error once it has begun: a last line, {"error": ...})
 
 Why typing stays fast: in a causal model, the prediction and the attention row of position t
 depend only on tokens 0..t, so a character added at the end leaves every earlier row as it was.
@@ -20,6 +21,7 @@ it has and asks only for the new ones ("known": the token ids it holds rows for)
 
 import base64
 import errno
+import ipaddress
 import json
 import os
 import signal
@@ -174,6 +176,7 @@ def number(body, name, default, kind):
 class Handler(BaseHTTPRequestHandler):
     """One request, answered from self.server.explorer and, with --compare, self.server.other."""
     default_request_version = "HTTP/1.0"  # so that even a garbled request gets a status line
+    streaming = False  # True once a streamed answer's 200 is sent: no second status may follow
 
     def do_GET(self):  # and do_POST: any error becomes a JSON error answer, never a dead server
         try:
@@ -213,12 +216,13 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson")
         self.end_headers()  # HTTP/1.0: the answer ends when the connection closes
+        self.streaming = True
         while True:
             with explorer.lock:  # step by step: another tab's look may come in between
                 piece = next(pieces, None)
             if piece is None:
                 return
-            self.wfile.write((json.dumps({"text": piece}) + "\n").encode())
+            self.send({"text": piece})  # one JSON line
 
     def read_json(self):
         try:
@@ -236,7 +240,9 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     def send(self, data, content_type="application/json", status=200):
-        """Answer data: bytes, or a value sent as JSON."""
+        """Answer data: bytes, or a value sent as JSON (inside a started stream: its last line)."""
+        if self.streaming:  # an error while sampling: the page shows {"error": ...} and stops
+            return self.wfile.write((json.dumps(data) + "\n").encode())
         data = data if isinstance(data, bytes) else json.dumps(data).encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -288,7 +294,7 @@ def serve(args, device):
     """python explore.py --serve: start the server, print the URL, serve until Ctrl-C."""
     server = start_server(args, device)
     host, port = server.server_address[:2]
-    if args.host not in ("127.0.0.1", "localhost"):
+    if not ipaddress.ip_address(host).is_loopback:  # the address bound: 127.1 is 127.0.0.1
         print(f"warning: --host {args.host} lets other machines reach this page and run the model "
               f"on this computer; there is no password. Use it only on a network you trust.")
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "") else host

@@ -15,7 +15,7 @@ CUDA, a compiled one-token step replayed as a CUDA graph (--compile, on by defau
 
 import startup
 
-startup.exit_at_once_on_ctrl_c(__name__)  # while torch loads: before any other import
+startup.load_torch(__name__)  # first: Ctrl-C while it loads exits at once
 
 import math
 
@@ -26,7 +26,7 @@ from config import ArgumentParser, check_each
 from model import GPTConfig, GPTModel
 from speedups import compile_decode, quantize_int8
 from tokenizer import start_tokens, tokenizer_from_dict
-from utils import UsageError, check_fits_in_memory, pick_device, pick_dtype, run_main, use_flash
+from utils import UsageError, check_fits_in_memory, output_works, pick_device, pick_dtype, run_main, use_flash
 
 
 def main(argv=None):
@@ -147,6 +147,11 @@ def prompt_loop(model, tokenizer, args, device):
         except (EOFError, RuntimeError):  # Ctrl-D, no input left, or stdin closed
             print()  # end the prompt's line, quietly
             return
+        except OSError as err:  # stdin opened for writing (EBADF), a hung-up terminal (EIO)
+            if not output_works():
+                raise  # it was the "> " that could not be written: run_main says so
+            raise UsageError(f"cannot read the prompts from stdin ({err.strerror or err}); run "
+                             f"--interactive in a terminal, or pipe the prompts in") from None
         if not prompt:
             return
         try:

@@ -215,8 +215,8 @@ class GPTModel(nn.Module):
             if cache is not None and cache.length + next_input.size(1) > self.block_size:
                 # Start the cache again from the last half window; the older keys left in the
                 # later slots lie past the new positions, so the causal mask hides them.
-                cache.length = 0
-                next_input = idx[:, -(self.block_size // 2):]
+                cache.length = 0  # (at least 1 token: with block_size 1, -0: would be all of idx)
+                next_input = idx[:, -max(1, self.block_size // 2):]
             next_token = self.next_token(next_input, cache, temperature, top_k, top_p, generator)
             idx = torch.cat([idx, next_token[:, None]], dim=1)
             next_input = next_token[:, None] if cache is not None else idx[:, -self.block_size:]

@@ -5,11 +5,13 @@ and speed figures, Ctrl-C and SIGTERM, and exact resume. None of it changes what
 import atexit
 import contextlib
 import datetime
+import errno
 import math
 import os
 import random
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -384,11 +386,45 @@ def start_distributed(device):
                          f"GPU(s) here; pass --nproc_per_node {torch.cuda.device_count()}")
     if device == "cuda":
         device = f"cuda:{local_rank}"
-    torch.distributed.init_process_group(backend="nccl" if device != "cpu" else "gloo")
+    meet_the_others(backend="nccl" if device != "cpu" else "gloo")
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if world_size > 1:
         stop_with_rank_0(rank, world_size)
     return rank, local_rank, world_size, device
+
+
+def meet_the_others(backend):
+    """Start the process group: every process meets at MASTER_ADDR:MASTER_PORT. Under torchrun,
+    torchrun listens there and has met the others already; with the variables set by hand, rank
+    0 listens there itself, so an address of another machine would be retried for 30 minutes and
+    a port in use is torch's traceback: both are one line, before any wait."""
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # not torchrun
+        family = socket.getaddrinfo(address, port)[0][0]  # IPv4 or IPv6
+        try:
+            socket.create_server((address, port), family=family).close()  # listen, as torch will
+        except OSError as err:
+            raise UsageError(f"rank 0 cannot listen at MASTER_ADDR:MASTER_PORT, {address}:{port} "
+                             f"({os.strerror(err.errno)}); " + (
+                                 "set MASTER_ADDR to an address of this machine (127.0.0.1 when "
+                                 "every process runs here)" if err.errno == errno.EADDRNOTAVAIL
+                                 else "set MASTER_PORT to a free port")) from None
+        if world_size > 1:
+            print(f"Waiting at {address}:{port} until all {world_size} processes (WORLD_SIZE) "
+                  f"have started; Ctrl-C stops", flush=True)
+    # torch waits in C++, where Python's Ctrl-C handler never runs: until the group stands, a
+    # Ctrl-C or SIGTERM ends the process at once (nothing is open or written yet).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        torch.distributed.init_process_group(backend=backend)
+    except torch.distributed.DistError as err:  # e.g. the others never came (after 30 minutes)
+        raise UsageError(f"the processes could not meet at {address}:{port} "
+                         f"({str(err).splitlines()[0][:200]}); start every one with the same "
+                         f"MASTER_ADDR and MASTER_PORT, as torchrun does") from None
+    finally:
+        utils.quit_on_signals()
 
 
 def stop_with_rank_0(rank, world_size):

@@ -2,13 +2,28 @@
 
 import os
 import signal
+import sys
 import time
 
 STARTED_AT = time.time()  # train.py's "elapsed" counts from here: the imports are included
 
 
-def exit_at_once_on_ctrl_c(module_name):
-    """Run as a script: Ctrl-C while torch loads exits at once (130, no traceback); os._exit, as
-    nothing is open yet and a library's bare `except:` could swallow an exception mid-import."""
-    if module_name == "__main__":
-        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+def load_torch(module_name):
+    """Run as a script, import torch before anything else does. Ctrl-C meanwhile exits at once
+    (130, no traceback; os._exit, as nothing is open yet and a library's bare `except:` could
+    swallow an exception mid-import). A logging setting torch refuses as it loads (TORCH_LOGS,
+    TORCH_LOGS_OUT, TORCH_LOGS_FORMAT) is one line, exit code 2."""
+    if module_name != "__main__":
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+    try:
+        import torch  # noqa: F401  (the script's own `import torch` then finds it loaded)
+    except (ValueError, OSError) as err:
+        settings = [f"{name}={value!r}" for name, value in os.environ.items()
+                    if name.startswith("TORCH_LOGS")]
+        if not settings:
+            raise
+        reason = " ".join(str(err).strip().split("\n\n")[0].split()) or type(err).__name__
+        print(f"error: torch cannot load with {', '.join(settings)} ({reason[:300]}); unset it, "
+              f"or correct it", file=sys.stderr)
+        sys.exit(2)

@@ -153,6 +153,7 @@ def matplotlib_or_note(what):
 
 def pyplot():
     """matplotlib.pyplot, drawing to files (no window): the loss curve, explore.py's pictures."""
+    os.environ.pop("MPLBACKEND", None)  # Agg whatever it says: a backend it lacks fails at import
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -14,7 +14,7 @@ Ctrl-C, exact resume) is in runs.py, which a first read can skip; tracking.py re
 
 import startup
 
-startup.exit_at_once_on_ctrl_c(__name__)  # while torch loads: before any other import
+startup.load_torch(__name__)  # first: Ctrl-C while it loads exits at once
 
 import contextlib
 import math
@@ -339,4 +339,4 @@ def sample_text(t, n_tokens, generator=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, torchrun=True)

@@ -26,12 +26,12 @@ class UsageError(Exception):
     """A problem with the user's input; the message says what is wrong and how to fix it."""
 
 
-def run_main(main):
+def run_main(main, torchrun=False):
     """Run a script's main(): a UsageError, running out of memory, or output that cannot be
     written (a full disk, /dev/full) is one line on stderr and exit code 2; Ctrl-C, or SIGTERM
     (what `timeout` or a cluster's scheduler sends before a kill), exits with 130 and no
-    traceback, half-written files cleaned up on the way. Under torchrun only rank 0 prints a
-    UsageError."""
+    traceback, half-written files cleaned up on the way. torchrun: main runs as one of
+    torchrun's processes (train.py), where only rank 0 prints a UsageError."""
     quit_on_signals()  # the scripts quiet Ctrl-C while importing
     if hasattr(sys.stdout, "reconfigure"):
         # A path or prompt that is not valid UTF-8 (a terminal's lone byte arrives as a lone
@@ -40,8 +40,8 @@ def run_main(main):
     try:
         main()
     except UsageError as err:
-        # Under torchrun every rank meets the same error: say it once.
-        if os.environ.get("RANK", "0") == "0" or torchrun_problem():
+        # Under torchrun every rank meets the same error: say it once. (RANK=00 is rank 0 too.)
+        if not torchrun or torchrun_problem() or int(os.environ["RANK"]) == 0:
             print(f"error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as err:  # torch.OutOfMemoryError (CUDA) is one too

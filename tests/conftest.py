@@ -45,12 +45,13 @@ def run_script(script, *args, timeout=120):
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-def run_in_process(main, argv):
+def run_in_process(main, argv, torchrun=None):
     """(exit code, stdout, stderr) of a script's main(argv), run as the script runs it (through
     utils.run_main) but in this process, which is much faster than a new one. Anything but a
     clean return or SystemExit (a traceback, for a user) fails the calling test right there.
     One thread: tiny models run faster so, and much faster on a shared machine. Puts back the
-    thread count and the Ctrl-C handler that a training run installs."""
+    thread count and the Ctrl-C handler that a training run installs. torchrun: run_main's
+    (None: as the script runs it, True for train.py's main)."""
     from utils import run_main
     handler, threads = signal.getsignal(signal.SIGINT), torch.get_num_threads()
     torch.set_num_threads(1)
@@ -58,7 +59,8 @@ def run_in_process(main, argv):
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            run_main(lambda: main([str(arg) for arg in argv]))
+            run_main(lambda: main([str(arg) for arg in argv]),
+                     torchrun=main.__module__ == "train" if torchrun is None else torchrun)
     except SystemExit as exit_info:
         code = exit_info.code or 0
     finally:

@@ -177,6 +177,20 @@ def test_continue_streams_generate_pys_sample_for_the_seed(url, checkpoint):
     assert len(sample(url, temperature=0, length=3, top_p=0.5)) == 3
 
 
+def one_piece_then_a_bug(*args, **kwargs):
+    """A stand-in for stream_text that fails after its first piece, as a bug would."""
+    yield "F"
+    raise ValueError("a bug while sampling")
+
+
+def test_an_error_inside_a_started_stream_ends_it_with_an_error_line(url, monkeypatch):
+    monkeypatch.setattr(explore_server, "stream_text", one_piece_then_a_bug)
+    status, answer = request(url, "/api/continue", dict(prompt="RO", length=5))
+    assert status == 200 and b"HTTP/" not in answer  # never a second answer inside the stream
+    assert [json.loads(line) for line in answer.decode().splitlines()] == [
+        {"text": "F"}, {"error": "internal error: ValueError: a bug while sampling"}]
+
+
 def test_compare_shows_the_second_models_table_for_the_same_prompt(checkpoint, tmp_path):
     other = tiny_checkpoint(tmp_path / "other.pt", seed=1)
     base, server = running(serve_args(checkpoint, compare=other))
@@ -343,6 +357,20 @@ def test_without_port_the_first_free_one_from_8000_is_taken(checkpoint):
     assert 8000 <= ports[0] < ports[1] < 8100  # the second found the first's port taken
 
 
+@pytest.mark.parametrize("host", ["127.1", "127.0.0.2", "LOCALHOST"])
+def test_a_host_of_this_machine_only_gets_no_warning(checkpoint, host, monkeypatch, capsys):
+    start_server = explore_server.start_server
+
+    def started_but_not_serving(args, device):
+        server = start_server(args, device)
+        server.serve_forever = lambda: None  # serve() prints its lines and returns
+        return server
+
+    monkeypatch.setattr(explore_server, "start_server", started_but_not_serving)
+    explore_server.serve(serve_args(checkpoint, host=host), "cpu")
+    assert capsys.readouterr().out.startswith(f"Looking inside {checkpoint}\nOpen http://127.0.0.")
+
+
 def test_serve_in_a_real_process_prints_the_url_and_stops_quietly_on_ctrl_c(checkpoint):
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "explore.py"), "--serve",
                                 "--checkpoint", checkpoint, "--port", "0", "--host", "0.0.0.0"],
@@ -399,7 +427,8 @@ def browser():
     browser.close()
 
 
-def test_the_page_draws_the_table_and_attention_and_follows_hover_and_typing(browser, tmp_path):
+def test_the_page_draws_the_table_and_attention_and_follows_hover_and_typing(browser, tmp_path,
+                                                                            monkeypatch):
     """On a tiny checkpoint, or on EXPLORE_CHECKPOINT; the screenshot goes to $TEST_ARTIFACTS
     (default: the test's temporary folder) as explore_page.png."""
     checkpoint = os.environ.get("EXPLORE_CHECKPOINT") or tiny_checkpoint(tmp_path / "page.pt")
@@ -450,6 +479,12 @@ def test_the_page_draws_the_table_and_attention_and_follows_hover_and_typing(bro
         # A character the model never saw: the message says which.
         browser.type_text("é")
         browser.wait_for("document.getElementById('message').textContent.includes('é')")
+        # A stream that fails after its first piece: the message shows the error line.
+        monkeypatch.setattr(explore_server, "stream_text", one_piece_then_a_bug)
+        browser.js("document.getElementById('prompt').value = 'RO'; "
+                   "document.getElementById('continue').click()")
+        browser.wait_for("document.getElementById('message').textContent.includes('a bug')")
+        assert browser.js("document.getElementById('sample').textContent") == "F"
     finally:
         server.shutdown()
         server.server_close()

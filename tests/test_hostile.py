@@ -28,6 +28,7 @@ import torch
 
 import bench
 import dataset
+import explore
 import generate
 import runs
 import train
@@ -587,6 +588,29 @@ def test_interactive_with_no_input_left_ends_quietly(home, stdin):
     assert result.stdout.endswith("> \n" if stdin == "empty" else "quits.\n\n"), result.stdout
 
 
+def test_interactive_with_a_stdin_that_cannot_be_read_is_one_line(home, tmp_path):
+    with open(tmp_path / "write_only", "w") as write_only:  # reading it fails: EBADF
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--checkpoint",
+                                 home["earlier"], "--device", "cpu", "--interactive"], cwd=ROOT,
+                                stdin=write_only, capture_output=True, text=True, timeout=120)
+    expect_one_error_line(result, "cannot read the prompts from stdin (Bad file descriptor)")
+
+
+@pytest.mark.parametrize("script", ["train.py", "generate.py", "explore.py", "bench.py"])
+def test_a_torch_logs_setting_torch_refuses_is_one_line(script, monkeypatch):
+    monkeypatch.setenv("TORCH_LOGS", "bogus")  # read by torch as it loads: before any flag
+    expect_one_error_line(run_script(script, "--device", "cpu"),
+                          "torch cannot load with TORCH_LOGS='bogus' (Invalid log settings: bogus")
+
+
+def test_a_matplotlib_backend_it_lacks_changes_nothing(home, monkeypatch, tmp_path):
+    monkeypatch.setenv("MPLBACKEND", "bogus")  # the pictures are files, drawn with Agg anyway
+    result = run_script("explore.py", "--checkpoint", home["earlier"], "--prompt", "RO",
+                        "--device", "cpu", "--out", tmp_path / "look")
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    assert sorted(os.listdir(tmp_path / "look")) == ["attention.png", "embeddings.png"]
+
+
 def test_bench_curve_fails_when_train_py_is_killed_before_its_deadline(monkeypatch):
     # A train.py killed by something else (the OOM killer's SIGKILL) is a failure, not the
     # curve's own deadline: the same exit code, -9, must not pass for a finished curve.
@@ -621,6 +645,20 @@ def test_rank_set_without_torchrun_is_one_line_naming_it(env):
     assert result.stderr.strip().splitlines() == [
         "error: RANK is set, but not the MASTER_ADDR, MASTER_PORT, LOCAL_RANK and WORLD_SIZE (whole "
         "numbers) that torchrun sets; unset RANK to train in one process, or start with torchrun"]
+
+
+@pytest.mark.parametrize("script, rank, argv, words", [
+    (train, "00", ["--max_iters", "-1"], "--max_iters must be"),  # before the process group
+    (generate, "1", ["--checkpoint", "nosuch.pt"], "nosuch.pt"),
+    (explore, "1", ["--checkpoint", "nosuch.pt"], "nosuch.pt")])
+def test_an_error_is_said_by_rank_0_in_any_spelling_and_by_scripts_torchrun_never_runs(
+        script, rank, argv, words, monkeypatch):
+    # RANK=00 is rank 0; generate.py and explore.py never run under torchrun, whatever RANK says.
+    for name, value in dict(RANK=rank, LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
+    code, _, err = run_in_process(script.main, [*argv, "--device", "cpu"])
+    assert code == 2 and err.startswith("error: ") and words in err, err
 
 
 @pytest.mark.parametrize("env, message", [

@@ -131,6 +131,17 @@ def test_cached_generation_keeps_going_past_block_size():
     assert int(out.max()) < 20
 
 
+def test_block_size_1_samples_with_the_cache_as_without():
+    # Each step the full cache starts again from the last token alone (never from none of them).
+    model = tiny_model(block_size=1)
+    draw = dict(temperature=1.0, top_k=5)
+    with_cache = model.generate(torch.zeros(2, 3, dtype=torch.long), 10, use_cache=True,
+                                generator=torch.Generator().manual_seed(0), **draw)
+    without = model.generate(torch.zeros(2, 3, dtype=torch.long), 10, use_cache=False,
+                             generator=torch.Generator().manual_seed(0), **draw)
+    assert with_cache.shape == (2, 13) and with_cache.tolist() == without.tolist()
+
+
 def test_generate_zero_tokens_returns_the_prompt():
     prompt = torch.tensor([[1, 2, 3]])
     assert tiny_model().generate(prompt, 0).tolist() == prompt.tolist()

@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import socket
@@ -190,6 +191,64 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def set_torchrun_variables(monkeypatch, **variables):
+    """torchrun's variables, as set by hand (no torchrun): rank 0 listens at MASTER_ADDR:PORT."""
+    for name, value in {**dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                               MASTER_PORT=str(free_port())), **variables}.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize("address, in_use, words", [
+    ("127.0.0.1", True, "(Address already in use); set MASTER_PORT to a free port"),
+    ("192.0.2.1", False,  # an address kept for documentation: never this machine's
+     "(Cannot assign requested address); set MASTER_ADDR to an address of this machine")])
+def test_rank_0_that_cannot_listen_at_master_addr_and_port_is_one_line_before_any_wait(
+        address, in_use, words, tiny_data, monkeypatch):
+    with socket.create_server(("127.0.0.1", 0)) as other_program:
+        port = other_program.getsockname()[1] if in_use else free_port()
+        set_torchrun_variables(monkeypatch, MASTER_ADDR=address, MASTER_PORT=str(port))
+        monkeypatch.setattr(dist, "init_process_group",  # a traceback, or 30 minutes of retries
+                            lambda backend: pytest.fail("the process group was started"))
+        code, _, err = run_in_process(train.main, ["--data", tiny_data, *TINY_FLAGS])
+    assert code == 2 and err.startswith(
+        f"error: rank 0 cannot listen at MASTER_ADDR:MASTER_PORT, {address}:{port} {words}"), err
+    assert err.count("\n") == 1, err
+
+
+def test_processes_that_never_meet_are_one_line(tiny_data, monkeypatch):
+    set_torchrun_variables(monkeypatch, WORLD_SIZE="2")
+
+    def never_met(backend):  # what torch raises after 30 minutes without the others
+        raise dist.DistStoreError("Timed out after 1801 seconds waiting for clients. 1/2 clients "
+                                  "joined.")
+
+    monkeypatch.setattr(dist, "init_process_group", never_met)
+    code, _, err = run_in_process(train.main, ["--data", tiny_data, *TINY_FLAGS])
+    assert code == 2 and err == (
+        f"error: the processes could not meet at 127.0.0.1:{os.environ['MASTER_PORT']} (Timed out "
+        f"after 1801 seconds waiting for clients. 1/2 clients joined.); start every one with the "
+        f"same MASTER_ADDR and MASTER_PORT, as torchrun does\n")
+
+
+def test_rank_0_waiting_for_the_others_says_so_and_ctrl_c_stops_it(tmp_path, tiny_data):
+    port = free_port()
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port))  # and no second process
+    process = subprocess.Popen([sys.executable, "train.py", "--data", tiny_data, *TINY_FLAGS,
+                                "--checkpoint", tmp_path / "wait.pt"], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert select.select([process.stdout], [], [], 120)[0], "nothing said in 2 minutes"
+        assert process.stdout.readline() == (f"Waiting at 127.0.0.1:{port} until all 2 processes "
+                                             f"(WORLD_SIZE) have started; Ctrl-C stops\n")
+        process.send_signal(signal.SIGINT)  # torch waits in C++: Python's handler never ran
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == -signal.SIGINT and "Traceback" not in err, err
+    assert not (tmp_path / "wait.pt").exists()
 
 
 def test_torchrun_two_processes_train_and_save(tmp_path, tiny_data):

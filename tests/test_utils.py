@@ -283,5 +283,5 @@ def test_under_torchrun_only_rank_0_says_a_usage_error(monkeypatch, rank, said):
     def bad_flag(argv):
         raise UsageError("--max_iters must be at least 1, got 0")
 
-    code, _, err = run_in_process(bad_flag, [])
+    code, _, err = run_in_process(bad_flag, [], torchrun=True)  # as train.py runs its main
     assert code == 2 and (err == "error: --max_iters must be at least 1, got 0\n") is said, err

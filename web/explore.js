@@ -267,7 +267,10 @@ async function continuePrompt() {
     buffer += decoder.decode(value, {stream: true});
     const lines = buffer.split("\n");
     buffer = lines.pop();  // a line cut in two waits for its end
-    for (const line of lines) $("sample").textContent += JSON.parse(line).text;
+    for (const piece of lines.map((line) => JSON.parse(line))) {
+      if (piece.error) $("message").textContent = piece.error;  // the stream's last line
+      else $("sample").textContent += piece.text;
+    }
   }
 }
 
