@@ -306,7 +306,7 @@ def finish(training, step, stopping):
         resumed = resume_path(config)
         kept = f" ({resumed} is as it was: --resume {resumed} to go on)" if config.resume else \
             f" ({config.checkpoint} is as it was)" if os.path.exists(config.checkpoint) else ""
-        print(f"Stopped before the first step; no checkpoint saved{kept}")
+        print(f"Stopped: asked before this run's first step was done; no checkpoint saved{kept}")
         return
     if stopping:
         print(f"Stopped at step {step}; checkpoint saved to {config.checkpoint}")

@@ -1101,6 +1101,16 @@ def test_a_fresh_run_keeps_a_nanogpt_checkpoint_of_the_same_name(tmp_path, tiny_
     assert files_in(nanogpt.parent) == before
 
 
+def test_a_fresh_run_replaces_a_damaged_checkpoint_of_its_own(tmp_path, tiny_data):
+    checkpoint = tmp_path / "run.pt"
+    assert train_run(tiny_data, checkpoint)[0] == 0
+    saved = torch.load(checkpoint, weights_only=True)
+    next(iter(saved["model"].values())).view(-1)[0] = float("nan")  # damaged, but train.py's
+    torch.save(saved, checkpoint)
+    assert train_run(tiny_data, checkpoint)[0] == 0  # replaced, as an undamaged one would be
+    assert all(torch.isfinite(w).all() for w in torch.load(checkpoint, weights_only=True)["model"].values())
+
+
 def test_explore_replaces_only_its_own_pictures_in_out(tmp_path, tiny_data):
     pytest.importorskip("matplotlib")
     import explore

@@ -80,8 +80,8 @@ def test_ctrl_c_at_once_after_resuming_saves_nothing_and_says_so(tmp_path, tiny_
     code, out, err = run_in_process(train.main, [*flags, "--checkpoint", other, "--resume", base,
                                                  "--max_iters", "4"])
     assert code == 0, err
-    assert (f"Stopped before the first step; no checkpoint saved ({base} is as it was: "
-            f"--resume {base} to go on)") in out
+    assert (f"Stopped: asked before this run's first step was done; no checkpoint saved "
+            f"({base} is as it was: --resume {base} to go on)") in out
     assert {path: path.read_bytes() for path in tmp_path.iterdir()} == saved  # no other.pt
     # Resumed into itself, the checkpoint is already there: left as it was.
     code, out, err = run_in_process(train.main, [*flags, "--checkpoint", base, "--resume",
@@ -111,7 +111,8 @@ def test_ctrl_c_before_a_fresh_runs_first_step_is_done_keeps_the_checkpoint_it_n
     code, out, err = run_in_process(train.main, [*flags, "--max_iters", "4"])
     assert code == 0, err
     assert "Ctrl-C: stopping without saving: no step of this run is done yet" in out
-    assert f"Stopped before the first step; no checkpoint saved ({base} is as it was)" in out
+    assert (f"Stopped: asked before this run's first step was done; no checkpoint saved "
+            f"({base} is as it was)") in out
     assert {path: path.read_bytes() for path in tmp_path.iterdir()} == saved
 
 
