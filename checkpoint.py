@@ -90,15 +90,21 @@ def bytes_over_name_max(name):
 
 
 def make_folders(folder):
-    """os.makedirs(folder, exist_ok=True), its OSError with a reason a user can act on where
-    makedirs gives none: "File exists" for a file or a dead link on the path, and a
-    RecursionError (one call per missing folder) for a path of some 1,000 of them."""
-    try:
-        os.makedirs(os.path.abspath(folder), exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise OSError(errno.EEXIST, not_a_folder(folder)) from None
-    except RecursionError:
-        raise OSError(errno.ENAMETOOLONG, "too many folders to make, over about 1,000") from None
+    """os.makedirs(folder, exist_ok=True), one folder at a time from the first that exists
+    (makedirs calls itself once per missing folder, so a deep enough path hit Python's recursion
+    limit), and with a reason a user can act on where makedirs gives "File exists": a file or a
+    dead link on the path."""
+    missing = []
+    folder = os.path.abspath(folder)
+    while not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder)
+        except (FileExistsError, NotADirectoryError):
+            if not os.path.isdir(folder):  # not just made by another process
+                raise OSError(errno.EEXIST, not_a_folder(folder)) from None
 
 
 def not_a_folder(folder):

@@ -27,9 +27,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import checkpoint
 import fast_bpe
-from checkpoint import atomic_write, check_writable, out_of_room, parse_json, tokenizer_problem, write_failure
+from checkpoint import (
+    atomic_write,
+    bytes_over_name_max,
+    check_writable,
+    make_folders,
+    out_of_room,
+    parse_json,
+    tokenizer_problem,
+    write_failure,
+)
 from tokenizer import CharTokenizer, tokenizer_from_dict
 from utils import UsageError, check_regular_file, regular_file_problem, release_lock, take_lock, tmp_path_for
 
@@ -189,7 +197,7 @@ def download_tiny_shakespeare(path):
                          f"as {path} by hand")
     folder = os.path.dirname(path) or "."
     try:
-        os.makedirs(folder, exist_ok=True)
+        make_folders(folder)
         atomic_write(path, lambda tmp: pathlib.Path(tmp).write_bytes(payload))
     except OSError as err:  # a read-only folder, a full disk, a file where the folder goes
         raise UsageError(f"cannot save Tiny Shakespeare as {path} ({write_failure(err)}); make "
@@ -207,7 +215,7 @@ def prepared_stem(data, settings):
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
                          "mini-gpt")
     try:
-        checkpoint.make_folders(cache)
+        make_folders(cache)
     except OSError as err:
         raise UsageError(f"the folder of {data} is read-only, so its token files go to the "
                          f"cache folder {cache}, which cannot be written ({err.strerror}); set "
@@ -219,7 +227,7 @@ def prepared_stem(data, settings):
 def check_stem_length(stem, data):
     """stem, once it is proven short enough for the longest file named after it, atomic_write's
     <stem>.tokens.json.PID.tmp: else preparing would fail, with no fix but a shorter name."""
-    if (over := checkpoint.bytes_over_name_max(os.path.basename(stem) + ".tokens.json")) > 0:
+    if (over := bytes_over_name_max(os.path.basename(stem) + ".tokens.json")) > 0:
         room = len(os.fsencode(os.path.basename(data))) - over
         raise UsageError(f"--data {data} is too long a name: its token files are named after it, "
                          f"with {stem[stem.rindex('.'):]}.tokens.json.PID.tmp added, {over} bytes "

@@ -413,7 +413,8 @@ def test_a_download_that_cannot_be_saved_is_one_line(tmp_path, monkeypatch):
     open("data", "w").close()  # a file where the data folder would go
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: FakeResponse(b"First"))
     monkeypatch.setattr(dataset, "DATA_SHA256", hashlib.sha256(b"First").hexdigest())
-    with pytest.raises(UsageError, match=r"cannot save Tiny Shakespeare as data/input.txt \(File "
-                                         r"exists\); make data a folder you can write, or pass"):
+    with pytest.raises(UsageError, match=r"cannot save Tiny Shakespeare as data/input.txt \(part of "
+                                         r"the path is a file, not a folder\); make data a folder "
+                                         r"you can write, or pass"):
         load("data/input.txt")
     assert os.listdir(tmp_path) == ["data"] and os.path.getsize("data") == 0
