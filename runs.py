@@ -244,22 +244,26 @@ def catch_ctrl_c(run):
     fresh run keeps the earlier run's checkpoint it names). Another, a second or more later,
     stops at once (torchrun passes on the terminal's Ctrl-C, so it comes twice). Returns the
     question asked before each step, answered the same on every rank: 0, STOP or STOP_UNSAVED."""
-    steps_begun, first = [], {}  # first: when the first signal came, and the answer it gives
+    steps_begun, first_signal_at, stopping = 0, None, 0
 
     def on_signal(signum, frame):
-        if first and time.time() - first["at"] > 1:
-            raise KeyboardInterrupt
-        if not first:
-            unsaved = len(steps_begun) <= 1  # this run's first step is not done yet
-            first.update(at=time.time(), answer=STOP_UNSAVED if unsaved else STOP)
-            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-            then = "without saving: no step of this run is done yet" if unsaved else \
-                "after this step and saving"
-            run.log(f"\n{name}: stopping {then} ({name} again to quit now)", flush=True)
+        nonlocal first_signal_at, stopping
+        if first_signal_at is not None:  # a second signal: quit now, unless it is the same
+            if time.time() - first_signal_at > 1:  # Ctrl-C that torchrun passed on
+                raise KeyboardInterrupt
+            return
+        first_signal_at = time.time()
+        unsaved = steps_begun <= 1  # this run's first step is not done yet
+        stopping = STOP_UNSAVED if unsaved else STOP
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        then = "without saving: no step of this run is done yet" if unsaved else \
+            "after this step and saving"
+        run.log(f"\n{name}: stopping {then} ({name} again to quit now)", flush=True)
 
     def answer():
-        steps_begun.append(None)
-        return first.get("answer", 0)
+        nonlocal steps_begun
+        steps_begun += 1
+        return stopping
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)

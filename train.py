@@ -50,8 +50,8 @@ def main(argv=None):
 
     for step in range(start_step, config.max_iters + 1):  # + 1: evaluate after the last step
         stopping = stop_requested()  # under torchrun, every rank stops at the same step
-        if stopping == runs.STOP_UNSAVED:  # before this run's first step was done
-            break  # nothing to save: the checkpoint on disk, if any, is kept as it was
+        if stopping == runs.STOP_UNSAVED:  # asked before this run's first step was done:
+            break  # nothing to save, the checkpoint on disk (if any) is kept as it was
         last_step = step == config.max_iters or stopping
         # A resumed run's checkpoint was saved just after evaluating this step: no need again.
         just_resumed = config.resume and step == start_step
@@ -66,7 +66,7 @@ def main(argv=None):
         loss = train_step(train_model, optimizer, scaler, micro_batches, config, run)
         training.progress.step_done(step + 1, loss, lr)  # loss, tokens/s every log_interval
     runs.finish(training, step, stopping)  # where the checkpoint is, its best weights
-    if run.is_master and config.sample_tokens > 0:
+    if run.is_master and config.sample_tokens > 0 and stopping != runs.STOP_UNSAVED:
         sample = sample_text(training, config.sample_tokens)
         print("\nSample:\n" + sample)
         training.progress.record(dict(step=step, sample=sample))

@@ -40,8 +40,7 @@ def run_main(main, torchrun=False):
     try:
         main()
     except UsageError as err:
-        # Under torchrun every rank meets the same error: say it once. (RANK=00 is rank 0 too.)
-        if not torchrun or torchrun_problem() or int(os.environ["RANK"]) == 0:
+        if not (torchrun and is_rank_above_0()):  # under torchrun all ranks meet it: say it once
             print(f"error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as err:  # torch.OutOfMemoryError (CUDA) is one too
@@ -117,6 +116,11 @@ def torchrun_problem():
         return (f"MASTER_ADDR is {os.environ['MASTER_ADDR']!r:.80}, a host this machine cannot "
                 f"find ({err.strerror or err})")
     return None
+
+
+def is_rank_above_0():
+    """Whether this is one of torchrun's processes but the first (RANK=00 is rank 0 too)."""
+    return torchrun_problem() is None and int(os.environ["RANK"]) > 0
 
 
 def quit_on_signals():

@@ -108,9 +108,11 @@ def test_ctrl_c_before_a_fresh_runs_first_step_is_done_keeps_the_checkpoint_it_n
         return evaluate(*args)
 
     monkeypatch.setattr(train, "evaluate", ctrl_c_while_evaluating)
-    code, out, err = run_in_process(train.main, [*flags, "--max_iters", "4"])
+    code, out, err = run_in_process(train.main, [*flags, "--max_iters", "4", "--sample_tokens",
+                                                 "20"])
     assert code == 0, err
     assert "Ctrl-C: stopping without saving: no step of this run is done yet" in out
+    assert "Sample:" not in out  # of weights no step has trained
     assert (f"Stopped: asked before this run's first step was done; no checkpoint saved "
             f"({base} is as it was)") in out
     assert {path: path.read_bytes() for path in tmp_path.iterdir()} == saved
