@@ -240,7 +240,7 @@ def prepare_if_needed(sources, settings, stem):
     start together on the same text take turns (a lock file): the first prepares."""
     # Never a checkpoint's lock (<checkpoint>.lock): no --checkpoint may end in .tokens (runs.py)
     lock_path = f"{stem}.tokens.lock"
-    lock = take_lock(lock_path, wait=True)
+    lock = take_lock(lock_path, wait=True, guarded=[f"{stem}.tokens", f"{stem}.tokens.json"])
     try:
         meta, stats = read_meta(stem), source_stats(sources)
         if meta_fits(meta, settings, f"{stem}.tokens"):

@@ -186,9 +186,9 @@ def check_paths(config, run):
     checkpoint.check_replaceable(path, "--checkpoint", "train.py", checkpoint.is_checkpoint)
     check_side_files(path)
     # Lock it, so that a second run saving to the same file at the same time is refused (the
-    # lock goes when this run ends, however it ends; taking it removes a killed run's half-saved
-    # checkpoint).
-    holder = utils.hold_lock(f"{path}.lock")
+    # lock goes when this run ends, however it ends; taking it removes the half-written files a
+    # killed run left: checkpoint, log, picture).
+    holder = utils.hold_lock(f"{path}.lock", [path, metrics_log, loss_curve])
     if holder:
         raise UsageError(f"another run ({holder}) is saving to --checkpoint {path}; wait for "
                          f"it to end, or pick another --checkpoint")

@@ -135,11 +135,11 @@ def quit_on_signals():
 HELD_LOCKS = {}  # path -> its lock file (descriptor), held until main() ends (run_main)
 
 
-def hold_lock(path):
+def hold_lock(path, guarded=()):
     """Lock path until main() ends: None, or what the process holding it wrote (its id)."""
     path = os.path.abspath(path)
     if path not in HELD_LOCKS:
-        HELD_LOCKS[path] = take_lock(path, wait=False)
+        HELD_LOCKS[path] = take_lock(path, wait=False, guarded=guarded)
         if isinstance(HELD_LOCKS[path], str):
             return HELD_LOCKS.pop(path)
     return None
@@ -153,11 +153,12 @@ def release_locks():
 LOCK_TEXT = re.compile(rb"process (\d+)")  # all that take_lock writes into a lock file
 
 
-def take_lock(path, wait):
+def take_lock(path, wait, guarded=()):
     """The lock file at path, open and locked, or (wait False) what the process holding it wrote.
     flock goes with the process however it ends: a crash leaves no stale lock. Windows: None.
     A lock file is made here, or is one a run left (all it holds is "process N"); any other
-    file of that name is a user's: neither written nor, at release, removed."""
+    file of that name is a user's: neither written nor, at release, removed. guarded: the files
+    the lock is for (path less .lock if none are given)."""
     if fcntl is None:
         return None
     empty_looks = 0
@@ -180,9 +181,10 @@ def take_lock(path, wait):
         empty_looks += 1
         time.sleep(0.02)  # empty: most likely just made by another run, its id not yet written
     earlier = LOCK_TEXT.fullmatch(text)
-    if earlier:  # left by a run killed while holding it: so is the file it was writing then
-        with contextlib.suppress(OSError):  # what atomic_write was writing: path less .lock
-            os.remove(tmp_path_for(path.removesuffix(".lock"), earlier[1].decode()))
+    if earlier:  # left by a run killed holding it: so are the files it was writing then
+        for written in guarded or [path.removesuffix(".lock")]:  # atomic_write's path.PID.tmp
+            with contextlib.suppress(OSError):
+                os.remove(tmp_path_for(written, earlier[1].decode()))
     ours = f"process {os.getpid()}".encode()
     try:
         os.pwrite(lock, ours, 0)

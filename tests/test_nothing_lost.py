@@ -936,18 +936,20 @@ def test_a_full_disk_while_taking_a_lock_is_one_line_and_leaves_no_lock(tmp_path
 def test_files_named_like_temporary_files_are_kept_unless_a_killed_run_left_them(tmp_path,
                                                                                   tiny_data):
     assert train_run(tiny_data, tmp_path / "run.pt")[0] == 0
-    mine = {"run.pt.2.tmp": b"my draft v2", "tiny.txt.char.tokens.2024.tmp": b"notes"}
+    mine = {"run.pt.2.tmp": b"my draft v2", "tiny.txt.char.tokens.2024.tmp": b"notes",
+            "run.pt.metrics.jsonl.12.tmp": b"mine", "run.pt.notes.99999999.tmp": b"mine too"}
     for name, content in mine.items():
         (tmp_path / name).write_bytes(content)
     # Runs killed (kill -9) while saving and preparing left their locks, which name them, and
-    # the files they were writing then.
-    killed = {"run.pt": b"PK\x03\x04 half a checkpoint", "tiny.txt.char.tokens": b"\x00\x01"}
-    for stem, content in killed.items():
+    # the files they were writing then: a checkpoint, log or picture; tokens or their metadata.
+    for stem in "run.pt", "tiny.txt.char.tokens":
         (tmp_path / f"{stem}.lock").write_bytes(b"process 99999999")
-        (tmp_path / f"{stem}.99999999.tmp").write_bytes(content)
+    for name in ("run.pt", "run.pt.metrics.jsonl", "run.pt.loss.png", "tiny.txt.char.tokens",
+                 "tiny.txt.char.tokens.json"):
+        (tmp_path / f"{name}.99999999.tmp").write_bytes(b"half written")
     assert train_run(tiny_data, tmp_path / "run.pt", "--resume", "--max_iters", "3")[0] == 0
     assert {name: (tmp_path / name).read_bytes() for name in mine} == mine
-    assert not [name for name in os.listdir(tmp_path) if "99999999" in name
+    assert not [name for name in os.listdir(tmp_path) if "99999999" in name and name not in mine
                 or name.endswith(".lock")]
 
 
