@@ -248,8 +248,8 @@ def catch_ctrl_c(run):
 
     def on_signal(signum, frame):
         nonlocal first_signal_at, stopping
-        if first_signal_at is not None:  # a second signal: quit now, unless it is the same
-            if time.time() - first_signal_at > 1:  # Ctrl-C that torchrun passed on
+        if first_signal_at is not None:  # another: quit now, unless it is the same Ctrl-C,
+            if time.time() - first_signal_at > 1:  # passed on by torchrun within a second
                 raise KeyboardInterrupt
             return
         first_signal_at = time.time()
