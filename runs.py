@@ -1,6 +1,6 @@
 """What runs around train.py's loop, which a first read can skip: where this process runs
 (device, number format, its rank under torchrun), the checks before any work, the progress bar
-and speed figures, Ctrl-C and SIGTERM, and exact resume. None of it changes what is learned."""
+and speed figures, Ctrl-C and the other stop signals, and exact resume. None of it changes what is learned."""
 
 import atexit
 import contextlib
@@ -239,8 +239,8 @@ STOP, STOP_UNSAVED = 1, 2  # catch_ctrl_c's answers but 0 (go on); the larger wi
 
 
 def catch_ctrl_c(run):
-    """First Ctrl-C or SIGTERM (what `timeout` and schedulers send before a kill): finish the
-    step, save, stop; before this run's first step is done, stop and save nothing (a mistyped
+    """First Ctrl-C or other stop signal (utils.STOP_SIGNALS: SIGTERM, SIGHUP, SIGXCPU): finish
+    the step, save, stop; before this run's first step is done, stop and save nothing (a mistyped
     fresh run keeps the earlier run's checkpoint it names). Another, a second or more later,
     stops at once (torchrun passes on the terminal's Ctrl-C, so it comes twice). Returns the
     question asked before each step, answered the same on every rank: 0, STOP or STOP_UNSAVED."""
@@ -249,24 +249,28 @@ def catch_ctrl_c(run):
     def on_signal(signum, frame):
         nonlocal first_signal_at, stopping
         if first_signal_at is not None:  # another: quit now, unless it is the same Ctrl-C,
-            if time.time() - first_signal_at > 1:  # passed on by torchrun within a second
+            # passed on by torchrun within a second, or the kernel's SIGXCPU, sent each second
+            if time.time() - first_signal_at > 1 and signum != getattr(signal, "SIGXCPU", 0):
                 raise KeyboardInterrupt
             return
         first_signal_at = time.time()
         unsaved = steps_begun <= 1  # this run's first step is not done yet
         stopping = STOP_UNSAVED if unsaved else STOP
-        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         then = "without saving: no step of this run is done yet" if unsaved else \
             "after this step and saving"
-        run.log(f"\n{name}: stopping {then} ({name} again to quit now)", flush=True)
+        with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
+            run.log(f"\n{name}: stopping {then} ({name} again to quit now)", flush=True)
+        if signum == getattr(signal, "SIGHUP", 0):  # its terminal is gone: writing to it would
+            for stream in sys.stdout, sys.stderr:  # fail, and stop the run before it saves
+                utils.quiet_stdout(stream, terminal_only=True)
 
     def answer():
         nonlocal steps_begun
         steps_begun += 1
         return stopping
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    utils.on_stop_signals(on_signal)
     return on_any_rank(answer, run)
 
 
@@ -419,8 +423,7 @@ def meet_the_others(backend):
                   f"have started; Ctrl-C stops", flush=True)
     # torch waits in C++, where Python's Ctrl-C handler never runs: until the group stands, a
     # Ctrl-C or SIGTERM ends the process at once (nothing is open or written yet).
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    utils.on_stop_signals(signal.SIG_DFL)
     try:
         torch.distributed.init_process_group(backend=backend)
     except torch.distributed.DistError as err:  # e.g. the others never came (after 30 minutes)

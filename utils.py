@@ -83,10 +83,13 @@ def output_works():
     return True
 
 
-def quiet_stdout():
-    """Send what is left for stdout nowhere, so that Python's flush at exit cannot fail too."""
-    with contextlib.suppress(OSError, ValueError):  # no file descriptor (a test's StringIO)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+def quiet_stdout(stream=None, terminal_only=False):
+    """Send what is left for stream (stdout) nowhere, so that Python's flush at exit cannot fail
+    too; terminal_only: only where it writes to a terminal (a device), not a file or a pipe."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # a StringIO, or None
+        fd = (stream or sys.stdout).fileno()
+        if not terminal_only or stat.S_ISCHR(os.fstat(fd).st_mode):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
 
 
 def one_line(message):
@@ -123,10 +126,23 @@ def is_rank_above_0():
     return torchrun_problem() is None and int(os.environ["RANK"]) > 0
 
 
+# Signals that ask a run to stop: Ctrl-C, SIGTERM (what `timeout` and schedulers send before a
+# kill), SIGHUP (its terminal or ssh session closed), SIGXCPU (its CPU-time limit reached).
+STOP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGXCPU")
+                if hasattr(signal, name)]  # Windows has the first two
+
+
+def on_stop_signals(handler):
+    """handler for each stop signal, but one ignored since the process began: `nohup` ignores
+    SIGHUP so that a run outlives its terminal, and it still does."""
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, handler)
+
+
 def quit_on_signals():
-    """Ctrl-C and SIGTERM raise KeyboardInterrupt: run_main exits with 130."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    """Ctrl-C and the other stop signals raise KeyboardInterrupt: run_main exits with 130."""
+    on_stop_signals(signal.default_int_handler)
 
 
 # ---------------------------------------------------------------------------------------------

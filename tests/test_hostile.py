@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
 import torch
@@ -485,6 +486,78 @@ def test_a_second_run_on_the_same_checkpoint_is_refused_and_sigterm_saves(tmp_pa
     again = run_script("train.py", "--data", tiny_data, *TINY_FLAGS, "--max_iters", "2",
                        "--checkpoint", checkpoint)  # the lock went with the first run
     assert again.returncode == 0, again.stderr
+
+
+def test_a_closed_terminal_saves_and_stops_as_sigterm_does(tmp_path, tiny_data):
+    """The run's terminal (a pseudo-terminal here) closes, as when an ssh session drops: the
+    kernel sends SIGHUP, and writing to the terminal fails from then on."""
+    import pty
+    import termios
+    terminal, run_side = pty.openpty()
+
+    def own_terminal():  # a session of its own, with the pseudo-terminal as its terminal
+        os.setsid()
+        import fcntl
+        fcntl.ioctl(1, termios.TIOCSCTTY, 0)
+
+    checkpoint = tmp_path / "run.pt"
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--data", tiny_data, "--checkpoint",
+         checkpoint, *TINY_FLAGS, "--max_iters", "100000", "--eval_interval", "5",
+         "--sample_tokens", "0"], cwd=ROOT, stdout=run_side, stderr=run_side,
+        preexec_fn=own_terminal, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    os.close(run_side)
+    seen = b""
+    while b"Starting training" not in seen:
+        seen += os.read(terminal, 4096)
+    time.sleep(2)  # a save or two
+    os.close(terminal)  # hang up
+    assert process.wait(timeout=120) == 0
+    assert torch.load(checkpoint, weights_only=True)["step"] > 0
+    assert not [name for name in os.listdir(tmp_path) if name.endswith((".tmp", ".lock"))]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGHUP", "SIGXCPU"])
+def test_sighup_and_sigxcpu_save_and_stop_as_sigterm_does(tmp_path, tiny_data, signal_name):
+    checkpoint = tmp_path / "run.pt"
+    process = start_training(tiny_data, checkpoint)
+    time.sleep(2)
+    process.send_signal(getattr(signal, signal_name))
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0 and "Traceback" not in err, err
+    assert f"{signal_name}: stopping after this step and saving" in out
+    step = int(re.search(r"Stopped at step (\d+); checkpoint saved", out)[1])
+    assert torch.load(checkpoint, weights_only=True)["step"] == step
+
+
+def test_sighup_under_nohup_is_still_ignored(tmp_path, tiny_data):
+    ignoring = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited, as nohup does it
+    try:
+        process = start_training(tiny_data, tmp_path / "run.pt")
+    finally:
+        signal.signal(signal.SIGHUP, ignoring)
+    process.send_signal(signal.SIGHUP)
+    time.sleep(2)
+    assert process.poll() is None  # still training
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0 and "SIGHUP" not in out, err
+
+
+def test_the_kernels_repeated_sigxcpu_does_not_quit_at_once(monkeypatch):
+    """At a soft CPU-time limit the kernel sends SIGXCPU every second: only Ctrl-C or SIGTERM
+    a second later quits without saving."""
+    handlers, now = {}, [100.0]
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: handlers.update({signum: handler}))
+    monkeypatch.setattr(runs.time, "time", lambda: now[0])
+    stop_requested = runs.catch_ctrl_c(types.SimpleNamespace(world_size=1, log=print))
+    stop_requested(), stop_requested()  # the second step begun: the first is done
+    handlers[signal.SIGXCPU](signal.SIGXCPU, None)
+    now[0] += 2
+    handlers[signal.SIGXCPU](signal.SIGXCPU, None)  # the kernel's again
+    assert stop_requested() == runs.STOP
+    with pytest.raises(KeyboardInterrupt):
+        handlers[signal.SIGTERM](signal.SIGTERM, None)
 
 
 def test_sigterm_while_the_last_sample_is_written_quits_at_once(tmp_path, tiny_data):
