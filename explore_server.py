@@ -38,7 +38,7 @@ import torch
 import explore
 from checkpoint import load_checkpoint
 from generate import check_args, load_model, prompt_ids_for, stream_text
-from utils import UsageError
+from utils import UsageError, one_line
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 PAGE_FILES = {"/": "index.html", "/index.html": "index.html", "/explore.css": "explore.css",
@@ -176,6 +176,10 @@ def number(body, name, default, kind):
 class Handler(BaseHTTPRequestHandler):
     """One request, answered from self.server.explorer and, with --compare, self.server.other."""
     default_request_version = "HTTP/1.0"  # so that even a garbled request gets a status line
+    # Each connection holds a thread and a file descriptor: without a limit, clients that send
+    # half a request and wait would use them all up and lock every page out. The limit is per
+    # read or write, so a long streamed answer to a page that keeps reading goes on.
+    timeout = 30  # seconds a connection may send or take nothing before it is closed
     streaming = False  # True once a streamed answer's 200 is sent: no second status may follow
 
     def do_GET(self):  # and do_POST: any error becomes a JSON error answer, never a dead server
@@ -183,10 +187,11 @@ class Handler(BaseHTTPRequestHandler):
             self.respond(urlsplit(self.path).path, self.server.explorer, self.server.other)
         except UsageError as err:  # a RequestError, or a bad prompt or setting: the page's fault
             self.send({"error": str(err)}, status=getattr(err, "status", 400))
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the page went away (a new keystroke, a closed tab)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # the page went away (a new keystroke, a closed tab) or fell silent
         except Exception as err:  # a bug: say so in one line and keep serving
-            print(f"error: {self.path}: {type(err).__name__}: {err}", file=sys.stderr)
+            # One write per line: print's two (text, then newline) run into other threads' lines.
+            sys.stderr.write(one_line(f"error: {self.path}: {type(err).__name__}: {err}") + "\n")
             self.send({"error": f"internal error: {type(err).__name__}: {err}"}, status=500)
 
     do_POST = do_GET

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import types
 import urllib.error
 import urllib.request
@@ -264,6 +265,46 @@ def test_garbled_http_gets_a_4xx_and_the_server_goes_on(url):
         assert b'{"error": ' in reply
     status, _ = request(url, "/")
     assert status == 200
+
+
+def test_a_silent_connection_is_closed_and_a_slow_reader_still_gets_its_whole_stream(
+        checkpoint, monkeypatch, capsys):
+    assert 0 < explore_server.Handler.timeout <= 60  # the server closes silent connections
+    monkeypatch.setattr(explore_server.Handler, "timeout", 0.5)  # the same, in a quick test
+    base, server = running(serve_args(checkpoint))
+    port = server.server_address[1]
+    try:
+        for half_sent in (b"GET / HTTP/1.1\r\nHost: x\r\n",  # no blank line: headers unfinished
+                          b"POST /api/look HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"pro"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+                connection.sendall(half_sent)
+                assert connection.recv(4096) == b""  # closed by the server, well before 10 s
+        want = sample(base, seed=5, length=30)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            body = json.dumps(dict(prompt="ROMEO:", seed=5, length=30)).encode()
+            connection.sendall(b"POST /api/continue HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s"
+                               % (len(body), body))
+            started, reply = time.monotonic(), b""
+            while chunk := connection.recv(16):  # a page reading slowly, for longer than 0.5 s
+                reply += chunk
+                time.sleep(0.05)
+        assert time.monotonic() - started > 1
+        lines = reply.split(b"\r\n\r\n", 1)[1].decode().splitlines()
+        assert "".join(json.loads(line)["text"] for line in lines) == want
+        assert look(base, "ROMEO")["ids"]  # still answering
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert capsys.readouterr().err == ""  # a client falling silent is no error of the server
+
+
+def test_an_internal_error_is_one_whole_line_on_stderr(url, monkeypatch):
+    writes = []  # each write to stderr: threads writing at once must not join two lines
+    monkeypatch.setattr(sys, "stderr", types.SimpleNamespace(write=writes.append))
+    monkeypatch.setattr(explore_server, "model_answer", lambda *args: 1 / 0)
+    status, answer = request(url, "/api/model")
+    assert status == 500 and b"ZeroDivisionError" in answer
+    assert writes == ["error: /api/model: ZeroDivisionError: division by zero\n"]
 
 
 def test_two_tabs_at_once(url):
