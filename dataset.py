@@ -390,6 +390,9 @@ def prepare(sources, settings, stem, chunk_bytes=CHUNK_BYTES, piece_chars=fast_b
 
 def cannot_write_tokens(stem, err):
     """Why the token files could not be written, and the fix for that cause."""
+    if err.errno in (errno.EMFILE, errno.ENFILE):  # BPE's workers each need pipes
+        return (f"too many open files to prepare the token file {stem}.tokens ({err.strerror}); "
+                f"raise the limit on open files (ulimit -n), e.g. to 1024")
     # The file that failed: os.replace names the one it could not replace second.
     path = (err.filename2 or err.filename or f"{stem}.tokens").removesuffix(tmp_path_for(""))
     if out_of_room(err):

@@ -121,7 +121,12 @@ def encode_pieces(pieces, merges, dtype, workers):
                              initargs=(merges, os.getpid())) as pool:
         in_flight = collections.deque()
         for split, piece in pieces:
-            in_flight.append((split, piece, pool.submit(encode_piece, piece, dtype)))
+            try:  # the first submit starts the workers
+                in_flight.append((split, piece, pool.submit(encode_piece, piece, dtype)))
+            except OSError:  # no descriptors left (ulimit -n) for the next worker's pipes: the
+                for worker in multiprocessing.active_children():  # workers started would wait
+                    worker.kill()  # for work, and this process's exit for them, for ever (kill:
+                raise  # they inherited the scripts' SIGTERM handler, which finishes the step)
             if len(in_flight) >= 2 * workers:
                 split, piece, ids = in_flight.popleft()
                 yield split, piece, ids.result()

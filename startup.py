@@ -12,7 +12,7 @@ def load_torch(module_name):
     """Run as a script, import torch before anything else does. Ctrl-C meanwhile exits at once
     (130, no traceback; os._exit, as nothing is open yet and a library's bare `except:` could
     swallow an exception mid-import). A logging setting torch refuses as it loads (TORCH_LOGS,
-    TORCH_LOGS_OUT, TORCH_LOGS_FORMAT) is one line, exit code 2."""
+    TORCH_LOGS_OUT, TORCH_LOGS_FORMAT), or too little memory to load it, is one line, exit code 2."""
     if module_name != "__main__":
         return
     signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
@@ -26,4 +26,8 @@ def load_torch(module_name):
         reason = " ".join(str(err).strip().split("\n\n")[0].split()) or type(err).__name__
         print(f"error: torch cannot load with {', '.join(settings)} ({reason[:300]}); unset it, "
               f"or correct it", file=sys.stderr)
+        sys.exit(2)
+    except MemoryError:  # a memory limit (ulimit -v) too low for torch itself
+        print("error: out of memory while loading torch; raise the memory limit (ulimit -v), or "
+              "free some memory", file=sys.stderr)
         sys.exit(2)

@@ -7,6 +7,8 @@ import io
 import os
 import random
 import shutil
+import subprocess
+import sys
 import urllib.request
 
 import numpy as np
@@ -99,6 +101,31 @@ def test_pieces_cut_at_word_ends_split_into_the_same_bpe_chunks():
         for whole, parts in ((text[:n_train], train_pieces), (text[n_train:], val_pieces)):
             assert BPETokenizer.CHUNK.findall(whole) == \
                 [chunk for part in parts for chunk in BPETokenizer.CHUNK.findall(part)]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="BPE's workers are forked on Linux only")
+def test_too_few_file_descriptors_for_the_bpe_workers_is_one_line_and_no_hang(tmp_path):
+    # The second worker finds no descriptor left for its pipes (ulimit -n): the first, started,
+    # must not keep the run waiting for it at the exit.
+    (tmp_path / "text.txt").write_text(TINY_TEXT[:3000], encoding="utf-8")
+    code = f"""if True:
+        import errno, os, sys
+        sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, "tests")!r}]
+        import test_dataset, utils
+        real_fork, forks = os.fork, []
+        def fork():
+            forks.append(1)
+            if len(forks) > 1:
+                raise OSError(errno.EMFILE, "Too many open files")
+            return real_fork()
+        os.fork = fork
+        utils.run_main(lambda: test_dataset.prepare_path("text.txt", "bpe", 300, workers=2))"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == ("error: too many open files to prepare the token file text.txt.bpe300"
+                           ".tokens (Too many open files); raise the limit on open files "
+                           "(ulimit -n), e.g. to 1024\n")
 
 
 def test_tiny_shakespeare_tokens_are_unchanged(tmp_path):

@@ -676,6 +676,25 @@ def test_a_torch_logs_setting_torch_refuses_is_one_line(script, monkeypatch):
                           "torch cannot load with TORCH_LOGS='bogus' (Invalid log settings: bogus")
 
 
+def test_too_little_memory_to_load_torch_is_one_line():
+    # A memory limit (ulimit -v) that Python starts under but torch does not load under; here
+    # the import of torch raises the MemoryError, as it does under such a limit.
+    code = f"""if True:
+        import runpy, sys
+        class NoMemoryForTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch":
+                    raise MemoryError
+        sys.meta_path.insert(0, NoMemoryForTorch())
+        sys.argv = ["generate.py", "--device", "cpu"]
+        runpy.run_path({os.path.join(ROOT, "generate.py")!r}, run_name="__main__")"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, cwd=ROOT)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == ("error: out of memory while loading torch; raise the memory limit "
+                             "(ulimit -v), or free some memory\n")
+
+
 def test_a_matplotlib_backend_it_lacks_changes_nothing(home, monkeypatch, tmp_path):
     monkeypatch.setenv("MPLBACKEND", "bogus")  # the pictures are files, drawn with Agg anyway
     result = run_script("explore.py", "--checkpoint", home["earlier"], "--prompt", "RO",

@@ -2,11 +2,13 @@
 and clean fallbacks for the fast paths."""
 
 import math
+import os
 from dataclasses import replace
 
 import pytest
 import torch
 
+import fast_bpe
 import runs
 import speedups
 import train
@@ -265,6 +267,22 @@ def test_out_of_memory_on_a_gpu_is_one_line_and_other_errors_keep_their_tracebac
 
     with pytest.raises(RuntimeError, match="shapes do not match"):
         run_in_process(a_bug, [])
+
+
+def test_python_out_of_memory_while_preparing_the_data_is_one_line(tmp_path, tiny_data,
+                                                                    monkeypatch):
+    def out_of_memory(*args):
+        raise MemoryError  # Python's own allocations, under a memory limit (ulimit -v): no message
+
+    monkeypatch.setattr(fast_bpe, "word_end_pieces", out_of_memory)
+    code, _, err = run_in_process(train.main, ["--data", tiny_data, *TINY_FLAGS, "--tokenizer",
+                                               "bpe", "--vocab_size", "300", "--checkpoint",
+                                               tmp_path / "run.pt", "--max_iters", "2"])
+    assert code == 2
+    assert err.endswith("error: out of memory (MemoryError); ask for less: a lower --batch_size "
+                        "(--gradient_accumulation_steps keeps the tokens per step), --block_size "
+                        "or model size, or fewer --num_samples\n"), err
+    assert sorted(os.listdir(tmp_path)) == ["tiny.txt"]
 
 
 def test_out_of_memory_on_a_rank_other_than_0_is_said_there(monkeypatch):
