@@ -12,10 +12,18 @@ def load_torch(module_name):
     """Run as a script, import torch before anything else does. Ctrl-C meanwhile exits at once
     (130, no traceback; os._exit, as nothing is open yet and a library's bare `except:` could
     swallow an exception mid-import). A logging setting torch refuses as it loads (TORCH_LOGS,
-    TORCH_LOGS_OUT, TORCH_LOGS_FORMAT), or too little memory to load it, is one line, exit code 2."""
+    TORCH_LOGS_OUT, TORCH_LOGS_FORMAT), too little memory to load it, or a current folder that
+    was deleted (torch's loader then fails with a line that names a library) is one line, exit
+    code 2."""
     if module_name != "__main__":
         return
     signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        print("error: the current folder no longer exists (it was deleted); cd to a folder that "
+              "exists", file=sys.stderr)
+        sys.exit(2)
     try:
         import torch  # noqa: F401  (the script's own `import torch` then finds it loaded)
     except (ValueError, OSError) as err:

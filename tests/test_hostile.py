@@ -676,6 +676,19 @@ def test_a_torch_logs_setting_torch_refuses_is_one_line(script, monkeypatch):
                           "torch cannot load with TORCH_LOGS='bogus' (Invalid log settings: bogus")
 
 
+@pytest.mark.parametrize("script", ["train.py", "generate.py", "explore.py", "bench.py"])
+def test_a_deleted_current_folder_is_one_line(script, tmp_path):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), "--device", "cpu"],
+                               cwd=gone, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: os.rmdir(gone), text=True)  # after the cd
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 2 and not out, err
+    assert err == ("error: the current folder no longer exists (it was deleted); cd to a folder "
+                   "that exists\n")
+
+
 def test_too_little_memory_to_load_torch_is_one_line():
     # A memory limit (ulimit -v) that Python starts under but torch does not load under; here
     # the import of torch raises the MemoryError, as it does under such a limit.
