@@ -123,10 +123,12 @@ def encode_pieces(pieces, merges, dtype, workers):
         for split, piece in pieces:
             try:  # the first submit starts the workers
                 in_flight.append((split, piece, pool.submit(encode_piece, piece, dtype)))
-            except OSError:  # no descriptors left (ulimit -n) for the next worker's pipes: the
-                for worker in multiprocessing.active_children():  # workers started would wait
-                    worker.kill()  # for work, and this process's exit for them, for ever (kill:
-                raise  # they inherited the scripts' SIGTERM handler, which finishes the step)
+            except OSError:  # no descriptors left (ulimit -n) for the next worker's pipes
+                # The workers started would wait for work, and this process's exit for them, for
+                # ever. Killed: they inherited the scripts' SIGTERM handler, which would not end them.
+                for worker in multiprocessing.active_children():
+                    worker.kill()
+                raise
             if len(in_flight) >= 2 * workers:
                 split, piece, ids = in_flight.popleft()
                 yield split, piece, ids.result()
