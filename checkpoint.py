@@ -95,8 +95,7 @@ def make_folders(folder):
     limit), and with a reason a user can act on where makedirs gives "File exists": a file or a
     dead link on the path."""
     missing = []
-    folder = os.path.abspath(folder)
-    while not os.path.isdir(folder):
+    while folder and not os.path.isdir(folder):  # "" is the current folder
         missing.append(folder)
         folder = os.path.dirname(folder)
     for folder in reversed(missing):

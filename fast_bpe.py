@@ -125,7 +125,8 @@ def encode_pieces(pieces, merges, dtype, workers):
                 in_flight.append((split, piece, pool.submit(encode_piece, piece, dtype)))
             except OSError:  # no descriptors left (ulimit -n) for the next worker's pipes
                 # The workers started would wait for work, and this process's exit for them, for
-                # ever. Killed: they inherited the scripts' SIGTERM handler, which would not end them.
+                # ever. Killed (every child: preparing starts no other), as they inherited the
+                # scripts' SIGTERM handler, which would not end them.
                 for worker in multiprocessing.active_children():
                     worker.kill()
                 raise

@@ -242,36 +242,73 @@ def catch_ctrl_c(run):
     """First Ctrl-C or other stop signal (utils.STOP_SIGNALS: SIGTERM, SIGHUP, SIGXCPU): finish
     the step, save, stop; before this run's first step is done, stop and save nothing (a mistyped
     fresh run keeps the earlier run's checkpoint it names). Another, a second or more later,
-    stops at once (torchrun passes on the terminal's Ctrl-C, so it comes twice). Returns the
-    question asked before each step, answered the same on every rank: 0, STOP or STOP_UNSAVED."""
-    steps_begun, first_signal_at, stopping = 0, None, 0
+    stops at once (torchrun passes on the terminal's Ctrl-C, so it comes twice). Output that
+    fails stops the run the same way: a closed terminal makes writes fail before its SIGHUP
+    comes, and `| tee` may be gone. Returns the question asked before each step, answered the
+    same on every rank: 0, STOP or STOP_UNSAVED."""
+    steps_begun, first_stop_at, answer_now = 0, None, 0
 
-    def on_signal(signum, frame):
-        nonlocal first_signal_at, stopping
-        if first_signal_at is not None:  # another: quit now, unless it is the same Ctrl-C,
-            # passed on by torchrun within a second, or the kernel's SIGXCPU, sent each second
-            if time.time() - first_signal_at > 1 and signum != getattr(signal, "SIGXCPU", 0):
-                raise KeyboardInterrupt
-            return
-        first_signal_at = time.time()
+    def ask_to_stop(why, again=""):
+        nonlocal first_stop_at, answer_now
+        first_stop_at = time.time()
         unsaved = steps_begun <= 1  # this run's first step is not done yet
-        stopping = STOP_UNSAVED if unsaved else STOP
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        answer_now = STOP_UNSAVED if unsaved else STOP
         then = "without saving: no step of this run is done yet" if unsaved else \
             "after this step and saving"
-        with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
-            run.log(f"\n{name}: stopping {then} ({name} again to quit now)", flush=True)
-        if signum == getattr(signal, "SIGHUP", 0):  # its terminal is gone: writing to it would
-            for stream in sys.stdout, sys.stderr:  # fail, and stop the run before it saves
+        run.log(f"\n{why}: stopping {then}{again}", flush=True)
+
+    def on_signal(signum, frame):
+        if first_stop_at is not None:  # another: quit now, unless it is the same Ctrl-C,
+            if time.time() - first_stop_at > 1:  # passed on by torchrun within a second
+                raise KeyboardInterrupt
+            return
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        ask_to_stop(name, f" ({name} again to quit now)")
+        if name == "SIGXCPU":  # past its soft CPU-time limit the kernel sends it every second:
+            import resource  # lift that limit to the hard one, which kills (Unix only)
+            resource.setrlimit(resource.RLIMIT_CPU, [resource.getrlimit(resource.RLIMIT_CPU)[1]] * 2)
+        if name == "SIGHUP":  # its terminal is gone: what is left to write there goes nowhere
+            for stream in sys.stdout, sys.stderr:
                 utils.quiet_stdout(stream, terminal_only=True)
+
+    def on_failed_output():
+        if first_stop_at is None:
+            ask_to_stop("the output failed")
 
     def answer():
         nonlocal steps_begun
         steps_begun += 1
-        return stopping
+        return answer_now
 
     utils.on_stop_signals(on_signal)
+    sys.stdout, sys.stderr = (OutputThatMayFail(stream, on_failed_output)
+                              for stream in (sys.stdout, sys.stderr))
     return on_any_rank(answer, run)
+
+
+class OutputThatMayFail:
+    """sys.stdout or sys.stderr while training: a write that fails (a closed terminal: EIO; a
+    reader gone: EPIPE) calls on_failure (stop and save) instead of ending the run unsaved, and
+    what is left to write there goes nowhere, as it has nowhere to go."""
+
+    def __init__(self, stream, on_failure):
+        self.stream, self.on_failure = stream, on_failure
+
+    def write(self, text):
+        return self.guarded(self.stream.write, text) or len(text)
+
+    def flush(self):
+        self.guarded(self.stream.flush)
+
+    def guarded(self, write, *text):
+        try:
+            return write(*text)
+        except OSError:
+            utils.quiet_stdout(self.stream)
+            self.on_failure()
+
+    def __getattr__(self, name):  # fileno, isatty, encoding, ...: the stream's own
+        return getattr(self.stream, name)
 
 
 def stop_on_nan(progress):

@@ -36,6 +36,6 @@ def load_torch(module_name):
               f"or correct it", file=sys.stderr)
         sys.exit(2)
     except MemoryError:  # a memory limit (ulimit -v) too low for torch itself
-        print("error: out of memory while loading torch; raise the memory limit (ulimit -v), or "
-              "free some memory", file=sys.stderr)
+        print("error: out of memory while loading torch (a memory limit, ulimit -v, or too little "
+              "free memory); raise the limit, or free some memory", file=sys.stderr)
         sys.exit(2)

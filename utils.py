@@ -43,19 +43,21 @@ def run_main(main, torchrun=False):
         if not (torchrun and is_rank_above_0()):  # under torchrun all ranks meet it: say it once
             print(f"error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(2)
-    except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError (CUDA) is a RuntimeError
+    except RuntimeError as err:  # torch.OutOfMemoryError (CUDA) is one too
         # The CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate
         # memory", on Windows "...: not enough memory"); Apple GPUs say "MPS backend out of memory".
-        # Python's own allocations (preparing the data) raise MemoryError, often with no message.
-        if not (isinstance(err, (MemoryError, torch.OutOfMemoryError))
-                or "DefaultCPUAllocator" in str(err) or "out of memory" in str(err)):
+        if not (isinstance(err, torch.OutOfMemoryError) or "DefaultCPUAllocator" in str(err)
+                or "out of memory" in str(err)):
             raise  # a bug: its traceback shows
         # Every rank that runs out says so (under torchrun it may be any one: the others see only
         # a lost connection). Files already saved were written whole: kept.
-        reason = (str(err) or type(err).__name__).splitlines()[0][:150]
-        print(f"error: out of memory ({reason}); ask for less: a lower --batch_size "
-              f"(--gradient_accumulation_steps keeps the tokens per step), --block_size or model "
-              f"size, or fewer --num_samples", file=sys.stderr)
+        print(f"error: out of memory ({str(err).splitlines()[0][:150]}); ask for less: a lower "
+              f"--batch_size (--gradient_accumulation_steps keeps the tokens per step), "
+              f"--block_size or model size, or fewer --num_samples", file=sys.stderr)
+        sys.exit(2)
+    except MemoryError:  # Python's own allocations (preparing the data, importing a module)
+        print("error: out of memory (Python's MemoryError: a memory limit, ulimit -v, or too "
+              "little free memory); raise the limit, or free some memory", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(file=sys.stderr)

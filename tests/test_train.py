@@ -279,9 +279,8 @@ def test_python_out_of_memory_while_preparing_the_data_is_one_line(tmp_path, tin
                                                "bpe", "--vocab_size", "300", "--checkpoint",
                                                tmp_path / "run.pt", "--max_iters", "2"])
     assert code == 2
-    assert err.endswith("error: out of memory (MemoryError); ask for less: a lower --batch_size "
-                        "(--gradient_accumulation_steps keeps the tokens per step), --block_size "
-                        "or model size, or fewer --num_samples\n"), err
+    assert err.endswith("error: out of memory (Python's MemoryError: a memory limit, ulimit -v, "
+                        "or too little free memory); raise the limit, or free some memory\n"), err
     assert sorted(os.listdir(tmp_path)) == ["tiny.txt"]
 
 
