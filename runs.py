@@ -292,7 +292,7 @@ class OutputThatMayFail:
     what is left to write there goes nowhere, as it has nowhere to go."""
 
     def __init__(self, stream, on_failure):
-        self.stream, self.on_failure = stream, on_failure
+        self.stream, self.on_failure, self.error = stream, on_failure, None
 
     def write(self, text):
         return self.guarded(self.stream.write, text) or len(text)
@@ -303,7 +303,8 @@ class OutputThatMayFail:
     def guarded(self, write, *text):
         try:
             return write(*text)
-        except OSError:
+        except OSError as err:
+            self.error = self.error or err
             utils.quiet_stdout(self.stream)
             self.on_failure()
 
@@ -344,6 +345,9 @@ def finish(training, step, stopping):
     config, best = training.config, training.best
     training.progress.close()
     utils.quit_on_signals()  # saved: a signal during the sample need not wait for its end
+    failed = [stream.error for stream in (sys.stdout, sys.stderr) if getattr(stream, "error", None)]
+    if failed and not isinstance(failed[0], BrokenPipeError):  # (a pipe's reader had enough)
+        raise UsageError(utils.cannot_write_output(failed[0]))  # a full disk: exit code 2
     if not training.run.is_master:
         return
     first = training.progress.initial  # the step this run started from: 0, or --resume's

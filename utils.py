@@ -71,11 +71,15 @@ def run_main(main, torchrun=False):
         # The run stops where it was, as a second Ctrl-C would: files already saved (train.py's
         # last checkpoint) were written whole and are kept.
         quiet_stdout()
-        print(f"error: cannot write the output ({err.strerror or err}); free some disk space, "
-              f"or send the output elsewhere", file=sys.stderr)
+        print(f"error: {cannot_write_output(err)}", file=sys.stderr)
         sys.exit(2)
     finally:
         release_locks()
+
+
+def cannot_write_output(err):
+    return f"cannot write the output ({err.strerror or err}); free some disk space, or send the " \
+        f"output elsewhere"
 
 
 def output_works():

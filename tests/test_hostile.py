@@ -404,7 +404,7 @@ def test_output_that_cannot_be_written_is_one_line(script, args, home, home_befo
     assert not os.listdir(tmp_path)  # train.py stopped before any work: no file, no lock
 
 
-def test_train_py_whose_output_fills_the_disk_keeps_its_last_checkpoint(home, tmp_path):
+def test_train_py_whose_output_fills_the_disk_stops_and_saves(home, tmp_path):
     # The log's disk fills up mid-run: here the log may grow by 1,500 bytes more (ulimit -f,
     # a sparse file just under it), while the checkpoint, far below the limit, saves as usual.
     limit, log = 8 * 2**20, tmp_path / "train.log"
@@ -420,11 +420,11 @@ def test_train_py_whose_output_fills_the_disk_keeps_its_last_checkpoint(home, tm
     assert result.returncode == 2 and result.stderr == (
         "error: cannot write the output (File too large); free some disk space, or send the "
         "output elsewhere\n"), result.stderr
-    # It stops as a second Ctrl-C does: the last checkpoint saved is whole, nothing else is left.
+    # It stops as a first Ctrl-C does: it finishes the step and saves, past the last line logged.
     printed = log.read_bytes()[limit - 1500:].decode(errors="replace")
     evaluated = [int(step) for step in re.findall(r"Step (\d+): train loss [^\n]*\n", printed)]
-    assert 1 <= torch.load(tmp_path / "run.pt", weights_only=True)["step"] <= evaluated[-1]
-    assert sorted(os.listdir(tmp_path)) == ["run.pt", "run.pt.metrics.jsonl", "train.log"]
+    assert torch.load(tmp_path / "run.pt", weights_only=True)["step"] > evaluated[-1] >= 1
+    assert not [name for name in os.listdir(tmp_path) if name.endswith((".tmp", ".lock"))]
 
 
 def test_checkpoint_in_a_folder_not_there_yet_in_a_real_process(home, home_before, tmp_path):
