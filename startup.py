@@ -35,7 +35,9 @@ def load_torch(module_name):
         print(f"error: torch cannot load with {', '.join(settings)} ({reason[:300]}); unset it, "
               f"or correct it", file=sys.stderr)
         sys.exit(2)
-    except MemoryError:  # a memory limit (ulimit -v) too low for torch itself
+    except (MemoryError, ImportError) as err:  # a memory limit (ulimit -v) too low for torch
+        if isinstance(err, ImportError) and "failed to map segment" not in str(err):
+            raise  # (the lower the limit, the earlier it fails: mapping its library, at first)
         print("error: out of memory while loading torch (a memory limit, ulimit -v, or too little "
               "free memory); raise the limit, or free some memory", file=sys.stderr)
         sys.exit(2)
