@@ -224,8 +224,8 @@ class GPTModel(nn.Module):
 
     def next_token(self, idx, cache, temperature, top_k, top_p, generator):
         """One step of stream: run idx (B, T), after the cached positions if there is a cache,
-        and draw the next token (B,) from the last position's logits. (speedups.compile_decode
-        replaces this on one model: a one-token step and its draw become one compiled graph.)"""
+        and draw the next token (B,) from the last position's logits. (On CUDA, by default,
+        speedups.compile_decode swaps in one compiled graph of this step; on a CPU this runs.)"""
         logits, _ = self(idx, cache=cache)
         return sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
 
