@@ -269,7 +269,7 @@ def catch_ctrl_c(run):
             resource.setrlimit(resource.RLIMIT_CPU, [resource.getrlimit(resource.RLIMIT_CPU)[1]] * 2)
         if name == "SIGHUP":  # its terminal is gone: what is left to write there goes nowhere
             for stream in sys.stdout, sys.stderr:
-                utils.quiet_stdout(stream, terminal_only=True)
+                utils.send_nowhere(stream, terminal_only=True)
 
     def on_failed_output():
         if first_stop_at is None:
@@ -305,7 +305,7 @@ class OutputThatMayFail:
             return write(*text)
         except OSError as err:
             self.error = self.error or err
-            utils.quiet_stdout(self.stream)
+            utils.send_nowhere(self.stream)
             self.on_failure()
 
     def __getattr__(self, name):  # fileno, isatty, encoding, ...: the stream's own
@@ -463,7 +463,7 @@ def meet_the_others(backend):
             print(f"Waiting at {address}:{port} until all {world_size} processes (WORLD_SIZE) "
                   f"have started; Ctrl-C stops", flush=True)
     # torch waits in C++, where Python's Ctrl-C handler never runs: until the group stands, a
-    # Ctrl-C or SIGTERM ends the process at once (nothing is open or written yet).
+    # Ctrl-C or another stop signal ends the process at once (nothing is open or written yet).
     utils.on_stop_signals(signal.SIG_DFL)
     try:
         torch.distributed.init_process_group(backend=backend)

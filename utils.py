@@ -63,14 +63,14 @@ def run_main(main, torchrun=False):
         print(file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:  # e.g. `python generate.py | head`: the reader has all it wanted
-        quiet_stdout()
+        send_nowhere()
         sys.exit(0)
     except OSError as err:  # printing failed (`> log` on a full disk), or a bug
         if output_works():
             raise  # not the output's fault: a bug, whose traceback shows
         # The run stops where it was, as a second Ctrl-C would: files already saved (train.py's
         # last checkpoint) were written whole and are kept.
-        quiet_stdout()
+        send_nowhere()
         print(f"error: {cannot_write_output(err)}", file=sys.stderr)
         sys.exit(2)
     finally:
@@ -91,9 +91,10 @@ def output_works():
     return True
 
 
-def quiet_stdout(stream=None, terminal_only=False):
-    """Send what is left for stream (stdout) nowhere, so that Python's flush at exit cannot fail
-    too; terminal_only: only where it writes to a terminal (a device), not a file or a pipe."""
+def send_nowhere(stream=None, terminal_only=False):
+    """Send what is left for stream (stdout if None) to /dev/null, so that writing it, and
+    Python's flush at exit, cannot fail again; terminal_only: only if it writes to a terminal (a
+    device), not to a file or a pipe."""
     with contextlib.suppress(OSError, ValueError, AttributeError):  # a StringIO, or None
         fd = (stream or sys.stdout).fileno()
         if not terminal_only or stat.S_ISCHR(os.fstat(fd).st_mode):
