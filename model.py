@@ -80,7 +80,7 @@ class CausalSelfAttention(nn.Module):
             # Generating: store k, v in the KVCache at their positions, then attend over all its
             # slots, the earlier tokens' keys and values too: k, v grow from T to block_size.
             cached_keys, cached_values = layer_cache  # (B, nh, block_size, hs) each
-            k = cached_keys.index_copy_(2, positions, k)  # in place; returns the whole cache
+            k = cached_keys.index_copy_(2, positions, k)  # in place: into KVCache's buffer (a view)
             v = cached_values.index_copy_(2, positions, v)
         if not self.flash:
             # Scale by 1/sqrt(head_size) so the dot products keep unit variance and the

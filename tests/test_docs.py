@@ -101,20 +101,20 @@ def test_the_reading_guides_line_ranges_hold_what_it_names():
     guide = readme().split("## Reading guide")[1].split("\n## ")[0]
     model_ranges = re.search(r"`model\.py` top to bottom first: lines (\d+)-(\d+) .*? lines "
                              r"(\d+)-(\d+) are path", guide, re.S).groups()
-    ranges = [("model.py", *model_ranges[:2], "class GPTModel"),
-              ("model.py", *model_ranges[2:], "class KVCache")]
+    ranges = [("model.py", *model_ranges[:2], "GPTModel"), ("model.py", *model_ranges[2:], "KVCache")]
     for file, start, end, names in re.findall(r"`(\w+\.py)` lines (\d+)-(\d+): ([^|]+)\|", guide):
-        ranges += [(file, start, end, f"def {name}") for name in re.findall(r"`(\w+)`", names)]
+        ranges += [(file, start, end, name) for name in re.findall(r"`(\w+)`", names)]
     assert len(ranges) >= 5
     for file, start, end, name in ranges:
         with open(os.path.join(ROOT, file), encoding="utf-8") as f:
             lines = f.read().splitlines()
         start, end = int(start), int(end)
         held = "\n".join(lines[start - 1:end])
-        assert start == 1 or lines[start - 1].lstrip().startswith(("def ", "class ", "@")), file
+        begins = ("def ", "class ", "@", "# ----")  # a definition, or a section's rule
+        assert start == 1 or lines[start - 1].lstrip().startswith(begins), (file, start)
         after = lines[end].lstrip() if end < len(lines) else ""
-        assert after == "" or after.startswith(("def ", "class ", "@")), (file, end)
-        assert re.search(rf"^\s*{name}\b", held, re.M), (file, name)  # defined there
+        assert after == "" or after.startswith(begins), (file, end)
+        assert re.search(rf"^\s*(def |class )?{name}\b\s*[(:=]", held, re.M), (file, name)
 
 
 def test_every_name_the_reading_guide_gives_is_defined_in_its_file():
