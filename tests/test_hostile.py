@@ -688,10 +688,14 @@ def test_interactive_with_a_stdin_that_cannot_be_read_is_one_line(home, tmp_path
 
 
 @pytest.mark.parametrize("script", ["train.py", "generate.py", "explore.py", "bench.py"])
-def test_a_torch_logs_setting_torch_refuses_is_one_line(script, monkeypatch):
-    monkeypatch.setenv("TORCH_LOGS", "bogus")  # read by torch as it loads: before any flag
+@pytest.mark.parametrize("name, value, reason", [
+    ("TORCH_LOGS", "bogus", "Invalid log settings: bogus"),  # read by torch as it loads
+    ("TQDM_MININTERVAL", "abc", "could not convert string to float: 'abc'")])  # tqdm's default
+def test_a_setting_torch_or_tqdm_refuses_as_it_loads_is_one_line(script, name, value, reason,
+                                                                  monkeypatch):
+    monkeypatch.setenv(name, value)  # before any flag is read
     expect_one_error_line(run_script(script, "--device", "cpu"),
-                          "torch cannot load with TORCH_LOGS='bogus' (Invalid log settings: bogus")
+                          f"torch and tqdm cannot load with {name}='{value}' ({reason}")
 
 
 @pytest.mark.parametrize("script", ["train.py", "generate.py", "explore.py", "bench.py"])
