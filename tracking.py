@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 from dataclasses import asdict
 
 from tqdm import tqdm
@@ -35,20 +36,27 @@ def check_side_files(checkpoint):
                              f"pick another --checkpoint, or move that file away")
 
 
-ROW_START = b'{"step": '  # how every row of the metrics log begins: json.dumps(dict(step=...))
+# How train.py's log begins: json.dumps of dict(step=..., then a loss or the sample).
+ROW_START = re.compile(rb'\{"step": \d+, "(loss|train_loss|sample)": ')
 
 
 def wrote(side_file):
-    """Whether train.py wrote this metrics log (empty, or a row with a step first: known by its
-    first bytes, as a row holding a long sample can be megabytes) or loss curve: one with its
-    tag, or, drawn before curves were tagged, one with train.py's log or checkpoint beside it
-    (asked last: it takes loading the checkpoint)."""
+    """Whether train.py wrote this metrics log (empty, or with train.py's rows) or loss curve:
+    one with its tag, or, drawn before curves were tagged, one with train.py's rows or
+    checkpoint beside it (asked last: it takes loading the checkpoint). An empty log beside a
+    picture says nothing about the picture."""
     if side_file.endswith(".png"):
         checkpoint = side_file.removesuffix(".loss.png")
-        return png_tagged(side_file, CURVE_TAG) or wrote(log_paths(checkpoint)[0]) or \
+        return png_tagged(side_file, CURVE_TAG) or has_our_rows(log_paths(checkpoint)[0]) or \
             is_checkpoint(checkpoint)
-    with contextlib.suppress(OSError), open(side_file, "rb") as f:
-        return f.read(len(ROW_START)) in (b"", ROW_START)
+    return os.path.getsize(side_file) == 0 or has_our_rows(side_file)
+
+
+def has_our_rows(log):
+    """Whether the log's first row is train.py's, known by its first bytes (a row holding a long
+    sample can be megabytes)."""
+    with contextlib.suppress(OSError), open(log, "rb") as f:
+        return bool(ROW_START.match(f.read(64)))
     return False
 
 

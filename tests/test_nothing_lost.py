@@ -997,6 +997,18 @@ def test_a_users_log_beside_an_earlier_checkpoint_is_refused_and_kept(tmp_path, 
     assert files_in(tmp_path) == before
 
 
+@pytest.mark.parametrize("log_text", ["", '{"step": 1, "note": "my own experiment log"}\n'])
+def test_a_users_picture_is_kept_whatever_log_sits_beside_it(tmp_path, tiny_data, log_text):
+    """An empty log, or another tool's rows that also start with a step, say nothing about the
+    picture beside them: without train.py's tag or checkpoint, it is the user's."""
+    (tmp_path / "new.pt.loss.png").write_text("my holiday photo")
+    (tmp_path / "new.pt.metrics.jsonl").write_text(log_text)
+    before = files_in(tmp_path)
+    refused = "is a file that train.py did not write"
+    one_error_line(train_run(tiny_data, tmp_path / "new.pt"), refused)
+    assert files_in(tmp_path) == before
+
+
 def test_a_runs_own_log_whose_first_row_is_megabytes_long_is_still_its_own(tmp_path, tiny_data):
     # --eval_sample_tokens puts the step-0 sample in the first row, 6 bytes a character (\uXXXX)
     # for Chinese text: a long sample makes it megabytes.
