@@ -159,13 +159,14 @@ def merge_pair(tokens, pair, new_token):
 
 
 def check_decodable(text):
-    """Refuse lone surrogates: how Python passes on the bytes of an argument that the terminal's
-    locale could not decode (U+DC80 to U+DCFF). They are not characters at all."""
+    """Refuse lone surrogates: how Python passes on a byte of an argument or of stdin that is not
+    valid UTF-8 (byte b becomes U+DC00 + b), or half of a UTF-16 pair. Not characters at all."""
     undecodable = re.search("[\ud800-\udfff]", text)
     if undecodable:
+        byte = ord(undecodable[0]) - 0xDC00
+        what = f"the byte 0x{byte:02x}, not UTF-8" if 0x80 <= byte <= 0xFF else "half a pair"
         raise UsageError(f"the text has a character that is not valid Unicode "
-                         f"({undecodable[0]!r}): bytes the terminal's locale could not decode; "
-                         f"use a UTF-8 locale (e.g. LANG=C.UTF-8) or remove them")
+                         f"({undecodable[0]!r}: {what}); remove it, or convert the text to UTF-8")
 
 
 def tokenizer_from_dict(state):

@@ -118,5 +118,5 @@ def test_bad_tokenizer_flags(tmp_path, tiny_data):
 def test_text_that_is_not_valid_unicode_is_a_clear_error_for_bpe():
     # A terminal passing the lone byte 0xff gives Python the lone surrogate U+DCFF: no UTF-8.
     tokenizer = BPETokenizer.train(TINY_TEXT, vocab_size=280)
-    with pytest.raises(UsageError, match=r"not valid Unicode \('\\udcff'\)"):
+    with pytest.raises(UsageError, match=r"not valid Unicode \('\\udcff': the byte 0xff, not UTF-8\)"):
         tokenizer.encode("ROMEO \udcff")
