@@ -760,12 +760,12 @@ def test_a_folder_where_the_token_file_goes_is_named_as_such(tmp_path, tiny_data
     assert "disk space" not in line
 
 
-def test_a_prompt_the_locale_could_not_decode_says_so(tmp_path, tiny_data):
+def test_a_prompt_with_a_byte_that_is_not_utf8_names_the_byte(tmp_path, tiny_data):
     import generate
     assert train_run(tiny_data, tmp_path / "run.pt")[0] == 0
     line = one_error_line(run_in_process(generate.main, [
         "--checkpoint", tmp_path / "run.pt", "--device", "cpu", "--prompt", "Romeo \udcc3"]),
-        "the terminal's locale could not decode")
+        "the byte 0xc3, not UTF-8); remove it, or convert the text to UTF-8")
     assert "not in the model's vocabulary" not in line
 
 
