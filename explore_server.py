@@ -197,6 +197,13 @@ class Handler(BaseHTTPRequestHandler):
     do_POST = do_GET
 
     def respond(self, path, explorer, other):
+        # Another web site open in the browser can send requests here too. Its own host name
+        # made to point at 127.0.0.1 (DNS rebinding) is no Host of ours; a POST of its page says
+        # where it comes from (Origin), and a JSON Content-Type makes the browser ask us first.
+        host = self.headers.get("Host")  # none: an HTTP/1.0 client, never a browser
+        if None not in (host, self.server.hosts) and host.lower() not in self.server.hosts:
+            raise RequestError(f"Host {host[:100]} is not this server's address; open the URL "
+                               f"explore.py printed", 403)
         if self.command == "GET":
             if path == "/api/model":
                 return self.send(model_answer(explorer, other))
@@ -230,6 +237,12 @@ class Handler(BaseHTTPRequestHandler):
             self.send({"text": piece})  # one JSON line
 
     def read_json(self):
+        origin = self.headers.get("Origin")  # a browser's POST names the page that sends it
+        if origin is not None and origin != f"http://{self.headers.get('Host')}":
+            raise RequestError(f"a POST from another web site ({origin[:100]}) is refused; use "
+                               f"the page this server serves", 403)
+        if self.headers.get_content_type() != "application/json":
+            raise RequestError("a POST's Content-Type must be application/json", 415)
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
@@ -290,6 +303,11 @@ def start_server(args, device):
                                  f"another --port, or stop the program using it") from None
             continue
         server.explorer, server.other = explorer, other  # what Handler answers from
+        # The Host names a request may give: 0.0.0.0 is every address of this machine, so any.
+        bound, port = server.server_address[:2]
+        names = ("127.0.0.1", "localhost", "[::1]", args.host.lower(), bound)
+        server.hosts = None if bound == "0.0.0.0" else {
+            name + end for name in names for end in ("", f":{port}")}
         server.daemon_threads = True  # Ctrl-C does not wait for open connections
         server.handle_error = lambda request, client_address: None  # never a traceback
         return server

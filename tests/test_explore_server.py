@@ -68,10 +68,13 @@ def url(checkpoint):
     server.server_close()
 
 
-def request(url, path, body=None, raw=None, method=None, headers=None):
+JSON = {"Content-Type": "application/json"}  # as the page's POSTs say
+
+
+def request(url, path, body=None, raw=None, method=None, headers=JSON):
     """(HTTP status, answer as bytes) of a GET (no body) or a POST."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url + path, data=data, method=method, headers=headers or {})
+    req = urllib.request.Request(url + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=60) as answer:
             return answer.status, answer.read()
@@ -267,6 +270,43 @@ def test_garbled_http_gets_a_4xx_and_the_server_goes_on(url):
     assert status == 200
 
 
+FOREIGN = [  # what a page of another web site open in the browser can send to 127.0.0.1
+    ("/api/model", None, {"Host": "evil.example:{port}"}, 403, "is not this server's address"),
+    ("/", None, {"Host": "evil.example"}, 403, "is not this server's address"),  # DNS rebinding
+    ("/api/continue", dict(prompt="RO"), {**JSON, "Origin": "http://evil.example"}, 403,
+     "from another web site (http://evil.example) is refused"),
+    ("/api/continue", dict(prompt="RO"), {"Content-Type": "text/plain"}, 415,  # no preflight
+     "Content-Type must be application/json"),
+    ("/api/look", dict(prompt="RO"), {}, 415, "Content-Type must be application/json"),
+]
+
+
+@pytest.mark.parametrize("path, body, headers, status, words", FOREIGN)
+def test_another_web_sites_requests_are_refused_and_the_pages_own_answered(
+        url, path, body, headers, status, words):
+    port = url.rsplit(":", 1)[1]
+    headers = {name: value.format(port=port) for name, value in headers.items()}
+    got, answer = request(url, path, body, headers=headers)
+    assert (got, json.loads(answer)["error"].count(words)) == (status, 1)
+    # The page's own requests, as a browser sends them (Origin on a POST), by every local name.
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}"):
+        assert request(url, "/api/model", headers={"Host": host})[0] == 200
+        own = {**JSON, "Host": host, "Origin": f"http://{host}"}
+        got, answer = request(url, "/api/continue", dict(prompt="RO", length=3), headers=own)
+        pieces = [json.loads(line)["text"] for line in answer.splitlines()]
+        assert got == 200 and len("".join(pieces)) == 3
+
+
+def test_host_0_0_0_0_answers_any_host_name_of_this_machine(checkpoint):
+    base, server = running(serve_args(checkpoint, host="0.0.0.0"))
+    try:
+        headers = {**JSON, "Host": "my-desktop.lan:8000", "Origin": "http://my-desktop.lan:8000"}
+        assert request(base, "/api/look", dict(prompt="RO"), headers=headers)[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_silent_connection_is_closed_and_a_slow_reader_still_gets_its_whole_stream(
         checkpoint, monkeypatch, capsys):
     assert 0 < explore_server.Handler.timeout <= 60  # the server closes silent connections
@@ -275,15 +315,16 @@ def test_a_silent_connection_is_closed_and_a_slow_reader_still_gets_its_whole_st
     port = server.server_address[1]
     try:
         for half_sent in (b"GET / HTTP/1.1\r\nHost: x\r\n",  # no blank line: headers unfinished
-                          b"POST /api/look HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"pro"):
+                          b"POST /api/look HTTP/1.1\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 100\r\n\r\n{\"pro"):
             with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
                 connection.sendall(half_sent)
                 assert connection.recv(4096) == b""  # closed by the server, well before 10 s
         want = sample(base, seed=5, length=30)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
             body = json.dumps(dict(prompt="ROMEO:", seed=5, length=30)).encode()
-            connection.sendall(b"POST /api/continue HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s"
-                               % (len(body), body))
+            connection.sendall(b"POST /api/continue HTTP/1.0\r\nContent-Type: application/json"
+                               b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             started, reply = time.monotonic(), b""
             while chunk := connection.recv(16):  # a page reading slowly, for longer than 0.5 s
                 reply += chunk
@@ -446,7 +487,8 @@ def test_ctrl_c_while_a_continuation_streams_stops_cleanly_every_time(tmp_path):
         try:
             url = [process.stdout.readline() for _ in range(2)][1].split()[1].rstrip("/")
             data = json.dumps(dict(prompt="ROMEO:", length=2000)).encode()
-            answer = urllib.request.urlopen(url + "/api/continue", data=data, timeout=60)
+            answer = urllib.request.urlopen(urllib.request.Request(
+                url + "/api/continue", data=data, headers=JSON), timeout=60)
             answer.readline()  # the stream has begun; read on, so that it goes on
             threading.Thread(target=answer.read, daemon=True).start()
         finally:

@@ -86,7 +86,8 @@ async function look() {
   busy = true;
   try {
     saveToUrl();
-    const answer = await post("/api/look", {prompt: $("prompt").value, known: state.ids});
+    const sent = await post("/api/look", {prompt: $("prompt").value, known: state.ids});
+    const answer = await sent.json();
     if (answer.error) {
       $("message").textContent = answer.error;
     } else {
@@ -105,9 +106,9 @@ async function look() {
   }
 }
 
-async function post(url, body) {
-  const answer = await fetch(url, {method: "POST", body: JSON.stringify(body)});
-  return answer.json();
+function post(url, body) {  // JSON, said so: the server refuses other POSTs (another site's)
+  return fetch(url, {method: "POST", headers: {"Content-Type": "application/json"},
+                     body: JSON.stringify(body)});
 }
 
 function takeAnswer(answer) {
@@ -254,7 +255,7 @@ async function continuePrompt() {
   saveToUrl();
   $("sample").textContent = "";
   $("message").textContent = "";
-  const answer = await fetch("/api/continue", {method: "POST", body: JSON.stringify(body)});
+  const answer = await post("/api/continue", body);
   if (!answer.ok) {
     $("message").textContent = (await answer.json()).error;
     return;
