@@ -25,7 +25,7 @@ from tqdm import tqdm
 import checkpoint
 import speedups
 import utils
-from config import PRESETS
+from config import PRESETS, Config
 from dataset import corpus_settings, find_sources, prepared_stem
 from startup import STARTED_AT
 from tracking import check_side_files, log_paths, metrics_recorder
@@ -552,11 +552,12 @@ def resume(training):
     ckpt = checkpoint.load_checkpoint(path, run.device, "--resume")
     check_same_tokens(ckpt, training.corpus, config, path)
     model_args, wanted = ckpt["model_args"], asdict(model.config)
-    changed = ", ".join(f"{k} {model_args[k]} -> {wanted[k]}"
-                        for k in checkpoint.MODEL_SHAPE if model_args[k] != wanted[k])
-    if changed:
-        raise UsageError(f"cannot resume {path}: the model shape differs ({changed}); drop "
-                         f"those flags or start a fresh run")
+    differs = [k for k in checkpoint.MODEL_SHAPE if model_args[k] != wanted[k]]
+    if differs:
+        changed = ", ".join(f"{k} {model_args[k]} -> {wanted[k]}" for k in differs)
+        raise UsageError(f"cannot resume {path}: the model shape differs ({changed}); give the "
+                         f"flags it was trained with ({flags_for_shape(model_args, differs)}), "
+                         f"or start a fresh run")
     kinds = dict(optimizer=dict, rng=list, config=dict, val_loss=float)  # and a step >= 0
     if not (all(isinstance(ckpt.get(key), kind) for key, kind in kinds.items()) and ckpt["rng"]
             and checkpoint.is_step(ckpt.get("step"))):
@@ -603,6 +604,16 @@ def resume(training):
     note_changed_flags(ckpt["config"], config, path, run)
     run.log(f"Resuming from step {step} of {path}")
     return step
+
+
+def flags_for_shape(shape, names):
+    """The flags that give these fields of shape, and the presets that give them all (no --preset:
+    the defaults): "--n_embd 192 --n_layer 3; --preset cpu or --preset cpu-2min gives them"."""
+    presets = {"no --preset": {}, **{f"--preset {name}": set_ for name, set_ in PRESETS.items()}}
+    givers = [giver for giver, overrides in presets.items()
+              if all(overrides.get(name, getattr(Config, name)) == shape[name] for name in names)]
+    flags = " ".join(f"--{name} {shape[name]}" for name in names)
+    return flags + (f"; {' or '.join(givers)} gives them" if givers else "")
 
 
 # The flags that change the training's maths: given to a resumed run, they take effect.

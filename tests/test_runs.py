@@ -50,6 +50,20 @@ def test_resume_continues_exactly(tmp_path, tiny_data, optimizer):
     assert torch.load(halves, weights_only=True)["step"] == 12
 
 
+def test_resume_without_the_preset_it_was_trained_with_names_the_preset(tmp_path, tiny_data):
+    """`python train.py --preset cpu`, then `python train.py --resume` (as the docs show): the
+    refusal names the flags and the presets that give the saved shape, not flags never given."""
+    flags = ["--data", tiny_data, "--checkpoint", tmp_path / "ckpt.pt", "--device", "cpu",
+             "--sample_tokens", "0", "--eval_iters", "1", "--batch_size", "2"]
+    assert run_script("train.py", *flags, "--preset", "cpu", "--max_iters", "1").returncode == 0
+    result = run_script("train.py", *flags, "--resume", "--max_iters", "2")
+    assert result.returncode == 2 and "(n_embd 192 -> 384, n_layer 3 -> 6, block_size 32 -> 256); " \
+        "give the flags it was trained with (--n_embd 192 --n_layer 3 --block_size 32; " \
+        "--preset cpu or --preset cpu-2min gives them)" in result.stderr, result.stderr
+    assert run_script("train.py", *flags, "--resume", "--preset", "cpu", "--max_iters", "2"
+                      ).returncode == 0
+
+
 def test_resume_with_another_shape_or_text_is_refused(tmp_path, tiny_data):
     ckpt = tmp_path / "ckpt.pt"
     flags = ["--data", tiny_data, *TINY_FLAGS, "--checkpoint", ckpt, "--sample_tokens", "0"]
@@ -58,7 +72,8 @@ def test_resume_with_another_shape_or_text_is_refused(tmp_path, tiny_data):
     assert result.returncode == 2 and "past --max_iters 1" in result.stderr
     assert "Traceback" not in result.stderr
     result = run_script("train.py", *flags, "--max_iters", "4", "--resume", "--n_layer", "3")
-    assert result.returncode == 2 and "model shape differs (n_layer 2 -> 3)" in result.stderr
+    assert result.returncode == 2 and "model shape differs (n_layer 2 -> 3); give the flags it " \
+        "was trained with (--n_layer 2), or start a fresh run" in result.stderr
     other_text = tmp_path / "other.txt"
     other_text.write_text("completely different words, zebra quiz! " * 40)
     result = run_script("train.py", *flags, "--max_iters", "4", "--resume", "--data", other_text)
