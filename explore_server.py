@@ -24,6 +24,7 @@ import errno
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -200,8 +201,10 @@ class Handler(BaseHTTPRequestHandler):
         # Another web site open in the browser can send requests here too. Its own host name
         # made to point at 127.0.0.1 (DNS rebinding) is no Host of ours; a POST of its page says
         # where it comes from (Origin), and a JSON Content-Type makes the browser ask us first.
+        # Any port: through a forwarded port (ssh -L 8000:127.0.0.1:8001) the browser names its own.
         host = self.headers.get("Host")  # none: an HTTP/1.0 client, never a browser
-        if None not in (host, self.server.hosts) and host.lower() not in self.server.hosts:
+        if None not in (host, self.server.hosts) and \
+                re.sub(r":\d+$", "", host.lower()) not in self.server.hosts:
             raise RequestError(f"Host {host[:100]} is not this server's address; open the URL "
                                f"explore.py printed", 403)
         if self.command == "GET":
@@ -304,10 +307,9 @@ def start_server(args, device):
             continue
         server.explorer, server.other = explorer, other  # what Handler answers from
         # The Host names a request may give: 0.0.0.0 is every address of this machine, so any.
-        bound, port = server.server_address[:2]
-        names = ("127.0.0.1", "localhost", "[::1]", args.host.lower(), bound)
+        bound = server.server_address[0]
         server.hosts = None if bound == "0.0.0.0" else {
-            name + end for name in names for end in ("", f":{port}")}
+            "127.0.0.1", "localhost", "[::1]", args.host.lower(), bound}
         server.daemon_threads = True  # Ctrl-C does not wait for open connections
         server.handle_error = lambda request, client_address: None  # never a traceback
         return server

@@ -289,7 +289,9 @@ def test_another_web_sites_requests_are_refused_and_the_pages_own_answered(
     got, answer = request(url, path, body, headers=headers)
     assert (got, json.loads(answer)["error"].count(words)) == (status, 1)
     # The page's own requests, as a browser sends them (Origin on a POST), by every local name.
-    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}"):
+    # Any port: a browser that reaches the page through a forwarded port names its own port.
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}",
+                 "127.0.0.1:9931", "localhost:1"):
         assert request(url, "/api/model", headers={"Host": host})[0] == 200
         own = {**JSON, "Host": host, "Origin": f"http://{host}"}
         got, answer = request(url, "/api/continue", dict(prompt="RO", length=3), headers=own)
