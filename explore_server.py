@@ -23,6 +23,7 @@ import base64
 import errno
 import ipaddress
 import json
+import math
 import os
 import re
 import signal
@@ -76,6 +77,11 @@ def load_explorer(path, device, weights="best", flag="--checkpoint"):
             val_loss, float) and val_loss > 0 else None
         step, val_loss = facts["best"]["step"], facts["best"]["val_loss"]
         val_bpc = per_loss and per_loss * val_loss
+    # JSON has no NaN: a figure that is not a finite number (a hand-made checkpoint's) goes as
+    # null, and bits per character go with the val loss they come from.
+    val_loss, val_bpc = (x if isinstance(x, (int, float)) and math.isfinite(x) else None
+                         for x in (val_loss, val_bpc))
+    val_bpc = None if val_loss is None else val_bpc
     shape = {name: facts["model_args"][name]
              for name in ("n_layer", "n_head", "n_embd", "block_size")}
     return types.SimpleNamespace(

@@ -3,7 +3,9 @@ only the new positions run, through the KV cache), every bad request gets a 4xx 
 the server goes on, startup problems are one line, and the page really draws in Chromium."""
 
 import base64
+import io
 import json
+import math
 import os
 import signal
 import socket
@@ -570,6 +572,39 @@ def test_the_page_draws_the_table_and_attention_and_follows_hover_and_typing(bro
                    "document.getElementById('continue').click()")
         browser.wait_for("document.getElementById('message').textContent.includes('a bug')")
         assert browser.js("document.getElementById('sample').textContent") == "F"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("facts, shown", [(dict(val_loss=math.nan), "step 200"),
+                                           (dict(val_bpc=None), "step 200, val loss 2.5000")])
+def test_the_page_loads_a_checkpoint_with_a_nan_or_missing_figure(browser, tmp_path, facts, shown):
+    """A NaN val loss (not JSON: sent as null) or no val_bpc (an older or hand-made checkpoint),
+    which generate.py takes, is left out of the facts; the page still loads."""
+    path = tiny_checkpoint(tmp_path / "odd.pt")
+    checkpoint = {k: v for k, v in torch.load(path, weights_only=True).items() if k not in facts}
+    torch.save({**checkpoint, **{k: v for k, v in facts.items() if v is not None}}, path)
+    base, server = running(serve_args(path))
+    try:
+        json.loads(request(base, "/api/model")[1], parse_constant=lambda name: 1 / 0)  # no NaN
+        browser.open(base + "/?prompt=RO")
+        browser.wait_for("document.body && document.body.dataset.ready === 'yes'")
+        text = browser.js("document.getElementById('facts').textContent")
+        assert text.endswith(shown) and "nan" not in text.lower(), text
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_page_shows_a_failed_model_answer_instead_of_loading_for_ever(browser, checkpoint,
+                                                                         monkeypatch):
+    monkeypatch.setattr(explore_server, "model_answer", lambda *args: 1 / 0)  # a bug: a 500
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # (its one line, tested above)
+    base, server = running(serve_args(checkpoint))
+    try:
+        browser.open(base + "/")
+        browser.wait_for("document.getElementById('facts').textContent.includes('division')")
     finally:
         server.shutdown()
         server.server_close()

@@ -34,6 +34,10 @@ async function start() {
   }
   const answer = await fetch("/api/model");
   state.model = await answer.json();
+  if (!answer.ok) {  // e.g. a Host this server does not answer: say so, not "loading" for ever
+    $("facts").textContent = state.model.error;
+    return;
+  }
   showFacts(state.model);
   fillSelect($("layer"), state.model.facts.n_layer, params.get("layer"), []);
   fillSelect($("head"), state.model.facts.n_head, params.get("head"), ["all"]);
@@ -55,7 +59,8 @@ function showFacts(model) {
     `(${f.n_layer} layers, ${f.n_head} heads, n_embd ${f.n_embd}, block ${f.block_size}), ` +
     `${f.tokenizer} tokenizer of ${f.vocab_size} tokens` +
     (f.step === null ? "" : `, step ${f.step}`) +
-    (f.val_loss === null ? "" : `, val loss ${f.val_loss.toFixed(4)} (${f.val_bpc.toFixed(3)} bits/char)`);
+    (f.val_loss === null ? "" : `, val loss ${f.val_loss.toFixed(4)}`) +
+    (f.val_bpc === null ? "" : ` (${f.val_bpc.toFixed(3)} bits/char)`);
   $("facts").textContent = (model.compare ? "A: " : "") + describe(model.facts);
   if (model.compare) $("facts").append(document.createElement("br"), "B: " + describe(model.compare));
 }
