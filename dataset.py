@@ -299,10 +299,12 @@ def write_meta(stem, meta):
 
 
 def source_stats(sources):
-    """[name, bytes, modification time in ns] of each file: cheap to compare at every start."""
+    """[name, bytes, time in ns] of each file: cheap to compare at every start. The time is the
+    later of its modification time, which tools set back (touch -r, cp -p, rsync -t), and its
+    change time, which every write moves and none can set back."""
     root = os.path.dirname(os.path.commonpath([os.path.abspath(p) for p in sources]))
-    return [[os.path.relpath(os.path.abspath(p), root), os.stat(p).st_size,
-             os.stat(p).st_mtime_ns] for p in sources]
+    return [[os.path.relpath(os.path.abspath(p), root), stat.st_size,
+             max(stat.st_mtime_ns, stat.st_ctime_ns)] for p, stat in zip(sources, map(os.stat, sources))]
 
 
 def train_chars(n_chars):

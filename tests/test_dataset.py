@@ -9,6 +9,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 
 import numpy as np
@@ -159,7 +160,21 @@ def test_a_changed_text_is_prepared_again_a_touched_one_is_not(tmp_path, monkeyp
         assert dataset.load_corpus(config).n_chars == 39 * 20  # the new time was saved
     settings = dataset.corpus_settings(config)
     meta = dataset.read_meta(dataset.prepared_stem(str(path), settings))
-    assert meta["sources"][0][2] == 1
+    assert meta["sources"][0][2] == os.stat(path).st_ctime_ns  # the later time: utime moved it
+
+
+def test_an_edit_that_keeps_the_size_and_sets_the_time_back_is_seen(tmp_path):
+    """cp -p, rsync -t, touch -r: the modification time says nothing changed; the change time,
+    which no tool sets back, says otherwise, and the bytes are hashed."""
+    path = tmp_path / "text.txt"
+    path.write_text("the earlier text\n" * 20)
+    config = Config(data=str(path), block_size=8)
+    assert "Z" not in dataset.load_corpus(config).tokenizer.chars
+    before = os.stat(path)
+    time.sleep(0.05)  # change times tick with the kernel's coarse clock (every 1-10 ms)
+    path.write_text("the earlier text\n".replace("e", "Z") * 20)  # the same size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # as touch -r would
+    assert "Z" in dataset.load_corpus(config).tokenizer.chars
 
 
 def test_a_folder_is_its_txt_files_in_sorted_order_each_ending_a_line(tmp_path):
