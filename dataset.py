@@ -170,7 +170,7 @@ def find_sources(path):
         if os.path.getsize(path) == 0:
             raise UsageError(f"data file {path} is empty; give it some text to learn from")
         return [path]
-    sources = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path)
+    sources = sorted(os.path.join(folder, name) for folder, names in folders_in(path)
                      for name in names if name.endswith(".txt"))
     if not sources:
         raise UsageError(f"no .txt files in the folder {path}; put the text in .txt files "
@@ -182,6 +182,20 @@ def find_sources(path):
     if not any(os.path.getsize(p) for p in sources):
         raise UsageError(f"the .txt files in {path} are empty; give them some text to learn from")
     return sources
+
+
+def folders_in(path):
+    """(folder, its file names) for path and every folder below it, linked folders too, each
+    once; a link back up to path or above it (a loop) is not followed."""
+    root, seen = os.path.realpath(path), set()
+    for folder, subfolders, names in os.walk(path, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen or real != root and os.path.commonpath([real, root]) == real:
+            subfolders.clear()  # walked already, or a folder that holds path: a loop
+            continue
+        seen.add(real)
+        subfolders.sort()  # a folder linked twice is read under its first name, in sorted order
+        yield folder, names
 
 
 def download_tiny_shakespeare(path):

@@ -177,6 +177,20 @@ def test_an_edit_that_keeps_the_size_and_sets_the_time_back_is_seen(tmp_path):
     assert "Z" in dataset.load_corpus(config).tokenizer.chars
 
 
+def test_a_folder_takes_linked_subfolders_once_and_follows_no_loop(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "corpus" / "a.txt").write_text("in the folder\n")
+    (tmp_path / "real" / "sub" / "b.txt").write_text("in a linked folder\n")
+    (tmp_path / "outside.txt").write_text("beside the folder: not part of it\n")
+    os.symlink("../real/sub", tmp_path / "corpus" / "linked")
+    os.symlink("../real/sub", tmp_path / "corpus" / "linked_again")  # the same folder: once
+    os.symlink(".", tmp_path / "corpus" / "self")  # loops
+    os.symlink("..", tmp_path / "corpus" / "up")
+    assert dataset.find_sources(str(tmp_path / "corpus")) == [
+        str(tmp_path / "corpus" / "a.txt"), str(tmp_path / "corpus" / "linked" / "b.txt")]
+
+
 def test_a_folder_is_its_txt_files_in_sorted_order_each_ending_a_line(tmp_path):
     folder = tmp_path / "corpus"
     (folder / "sub").mkdir(parents=True)
