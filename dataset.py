@@ -112,21 +112,31 @@ def val_set(corpus, eval_tokens, block_size, device):
     every evaluation, so the curve stays comparable, and a cost that does not grow with it.
     eval_tokens 0: the val tokens of EVAL_CHARS characters at the split's own characters per
     token: an evaluation scores as much text as on Tiny Shakespeare, with either tokenizer."""
-    tokens, decode = split_tokens(corpus, "val"), corpus.tokenizer.decode
+    tokens, tokenizer = split_tokens(corpus, "val"), corpus.tokenizer
     val_chars = corpus.n_chars - train_chars(corpus.n_chars)
     auto_eval_tokens = math.ceil(EVAL_CHARS * corpus.n_val / max(1, val_chars))
     # (At least one window: a huge block_size could outgrow the automatic bound.)
     eval_tokens = max(eval_tokens or auto_eval_tokens, block_size + 1)
     if len(tokens) <= eval_tokens:
         exact = checked_ids(tokens, corpus)
-        n_chars = len(decode(exact[1:].tolist()))  # what the predictions cover
+        n_chars = chars_covered(tokenizer, exact[1:].tolist())  # what the predictions cover
         return ValSet(exact.to(device), True, len(exact) - 1, n_chars, "exact")
     n_windows = eval_tokens // (block_size + 1)
     starts = np.linspace(0, len(tokens) - block_size - 1, n_windows).astype(np.int64)
     windows = checked_ids(tokens[starts[:, None] + np.arange(block_size + 1)], corpus)  # (n, T+1)
-    n_chars = sum(len(decode(window[1:].tolist())) for window in windows)
+    n_chars = sum(chars_covered(tokenizer, window[1:].tolist()) for window in windows)
     return ValSet(windows.to(device), False, n_windows * block_size, n_chars,
                   f"on {n_windows * block_size:,} of {len(tokens):,} tokens")
+
+
+def chars_covered(tokenizer, ids):
+    """How many characters the tokens ids cover: with BPE, the UTF-8 characters whose first byte
+    they hold (a token can end inside a character), so that windows cut anywhere count each
+    character once, as decoding the whole text would."""
+    if isinstance(tokenizer, CharTokenizer):
+        return len(ids)
+    utf8 = np.frombuffer(b"".join(tokenizer.token_bytes[i] for i in ids), dtype=np.uint8)
+    return int(np.count_nonzero((utf8 & 0xC0) != 0x80))  # 10xxxxxx: a character's later bytes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -177,6 +177,26 @@ def test_an_edit_that_keeps_the_size_and_sets_the_time_back_is_seen(tmp_path):
     assert "Z" in dataset.load_corpus(config).tokenizer.chars
 
 
+def test_windows_cut_inside_a_character_count_it_once():
+    """Bits per character on a val subset: windows of BPE tokens can begin or end inside a
+    character (here bytes alone, no merges); each character counts once, where it begins."""
+    tokenizer = BPETokenizer([])  # 256 tokens: one per byte
+    ids = list("中文".encode())  # 3 bytes each
+    assert dataset.chars_covered(tokenizer, ids[:2]) + dataset.chars_covered(tokenizer, ids[2:]) == 2
+    assert len(tokenizer.decode(ids[:2])) + len(tokenizer.decode(ids[2:])) == 3  # decoding: 3
+    assert dataset.chars_covered(CharTokenizer.from_text("ab"), [0, 1, 1]) == 3
+
+
+def test_bits_per_character_on_a_val_subset_count_real_characters(tmp_path):
+    path = tmp_path / "zh.txt"
+    rng = random.Random(0)
+    path.write_text("".join(chr(0x4E00 + rng.randrange(3000)) for _ in range(30_000)))
+    config = Config(data=str(path), tokenizer="bpe", vocab_size=256, block_size=16)
+    corpus = dataset.load_corpus(config)  # 256 tokens: one a byte, 3 bytes a character
+    subset = dataset.val_set(corpus, 340, 16, "cpu")
+    assert not subset.exact and subset.n_predictions / subset.n_chars == pytest.approx(3, rel=0.02)
+
+
 def test_a_folder_takes_linked_subfolders_once_and_follows_no_loop(tmp_path):
     (tmp_path / "corpus").mkdir()
     (tmp_path / "real" / "sub").mkdir(parents=True)
