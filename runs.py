@@ -624,10 +624,24 @@ STEPPING_FLAGS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "
 
 def note_changed_flags(saved, config, path, run):
     """One note naming the stepping flags that differ from the run that saved the checkpoint
-    (a flag left out is back at its default; one it did not record is skipped)."""
+    (a flag left out is back at its default; one it did not record is skipped), each compared as
+    it takes effect: --dtype auto as the format it picks here, and the learning rate's decay
+    length as --lr_decay_iters, or --max_iters when that is 0 (a longer run stretches it)."""
+    now = asdict(config)
+
+    def in_effect(settings, name):
+        if name == "dtype":
+            return utils.pick_dtype(settings[name], run.device)
+        if name == "lr_decay_iters":
+            return settings[name] or settings.get("max_iters")
+        return settings[name]
+
     names = STEPPING_FLAGS + (("muon_lr",) if config.optimizer == "muon" else ())
-    changed = [f"--{name} {saved[name]} -> {getattr(config, name)}" for name in names
-               if name in saved and saved[name] != getattr(config, name)]
+    changed = [f"--{name} {saved[name]} -> {now[name]}" if name != "lr_decay_iters" else
+               f"the learning rate's decay over {in_effect(saved, name)} -> "
+               f"{in_effect(now, name)} steps (--lr_decay_iters {in_effect(saved, name)} keeps it)"
+               for name in names if name in saved
+               and in_effect(saved, name) not in (None, in_effect(now, name))]  # None: unknown
     if changed:
         run.log(f"Note: {', '.join(changed)}: this run goes on with the new values, not those "
                 f"{path} was trained with (repeat the old flags to go on exactly)")

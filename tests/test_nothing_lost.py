@@ -417,15 +417,38 @@ def test_a_resume_with_other_stepping_flags_names_them_in_one_note(tmp_path, tin
     saved = torch.load(checkpoint, weights_only=True)
     del saved["config"]["beta2"]
     torch.save(saved, checkpoint)
-    code, out, err = train_run(tiny_data, checkpoint, "--max_iters", "3", "--resume")
+    code, out, err = train_run(tiny_data, checkpoint, "--max_iters", "3", "--resume",
+                               "--lr_decay_iters", "2")  # the decay of the 2 steps trained
     assert code == 0, err
     [note] = [line for line in out.splitlines() if line.startswith("Note: --")]
     assert note.startswith("Note: --weight_decay 0.5 -> 0.1: this run goes on with the new "
                            "values") and "repeat the old flags to go on exactly" in note, note
     code, out, err = train_run(tiny_data, checkpoint, "--max_iters", "4", "--resume",
-                               "--weight_decay", "0.1")
+                               "--weight_decay", "0.1", "--lr_decay_iters", "2")
     assert code == 0, err
-    assert "Note: --" not in out
+    assert "Note:" not in out
+
+
+def test_a_resume_that_stretches_the_learning_rate_or_changes_the_number_format_says_so(
+        tmp_path, tiny_data):
+    """A longer --max_iters stretches the cosine decay when --lr_decay_iters is 0 (the default):
+    named, with how to keep it. --dtype auto and the format it picks here are the same."""
+    checkpoint = tmp_path / "run.pt"
+    assert train_run(tiny_data, checkpoint, "--dtype", "float32")[0] == 0
+    code, out, err = train_run(tiny_data, checkpoint, "--max_iters", "4", "--resume",
+                               "--dtype", "float32")
+    assert code == 0, err
+    [note] = [line for line in out.splitlines() if line.startswith("Note:")]
+    assert note.startswith("Note: the learning rate's decay over 2 -> 4 steps (--lr_decay_iters "
+                           "2 keeps it): this run goes on with the new values"), note
+    picked = utils.pick_dtype("auto", "cpu")
+    saved = torch.load(checkpoint, weights_only=True)
+    saved["config"]["dtype"] = "auto"  # as a run without --dtype saves it
+    torch.save(saved, checkpoint)
+    code, out, err = train_run(tiny_data, checkpoint, "--max_iters", "5", "--resume",
+                               "--lr_decay_iters", "4", "--dtype", picked)
+    assert code == 0, err
+    assert "Note:" not in out
 
 
 # --- an output that is an input; two outputs that share a name ------------------------------
