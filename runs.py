@@ -607,13 +607,15 @@ def resume(training):
 
 
 def flags_for_shape(shape, names):
-    """The flags that give these fields of shape, and the presets that give them all (no --preset:
-    the defaults): "--n_embd 192 --n_layer 3; --preset cpu or --preset cpu-2min gives them"."""
+    """The flags that give these fields of shape, and the presets that give its whole shape (no
+    --preset: the defaults): "--n_embd 192 --n_layer 3; --preset cpu or --preset cpu-2min gives
+    it"."""
     presets = {"no --preset": {}, **{f"--preset {name}": set_ for name, set_ in PRESETS.items()}}
+    fields = [name for name in checkpoint.MODEL_SHAPE if name != "vocab_size"]  # the text's
     givers = [giver for giver, overrides in presets.items()
-              if all(overrides.get(name, getattr(Config, name)) == shape[name] for name in names)]
+              if all(overrides.get(name, getattr(Config, name)) == shape[name] for name in fields)]
     flags = " ".join(f"--{name} {shape[name]}" for name in names)
-    return flags + (f"; {' or '.join(givers)} gives them" if givers else "")
+    return flags + (f"; {' or '.join(givers)} gives it" if givers else "")
 
 
 # The flags that change the training's maths: given to a resumed run, they take effect.

@@ -59,9 +59,16 @@ def test_resume_without_the_preset_it_was_trained_with_names_the_preset(tmp_path
     result = run_script("train.py", *flags, "--resume", "--max_iters", "2")
     assert result.returncode == 2 and "(n_embd 192 -> 384, n_layer 3 -> 6, block_size 32 -> 256); " \
         "give the flags it was trained with (--n_embd 192 --n_layer 3 --block_size 32; " \
-        "--preset cpu or --preset cpu-2min gives them)" in result.stderr, result.stderr
+        "--preset cpu or --preset cpu-2min gives it)" in result.stderr, result.stderr
     assert run_script("train.py", *flags, "--resume", "--preset", "cpu", "--max_iters", "2"
                       ).returncode == 0
+    # Only presets that give the whole shape: block_size 32 alone is no preset's.
+    other = ["--checkpoint", tmp_path / "other.pt"]  # (the last --checkpoint given counts)
+    assert run_script("train.py", *flags, *other, "--block_size", "32", "--n_layer", "1",
+                      "--max_iters", "1").returncode == 0
+    result = run_script("train.py", *flags, *other, "--n_layer", "1", "--resume",
+                        "--max_iters", "2")
+    assert "give the flags it was trained with (--block_size 32), or start" in result.stderr
 
 
 def test_resume_with_another_shape_or_text_is_refused(tmp_path, tiny_data):
