@@ -268,7 +268,7 @@ def prepare_if_needed(sources, settings, stem):
     try:
         meta, stats = read_meta(stem), source_stats(sources)
         if meta_fits(meta, settings, f"{stem}.tokens"):
-            if meta["sources"] == stats:
+            if meta["sources"] == stats and not changed_since(sources, f"{stem}.tokens.json"):
                 return meta
             # Touched or copied but maybe not changed (git checkout, cp): compare the bytes.
             if [s[:2] for s in meta["sources"]] == [s[:2] for s in stats] and \
@@ -323,12 +323,18 @@ def write_meta(stem, meta):
 
 
 def source_stats(sources):
-    """[name, bytes, time in ns] of each file: cheap to compare at every start. The time is the
-    later of its modification time, which tools set back (touch -r, cp -p, rsync -t), and its
-    change time, which every write moves and none can set back."""
+    """[name, bytes, modification time in ns] of each file: cheap to compare at every start."""
     root = os.path.dirname(os.path.commonpath([os.path.abspath(p) for p in sources]))
-    return [[os.path.relpath(os.path.abspath(p), root), stat.st_size,
-             max(stat.st_mtime_ns, stat.st_ctime_ns)] for p, stat in zip(sources, map(os.stat, sources))]
+    return [[os.path.relpath(os.path.abspath(p), root), os.stat(p).st_size,
+             os.stat(p).st_mtime_ns] for p in sources]
+
+
+def changed_since(sources, path):
+    """Whether a source file changed after the file at path was written. Its modification time
+    can be set back (touch -r, cp -p, rsync -t) and agree with the metadata; its change time,
+    which every write moves and no tool sets back, cannot."""
+    written = os.stat(path).st_mtime_ns
+    return any(os.stat(source).st_ctime_ns > written for source in sources)
 
 
 def train_chars(n_chars):
