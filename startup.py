@@ -1,5 +1,6 @@
 """What every script does first, before its slow imports (torch takes seconds to load)."""
 
+import io
 import os
 import signal
 import sys
@@ -24,21 +25,32 @@ def load_torch(module_name):
         print("error: the current folder no longer exists (it was deleted); cd to a folder that "
               "exists", file=sys.stderr)
         sys.exit(2)
+    try:  # first tqdm, which torch imports: its TQDM_* defaults are read as it loads, and used
+        import tqdm  # when a bar is drawn (TQDM_BAR_FORMAT): draw one, into nowhere
+        tqdm.tqdm(total=1, file=io.StringIO()).close()
+    except Exception as err:
+        refuse_settings("tqdm", "TQDM_", f"{type(err).__name__}: {err}")  # exits if any are set
+        raise
     try:
         import torch  # noqa: F401  (the script's own `import torch` then finds it loaded)
-        import tqdm  # noqa: F401  (torch loads it too, today)
     except (ValueError, OSError) as err:
-        settings = [f"{name}={value!r}" for name, value in os.environ.items()
-                    if name.startswith(("TORCH_LOGS", "TQDM_"))]
-        if not settings:
-            raise
-        reason = " ".join(str(err).strip().split("\n\n")[0].split()) or type(err).__name__
-        print(f"error: torch and tqdm cannot load with {', '.join(settings)} ({reason[:300]}); "
-              f"unset it, or correct it", file=sys.stderr)
-        sys.exit(2)
+        refuse_settings("torch", "TORCH_LOGS", str(err))  # exits if any are set
+        raise
     except (MemoryError, ImportError) as err:  # a memory limit (ulimit -v) too low for torch
         if isinstance(err, ImportError) and "failed to map segment" not in str(err):
             raise  # (the lower the limit, the earlier it fails: mapping its library, at first)
         print("error: out of memory while loading torch (a memory limit, ulimit -v, or too little "
               "free memory); raise the limit, or free some memory", file=sys.stderr)
+        sys.exit(2)
+
+
+def refuse_settings(library, prefix, reason):
+    """With environment variables library reads (names starting with prefix) set: say that it
+    cannot load with them, in one line, and exit 2. Without any: return (a bug: a traceback)."""
+    settings = [f"{name}={value!r}" for name, value in os.environ.items() if name.startswith(prefix)]
+    if settings:
+        reason = " ".join(reason.strip().split("\n\n")[0].split())
+        print(f"error: {library} cannot load with {', '.join(settings)} ({reason[:300]}); unset "
+              f"{'it' if len(settings) == 1 else 'the one that is wrong'}, or correct it",
+              file=sys.stderr)
         sys.exit(2)

@@ -373,6 +373,7 @@ def expect_one_error_line(result, fragment):
     assert "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: ") and fragment in line, line
+    return line
 
 
 @pytest.mark.parametrize("script, args, fragment", [
@@ -688,14 +689,17 @@ def test_interactive_with_a_stdin_that_cannot_be_read_is_one_line(home, tmp_path
 
 
 @pytest.mark.parametrize("script", ["train.py", "generate.py", "explore.py", "bench.py"])
-@pytest.mark.parametrize("name, value, reason", [
-    ("TORCH_LOGS", "bogus", "Invalid log settings: bogus"),  # read by torch as it loads
-    ("TQDM_MININTERVAL", "abc", "could not convert string to float: 'abc'")])  # tqdm's default
-def test_a_setting_torch_or_tqdm_refuses_as_it_loads_is_one_line(script, name, value, reason,
-                                                                  monkeypatch):
+@pytest.mark.parametrize("library, name, value, reason", [
+    ("torch", "TORCH_LOGS", "bogus", "Invalid log settings: bogus"),  # read as torch loads
+    ("tqdm", "TQDM_MININTERVAL", "abc", "ValueError: could not convert string to float"),
+    ("tqdm", "TQDM_BAR_FORMAT", "{nope}", "KeyError: 'nope'")])  # used when a bar is drawn
+def test_a_setting_torch_or_tqdm_refuses_as_it_loads_is_one_line(script, library, name, value,
+                                                                  reason, monkeypatch):
     monkeypatch.setenv(name, value)  # before any flag is read
-    expect_one_error_line(run_script(script, "--device", "cpu"),
-                          f"torch and tqdm cannot load with {name}='{value}' ({reason}")
+    monkeypatch.setenv("TQDM_NCOLS", "80")  # a good setting: named only if tqdm failed
+    line = expect_one_error_line(run_script(script, "--device", "cpu"),
+                                 f"{library} cannot load with {name}='{value}'")
+    assert reason in line and ("TQDM_NCOLS" in line) == (library == "tqdm"), line
 
 
 @pytest.mark.parametrize("script", ["train.py", "generate.py", "explore.py", "bench.py"])
