@@ -196,15 +196,19 @@ def find_sources(path):
 
 def folders_in(path):
     """(folder, its file names) for path and every folder below it, linked folders too, each
-    once; a link back up to path or above it (a loop) is not followed."""
+    once: a folder inside path under its own name, one reached only through links under the
+    first name met (in sorted order); a link back up to path or above it (a loop) is not
+    followed."""
     root, seen = os.path.realpath(path), set()
+    own_name = {os.path.realpath(folder): folder for folder, _, _ in os.walk(path)}  # no links
     for folder, subfolders, names in os.walk(path, followlinks=True):
         real = os.path.realpath(folder)
-        if real in seen or real != root and os.path.commonpath([real, root]) == real:
-            subfolders.clear()  # walked already, or a folder that holds path: a loop
+        if real in seen or own_name.get(real, folder) != folder or \
+                real != root and os.path.commonpath([real, root]) == real:
+            subfolders.clear()  # walked already or elsewhere, or a folder that holds path
             continue
         seen.add(real)
-        subfolders.sort()  # a folder linked twice is read under its first name, in sorted order
+        subfolders.sort()
         yield folder, names
 
 

@@ -225,6 +225,12 @@ def test_a_folder_takes_linked_subfolders_once_and_follows_no_loop(tmp_path):
     os.symlink("..", tmp_path / "corpus" / "up")
     assert dataset.find_sources(str(tmp_path / "corpus")) == [
         str(tmp_path / "corpus" / "a.txt"), str(tmp_path / "corpus" / "linked" / "b.txt")]
+    # A folder inside the --data folder keeps its own name, though a link to it is met first.
+    (tmp_path / "corpus" / "a" / "z").parent.mkdir()
+    (tmp_path / "corpus" / "a-b").mkdir()
+    (tmp_path / "corpus" / "a-b" / "c.txt").write_text("in a folder of its own\n")
+    os.symlink("../a-b", tmp_path / "corpus" / "a" / "z")
+    assert str(tmp_path / "corpus" / "a-b" / "c.txt") in dataset.find_sources(str(tmp_path / "corpus"))
 
 
 def test_a_folder_is_its_txt_files_in_sorted_order_each_ending_a_line(tmp_path):
