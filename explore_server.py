@@ -12,6 +12,9 @@ list: no path from the URL ever reaches the file system) and answers three JSON 
                          sampled text, one JSON line per piece, sent as it is generated
                          (an error once it has begun: a last line, {"error": ...})
 
+It answers only requests that name it (the Host header) and POSTs sent as JSON by its own page
+(Content-Type, Origin): another web site open in the browser cannot use it (TROUBLESHOOTING.md).
+
 Why typing stays fast: in a causal model, the prediction and the attention row of position t
 depend only on tokens 0..t, so a character added at the end leaves every earlier row as it was.
 The server keeps the KV cache (model.py: KVCache) of the last few prompts it has seen and runs
@@ -247,7 +250,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def read_json(self):
         origin = self.headers.get("Origin")  # a browser's POST names the page that sends it
-        if origin is not None and origin != f"http://{self.headers.get('Host')}":
+        if origin is not None and urlsplit(origin).netloc != self.headers.get("Host"):  # http(s)
             raise RequestError(f"a POST from another web site ({origin[:100]}) is refused; use "
                                f"the page this server serves", 403)
         if self.headers.get_content_type() != "application/json":

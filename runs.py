@@ -1,7 +1,7 @@
 """What runs around train.py's loop: where this process runs (device, number format, its rank
 under torchrun), the checks before any work, the progress bar and speed figures, Ctrl-C and the
 other stop signals, and exact resume. None of it changes what is learned. A first read needs
-only the first section (Run, start, set_up, what_runs); the rest can wait."""
+only Run, start, set_up and what_runs, at the top; the rest can wait."""
 
 import atexit
 import contextlib
