@@ -26,8 +26,8 @@ def load_torch(module_name):
               "exists", file=sys.stderr)
         sys.exit(2)
     try:  # first tqdm, which torch imports: its TQDM_* defaults are read as it loads, and used
-        import tqdm  # when a bar is drawn (TQDM_BAR_FORMAT): draw one, into nowhere
-        tqdm.tqdm(total=1, file=io.StringIO()).close()
+        import tqdm  # when a bar is drawn (TQDM_BAR_FORMAT): draw one, into nowhere, with
+        tqdm.tqdm(total=10**6, initial=10**6, unit_scale=True, file=io.StringIO()).close()  # units
     except Exception as err:
         refuse_settings("tqdm", "TQDM_", f"{type(err).__name__}: {err}")  # exits if any are set
         raise

@@ -692,7 +692,8 @@ def test_interactive_with_a_stdin_that_cannot_be_read_is_one_line(home, tmp_path
 @pytest.mark.parametrize("library, name, value, reason", [
     ("torch", "TORCH_LOGS", "bogus", "Invalid log settings: bogus"),  # read as torch loads
     ("tqdm", "TQDM_MININTERVAL", "abc", "ValueError: could not convert string to float"),
-    ("tqdm", "TQDM_BAR_FORMAT", "{nope}", "KeyError: 'nope'")])  # used when a bar is drawn
+    ("tqdm", "TQDM_BAR_FORMAT", "{nope}", "KeyError: 'nope'"),  # used when a bar is drawn
+    ("tqdm", "TQDM_UNIT_DIVISOR", "0", "ZeroDivisionError")])  # when it counts in thousands
 def test_a_setting_torch_or_tqdm_refuses_as_it_loads_is_one_line(script, library, name, value,
                                                                   reason, monkeypatch):
     monkeypatch.setenv(name, value)  # before any flag is read
