@@ -114,12 +114,14 @@ def what_runs(config, run, preset):
     return f"{number}\n{attention}\n{optimizer}"
 
 
-def note_sizes(corpus, model, config, run):
-    """The text's, vocabulary's and model's sizes; a warning where a CPU is given hours of work."""
+def note_sizes(corpus, model, config, run, start_step=0):
+    """The text's, vocabulary's and model's sizes; a warning where a CPU is given hours of work
+    (the steps from start_step on)."""
     run.log(f"Dataset length: {corpus.n_chars} characters")
     run.log(f"Vocabulary size: {corpus.tokenizer.vocab_size}")
     run.log(f"Model parameters: {model.num_params():,}")
-    total_flops = flops_per_token(model, config) * tokens_per_step(config, run) * config.max_iters
+    steps = config.max_iters - start_step
+    total_flops = flops_per_token(model, config) * tokens_per_step(config, run) * steps
     if run.device == "cpu" and total_flops > 1e15:
         run.log("Note: this is a GPU-sized run; on a CPU it will take hours. "
                 "For a model that trains on a CPU in half a minute, use --preset cpu.")
@@ -210,7 +212,9 @@ class Progress(tqdm):
         self.config, self.run, self.model = config, run, model
         resumed = (resume_path(config), start_step) if config.resume else None
         self.record = metrics_recorder(config, resumed) if run.is_master else None
-        run.log(f"\nStarting training for {config.max_iters} iterations...")
+        run.log(f"\nStarting training for {config.max_iters} iterations..." if not start_step else
+                f"\nStarting training from step {start_step} to {config.max_iters} "
+                f"({config.max_iters - start_step} iterations)...")
         super().__init__(total=config.max_iters, initial=start_step, unit="step",
                          dynamic_ncols=True, file=sys.stdout, disable=not run.is_master)
         self.restart_timer()

@@ -39,10 +39,10 @@ def main(argv=None):
     run.log("Loading data...")
     corpus, val_data = load_tokens(config, run)  # the text as tokens, and its tokenizer
     model = build_model(corpus.tokenizer.vocab_size, config, run)
-    runs.note_sizes(corpus, model, config, run)  # characters, vocabulary, parameters
     optimizer = make_optimizer(model, config)
     training = Training(config, run, corpus, val_data, model, optimizer)  # what helpers share
     start_step = runs.resume(training) if config.resume else 0  # --resume: where it stopped
+    runs.note_sizes(corpus, model, config, run, start_step)  # characters, vocabulary, parameters
     train_model = wrap_for_training(model, config, run)  # compiled; DDP under torchrun
     scaler = make_scaler(run)  # float16 only: scales the loss so small gradients survive
     stop_requested = runs.catch_ctrl_c(run)  # Ctrl-C, SIGTERM: finish the step, save, stop

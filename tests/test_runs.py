@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -44,10 +45,22 @@ def test_resume_continues_exactly(tmp_path, tiny_data, optimizer):
     resumed = run_script("train.py", *flags, "--checkpoint", halves, "--max_iters", "12", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming from step 6" in resumed.stdout and "Note:" not in resumed.stdout
+    assert "Starting training from step 6 to 12 (6 iterations)..." in resumed.stdout
     expected = losses_by_step(tmp_path / "straight.pt.metrics.jsonl")
     assert sorted(expected) == list(range(1, 13))
     assert losses_by_step(tmp_path / "halves.pt.metrics.jsonl") == expected  # bit for bit
     assert torch.load(halves, weights_only=True)["step"] == 12
+
+
+def test_the_hours_on_a_cpu_note_counts_the_steps_left(capsys, monkeypatch):
+    monkeypatch.setattr(runs, "flops_per_token", lambda model, config: 1e9)
+    monkeypatch.setattr(runs, "tokens_per_step", lambda config, run: 1e3)  # 1e12 a step
+    corpus = types.SimpleNamespace(n_chars=1, tokenizer=types.SimpleNamespace(vocab_size=65))
+    model, run = types.SimpleNamespace(num_params=lambda: 1), runs.Run("cpu", "float32")
+    runs.note_sizes(corpus, model, Config(max_iters=5000), run)
+    assert "it will take hours" in capsys.readouterr().out
+    runs.note_sizes(corpus, model, Config(max_iters=5000), run, start_step=4990)  # 10 steps left
+    assert "hours" not in capsys.readouterr().out
 
 
 def test_resume_without_the_preset_it_was_trained_with_names_the_preset(tmp_path, tiny_data):
