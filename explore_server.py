@@ -74,12 +74,9 @@ def load_explorer(path, device, weights="best", flag="--checkpoint"):
     facts = load_checkpoint(path, flag=flag)  # read once more: load_model drops step and losses
     model, tokenizer, _ = load_model(path, device, weights=weights)
     step, val_loss, val_bpc = (facts.get(name) for name in ("step", "val_loss", "val_bpc"))
-    if weights == "best" and "best_model" in facts:
-        # Bits per character scale with the loss on the same val split.
-        per_loss = val_bpc / val_loss if isinstance(val_bpc, float) and isinstance(
-            val_loss, float) and val_loss > 0 else None
-        step, val_loss = facts["best"]["step"], facts["best"]["val_loss"]
-        val_bpc = per_loss and per_loss * val_loss
+    if weights == "best" and "best_model" in facts:  # (older checkpoints: no bpc)
+        step, val_loss, val_bpc = (facts["best"].get(name) for name in ("step", "val_loss",
+                                                                         "val_bpc"))
     # JSON has no NaN: a figure that is not a finite number (a hand-made checkpoint's) goes as
     # null, and bits per character go with the val loss they come from.
     val_loss, val_bpc = (x if isinstance(x, (int, float)) and math.isfinite(x) else None

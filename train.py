@@ -215,7 +215,7 @@ def evaluate_and_save(t, step, last_step):
         train_loss, t.val_loss = evaluate(model, t.corpus, t.val_data, config, run)
         val_bpc = bits_per_char(t.val_loss, t.val_data.n_predictions, t.val_data.n_chars)
         elapsed = time.time() - startup.STARTED_AT
-        new_best = t.best.update(step, t.val_loss, model)
+        new_best = t.best.update(step, t.val_loss, val_bpc, model)
         progress.write(f"Step {step}: train loss {train_loss:.4f}, val loss {t.val_loss:.4f} "
                        f"({t.val_data.note}), val bpc {val_bpc:.4f} ({elapsed:.1f}s)"
                        + (" new best" if new_best else ""))
@@ -250,30 +250,32 @@ class BestEvaluation:
     and generate.py samples them unless asked for --weights last."""
     step: int = -1
     val_loss: float = math.inf
+    val_bpc: float = math.nan  # its bits per character (NaN: not known, as in older checkpoints)
     weights: dict = None  # a copy on the CPU, taken when they became the best
 
-    def update(self, step, val_loss, model):
+    def update(self, step, val_loss, val_bpc, model):
         """Keep this evaluation if its val loss is the lowest yet; True if it beat earlier ones."""
         if not val_loss < self.val_loss:  # a NaN is never lower: never the best
             return False
         beat_an_earlier_one = self.step >= 0
-        self.step, self.val_loss = step, val_loss
+        self.step, self.val_loss, self.val_bpc = step, val_loss, val_bpc
         self.weights = {name: w.detach().to("cpu", copy=True)
                         for name, w in model.state_dict().items()}
         return beat_an_earlier_one
 
     def in_checkpoint(self, step):
-        """The checkpoint's entries: the best step and val loss, and its weights unless they are
-        this step's (then they are the checkpoint's model already)."""
-        best = dict(step=self.step, val_loss=self.val_loss)
+        """The checkpoint's entries: the best step, val loss and bits per character, and its
+        weights unless they are this step's (then they are the checkpoint's model already)."""
+        best = dict(step=self.step, val_loss=self.val_loss, val_bpc=self.val_bpc)
         return dict(best=best) if self.step == step else dict(best=best, best_model=self.weights)
 
     def restore(self, checkpoint):
         """From the checkpoint being resumed; one saved before best weights were kept has only
         its last weights, the best known then."""
-        last = dict(step=checkpoint["step"], val_loss=checkpoint["val_loss"])
+        last = dict(step=checkpoint["step"], val_loss=checkpoint["val_loss"],
+                    val_bpc=checkpoint.get("val_bpc", math.nan))
         best = checkpoint.get("best", last)
-        self.step = best["step"]
+        self.step, self.val_bpc = best["step"], best.get("val_bpc", math.nan)
         self.val_loss = best["val_loss"] if math.isfinite(best["val_loss"]) else math.inf
         self.weights = {name: w.to("cpu", copy=True)
                         for name, w in checkpoint.get("best_model", checkpoint["model"]).items()}

@@ -421,7 +421,7 @@ def test_an_overfitting_run_keeps_and_samples_its_best_weights(tmp_path):
     saved = torch.load(long_run, weights_only=True)
     best = saved["best"]
     assert 0 < best["step"] < 40 and best["val_loss"] < saved["val_loss"]  # it did overfit
-    assert f"val loss {best['val_loss']:.4f} (exact), val bpc" in out
+    assert f"val loss {best['val_loss']:.4f} (exact), val bpc {best['val_bpc']:.4f}" in out
     assert f"Best: val loss {best['val_loss']:.4f} at step {best['step']}" in out
     assert out.count(" new best") >= 1
 
