@@ -605,7 +605,7 @@ def resume(training):
     if not restored:
         print(f"Note: {path} holds no random state for this GPU (saved on another machine): "
               f"dropout goes on from a fresh one, so the run is not exactly the one it resumes")
-    note_changed_flags(ckpt["config"], config, path, run)
+    note_changed_flags(ckpt["config"], config, path, run, step)
     run.log(f"Resuming from step {step} of {path}")
     return step
 
@@ -628,11 +628,12 @@ STEPPING_FLAGS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "
                   "dropout", "dtype")
 
 
-def note_changed_flags(saved, config, path, run):
+def note_changed_flags(saved, config, path, run, step):
     """One note naming the stepping flags that differ from the run that saved the checkpoint
     (a flag left out is back at its default; one it did not record is skipped), each compared as
-    it takes effect: --dtype auto as the format it picks here, and the learning rate's decay
-    length as --lr_decay_iters, or --max_iters when that is 0 (a longer run stretches it)."""
+    it takes effect: --dtype auto as the format it picks here, the learning rate's decay length
+    as --lr_decay_iters, or --max_iters when that is 0 (a longer run stretches it), and neither
+    it nor the warmup once the resumed step is past both runs' (the rate is min_lr from there)."""
     now = asdict(config)
 
     def in_effect(settings, name):
@@ -642,7 +643,11 @@ def note_changed_flags(saved, config, path, run):
             return settings[name] or settings.get("max_iters")
         return settings[name]
 
-    names = STEPPING_FLAGS + (("muon_lr",) if config.optimizer == "muon" else ())
+    schedule = ("warmup_iters", "lr_decay_iters")
+    decayed = step >= max(in_effect(s, name) or 0 for s in (saved, now) for name in schedule
+                          if name in s)
+    names = [name for name in STEPPING_FLAGS if not (decayed and name in schedule)]
+    names += ["muon_lr"] if config.optimizer == "muon" else []
     changed = [f"--{name} {saved[name]} -> {now[name]}" if name != "lr_decay_iters" else
                f"the learning rate's decay over {in_effect(saved, name)} -> "
                f"{in_effect(now, name)} steps (--lr_decay_iters {in_effect(saved, name)} keeps it)"

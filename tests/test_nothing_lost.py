@@ -449,6 +449,11 @@ def test_a_resume_that_stretches_the_learning_rate_or_changes_the_number_format_
                                "--lr_decay_iters", "4", "--dtype", picked)
     assert code == 0, err
     assert "Note:" not in out
+    # Past both runs' warmup and decay (step 5 of decays over 4 and 3 steps): min_lr either way.
+    code, out, err = train_run(tiny_data, checkpoint, "--max_iters", "6", "--resume",
+                               "--lr_decay_iters", "3", "--dtype", picked)
+    assert code == 0, err
+    assert "Note:" not in out
 
 
 # --- an output that is an input; two outputs that share a name ------------------------------
