@@ -15,8 +15,11 @@ import startup
 
 startup.load_torch(__name__)  # first: Ctrl-C while it loads exits at once
 
+import functools
 import math
 import os
+import unicodedata
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +34,8 @@ SHOWN = {" ": "␣", "\n": "↵", "\t": "⇥"}  # whitespace, drawn so that it c
 LABEL_SIZE = 12  # points, for the characters in embeddings.png
 PICTURE_TAG = {"Software": "Mini-GPT explore.py"}  # in each PNG: --out replaces only these
 KIND_COLOURS = {"vowel": "tab:red", "consonant": "tab:blue", "capital": "tab:green",  # kind_of
-                "punctuation": "tab:orange", "space, newline": "tab:purple",
-                "digit": "tab:brown", "longer token": "tab:gray", "byte": "tab:pink"}
+                "letter, no case": "tab:cyan", "punctuation": "tab:orange", "space, newline": "tab:purple",
+                "digit": "tab:brown", "other": "tab:olive", "longer token": "tab:gray", "byte": "tab:pink"}
 
 
 def parse_args(argv=None):
@@ -211,12 +214,25 @@ def save_picture(figure, path):
     """Save figure as path, whole or not at all (tracking.save_png: a link there is replaced,
     never written through; a full disk leaves the earlier picture as it was), and close it."""
     try:
-        save_png(figure, path, PICTURE_TAG)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            save_png(figure, path, PICTURE_TAG)
+        for warning in caught:  # matplotlib warns once per character its font lacks: one note
+            if "missing from font" not in str(warning.message):
+                warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+        if any("missing from font" in str(warning.message) for warning in caught):
+            note_missing_glyphs()
     except OSError as err:
         raise UsageError(f"cannot write {path} ({err.strerror or err}); free some disk space, "
                          f"or pass --out DIR to a folder you can write") from None
     finally:
         pyplot().close(figure)
+
+
+@functools.cache  # once a run, whatever the number of pictures and characters
+def note_missing_glyphs():
+    print("Note: matplotlib's font lacks some of these characters, so the pictures show them as "
+          "empty boxes; the live page (explore.py --serve) draws them with the browser's fonts")
 
 
 def draw_attention(attention, labels, path):
@@ -260,14 +276,19 @@ def embedding_pca(weight):
 
 
 def kind_of(text):
-    """The group a token is coloured by in embeddings.png (and on the live page)."""
+    """The group a token is coloured by in embeddings.png (and on the live page), by Unicode,
+    so that é is a vowel like e, and a Chinese character a letter, not punctuation."""
     if text == "\ufffd" or (text.startswith("\\x") and len(text) == 4):
         return "byte"  # BPE: part of a character, or a control character
     if len(text) != 1:
         return "longer token"
-    fits = {"vowel": text in "aeiou", "consonant": text.islower(), "capital": text.isupper(),
-            "space, newline": text in SHOWN.values(), "digit": text.isdigit()}
-    return next((kind for kind, fit in fits.items() if fit), "punctuation")  # the first that fits
+    category = unicodedata.category(text)  # "Ll" lower-case letter, "Lo" other letter, "Po", ...
+    base = unicodedata.normalize("NFD", text)[0]  # é -> e + accent: the letter without accents
+    fits = {"vowel": text.islower() and base in "aeiou", "consonant": text.islower(),
+            "capital": text.isupper(), "letter, no case": category[0] == "L",  # 中, あ, ب
+            "space, newline": text in SHOWN.values() or text.isspace(), "digit": text.isdigit(),
+            "punctuation": category[0] in "PS"}  # symbols too ($, +): they read as punctuation
+    return next((kind for kind, fit in fits.items() if fit), "other")  # the first that fits
 
 
 def draw_embeddings(weight, token_text, prompt_ids, path):

@@ -6,6 +6,7 @@ import json
 import math
 import re
 import sys
+import warnings
 
 import pytest
 import torch
@@ -198,6 +199,37 @@ def test_embedding_pca_keeps_the_two_largest_directions():
 def test_whitespace_and_control_characters_are_shown_readably():
     assert explore.readable("a b\n") == "a␣b↵"
     assert explore.readable("\x1b[2J") == "\\x1b[2J"  # an escape code printed, not obeyed
+
+
+def test_characters_are_grouped_by_unicode_not_by_an_ascii_list():
+    # Tiny Shakespeare's 65 characters keep their groups (as the tokens are shown: ␣ and ↵).
+    shakespeare = {"vowel": "aeiou", "consonant": "bcdfghjklmnpqrstvwxyz",
+                   "capital": "ABCDEFGHIJKLMNOPQRSTUVWXYZ", "punctuation": "!$&',-.:;?",
+                   "space, newline": "␣↵", "digit": "3"}
+    assert sum(map(len, shakespeare.values())) == 65
+    for kind, characters in shakespeare.items():
+        assert {explore.kind_of(c) for c in characters} == {kind}, characters
+    # Other languages: accents do not change a letter's group; a letter without case is a letter.
+    assert {explore.kind_of(c) for c in "éàôùû"} == {"vowel"} and explore.kind_of("ç") == "consonant"
+    assert explore.kind_of("É") == "capital" and explore.kind_of("«") == "punctuation"
+    assert {explore.kind_of(c) for c in "中文あカبש"} == {"letter, no case"}
+    assert explore.kind_of("\u0301") == "other"  # a combining accent on its own
+    assert set(map(explore.kind_of, "中é«\u0301\u3000")) <= set(explore.KIND_COLOURS)
+
+
+def test_characters_the_font_lacks_give_one_note_not_a_warning_each(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    explore.note_missing_glyphs.cache_clear()
+    labels = list("中文字母あいうカキク")  # DejaVu Sans, matplotlib's font, has none of these
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explore.draw_attention(torch.full((1, 2, 10, 10), 0.1), labels, tmp_path / "attention.png")
+        explore.draw_embeddings(torch.randn(10, 8), labels, [0, 1], tmp_path / "embeddings.png")
+    out, err = capsys.readouterr()
+    glyph_lines = [str(w.message) for w in caught if "missing from font" in str(w.message)]
+    glyph_lines += [line for line in (out + err).splitlines() if "font" in line]
+    assert len(glyph_lines) <= 1, glyph_lines
+    assert is_png(tmp_path / "attention.png") and is_png(tmp_path / "embeddings.png")
 
 
 def is_png(path):

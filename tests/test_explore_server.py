@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -386,6 +387,13 @@ def test_the_page_files_are_served(url):
     # Everything the page loads comes from the server itself: no CDN, no web font.
     page = b"".join(request(url, path)[1] for path in ("/", "/explore.js", "/explore.css"))
     assert b"http://" not in page.replace(b"http://127.0.0.1", b"") and b"https://" not in page
+
+
+def test_the_page_has_a_colour_for_every_group_of_embeddings_png():
+    with open(os.path.join(ROOT, "web", "explore.js"), encoding="utf-8") as file:
+        script = file.read()
+    colours = script.split("const KIND_COLOURS = {")[1].split("};")[0]
+    assert re.findall(r'"([^"]+)": "#', colours) == list(explore.KIND_COLOURS)  # same order too
 
 
 # --- starting and stopping ------------------------------------------------------------------------

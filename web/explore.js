@@ -9,8 +9,9 @@
 
 const $ = (id) => document.getElementById(id);
 const KIND_COLOURS = {  // as in explore.py's embeddings.png
-  "vowel": "#d62728", "consonant": "#1f77b4", "capital": "#2ca02c", "punctuation": "#ff7f0e",
-  "space, newline": "#9467bd", "digit": "#8c564b", "longer token": "#7f7f7f", "byte": "#e377c2",
+  "vowel": "#d62728", "consonant": "#1f77b4", "capital": "#2ca02c", "letter, no case": "#17becf",
+  "punctuation": "#ff7f0e", "space, newline": "#9467bd", "digit": "#8c564b", "other": "#bcbd22",
+  "longer token": "#7f7f7f", "byte": "#e377c2",
 };
 const SAMPLING = ["temperature", "top_k", "top_p", "seed", "length"];
 
