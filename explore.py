@@ -34,8 +34,9 @@ SHOWN = {" ": "␣", "\n": "↵", "\t": "⇥"}  # whitespace, drawn so that it c
 LABEL_SIZE = 12  # points, for the characters in embeddings.png
 PICTURE_TAG = {"Software": "Mini-GPT explore.py"}  # in each PNG: --out replaces only these
 KIND_COLOURS = {"vowel": "tab:red", "consonant": "tab:blue", "capital": "tab:green",  # kind_of
-                "letter, no case": "tab:cyan", "punctuation": "tab:orange", "space, newline": "tab:purple",
-                "digit": "tab:brown", "other": "tab:olive", "longer token": "tab:gray", "byte": "tab:pink"}
+                "letter, no case": "tab:cyan", "punctuation": "tab:orange",
+                "space, newline": "tab:purple", "digit": "tab:brown", "other": "tab:olive",
+                "longer token": "tab:gray", "byte": "tab:pink"}
 
 
 def parse_args(argv=None):
