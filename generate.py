@@ -47,7 +47,8 @@ def main(argv=None):
     print("=" * 60)
     print(f"Prompt: {args.prompt}")
     print(f"Max tokens: {args.max_new_tokens}")
-    print(f"Temperature: {args.temperature}")
+    print(f"Temperature: {args.temperature}" + (" (greedy: top-k does not apply)"
+                                                if args.temperature == 0 else ""))
     print(f"Top-k: {args.top_k}")
     if args.top_p is not None:  # only when asked for
         print(f"Top-p: {args.top_p}")
@@ -199,6 +200,12 @@ def parse_args(argv=None):
     if args.interactive and args.prompt:
         raise UsageError("--prompt does not apply to --interactive, which asks for each prompt; "
                          "drop --prompt, or --interactive")
+    if args.temperature == 0 and args.top_p is not None:
+        raise UsageError("--top_p does not apply to --temperature 0 (greedy: always the likeliest "
+                         "token); drop --top_p, or give a temperature above 0")
+    if args.compile == "true" and args.no_cache:
+        raise UsageError("--compile true compiles the cached one-token step; drop --no_cache or "
+                         "--compile true")
     check_args(args)
     return args
 

@@ -669,6 +669,23 @@ def test_a_prompt_given_to_interactive_is_refused_not_dropped(home, isolated):
                                          "asks for each prompt; drop --prompt, or --interactive")
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--temperature", "0", "--top_p", "0.5"], "--top_p does not apply to --temperature 0"),
+    (["--compile", "true", "--no_cache"], "--compile true compiles the cached one-token step")])
+def test_generate_flags_that_could_not_act_are_refused_not_ignored(home, isolated, flags, words):
+    code, _, err = run_in_process(generate.main, ["--checkpoint", home["earlier"], "--device",
+                                                  "cpu", *flags])
+    assert code == 2 and err.strip().startswith(f"error: {words}") and len(err.splitlines()) == 1
+
+
+def test_greedy_sampling_says_top_k_does_not_apply(home, isolated):
+    code, out, err = run_in_process(generate.main, ["--checkpoint", home["earlier"], "--device",
+                                                    "cpu", "--temperature", "0",
+                                                    "--max_new_tokens", "3"])
+    assert code == 0, err
+    assert "Temperature: 0.0 (greedy: top-k does not apply)" in out.splitlines()
+
+
 @pytest.mark.parametrize("stdin", ["empty", "closed"])
 def test_interactive_with_no_input_left_ends_quietly(home, stdin):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--checkpoint",
