@@ -219,10 +219,11 @@ def save_picture(figure, path):
             warnings.simplefilter("always")
             save_png(figure, path, PICTURE_TAG)
         for warning in caught:  # matplotlib warns once per character its font lacks: one note
-            if "missing from font" not in str(warning.message):
-                warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
-        if any("missing from font" in str(warning.message) for warning in caught):
-            note_missing_glyphs()
+            if "missing from font" in str(warning.message):
+                note_missing_glyphs()
+            else:
+                warnings.showwarning(warning.message, warning.category, warning.filename,
+                                     warning.lineno)
     except OSError as err:
         raise UsageError(f"cannot write {path} ({err.strerror or err}); free some disk space, "
                          f"or pass --out DIR to a folder you can write") from None
@@ -285,7 +286,7 @@ def kind_of(text):
         return "longer token"
     category = unicodedata.category(text)  # "Ll" lower-case letter, "Lo" other letter, "Po", ...
     base = unicodedata.normalize("NFD", text)[0]  # é -> e + accent: the letter without accents
-    fits = {"vowel": text.islower() and base in "aeiou", "consonant": text.islower(),
+    fits = {"vowel": text.islower() and base in "aeiouαεηιουω", "consonant": text.islower(),
             "capital": text.isupper(), "letter, no case": category[0] == "L",  # 中, あ, ب
             "space, newline": text in SHOWN.values() or text.isspace(), "digit": text.isdigit(),
             "punctuation": category[0] in "PS"}  # symbols too ($, +): they read as punctuation

@@ -247,7 +247,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def read_json(self):
         origin = self.headers.get("Origin")  # a browser's POST names the page that sends it
-        if origin is not None and urlsplit(origin).netloc != self.headers.get("Host"):  # http(s)
+        page = urlsplit(origin or "")  # the page that sends it: http(s)://this server's Host
+        if origin is not None and (page.scheme not in ("http", "https")
+                                   or page.netloc != self.headers.get("Host")):
             raise RequestError(f"a POST from another web site ({origin[:100]}) is refused; use "
                                f"the page this server serves", 403)
         if self.headers.get_content_type() != "application/json":

@@ -47,9 +47,8 @@ def main(argv=None):
     print("=" * 60)
     print(f"Prompt: {args.prompt}")
     print(f"Max tokens: {args.max_new_tokens}")
-    print(f"Temperature: {args.temperature}" + (" (greedy: top-k does not apply)"
-                                                if args.temperature == 0 else ""))
-    print(f"Top-k: {args.top_k}")
+    print(f"Temperature: {args.temperature}")
+    print(f"Top-k: {args.top_k}" + (" (does not apply: greedy)" if args.temperature == 0 else ""))
     if args.top_p is not None:  # only when asked for
         print(f"Top-p: {args.top_p}")
     print(f"Weights: {args.weights}, {which}")

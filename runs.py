@@ -213,8 +213,7 @@ class Progress(tqdm):
         resumed = (resume_path(config), start_step) if config.resume else None
         self.record = metrics_recorder(config, resumed) if run.is_master else None
         run.log(f"\nStarting training for {config.max_iters} iterations..." if not start_step else
-                f"\nStarting training from step {start_step} to {config.max_iters} "
-                f"({config.max_iters - start_step} iterations)...")
+                f"\nStarting training from step {start_step} to {config.max_iters}...")
         super().__init__(total=config.max_iters, initial=start_step, unit="step",
                          dynamic_ncols=True, file=sys.stdout, disable=not run.is_master)
         self.restart_timer()

@@ -25,9 +25,13 @@ def load_torch(module_name):
         print("error: the current folder no longer exists (it was deleted); cd to a folder that "
               "exists", file=sys.stderr)
         sys.exit(2)
-    try:  # first tqdm, which torch imports: its TQDM_* defaults are read as it loads, and used
-        import tqdm  # when a bar is drawn (TQDM_BAR_FORMAT): draw one, into nowhere, with
-        tqdm.tqdm(total=10**6, initial=10**6, unit_scale=True, file=io.StringIO()).close()  # units
+    # First tqdm, which torch imports: it reads its TQDM_* defaults as it loads, and uses some
+    # only when it draws a bar (TQDM_BAR_FORMAT, TQDM_UNIT_DIVISOR): so draw one, into nowhere,
+    # counting in thousands, at once (not after TQDM_DELAY), without its colour (a mere warning).
+    try:
+        import tqdm
+        tqdm.tqdm(total=10**6, initial=10**6, unit_scale=True, delay=0, colour=None,
+                  file=io.StringIO()).close()
     except Exception as err:
         refuse_settings("tqdm", "TQDM_", f"{type(err).__name__}: {err}")  # exits if any are set
         raise

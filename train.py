@@ -274,8 +274,10 @@ class BestEvaluation:
         its last weights, the best known then."""
         last = dict(step=checkpoint["step"], val_loss=checkpoint["val_loss"],
                     val_bpc=checkpoint.get("val_bpc", math.nan))
-        best = checkpoint.get("best", last)
-        self.step, self.val_bpc = best["step"], best.get("val_bpc", math.nan)
+        best = checkpoint.get("best", last)  # (older checkpoints: no val_bpc in best)
+        self.step = best["step"]
+        self.val_bpc = best.get("val_bpc", last["val_bpc"] if best["step"] == last["step"] else
+                                math.nan)
         self.val_loss = best["val_loss"] if math.isfinite(best["val_loss"]) else math.inf
         self.weights = {name: w.to("cpu", copy=True)
                         for name, w in checkpoint.get("best_model", checkpoint["model"]).items()}

@@ -278,6 +278,8 @@ FOREIGN = [  # what a page of another web site open in the browser can send to 1
     ("/", None, {"Host": "evil.example"}, 403, "is not this server's address"),  # DNS rebinding
     ("/api/continue", dict(prompt="RO"), {**JSON, "Origin": "http://evil.example"}, 403,
      "from another web site (http://evil.example) is refused"),
+    ("/api/continue", dict(prompt="RO"), {**JSON, "Origin": "file://127.0.0.1:{port}"}, 403,
+     "from another web site (file://"),  # this host, but not a page it served
     ("/api/continue", dict(prompt="RO"), {"Content-Type": "text/plain"}, 415,  # no preflight
      "Content-Type must be application/json"),
     ("/api/look", dict(prompt="RO"), {}, 415, "Content-Type must be application/json"),

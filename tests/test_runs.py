@@ -3,6 +3,7 @@ Weights & Biases offline, and DDP over several processes (gloo on the CPU)."""
 
 import glob
 import json
+import math
 import os
 import random
 import select
@@ -45,7 +46,7 @@ def test_resume_continues_exactly(tmp_path, tiny_data, optimizer):
     resumed = run_script("train.py", *flags, "--checkpoint", halves, "--max_iters", "12", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming from step 6" in resumed.stdout and "Note:" not in resumed.stdout
-    assert "Starting training from step 6 to 12 (6 iterations)..." in resumed.stdout
+    assert "Starting training from step 6 to 12..." in resumed.stdout
     expected = losses_by_step(tmp_path / "straight.pt.metrics.jsonl")
     assert sorted(expected) == list(range(1, 13))
     assert losses_by_step(tmp_path / "halves.pt.metrics.jsonl") == expected  # bit for bit
@@ -437,6 +438,19 @@ def test_an_overfitting_run_keeps_and_samples_its_best_weights(tmp_path):
     last_text = sample(long_run, "--weights", "last")
     assert f"Weights: last, val loss {saved['val_loss']:.4f} at step 40" in last_text
     assert last_text.split("=" * 60)[-1] != body
+
+
+def test_an_older_checkpoints_best_takes_its_bits_per_character_when_it_is_the_last():
+    """Checkpoints written before the best evaluation kept its bits per character: when the best
+    is the last step, the checkpoint's own figure is the best's; otherwise none is known."""
+    weights = {"w": torch.zeros(1)}
+    older = dict(step=40, val_loss=1.5, val_bpc=2.2, model=weights,
+                 best=dict(step=40, val_loss=1.5))
+    best = train.BestEvaluation()
+    best.restore(older)
+    assert (best.step, best.val_loss, best.val_bpc) == (40, 1.5, 2.2)
+    best.restore(dict(older, best=dict(step=30, val_loss=1.4), best_model=weights))
+    assert best.step == 30 and math.isnan(best.val_bpc)
 
 
 def test_resume_carries_the_best_weights_on(tmp_path):
