@@ -643,8 +643,8 @@ def note_changed_flags(saved, config, path, run, step):
         return settings[name]
 
     schedule = ("warmup_iters", "lr_decay_iters")
-    decayed = step >= max(in_effect(s, name) or 0 for s in (saved, now) for name in schedule
-                          if name in s)
+    ends = [in_effect(s, name) for s in (saved, now) for name in schedule if name in s]
+    decayed = all(type(end) is int for end in ends) and step >= max(ends)  # (saved: any value)
     names = [name for name in STEPPING_FLAGS if not (decayed and name in schedule)]
     names += ["muon_lr"] if config.optimizer == "muon" else []
     changed = [f"--{name} {saved[name]} -> {now[name]}" if name != "lr_decay_iters" else
