@@ -38,7 +38,7 @@ def load_torch(module_name):
     try:
         import torch  # noqa: F401  (the script's own `import torch` then finds it loaded)
     except (ValueError, OSError) as err:
-        refuse_settings("torch", "TORCH_LOGS", str(err))  # exits if any are set
+        refuse_settings("torch", "TORCH_LOGS", str(err) or type(err).__name__)  # exits if set
         raise
     except (MemoryError, ImportError) as err:  # a memory limit (ulimit -v) too low for torch
         if isinstance(err, ImportError) and "failed to map segment" not in str(err):
