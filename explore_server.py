@@ -207,7 +207,7 @@ class Handler(BaseHTTPRequestHandler):
         # Another web site open in the browser can send requests here too. Its own host name
         # made to point at 127.0.0.1 (DNS rebinding) is no Host of ours; a POST of its page says
         # where it comes from (Origin), and a JSON Content-Type makes the browser ask us first.
-        # Any port: through a forwarded port (ssh -L 8000:127.0.0.1:8001) the browser names its own.
+        # Any port: through a forwarded one (ssh -L 8000:127.0.0.1:8001) the browser names its own.
         host = self.headers.get("Host")  # none: an HTTP/1.0 client, never a browser
         if None not in (host, self.server.hosts) and \
                 re.sub(r":\d+$", "", host.lower()) not in self.server.hosts:

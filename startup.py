@@ -51,7 +51,8 @@ def load_torch(module_name):
 def refuse_settings(library, prefix, reason):
     """With environment variables library reads (names starting with prefix) set: say that it
     cannot load with them, in one line, and exit 2. Without any: return (a bug: a traceback)."""
-    settings = [f"{name}={value!r}" for name, value in os.environ.items() if name.startswith(prefix)]
+    settings = [f"{name}={value!r}" for name, value in os.environ.items()
+                if name.startswith(prefix)]
     if settings:
         reason = " ".join(reason.strip().split("\n\n")[0].split())
         print(f"error: {library} cannot load with {', '.join(settings)} ({reason[:300]}); unset "

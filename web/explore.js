@@ -35,7 +35,7 @@ async function start() {
   }
   const answer = await fetch("/api/model");
   state.model = await answer.json();
-  if (!answer.ok) {  // e.g. a Host this server does not answer: say so, not "loading" for ever
+  if (!answer.ok) {  // the server failed to answer (its error): say so, not "loading" for ever
     $("facts").textContent = state.model.error;
     return;
   }
