@@ -73,12 +73,9 @@ def set_up(config):
         torch.cuda.set_device(device)  # the current GPU: whose random state rng_state saves
     torch.manual_seed(config.seed + rank)  # each rank draws its own batches and dropout masks
     dtype = utils.pick_dtype(config.dtype, device)  # --reference: float32
-    # Muon's iteration runs in bfloat16 (speedups.nearly_orthogonal), whatever --dtype says.
-    if device == "mps" and (dtype == "bfloat16" or config.optimizer == "muon") \
-            and not torch.backends.mps.is_macos_or_newer(14, 0):
-        raise UsageError("bfloat16 (--dtype bfloat16, or Muon's iteration) needs macOS 14 or "
-                         "newer on an Apple GPU; update macOS, or pass --dtype float32 and "
-                         "--optimizer adamw")
+    if device == "mps" and dtype == "bfloat16" and not torch.backends.mps.is_macos_or_newer(14, 0):
+        raise UsageError("--dtype bfloat16 needs macOS 14 or newer on an Apple GPU; update "
+                         "macOS, or pass --dtype float32")
     if device == "cpu" and not config.reference:
         speedups.keep_freed_memory()  # reuse freed activations' memory: no page faults
     if device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (8, 0):

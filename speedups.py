@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import GPTModel, sample_next_token
-from utils import UsageError, use_compile
+from utils import UsageError, has_native_bf16, use_compile
 
 # ---------------------------------------------------------------------------------------------
 # Training on a CPU
@@ -88,20 +88,20 @@ def use_fast_cpu_dropout(model):
 # direction, and Muon.step applies it with the weight decay and the learning rate. Its numbers
 # are torch.optim.Muon's (PyTorch 2.9 and newer) to the last bit (tests/test_speedups.py).
 
-def muon_direction(momentum, grad, beta=0.95):
+def muon_direction(momentum, grad, beta=0.95, matmul_dtype=torch.bfloat16):
     """Muon's step for one weight matrix, before the learning rate: the momentum (updated in
-    place), one step ahead (Nesterov), made nearly orthogonal; in bfloat16."""
+    place), one step ahead (Nesterov), made nearly orthogonal, its matmuls in matmul_dtype."""
     momentum.lerp_(grad, 1 - beta)  # M = beta M + (1 - beta) g: a running mean of gradients
-    return nearly_orthogonal(grad.lerp(momentum, beta))  # (1 - beta) g + beta M: a step ahead
+    return nearly_orthogonal(grad.lerp(momentum, beta), matmul_dtype)  # a step ahead
 
 
-def nearly_orthogonal(M, steps=5):
+def nearly_orthogonal(M, matmul_dtype=torch.bfloat16, steps=5):
     """About U V^T for M = U S V^T, without an SVD: scaled so that every singular value is at
     most 1, then each pass maps every singular value s to a s + b s^3 + c s^5, which pushes
     them towards 1: after 5 passes all but the tiniest lie between about 0.7 and 1.2, close
     enough for a step direction."""
     a, b, c = 3.4445, -4.7750, 2.0315  # chosen to lift small singular values fast
-    X = M.bfloat16()  # matmuls only, so bfloat16 suffices
+    X = M.to(matmul_dtype)  # matmuls only, so bfloat16 suffices where the chip has it
     tall = X.size(0) > X.size(1)
     if tall:  # work on the wide shape: X X^T is then the smaller matrix
         X = X.T
@@ -117,10 +117,14 @@ def nearly_orthogonal(M, steps=5):
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D weight matrices: each step, shrink W by its weight decay (as AdamW does),
     then W -= lr * muon_direction(...), the learning rate scaled by sqrt(rows / cols) for tall
-    matrices so that a step's size does not depend on their shape."""
+    matrices so that a step's size does not depend on their shape. The iteration's matmuls run
+    in bfloat16 where the chip computes in it (as torch.optim.Muon's always do), else in float32:
+    emulated bf16 (a CPU with AVX2 only) would make them many times slower."""
 
     def __init__(self, params, lr, weight_decay, momentum=0.95):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
+        device = str(self.param_groups[0]["params"][0].device)
+        self.matmul_dtype = torch.bfloat16 if has_native_bf16(device) else torch.float32
 
     @torch.no_grad()
     def step(self):
@@ -133,7 +137,7 @@ class Muon(torch.optim.Optimizer):
                 if not state:
                     state["momentum_buffer"] = torch.zeros_like(weight.grad)
                 direction = muon_direction(state["momentum_buffer"], weight.grad,
-                                           group["momentum"])
+                                           group["momentum"], self.matmul_dtype)
                 rows, cols = weight.shape
                 weight.mul_(1 - lr * group["weight_decay"])
                 weight.add_(direction, alpha=-lr * math.sqrt(max(1, rows / cols)))

@@ -375,9 +375,17 @@ def pick_dtype(name, device):
     docs/results.md has the measured speed-ups."""
     if name != "auto":
         return name
+    if has_native_bf16(device):
+        return "bfloat16"
+    return "float16" if device.startswith("cuda") else "float32"
+
+
+def has_native_bf16(device):
+    """Whether the chip computes in bf16 itself: where it does not (a CPU with AVX2 only, a
+    T4), bf16 is emulated and a bf16 matmul is many times slower than a float32 one."""
     if device.startswith("cuda"):
-        return "bfloat16" if gpu_has_native_bf16(device) else "float16"
-    return "bfloat16" if device == "cpu" and cpu_has_native_bf16() else "float32"
+        return gpu_has_native_bf16(device)
+    return device == "cpu" and cpu_has_native_bf16()
 
 
 def gpu_has_native_bf16(device):

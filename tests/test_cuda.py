@@ -414,13 +414,14 @@ def test_what_train_py_picks_on_an_apple_gpu(monkeypatch, capsys):
     assert "its Apple GPU (MPS) backend is a prototype" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("flags", [["--dtype", "bfloat16"], ["--optimizer", "muon"]])
-def test_bfloat16_on_an_apple_gpu_needs_macos_14(monkeypatch, flags):
+def test_bfloat16_on_an_apple_gpu_needs_macos_14(monkeypatch):
     pretend_mac(monkeypatch, (14, 0))
-    assert runs.set_up(parse_config(["--device", "mps", *flags])[0]).device == "mps"
+    assert runs.set_up(parse_config(["--device", "mps", "--dtype", "bfloat16"])[0]).device == "mps"
     pretend_mac(monkeypatch, (13, 5))
     with pytest.raises(utils.UsageError, match="needs macOS 14 or newer on an Apple GPU"):
-        runs.set_up(parse_config(["--device", "mps", *flags])[0])
+        runs.set_up(parse_config(["--device", "mps", "--dtype", "bfloat16"])[0])
+    # Muon's iteration runs in float32 there (bf16 is not native on every Apple GPU)
+    assert runs.set_up(parse_config(["--device", "mps", "--optimizer", "muon"])[0]).device == "mps"
 
 
 def test_an_apple_gpus_random_state_is_saved_and_restored(monkeypatch):

@@ -1,6 +1,7 @@
 """What speedups.py promises: each trick computes what the plain code computes (or, for int8,
 nearly), and is applied only where it is asked for."""
 
+import math
 import subprocess
 import sys
 
@@ -73,11 +74,13 @@ def test_reference_switch_turns_every_speed_up_off():
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="PyTorch 2.9 brought its Muon")
 @pytest.mark.parametrize("shape", [(48, 16), (16, 48), (32, 32)])  # tall, wide, square
-def test_muon_takes_the_steps_of_torch_optim_muon_to_the_last_bit(shape):
+def test_muon_takes_the_steps_of_torch_optim_muon_to_the_last_bit(monkeypatch, shape):
     """speedups.Muon, the step the CPU presets train with, written out for reading, moves a
     weight matrix exactly as PyTorch's own torch.optim.Muon does, over steps that use its
     momentum and weight decay, with a learning rate that changes; and the state a checkpoint
-    saved with torch.optim.Muon loads into it."""
+    saved with torch.optim.Muon loads into it. (On a CPU with native bf16: torch.optim.Muon's
+    iteration is always bf16, ours only where the chip computes in it.)"""
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: True)
     torch.manual_seed(0)
     ours = torch.nn.Parameter(torch.randn(shape))
     theirs = torch.nn.Parameter(ours.detach().clone())
@@ -95,6 +98,26 @@ def test_muon_takes_the_steps_of_torch_optim_muon_to_the_last_bit(shape):
     resumed.load_state_dict(torch_muon.state_dict())  # a checkpoint of torch.optim.Muon's
     assert torch.equal(next(iter(resumed.state.values()))["momentum_buffer"],
                        muon.state[ours]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("native, dtype, other", [(True, torch.bfloat16, torch.float32),
+                                                   (False, torch.float32, torch.bfloat16)])
+def test_muon_iterates_in_bf16_only_on_a_cpu_that_computes_in_it(monkeypatch, native, dtype,
+                                                                  other):
+    """Emulated bf16 (a CPU with AVX2 only) makes a matmul many times slower than float32's,
+    which made --preset cpu take minutes there: Muon's iteration runs in float32 on such CPUs."""
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: native)
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(32, 16))
+    start, weight.grad = weight.detach().clone(), torch.randn(32, 16)
+    speedups.Muon([weight], lr=0.02, weight_decay=0.0).step()
+
+    def stepped(matmul_dtype):  # the first step: an empty momentum; lr scaled by sqrt(32 / 16)
+        direction = speedups.muon_direction(torch.zeros(32, 16), weight.grad, 0.95, matmul_dtype)
+        return start - 0.02 * math.sqrt(2) * direction.float()
+
+    assert torch.allclose(weight, stepped(dtype), atol=1e-6)
+    assert not torch.allclose(weight, stepped(other), atol=1e-6)
 
 
 def test_nearly_orthogonal_brings_every_singular_value_near_1():
