@@ -261,11 +261,11 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
-    # The random draw: the token torch.multinomial(probs, 1) draws from the same random numbers,
-    # without its check of the probabilities on the host, which a GPU would wait for at every
-    # token. Token i's clock rings at time E_i / probs[i], E_i ~ Exponential(1), and the first
-    # to ring (the largest probs[i] / E_i) wins: a race of exponential clocks with rates
-    # probs[i], which clock i wins with probability probs[i] / sum(probs).
+    # The random draw, token i with probability probs[i]: what torch.multinomial(probs, 1) does
+    # inside (the same token from the same random numbers), written out to skip its check of
+    # the probabilities, which a GPU would stop for at every token. Each token gets a random
+    # time E_i / probs[i], E_i ~ Exponential(1), and the earliest wins (the largest
+    # probs[i] / E_i): of such times, token i's is the earliest with probability probs[i].
     race_times = torch.empty_like(probs).exponential_(generator=generator)  # the E_i
     return (probs / race_times).argmax(dim=-1)
 

@@ -26,12 +26,15 @@ class UsageError(Exception):
     """A problem with the user's input; the message says what is wrong and how to fix it."""
 
 
+RANK_ERROR_WAIT = 10  # seconds; torchrun looks at its ranks every 0.1 s by default
+
+
 def run_main(main, torchrun=False):
     """Run a script's main(): a UsageError, running out of memory, or output that cannot be
     written (a full disk, /dev/full) is one line on stderr and exit code 2; Ctrl-C, or SIGTERM
     (what `timeout` or a cluster's scheduler sends before a kill), exits with 130 and no
     traceback, half-written files cleaned up on the way. torchrun: main runs as one of
-    torchrun's processes (train.py), where only rank 0 prints a UsageError."""
+    torchrun's processes (train.py), where a UsageError is printed once, by rank 0."""
     quit_on_signals()  # the scripts quiet Ctrl-C while importing
     if hasattr(sys.stdout, "reconfigure"):
         # A path or prompt that is not valid UTF-8 (a terminal's lone byte arrives as a lone
@@ -40,8 +43,15 @@ def run_main(main, torchrun=False):
     try:
         main()
     except UsageError as err:
-        if not (torchrun and is_rank_above_0()):  # under torchrun all ranks meet it: say it once
-            print(f"error: {one_line(str(err))}", file=sys.stderr)
+        if torchrun and is_rank_above_0():
+            # All ranks meet most errors, and rank 0 says it. When one rank ends, torchrun stops
+            # the others: wait, so that it cannot stop rank 0 before rank 0 prints; an error
+            # that rank 0 does not meet is printed here after the wait.
+            try:
+                time.sleep(RANK_ERROR_WAIT)
+            except KeyboardInterrupt:  # torchrun stopped this rank: rank 0 ended, and said it
+                sys.exit(130)
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as err:  # torch.OutOfMemoryError (CUDA) is one too
         # The CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate

@@ -964,3 +964,30 @@ def test_bench_curve_takes_a_huge_seconds_as_no_deadline(monkeypatch):
     code, out, err = run_in_process(bench.main, ["curve", "--device", "cpu", "--seconds", HUGE])
     assert code == 0 and not err and not thread_errors, (err, thread_errors)
     assert "| --preset cpu | 4.2000 | 1.0 s | 0 |" in out
+
+
+def test_under_torchrun_a_rank_above_0_waits_for_rank_0_to_say_the_error(monkeypatch, capsys):
+    """torchrun stops every rank once one ends: a rank above 0 that met the error first used to
+    end at once, and torchrun stopped rank 0 before it printed, so the run ended with no reason
+    given. Now it waits (torchrun stops it there, quietly), and prints an error rank 0 did not
+    meet after the wait."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(utils, "torchrun_problem", lambda: None)
+
+    def refuse():
+        raise utils.UsageError("n_embd (384) must be divisible by n_head (5)")
+
+    waits = []
+    monkeypatch.setattr(utils.time, "sleep", waits.append)  # rank 0 never stops this one
+    with pytest.raises(SystemExit) as exit_:
+        utils.run_main(refuse, torchrun=True)
+    assert (exit_.value.code, waits) == (2, [utils.RANK_ERROR_WAIT]) and waits[0] >= 5
+    assert capsys.readouterr().err == "error: n_embd (384) must be divisible by n_head (5)\n"
+
+    def stopped_by_torchrun(seconds):
+        raise KeyboardInterrupt  # torchrun's SIGTERM, once rank 0 has printed and ended
+
+    monkeypatch.setattr(utils.time, "sleep", stopped_by_torchrun)
+    with pytest.raises(SystemExit) as exit_:
+        utils.run_main(refuse, torchrun=True)
+    assert exit_.value.code == 130 and capsys.readouterr().err == ""
