@@ -210,19 +210,23 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.round(weight / scales[:, None]).to(torch.int8))
         self.register_buffer("scales", scales.to(torch.bfloat16))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        # The many-rows matmul below: bf16 where the CPU computes in it, else float32 (emulated
+        # bf16 is many times slower than float32 there).
+        self.wide_dtype = torch.bfloat16 if has_native_bf16("cpu") else torch.float32
 
     def forward(self, x):  # (..., in_features), float32
-        # The int8 kernel takes 2-D bfloat16 inputs; the rest of the model stays float32, whose
-        # small CPU kernels (LayerNorm, GELU, attention) were faster here than bfloat16's.
-        rows = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
+        rows = x.reshape(-1, x.size(-1))
         if rows.size(0) > 8:
             # Many rows (a prompt, --no_cache): the matmul, not the reading, is the cost, and
-            # the bfloat16 one is faster; widen the weights for it.
-            y = F.linear(rows, self.weight.to(torch.bfloat16) * self.scales[:, None])
+            # a bfloat16 one is faster where native; widen the weights for it.
+            dtype = self.wide_dtype
+            y = F.linear(rows.to(dtype), self.weight.to(dtype) * self.scales[:, None].to(dtype))
         else:
             # A few rows (one new token per sample): PyTorch's fused int8-weight kernel reads
-            # the int8 weights directly and applies the scales itself.
-            y = torch._weight_int8pack_mm(rows, self.weight, self.scales)
+            # the int8 weights directly and applies the scales itself. It takes 2-D bfloat16
+            # inputs; the rest of the model stays float32, whose small CPU kernels (LayerNorm,
+            # GELU, attention) were faster here than bfloat16's.
+            y = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight, self.scales)
         y = y.view(*x.shape[:-1], -1).to(x.dtype)
         return y if self.bias is None else y + self.bias
 

@@ -168,6 +168,22 @@ def test_int8_linear_is_the_rounded_weights_times_their_scales():
     assert (int8_linear(x).float() - expected).abs().max().item() < 0.05
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_int8_prompts_multiply_in_float32_on_a_cpu_without_native_bf16(monkeypatch, native):
+    """A prompt's many rows are multiplied by the widened weights: in bf16 where the CPU computes
+    in it, else in float32 (emulated bf16 made --no_cache 5x slower than float32 there)."""
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: native)
+    torch.manual_seed(0)
+    int8_linear = speedups.Int8Linear(torch.nn.Linear(64, 48))
+    dequantized = int8_linear.weight.float() * int8_linear.scales.float()[:, None]
+    x = torch.randn(16, 64)  # more than 8 rows
+    in_float32 = x @ dequantized.T + int8_linear.bias
+    in_bf16 = (x.bfloat16() @ dequantized.bfloat16().T).float() + int8_linear.bias
+    expected, other = (in_bf16, in_float32) if native else (in_float32, in_bf16)
+    assert torch.allclose(int8_linear(x), expected, atol=1e-5)
+    assert not torch.allclose(int8_linear(x), other, atol=1e-5)
+
+
 def fresh_compile_counters():
     """torch.compile's counters, from zero (skips the test where no compiler can run)."""
     if utils.compile_problem("cpu"):
