@@ -85,8 +85,9 @@ def use_fast_cpu_dropout(model):
 # It suits the hidden matrices only (an embedding's rows are not directions of a linear map):
 # the embeddings, the output head, biases and LayerNorm gains stay with AdamW.
 # The training runs the code below: muon_direction and nearly_orthogonal give a matrix's step
-# direction, and Muon.step applies it with the weight decay and the learning rate. Its numbers
-# are torch.optim.Muon's (PyTorch 2.9 and newer) to the last bit (tests/test_speedups.py).
+# direction, and Muon.step applies it with the weight decay and the learning rate. Where the
+# chip computes in bf16, its numbers are torch.optim.Muon's (PyTorch 2.9 and newer) to the last
+# bit (tests/test_speedups.py); elsewhere its iteration runs in float32, which is faster there.
 
 def muon_direction(momentum, grad, beta=0.95, matmul_dtype=torch.bfloat16):
     """Muon's step for one weight matrix, before the learning rate: the momentum (updated in
