@@ -266,8 +266,8 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     # the probabilities, which a GPU would stop for at every token. Each token gets a random
     # time E_i / probs[i], E_i ~ Exponential(1), and the earliest wins (the largest
     # probs[i] / E_i): of such times, token i's is the earliest with probability probs[i].
-    race_times = torch.empty_like(probs).exponential_(generator=generator)  # the E_i
-    return (probs / race_times).argmax(dim=-1)
+    E = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / E).argmax(dim=-1)  # the earliest time E_i / probs[i]
 
 
 class KVCache:

@@ -119,12 +119,13 @@ class Muon(torch.optim.Optimizer):
     """Muon for 2-D weight matrices: each step, shrink W by its weight decay (as AdamW does),
     then W -= lr * muon_direction(...), the learning rate scaled by sqrt(rows / cols) for tall
     matrices so that a step's size does not depend on their shape. The iteration's matmuls run
-    in bfloat16 where the chip computes in it (as torch.optim.Muon's always do), else in float32:
-    emulated bf16 (a CPU with AVX2 only) would make them many times slower."""
+    in bfloat16 where the chip computes in it, else in float32 (torch.optim.Muon's always run in
+    bfloat16): emulated bf16 (a CPU with AVX2 only) would make them many times slower."""
 
     def __init__(self, params, lr, weight_decay, momentum=0.95):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
-        device = str(self.param_groups[0]["params"][0].device)
+        # The chip of the first parameter decides for all (train.py keeps them on one device).
+        device = next((str(p.device) for g in self.param_groups for p in g["params"]), "cpu")
         self.matmul_dtype = torch.bfloat16 if has_native_bf16(device) else torch.float32
 
     @torch.no_grad()
@@ -213,14 +214,14 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
         # The many-rows matmul below: bf16 where the CPU computes in it, else float32 (emulated
         # bf16 is many times slower than float32 there).
-        self.wide_dtype = torch.bfloat16 if has_native_bf16("cpu") else torch.float32
+        self.many_rows_dtype = torch.bfloat16 if has_native_bf16("cpu") else torch.float32
 
     def forward(self, x):  # (..., in_features), float32
         rows = x.reshape(-1, x.size(-1))
         if rows.size(0) > 8:
             # Many rows (a prompt, --no_cache): the matmul, not the reading, is the cost, and
             # a bfloat16 one is faster where native; widen the weights for it.
-            dtype = self.wide_dtype
+            dtype = self.many_rows_dtype
             y = F.linear(rows.to(dtype), self.weight.to(dtype) * self.scales[:, None].to(dtype))
         else:
             # A few rows (one new token per sample): PyTorch's fused int8-weight kernel reads

@@ -26,7 +26,9 @@ class UsageError(Exception):
     """A problem with the user's input; the message says what is wrong and how to fix it."""
 
 
-RANK_ERROR_WAIT = 10  # seconds; torchrun looks at its ranks every 0.1 s by default
+# Under torchrun, how long a rank above 0 waits before it says an error (run_main): rank 0,
+# which meets the same checks at about the same moment, has printed long before.
+RANK_ERROR_WAIT = 10  # seconds
 
 
 def run_main(main, torchrun=False):
@@ -34,7 +36,8 @@ def run_main(main, torchrun=False):
     written (a full disk, /dev/full) is one line on stderr and exit code 2; Ctrl-C, or SIGTERM
     (what `timeout` or a cluster's scheduler sends before a kill), exits with 130 and no
     traceback, half-written files cleaned up on the way. torchrun: main runs as one of
-    torchrun's processes (train.py), where a UsageError is printed once, by rank 0."""
+    torchrun's processes (train.py), where a UsageError is printed once: by rank 0, or after a
+    wait by a rank above 0 (an error only it meets)."""
     quit_on_signals()  # the scripts quiet Ctrl-C while importing
     if hasattr(sys.stdout, "reconfigure"):
         # A path or prompt that is not valid UTF-8 (a terminal's lone byte arrives as a lone
@@ -392,7 +395,9 @@ def pick_dtype(name, device):
 
 def has_native_bf16(device):
     """Whether the chip computes in bf16 itself: where it does not (a CPU with AVX2 only, a
-    T4), bf16 is emulated and a bf16 matmul is many times slower than a float32 one."""
+    T4), bf16 is emulated and a bf16 matmul is many times slower than a float32 one. CPUs are
+    asked by their x86 flags (other CPUs count as without); Apple GPUs count as without (bf16
+    needs macOS 14 there, and is not native on every chip)."""
     if device.startswith("cuda"):
         return gpu_has_native_bf16(device)
     return device == "cpu" and cpu_has_native_bf16()
@@ -403,7 +408,8 @@ def gpu_has_native_bf16(device):
     Asked without emulation: plain is_bf16_supported() says yes on a T4 or V100 too, which
     have no bf16 tensor cores (only float16 ones), so that bf16 would run slowly there."""
     try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        with torch.cuda.device(device):  # this GPU, not the current one
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     except TypeError:  # an older PyTorch, without that argument
         return torch.cuda.get_device_capability(device) >= (8, 0)
 

@@ -420,8 +420,10 @@ def test_bfloat16_on_an_apple_gpu_needs_macos_14(monkeypatch):
     pretend_mac(monkeypatch, (13, 5))
     with pytest.raises(utils.UsageError, match="needs macOS 14 or newer on an Apple GPU"):
         runs.set_up(parse_config(["--device", "mps", "--dtype", "bfloat16"])[0])
-    # Muon's iteration runs in float32 there (bf16 is not native on every Apple GPU)
+    # Muon's iteration runs in float32 there (bf16 is not native on every Apple GPU), so Muon
+    # needs no macOS 14 (its parameters sit on "mps:0")
     assert runs.set_up(parse_config(["--device", "mps", "--optimizer", "muon"])[0]).device == "mps"
+    assert not utils.has_native_bf16("mps") and not utils.has_native_bf16("mps:0")
 
 
 def test_an_apple_gpus_random_state_is_saved_and_restored(monkeypatch):

@@ -115,9 +115,10 @@ def test_the_reading_guides_line_ranges_hold_what_it_names():
         after = next((line for line in lines[end:] if line.strip()), "")  # the next line
         if name == "GPTModel":  # model.py's split lies inside GPTModel, as the guide says
             assert after.lstrip().startswith(begins), (file, end)
-        else:  # the range ends where a definition at its first line's depth does, not inside
-            indent = len(lines[start - 1]) - len(lines[start - 1].lstrip())
-            assert len(after) - len(after.lstrip()) <= indent, (file, end)
+        else:  # the range ends where the outermost definition it holds does, not inside one
+            depths = [len(line) - len(line.lstrip()) for line in lines[start - 1:end]
+                      if line.lstrip().startswith(begins)]
+            assert len(after) - len(after.lstrip()) <= min(depths), (file, end)
         assert re.search(rf"^\s*(def |class )?{name}\b\s*[(:=]", held, re.M), (file, name)
 
 

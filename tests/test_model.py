@@ -172,7 +172,7 @@ def test_top_p_one_changes_nothing():
 
 
 def test_the_draw_picks_what_torch_multinomial_picks_without_a_host_check():
-    # The race of exponential clocks uses torch.multinomial's own random numbers and rule, so
+    # The race of exponential times uses torch.multinomial's own random numbers and rule, so
     # a seed gives the same tokens; the frequencies follow the probabilities.
     logits = torch.randn(4, 65) * 3
     for seed in range(20):

@@ -120,11 +120,14 @@ def test_muon_iterates_in_bf16_only_on_a_cpu_that_computes_in_it(monkeypatch, na
     assert not torch.allclose(weight, stepped(other), atol=1e-6)
 
 
-def test_nearly_orthogonal_brings_every_singular_value_near_1():
+@pytest.mark.parametrize("matmul_dtype", [torch.bfloat16, torch.float32])
+def test_nearly_orthogonal_brings_every_singular_value_near_1(matmul_dtype):
     torch.manual_seed(0)
     matrix = torch.randn(64, 16) @ torch.diag(torch.logspace(-1, 1, 16))  # strengths 0.1 to 10
     for M in (matrix, matrix.T):  # tall and wide
-        singular_values = torch.linalg.svdvals(speedups.nearly_orthogonal(M).float())
+        direction = speedups.nearly_orthogonal(M, matmul_dtype)
+        assert direction.dtype == matmul_dtype
+        singular_values = torch.linalg.svdvals(direction.float())
         assert 0.6 < singular_values.min() and singular_values.max() < 1.25
 
 

@@ -274,14 +274,19 @@ def test_a_container_s_memory_limit_counts_as_the_cpu_s_memory(tmp_path, monkeyp
             utils.check_fits_in_memory(int(1.5 * expected_gib * 2**30), "cpu", "this", "less")
 
 
-@pytest.mark.parametrize("rank, said", [("0", True), ("1", False)])
-def test_under_torchrun_only_rank_0_says_a_usage_error(monkeypatch, rank, said):
+@pytest.mark.parametrize("rank, waits", [("0", []), ("1", [utils.RANK_ERROR_WAIT])])
+def test_under_torchrun_rank_0_says_a_usage_error_at_once_the_others_after_a_wait(
+        monkeypatch, rank, waits):
+    """Rank 0 says it at once; a rank above 0 first waits for rank 0 to say it (torchrun then
+    stops the waiting rank: tests/test_hostile.py), so the line is printed once."""
     for name, value in dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                             MASTER_PORT="29500").items():
         monkeypatch.setenv(name, value)
+    waited = []
+    monkeypatch.setattr(utils.time, "sleep", waited.append)
 
     def bad_flag(argv):
         raise UsageError("--max_iters must be at least 1, got 0")
 
     code, _, err = run_in_process(bad_flag, [], torchrun=True)  # as train.py runs its main
-    assert code == 2 and (err == "error: --max_iters must be at least 1, got 0\n") is said, err
+    assert (code, err, waited) == (2, "error: --max_iters must be at least 1, got 0\n", waits)
