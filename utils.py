@@ -407,9 +407,8 @@ def gpu_has_native_bf16(device):
     """bf16 in hardware: compute capability 8.0 and newer (A100, RTX 30xx, H100), AMD GPUs.
     Asked without emulation: plain is_bf16_supported() says yes on a T4 or V100 too, which
     have no bf16 tensor cores (only float16 ones), so that bf16 would run slowly there."""
-    try:
-        with torch.cuda.device(device):  # this GPU, not the current one
-            return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:  # (about the current GPU, which runs.set_up makes the run's one)
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     except TypeError:  # an older PyTorch, without that argument
         return torch.cuda.get_device_capability(device) >= (8, 0)
 
